@@ -1,0 +1,235 @@
+"""Model and device specifications, loaded from the YAML files beside this module.
+
+``load_model(name_or_path)`` accepts a built-in name (case-insensitive: ``Mistral-7B``, ``llama-2-70b``, ``tiny`` …),
+a path to one of our YAML specs, or a path to a Hugging Face ``config.json`` (or a folder holding one).
+``load_device(name_or_path)`` accepts a built-in name or alias (``A100``, ``H100``, ``a40`` …) or a YAML path.
+
+Errors: ``SpecError`` (a ``ValueError``) naming the unknown name and listing the known ones, or naming the
+file and field that is missing or malformed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+SPEC_DIR = Path(__file__).resolve().parent
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
+
+
+class SpecError(ValueError):
+    """A model or device spec that is unknown or malformed."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes of a decoder-only transformer. Token counts are tokens; sizes are elements unless named ``_bytes``.
+
+    ``mlp`` is ``"gated"`` (SwiGLU: gate and up projections of ``hidden x ffn`` each, then down) or ``"plain"``
+    (one up projection, GELU, down; Falcon). ``norm`` is ``"rmsnorm"`` or ``"layernorm"``.
+    """
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_model_len: int
+    mlp: str = "gated"
+    norm: str = "rmsnorm"
+    dtype: str = "float16"
+    hf_id: str = ""
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def layer_params(self) -> int:
+        """Weights of one decoder layer (elements), excluding norms' negligible vectors."""
+        qkv = self.hidden_size * (self.q_size + 2 * self.kv_size)
+        out = self.q_size * self.hidden_size
+        mlp_in = (2 if self.mlp == "gated" else 1) * self.hidden_size * self.intermediate_size
+        mlp_out = self.intermediate_size * self.hidden_size
+        return qkv + out + mlp_in + mlp_out + 2 * self.hidden_size
+
+    def num_params(self) -> int:
+        """All weights (elements): layers, input embedding and untied LM head."""
+        return self.num_layers * self.layer_params() + 2 * self.vocab_size * self.hidden_size
+
+    def weight_bytes(self, tp: int = 1, pp: int = 1) -> int:
+        """Weight bytes held by one GPU under tensor parallelism ``tp`` and pipeline parallelism ``pp``."""
+        return int(self.num_params() * self.dtype_bytes / (tp * pp))
+
+    def kv_bytes_per_token(self, tp: int = 1, pp: int = 1) -> int:
+        """KV-cache bytes one token occupies on one GPU: 2 (K,V) x kv_heads/tp x head_dim x layers/pp x dtype."""
+        kv_heads = max(1, self.num_kv_heads // tp)
+        return 2 * kv_heads * self.head_dim * (self.num_layers // pp) * self.dtype_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One accelerator. FLOPs are per second dense (no sparsity); bandwidths bytes per second per direction."""
+
+    name: str
+    memory_bytes: int
+    peak_flops: dict = field(default_factory=dict)
+    memory_bandwidth_bytes_per_s: float = 0.0
+    interconnect_bandwidth_bytes_per_s: float = 0.0
+    interconnect_latency_s: float = 0.0
+    aliases: tuple = ()
+
+    def flops(self, dtype: str) -> float:
+        """Peak dense FLOP/s for ``dtype``; falls back to float16."""
+        return float(self.peak_flops.get(dtype, self.peak_flops.get("float16")))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["aliases"] = list(self.aliases)
+        return d
+
+
+_MODEL_FIELDS = {f for f in ModelSpec.__dataclass_fields__}
+_DEVICE_FIELDS = {f for f in DeviceSpec.__dataclass_fields__}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of fields")
+    return data
+
+
+def _build(cls, data: dict, required: set, source: str):
+    missing = sorted(required - set(data))
+    if missing:
+        raise SpecError(f"{source}: missing field(s) {', '.join(missing)}")
+    kwargs = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise SpecError(f"{source}: {exc}") from None
+
+
+@lru_cache(maxsize=None)
+def _builtin(kind: str) -> dict:
+    """Map lower-cased name/alias/file stem -> file path, for ``kind`` in {"models", "devices"}."""
+    table = {}
+    for path in sorted((SPEC_DIR / kind).glob("*.yaml")):
+        data = _read_yaml(path)
+        for key in [path.stem, data.get("name", path.stem), data.get("hf_id", ""), *data.get("aliases", [])]:
+            if key:
+                table[str(key).lower()] = path
+    return table
+
+
+def known_models() -> list[str]:
+    return sorted({_read_yaml(p)["name"] for p in _builtin("models").values()})
+
+
+def known_devices() -> list[str]:
+    return sorted({_read_yaml(p)["name"] for p in _builtin("devices").values()})
+
+
+def _from_hf_config(path: Path) -> ModelSpec:
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path}: not valid JSON: {exc}") from None
+    def get(*names, default=None):
+        for n in names:
+            if n in cfg and cfg[n] is not None:
+                return cfg[n]
+        if default is None:
+            raise SpecError(f"{path}: missing field {names[0]}")
+        return default
+    hidden = int(get("hidden_size", "d_model", "n_embd"))
+    heads = int(get("num_attention_heads", "n_head", "num_heads"))
+    kv_heads = int(get("num_key_value_heads", "num_kv_heads", "n_head_kv", default=heads))
+    if cfg.get("multi_query") and "num_kv_heads" not in cfg:
+        kv_heads = 1
+    ffn = get("intermediate_size", "ffn_hidden_size", "n_inner", default=4 * hidden)
+    act = str(cfg.get("hidden_act", cfg.get("activation", "silu"))).lower()
+    torch_dtype = str(cfg.get("torch_dtype", "float16")).replace("torch.", "")
+    return ModelSpec(
+        name=str(cfg.get("_name_or_path") or path.parent.name or "hf-model"),
+        num_layers=int(get("num_hidden_layers", "n_layer", "num_layers")),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        intermediate_size=int(ffn),
+        vocab_size=int(get("vocab_size")),
+        max_model_len=int(get("max_position_embeddings", "n_positions", "max_seq_len", default=4096)),
+        mlp="gated" if act in ("silu", "swiglu", "swish") else "plain",
+        norm="layernorm" if "layer_norm_epsilon" in cfg or "layer_norm_eps" in cfg else "rmsnorm",
+        dtype=torch_dtype if torch_dtype in DTYPE_BYTES else "float16",
+    )
+
+
+def load_model(name_or_path: str | Path) -> ModelSpec:
+    """Return the ModelSpec for a built-in name, a YAML spec path, or a Hugging Face config.json (or its folder)."""
+    if isinstance(name_or_path, ModelSpec):
+        return name_or_path
+    key = str(name_or_path)
+    path = Path(key)
+    if path.is_dir() and (path / "config.json").exists():
+        path = path / "config.json"
+    if path.is_file():
+        if path.suffix == ".json":
+            return _from_hf_config(path)
+        data = _read_yaml(path)
+        return _build(ModelSpec, data, _MODEL_FIELDS - {"mlp", "norm", "dtype", "hf_id"}, str(path))
+    found = _builtin("models").get(key.lower())
+    if found is None:
+        raise SpecError(f"unknown model {key!r}; known models: {', '.join(known_models())} "
+                        f"(or pass a YAML spec or a Hugging Face config.json path)")
+    return _build(ModelSpec, _read_yaml(found), set(), str(found))
+
+
+def load_device(name_or_path: str | Path) -> DeviceSpec:
+    """Return the DeviceSpec for a built-in name or alias, or a YAML spec path."""
+    if isinstance(name_or_path, DeviceSpec):
+        return name_or_path
+    key = str(name_or_path)
+    path = Path(key)
+    if path.is_file():
+        data = _read_yaml(path)
+        source = str(path)
+    else:
+        found = _builtin("devices").get(key.lower())
+        if found is None:
+            raise SpecError(f"unknown device {key!r}; known devices: {', '.join(known_devices())} "
+                            f"(or pass a YAML spec path)")
+        data, source = _read_yaml(found), str(found)
+    data = dict(data)
+    data["aliases"] = tuple(data.get("aliases", ()))
+    # PyYAML (YAML 1.1) reads 2.039e12 without a sign as a string: coerce every number explicitly.
+    try:
+        for key in ("memory_bytes", "memory_bandwidth_bytes_per_s", "interconnect_bandwidth_bytes_per_s",
+                    "interconnect_latency_s"):
+            if key in data:
+                data[key] = float(data[key]) if key != "memory_bytes" else int(float(data[key]))
+        data["peak_flops"] = {k: float(v) for k, v in dict(data.get("peak_flops") or {}).items()}
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{source}: field {key if 'peak' not in str(exc) else 'peak_flops'} is not a number: {exc}") from None
+    return _build(DeviceSpec, data, {"name", "memory_bytes", "peak_flops", "memory_bandwidth_bytes_per_s"}, source)

@@ -1,0 +1,146 @@
+"""``servesim`` command line (click). Flags and YAML config keys are the same names (``--token-budget`` is
+``token_budget``); flags override the file, the file overrides the defaults.
+
+Bad input (unknown model/device/scheduler, malformed trace or config) ends with a one-line ``error: …`` and exit
+status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from simulator.config import SCHEDULER_NAMES, SimConfig, load_config
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def simulate_options(func):
+    """The options shared by every command that runs simulations (simulate, capacity, validate, ...)."""
+    options = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of these keys."),
+        click.option("--model", help="Model name (e.g. Mistral-7B), YAML spec or Hugging Face config.json."),
+        click.option("--device", help="Device name (A100, A100-80GB-PCIe, H100, H200, A40) or YAML spec."),
+        click.option("--tp", type=int, help="Tensor-parallel degree."),
+        click.option("--pp", type=int, help="Pipeline-parallel degree."),
+        click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), help="Scheduling policy."),
+        click.option("--token-budget", type=int, help="Sarathi-Serve token budget per iteration (tokens)."),
+        click.option("--max-batch-size", type=int, help="Most running requests (default 128 vLLM/Sarathi, 16 Orca/FT)."),
+        click.option("--max-num-batched-tokens", type=int, help="vLLM: most prompt tokens per prefill iteration."),
+        click.option("--max-model-len", type=int, help="Longest request (prompt + output tokens)."),
+        click.option("--cost-model", help="Folder of a fitted cost model (servesim fit); default: roofline."),
+        click.option("--trace", help="sharegpt, arxiv, or a trace file (CSV, Azure CSV, Mooncake JSONL)."),
+        click.option("--num-requests", type=int, help="Use the first N requests."),
+        click.option("--qps", type=float, help="Arrival rate for generated or re-timed traces (requests/s)."),
+        click.option("--arrival", type=click.Choice(["poisson", "gamma"]), help="Arrival process."),
+        click.option("--cv", type=float, help="Coefficient of variation of gamma inter-arrival times."),
+        click.option("--retime/--no-retime", default=None, help="Re-time a file trace's arrivals to --qps."),
+        click.option("--shuffle/--no-shuffle", default=None, help="Seeded shuffle of a file trace."),
+        click.option("--drop-long/--no-drop-long", default=None,
+                     help="Drop over-long requests instead of shrinking them."),
+        click.option("--seed", type=int, help="Seed of every random choice."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def config_from_options(config_path=None, **flags) -> SimConfig:
+    """Defaults < YAML file < flags (None flags ignored)."""
+    keys = set(SimConfig.keys())
+    return load_config(config_path, **{k: v for k, v in flags.items() if k in keys})
+
+
+def user_errors(func):
+    """Turn bad input into a one-line ``error: …`` with exit status 2."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except USER_ERRORS as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def _fmt(v, unit="s"):
+    if v is None:
+        return "-"
+    if unit == "s":
+        return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.2f} s"
+    return f"{v:.4g}"
+
+
+def summary_table(summary: dict) -> str:
+    """A readable table of a run's summary."""
+    rows = [("metric", "mean", "p50", "p90", "p99", "max")]
+    for key, label in [("ttft_s", "TTFT"), ("tbt_s", "TBT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E latency"),
+                       ("scheduling_delay_s", "scheduling delay")]:
+        d = summary[key]
+        rows.append((label, *(_fmt(d[k]) for k in ("mean", "p50", "p90", "p99", "max"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    kv = summary.get("kv_cache_utilization", {})
+    lines += [
+        "",
+        f"requests completed {summary['requests_completed']}, rejected {summary['requests_rejected']}, "
+        f"preemptions {summary['num_preemptions']}, iterations {summary.get('num_iterations', '-')}",
+        f"throughput {summary['throughput_tokens_per_s']:.0f} tokens/s "
+        f"({summary.get('output_throughput_tokens_per_s', 0):.0f} output tokens/s, "
+        f"{summary.get('throughput_requests_per_s', 0):.2f} requests/s) over {summary['makespan_s']:.1f} s",
+    ]
+    if kv.get("mean") is not None:
+        lines.append(f"KV-cache utilization mean {kv['mean']:.1%}, max {kv['max']:.1%}")
+    for example in summary.get("rejected_examples", []):
+        lines.append(f"rejected: {example}")
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="servesim")
+def main():
+    """servesim: simulate LLM serving (Orca, vLLM, Sarathi-Serve) with profiled or analytical GPU cost models."""
+
+
+@main.command()
+@simulate_options
+@click.option("--out", type=click.Path(file_okay=False), default="runs/simulate", show_default=True,
+              help="Folder for summary.json, requests.csv, iterations.csv.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@user_errors
+def simulate(out, progress, **flags):
+    """Simulate one replica and write summary.json, requests.csv and iterations.csv."""
+    from simulator.simulation import simulate as run
+
+    config = config_from_options(**flags)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    result = run(config, progress=progress)
+    path = result.write(out)
+    c = config
+    click.echo(f"{c.model} on {c.device} (tp={c.tp}, pp={c.pp}), scheduler {c.scheduler}"
+               + (f" budget {c.token_budget}" if c.scheduler == "sarathi" else "")
+               + f", trace {c.trace}, {len(result.requests)} requests, seed {c.seed}")
+    click.echo(summary_table(result.summary))
+    click.echo(f"wrote {path}/summary.json, requests.csv, iterations.csv")
+
+
+@main.command("specs")
+def specs():
+    """List the built-in models and devices."""
+    from cost_models.specs import known_devices, known_models
+    click.echo("models:  " + ", ".join(known_models()))
+    click.echo("devices: " + ", ".join(known_devices()))
+
+
+# Commands of other parts of servesim live beside the code they drive and register here. Their modules must
+# not import torch at import time (only inside the command), so `servesim simulate` works without torch.
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

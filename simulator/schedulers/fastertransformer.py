@@ -1,0 +1,29 @@
+"""FasterTransformer-style request-level batching, the static-batching baseline of Orca (OSDI'22 §2) and
+Sarathi-Serve (OSDI'24 §2.3).
+
+While any request is decoding, run decode-only iterations of the running batch. New prompts are admitted only when
+nothing runs: then up to ``max_batch_size`` waiting requests are admitted FCFS, each reserving KV blocks for the
+full ``max_model_len`` like Orca, and prefilled together in one iteration. The batch then decodes until its last
+request finishes. Never preempts.
+"""
+from __future__ import annotations
+
+from simulator.schedulers.base import Scheduler
+
+
+class FasterTransformerScheduler(Scheduler):
+    name = "fastertransformer"
+
+    def __init__(self, block_manager, *, max_model_len: int, max_batch_size: int = 16):
+        super().__init__(block_manager, max_model_len=max_model_len, max_num_seqs=max_batch_size,
+                         reserve_tokens=max_model_len)
+
+    def schedule(self, now_s):
+        if self.running:
+            return self.make_plan(list(self.running), [], now_s)
+        prefills = []
+        while self.waiting and len(self.running) < self.max_num_seqs and self.can_admit(0):
+            r = self.waiting[0]
+            self.admit(r, 0)
+            prefills.append((r, r.remaining_tokens))
+        return self.make_plan([], prefills, now_s)

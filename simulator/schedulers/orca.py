@@ -1,0 +1,30 @@
+"""Orca (Yu et al., OSDI'22), as configured in Sarathi-Serve's evaluation (OSDI'24 §5).
+
+Iteration-level scheduling with mixed batches of full prompts and decodes:
+
+1. Every running request decodes one token.
+2. New requests are admitted FCFS with their full prompt while running < ``max_batch_size`` and KV blocks for the
+   full ``max_model_len`` can be reserved for each (worst-case reservation).
+
+Because memory is reserved up front, Orca never preempts.
+"""
+from __future__ import annotations
+
+from simulator.schedulers.base import Scheduler
+
+
+class OrcaScheduler(Scheduler):
+    name = "orca"
+
+    def __init__(self, block_manager, *, max_model_len: int, max_batch_size: int = 16):
+        super().__init__(block_manager, max_model_len=max_model_len, max_num_seqs=max_batch_size,
+                         reserve_tokens=max_model_len)
+
+    def schedule(self, now_s):
+        decodes = list(self.running)
+        prefills = []
+        while self.waiting and len(self.running) < self.max_num_seqs and self.can_admit(0):
+            r = self.waiting[0]
+            self.admit(r, 0)
+            prefills.append((r, r.remaining_tokens))
+        return self.make_plan(decodes, prefills, now_s)
