@@ -1,0 +1,225 @@
+"""Readers for request traces stored in files. Each returns a ``RawTrace``: token counts (int64 arrays) and,
+when the file has them, arrival times in seconds; ``traces.load_trace`` turns it into a trace DataFrame.
+
+Formats (auto-detected by ``detect_format``: JSON Lines by extension ``.jsonl``/``.json`` or a first
+character ``{``; otherwise CSV, recognised by its header, first match wins):
+
+=========  ====================================================  =========================================
+format     columns / keys                                        arrivals
+=========  ====================================================  =========================================
+azure      ``TIMESTAMP``, ``ContextTokens``, ``GeneratedTokens``  wall-clock strings such as
+           (Azure LLM inference trace 2023)                      ``2023-11-16 18:15:46.6805900``, parsed by
+                                                                 pandas (ISO 8601), made relative to the
+                                                                 first row: seconds since the first request
+sarathi    ``num_prefill_tokens``, ``num_decode_tokens``,          ``arrived_at`` in seconds, kept as given
+           optional ``arrived_at`` (Sarathi-Serve / Vidur         (none in the ``*_stats_llama2_tokenizer``
+           processed traces; other columns ignored)               files)
+csv        ``prompt_tokens``, ``output_tokens``, optional         ``arrival_s`` in seconds, kept as given
+           ``arrival_s``
+mooncake   JSON Lines with ``timestamp`` (milliseconds),          ``timestamp / 1000`` seconds, kept as given
+           ``input_length``, ``output_length`` (``hash_ids``
+           ignored)
+=========  ====================================================  =========================================
+
+Line numbers in errors are the physical, 1-based line numbers of the file as an editor shows them: for CSV
+the header is line 1, so the first data row is line 2; for JSON Lines the first record is line 1. Blank
+lines are skipped but still counted. Token counts must be integers >= 1; arrival times must be finite,
+>= 0 and non-decreasing (an earlier time than the line before is an error naming both lines).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .schema import TraceError
+
+# CSV format -> (prompt column, output column, arrival column); the arrival column is optional except for azure
+CSV_FORMATS: dict[str, tuple[str, str, str]] = {
+    "azure": ("ContextTokens", "GeneratedTokens", "TIMESTAMP"),
+    "sarathi": ("num_prefill_tokens", "num_decode_tokens", "arrived_at"),
+    "csv": ("prompt_tokens", "output_tokens", "arrival_s"),
+}
+MOONCAKE_KEYS = ("timestamp", "input_length", "output_length")
+FORMATS = (*CSV_FORMATS, "mooncake")
+
+
+@dataclass
+class RawTrace:
+    """Requests in file order. ``arrival_s`` is None when the file has no arrival times."""
+
+    source: str
+    format: str
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    arrival_s: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.prompt_tokens)
+
+
+def read_trace_file(path: str | Path) -> RawTrace:
+    """Read and validate a trace file of any supported format (see the module docstring).
+
+    Raises:
+        TraceError: file not found, empty file, unrecognised columns (the columns found are listed), or a bad
+            value (the message names the file, the line and the field).
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise TraceError("file not found" if not path.exists() else "not a regular file", source)
+    fmt = detect_format(path)
+    return read_jsonl(path) if fmt == "mooncake" else read_csv(path, fmt)
+
+
+def detect_format(path: str | Path) -> str:
+    """One of ``FORMATS``, from the extension, the first character and the CSV header."""
+    path = Path(path)
+    source = str(path)
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head.strip():
+        raise TraceError("empty file", source)
+    if path.suffix.lower() in (".jsonl", ".json") or head.lstrip().startswith(b"{"):
+        return "mooncake"
+    header = _read_csv(path, source, nrows=0).columns.str.strip()
+    for fmt, (prompt_col, output_col, _) in CSV_FORMATS.items():
+        if prompt_col in header and output_col in header:
+            return fmt
+    expected = "; ".join(f"{fmt}: {p}, {o}" for fmt, (p, o, _) in CSV_FORMATS.items())
+    raise TraceError(f"unrecognised columns {list(header)}; expected one of [{expected}] "
+                     f"or a .jsonl file with {', '.join(MOONCAKE_KEYS)}", source, 1)
+
+
+def _read_csv(path: Path, source: str, **kwargs) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype=str, skip_blank_lines=False, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise TraceError("empty file", source) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        raise TraceError(f"malformed CSV ({exc})", source, int(match.group(1)) if match else None) from None
+
+
+def read_csv(path: str | Path, fmt: str) -> RawTrace:
+    """Read a CSV trace of format ``fmt`` (``"azure"``, ``"sarathi"`` or ``"csv"``)."""
+    path = Path(path)
+    source = str(path)
+    prompt_col, output_col, arrival_col = CSV_FORMATS[fmt]
+    df = _read_csv(path, source)
+    df.columns = df.columns.str.strip()
+    required = [prompt_col, output_col] + ([arrival_col] if fmt == "azure" else [])
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise TraceError(f"missing column {missing[0]!r}; found {list(df.columns)}", source, 1)
+    lines = np.arange(len(df)) + 2                                   # header is line 1
+    blank = df.isna().all(axis=1).to_numpy()
+    if blank.any():
+        df, lines = df.loc[~blank], lines[~blank]
+    if len(df) == 0:
+        raise TraceError("no data rows (empty trace)", source)
+    prompt = positive_ints(df[prompt_col], lines, source, prompt_col)
+    output = positive_ints(df[output_col], lines, source, output_col)
+    arrivals = None
+    if fmt == "azure":
+        arrivals = _wall_clock_seconds(df[arrival_col], lines, source, arrival_col)
+    elif arrival_col in df.columns:
+        arrivals = arrival_seconds(df[arrival_col], lines, source, arrival_col)
+    return RawTrace(source, fmt, prompt, output, arrivals)
+
+
+def read_jsonl(path: str | Path) -> RawTrace:
+    """Read a Mooncake JSON Lines trace (``timestamp`` in ms, ``input_length``, ``output_length``)."""
+    path = Path(path)
+    source = str(path)
+    rows, lines = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise TraceError(f"malformed JSON ({exc.msg} at column {exc.colno})", source, lineno) from None
+            if not isinstance(record, dict):
+                raise TraceError(f"expected a JSON object, got {type(record).__name__}", source, lineno)
+            for key in MOONCAKE_KEYS:
+                if key not in record:
+                    raise TraceError(f"missing field {key!r}; found {list(record)}", source, lineno, key)
+            rows.append(tuple(record[k] for k in MOONCAKE_KEYS))
+            lines.append(lineno)
+    if not rows:
+        raise TraceError("empty file", source)
+    df = pd.DataFrame(rows, columns=list(MOONCAKE_KEYS), dtype=object)
+    lines = np.asarray(lines)
+    prompt = positive_ints(df["input_length"], lines, source, "input_length")
+    output = positive_ints(df["output_length"], lines, source, "output_length")
+    arrivals = arrival_seconds(df["timestamp"], lines, source, "timestamp") / 1000.0
+    return RawTrace(source, "mooncake", prompt, output, arrivals)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Column checks: vectorised, the first offending line is reported
+# --------------------------------------------------------------------------------------------------------
+
+def _first_bad(ok: np.ndarray) -> int | None:
+    return None if ok.all() else int(np.argmin(ok))
+
+
+def _numbers(raw: pd.Series, lines: np.ndarray, source: str, field: str) -> np.ndarray:
+    """Finite float64 values; TraceError at the first missing, non-numeric or non-finite value."""
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    i = _first_bad(np.isfinite(values))
+    if i is not None:
+        value = raw.iloc[i]
+        problem = "missing value" if pd.isna(value) or str(value).strip() == "" else f"not a finite number: {value!r}"
+        raise TraceError(problem, source, int(lines[i]), field)
+    return values
+
+
+def positive_ints(raw: pd.Series, lines: np.ndarray, source: str, field: str) -> np.ndarray:
+    """Token counts as int64; TraceError at the first value that is not an integer >= 1."""
+    values = _numbers(raw, lines, source, field)
+    i = _first_bad((values >= 1) & (values == np.floor(values)))
+    if i is not None:
+        raise TraceError(f"must be an integer >= 1, got {raw.iloc[i]!r}", source, int(lines[i]), field)
+    return values.astype(np.int64)
+
+
+def _check_sorted(values: np.ndarray, raw: pd.Series, lines: np.ndarray, source: str, field: str) -> None:
+    i = _first_bad(np.concatenate([[True], np.diff(values) >= 0]))
+    if i is not None:
+        raise TraceError(f"timestamps not sorted: {raw.iloc[i]!r} is earlier than {raw.iloc[i - 1]!r} "
+                         f"on line {int(lines[i - 1])}", source, int(lines[i]), field)
+
+
+def arrival_seconds(raw: pd.Series, lines: np.ndarray, source: str, field: str) -> np.ndarray:
+    """Numeric arrival times (file units), finite, >= 0 and non-decreasing."""
+    values = _numbers(raw, lines, source, field)
+    i = _first_bad(values >= 0)
+    if i is not None:
+        raise TraceError(f"must be >= 0, got {raw.iloc[i]!r}", source, int(lines[i]), field)
+    _check_sorted(values, raw, lines, source, field)
+    return values
+
+
+def _wall_clock_seconds(raw: pd.Series, lines: np.ndarray, source: str, field: str) -> np.ndarray:
+    """Wall-clock timestamps -> seconds since the first row; TraceError at a malformed or unsorted one."""
+    try:
+        stamps = pd.to_datetime(raw.str.strip(), format="ISO8601", errors="coerce")
+    except (ValueError, TypeError) as exc:                          # e.g. mixed time zones
+        raise TraceError(f"cannot parse timestamps ({exc})", source, field=field) from None
+    i = _first_bad(stamps.notna().to_numpy())
+    if i is not None:
+        value = raw.iloc[i]
+        problem = ("missing value" if pd.isna(value) or not value.strip()
+                   else f"malformed timestamp {value!r} (expected e.g. '2023-11-16 18:15:46.6805900')")
+        raise TraceError(problem, source, int(lines[i]), field)
+    seconds = (stamps - stamps.iloc[0]).dt.total_seconds().to_numpy(dtype=np.float64)
+    _check_sorted(seconds, raw, lines, source, field)
+    return seconds
