@@ -58,7 +58,7 @@ def load_requests(config: SimConfig, model=None) -> list[Request]:
     model = model or load_model(config.model)
     df = load_trace(config.trace, num_requests=config.num_requests, qps=config.qps, seed=config.seed,
                     arrival=config.arrival, cv=config.cv, shuffle=config.shuffle, drop_long=config.drop_long,
-                    retime=config.retime,
+                    retime=True if config.retime else None,
                     max_total_tokens=None if config.trace in ("sharegpt", "arxiv")
                     else effective_max_model_len(config, model))
     return requests_from_frame(df)
