@@ -145,7 +145,7 @@ def read_jsonl(path: str | Path) -> RawTrace:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise TraceError(f"malformed JSON ({exc.msg} at column {exc.colno})", source, lineno) from None
+                raise TraceError(f"malformed JSON ({exc.msg}, column {exc.colno})", source, lineno) from None
             if not isinstance(record, dict):
                 raise TraceError(f"expected a JSON object, got {type(record).__name__}", source, lineno)
             for key in MOONCAKE_KEYS:
@@ -174,6 +174,8 @@ def _first_bad(ok: np.ndarray) -> int | None:
 def _numbers(raw: pd.Series, lines: np.ndarray, source: str, field: str) -> np.ndarray:
     """Finite float64 values; TraceError at the first missing, non-numeric or non-finite value."""
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    if raw.dtype == object:                                          # JSON true/false are not numbers
+        values = np.where(raw.map(type).eq(bool).to_numpy(), np.nan, values)
     i = _first_bad(np.isfinite(values))
     if i is not None:
         value = raw.iloc[i]
