@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 SCHEDULER_NAMES = ("vllm", "orca", "sarathi", "fastertransformer")
+DEFAULT_NUM_REQUESTS = 2048
 
 
 class ConfigError(ValueError):
@@ -25,7 +26,8 @@ class SimConfig:
     Orca and FasterTransformer). ``max_model_len``: None means the model spec's context length.
     ``max_num_batched_tokens`` (vLLM only): None means ``max_model_len``. ``cost_model``: None prices iterations
     with the roofline model; a folder made by ``servesim fit`` uses that fitted model.
-    Trace keys: ``trace`` is ``sharegpt``, ``arxiv`` or a file; ``qps`` sets arrivals of generated traces and of
+    Trace keys: ``trace`` is ``sharegpt``, ``arxiv`` or a file; ``num_requests`` None means
+    ``DEFAULT_NUM_REQUESTS`` (2048, the Sarathi-Serve capacity trials) for a built-in workload and every request of a file; ``qps`` sets arrivals of generated traces and of
     files without arrival times, or of any file when ``retime`` is true; ``arrival`` is ``poisson`` or ``gamma``
     (with coefficient of variation ``cv``).
     """
@@ -44,7 +46,7 @@ class SimConfig:
     watermark: float = 0.01
     cost_model: str | None = None
     trace: str = "sharegpt"
-    num_requests: int | None = 2048
+    num_requests: int | None = None
     qps: float = 2.0
     arrival: str = "poisson"
     cv: float = 1.0

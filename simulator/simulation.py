@@ -13,7 +13,7 @@ import pandas as pd
 
 from cost_models.roofline import RooflineCostModel
 from cost_models.specs import load_device, load_model
-from simulator.config import SimConfig
+from simulator.config import DEFAULT_NUM_REQUESTS, SimConfig
 from simulator.kv_cache import BlockManager, num_kv_blocks
 from simulator.metrics import ITERATION_COLUMNS, requests_table, summarize
 from simulator.replica import IterationLog, run_replica
@@ -53,14 +53,15 @@ def effective_max_model_len(config: SimConfig, model) -> int:
 
 def load_requests(config: SimConfig, model=None) -> list[Request]:
     """The config's trace as Requests (generated or loaded; see ``traces.load_trace``)."""
-    from traces import load_trace
+    from traces import BUILTIN_WORKLOADS, load_trace
 
     model = model or load_model(config.model)
-    df = load_trace(config.trace, num_requests=config.num_requests, qps=config.qps, seed=config.seed,
+    builtin = config.trace in BUILTIN_WORKLOADS
+    num_requests = config.num_requests or (DEFAULT_NUM_REQUESTS if builtin else None)
+    df = load_trace(config.trace, num_requests=num_requests, qps=config.qps, seed=config.seed,
                     arrival=config.arrival, cv=config.cv, shuffle=config.shuffle, drop_long=config.drop_long,
                     retime=True if config.retime else None,
-                    max_total_tokens=None if config.trace in ("sharegpt", "arxiv")
-                    else effective_max_model_len(config, model))
+                    max_total_tokens=None if builtin else effective_max_model_len(config, model))
     return requests_from_frame(df)
 
 
