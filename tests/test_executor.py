@@ -1,0 +1,175 @@
+"""The executor computes what a batch plan says: real KV lengths, chunking-invariant prefills, mixed batches."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch", reason="the executor needs torch (the 'profile' extra)")
+
+from cost_models.specs import load_model  # noqa: E402
+from profiler.executor import (Executor, ExecutorMemoryError, PagedKVCache, PlanStateError, Timing,  # noqa: E402
+                               activation_bytes, check_fits, time_call)
+from profiler.validate import last_iterations  # noqa: E402
+from simulator.kv_cache import activation_reserve_bytes, kv_bytes_per_block  # noqa: E402
+from simulator.plan import BatchPlan  # noqa: E402
+from simulator.request import Request  # noqa: E402
+from simulator.simulation import simulate  # noqa: E402
+
+TINY = load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def executor():
+    return Executor(TINY, "cpu", num_kv_blocks=64, threads=1, seed=0)
+
+
+def prefill(rid, n, ctx=0):
+    return BatchPlan((rid,), (n,), (ctx,), 0)
+
+
+def small_device(tmp_path, *, kv_blocks: int, peak_tokens: int, max_seqs: int = 128):
+    """A device spec whose memory leaves exactly ``kv_blocks`` KV blocks for the tiny model (forces preemption)."""
+    need = TINY.weight_bytes() + activation_reserve_bytes(TINY, peak_tokens, max_seqs) + kv_blocks * kv_bytes_per_block(TINY)
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump({"name": "small-cpu", "memory_bytes": math.ceil(need / 0.9) + 64,
+                                    "peak_flops": {"float32": 1e11}, "memory_bandwidth_bytes_per_s": 2e10}))
+    return str(path)
+
+
+@pytest.mark.parametrize("scheduler,budget,peak", [("sarathi", 64, 64), ("vllm", 512, 4096)])
+def test_kv_lengths_follow_the_simulated_context_lengths(tmp_path, scheduler, budget, peak):
+    """Replay every plan of a small simulation for real: before each iteration the executor's KV length of every
+    scheduled request is the plan's context_len (what the simulator says is cached), after it context + new tokens;
+    preempted requests restart from an empty cache; at the end every block is back."""
+    rng = np.random.default_rng(0)
+    requests = [Request(i, 0.01 * i, int(rng.integers(20, 120)), int(rng.integers(5, 40))) for i in range(10)]
+    device = small_device(tmp_path, kv_blocks=24, peak_tokens=peak)
+    result = simulate(model="tiny", device=device, scheduler=scheduler, token_budget=budget, requests=requests,
+                      record_plans=True)
+    plans = result.log.plans
+    assert result.summary["requests_completed"] == 10
+    assert result.summary["num_preemptions"] >= 1, "the test should cover preemption"
+    if scheduler == "sarathi":
+        assert any(p.kind == "mixed" for p in plans) and any(p.num_prefills and p.context_lens[-1] for p in plans)
+
+    ex = Executor(TINY, "cpu", num_kv_blocks=64, threads=1)
+    last = last_iterations(plans)
+    computed = {r.request_id: 0 for r in requests}          # the simulator's bookkeeping, recomputed independently
+    for i, plan in enumerate(plans):
+        for rid in plan.preempted_ids:
+            computed[rid] = 0
+        ex.prepare(plan)                                      # raises PlanStateError on any mismatch
+        assert [ex.kv_len(rid) for rid in plan.request_ids] == list(plan.context_lens)
+        assert list(plan.context_lens) == [computed[rid] for rid in plan.request_ids]
+        hidden, tokens = ex.forward(plan)
+        ex.commit(plan)
+        assert hidden.shape == (len(plan), TINY.hidden_size) and tokens.shape == (len(plan),)
+        assert torch.isfinite(hidden).all()
+        for rid, n, k in plan.entries():
+            computed[rid] = k + n
+            assert ex.kv_len(rid) == k + n
+            assert len(ex.kv.tables[rid]) == math.ceil((k + n) / 16)
+            if last[rid] == i:
+                ex.free(rid)
+    by_id = {r.request_id: r for r in result.requests}
+    assert all(computed[rid] == by_id[rid].max_kv_tokens for rid in computed)
+    assert ex.kv.num_free_blocks == 64 and not ex.kv.lengths
+
+
+def test_chunked_prefill_matches_unchunked(executor):
+    whole, _ = executor.step(prefill(7, 100))
+    executor.free(7)
+    for n, ctx in [(30, 0), (45, 30), (25, 75)]:
+        chunked, _ = executor.step(prefill(7, n, ctx))
+    executor.free(7)
+    assert whole.dtype == torch.float32
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_reads_the_whole_kv(executor):
+    """A decode after a 100-token prefill computes the same last hidden state as a 101-token prefill."""
+    executor.step(prefill(3, 100))
+    decoded, tok_a = executor.step(BatchPlan((3,), (1,), (100,), 1))
+    executor.free(3)
+    whole, tok_b = executor.step(prefill(3, 101))
+    executor.free(3)
+    torch.testing.assert_close(decoded, whole, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tok_a, tok_b)
+
+
+def test_mixed_batch_equals_each_entry_alone(executor):
+    """Decodes and prefill chunks in one forward do not see each other's keys."""
+    executor.step(prefill(1, 40))
+    executor.step(prefill(2, 70))
+    executor.step(prefill(4, 20))
+    mixed, _ = executor.step(BatchPlan((1, 2, 4, 5), (1, 1, 30, 12), (40, 70, 20, 0), 2))
+    alone = []
+    for rid in (1, 2, 4, 5):
+        executor.free(rid)
+    for plans in ([prefill(1, 41)], [prefill(2, 71)], [prefill(4, 20), prefill(4, 30, 20)], [prefill(5, 12)]):
+        for p in plans:
+            out, _ = executor.step(p)
+        alone.append(out[0])
+    for rid in (1, 2, 4, 5):
+        executor.free(rid)
+    torch.testing.assert_close(mixed, torch.stack(alone), rtol=1e-4, atol=1e-4)
+
+
+def test_context_mismatch_is_refused_and_fill_sets_it(executor):
+    executor.step(prefill(9, 10))
+    with pytest.raises(PlanStateError, match=r"request 9: executor holds 10 KV tokens but the plan's context_len is 40"):
+        executor.prepare(BatchPlan((9,), (1,), (40,), 1))
+    timing = executor.measure(BatchPlan((9, 11), (1, 5), (40, 33), 1), fill=True, warmup=0, repeats=2)
+    assert timing.runs == 2 and timing.min_s > 0
+    assert executor.kv_len(9) == 41 and executor.kv_len(11) == 38
+    executor.step(BatchPlan((11,), (1,), (0,), 1, preempted_ids=()), fill=True)   # fill can also shrink
+    assert executor.kv_len(11) == 1
+    executor.step(BatchPlan((12,), (4,), (0,), 0, preempted_ids=(9, 11)))
+    assert executor.kv_len(9) == 0 and executor.kv_len(11) == 0
+    executor.free(12)
+    assert executor.kv.num_free_blocks == 64
+
+
+def test_paged_slots_follow_the_block_table():
+    g = torch.Generator().manual_seed(0)
+    cache = PagedKVCache(1, num_blocks=4, block_size=4, kv_heads=1, head_dim=2, dtype=torch.float32,
+                         device="cpu", generator=g)
+    cache.set_length(0, 3)           # block 0
+    cache.set_length(1, 5)           # blocks 1, 2
+    cache.reserve(0, 7)              # grows into block 3
+    assert cache.tables == {0: [0, 3], 1: [1, 2]} and cache.length(0) == 3
+    assert cache.slots(0, 2, 7).tolist() == [2, 3, 12, 13, 14]
+    assert cache.slots(1, 0, 5).tolist() == [4, 5, 6, 7, 8]
+    with pytest.raises(ExecutorMemoryError, match="KV cache full: request 2 needs 1 more blocks"):
+        cache.reserve(2, 1)
+    cache.free(1)
+    cache.reserve(2, 8)
+    assert cache.tables[2] == [1, 2] and cache.num_free_blocks == 0
+
+
+def test_memory_refusal_before_allocating():
+    with pytest.raises(ExecutorMemoryError, match=r"^Falcon-180B needs .* GiB on cpu \(weights .*\) but .* GiB is free"):
+        Executor("falcon-180b", "cpu", num_kv_blocks=1)
+    with pytest.raises(ExecutorMemoryError, match=r"KV cache 128\.00 GiB for 67108864 tokens"):
+        check_fits(TINY, "cpu", num_kv_blocks=2 ** 22, block_size=16)
+    fits = check_fits(TINY, "cpu", num_kv_blocks=10, block_size=16, extra_bytes=1000)
+    assert fits["kv_bytes"] == 10 * 16 * TINY.kv_bytes_per_token() and fits["activation_bytes"] == 1000
+
+
+def test_activation_estimate_grows_with_the_batch():
+    small = activation_bytes(TINY, [prefill(0, 16)])
+    assert small >= 16 * (2 * 256 + 256 + 2 * 128 + 3 * 688) * 4 + 4 * TINY.vocab_size
+    assert activation_bytes(TINY, [prefill(0, 16), prefill(0, 512, 1000)]) > small
+    assert activation_bytes(TINY, []) == 0
+
+
+def test_time_call_counts_runs():
+    calls = []
+    t = time_call(lambda: calls.append(1), "cpu", warmup=2, repeats=3)
+    assert isinstance(t, Timing) and t.runs == 3 and len(calls) == 5
+    assert 0 <= t.min_s <= t.median_s and t.std_s >= 0
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        time_call(lambda: None, "cpu", repeats=0)
