@@ -144,3 +144,6 @@ def specs():
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+from profiler.cli_validate import validate as _validate  # noqa: E402  (issue 4: servesim validate)
+main.add_command(_validate)

@@ -1,0 +1,403 @@
+"""Validation: replay a simulation's iterations on a real device and measure how far the cost model was.
+
+``run_validation(config, out_dir=...)`` runs ``simulate(config, record_plans=True)``, executes the recorded
+batch plans with ``profiler.executor.Executor`` and writes into ``out_dir``:
+
+- ``validation.csv``: one row per executed iteration (``VALIDATION_COLUMNS``): its index in the simulation,
+  batch composition, ``predicted_s`` (the simulation's duration), ``measured_s`` (median of the timed runs),
+  ``error_pct`` = 100 x (predicted - measured) / measured and ``abs_error_pct``. Rows are appended as they are
+  measured; a run that stops resumes where it left off (same settings), without redoing or duplicating rows.
+- ``validation.png``: predicted vs measured iteration time, log-log, coloured by batch kind, with y = x.
+- ``validation_summary.json``: median and P95 absolute percentage error overall and per batch kind and, when
+  every iteration was executed, TTFT and TBT percentiles of the requests re-timed with the predicted and with
+  the measured iteration times.
+
+Two ways to bring each iteration's requests to the KV lengths the plan says:
+
+- every iteration (``max_iterations`` None or >= the number of iterations): the plans run consecutively, so
+  prefill chunks attend to what earlier chunks wrote and decodes read what earlier iterations wrote; the executor
+  checks before each iteration that its cached length of every request equals the plan's ``context_len``, drops
+  preempted requests' KV and frees a request after its last iteration. After a resume the first iterations
+  fill (below) whatever the interrupted run had computed.
+- a stratified sample of ``max_iterations``: each sampled iteration's requests are given ``context_len`` cached
+  tokens of random K/V (``Executor.set_context``) before timing, everything else is freed. Iteration time depends
+  on the lengths, not the values, so this times the same work without replaying the iterations in between.
+
+Sampling (``stratified_sample``): the quota is split evenly over the batch kinds present (prefill-only,
+decode-only, mixed; a kind with fewer iterations gives its surplus to the others); within a kind the
+iterations are sorted by size (new tokens + cached tokens read) and cut into as many equal bins as its quota, one iteration
+drawn per bin with the seed, so small and large batches of each kind are covered.
+
+Re-timing (``retime_requests``): the same plans in the same order; iteration ``i`` starts when iteration ``i-1``
+ends or when the last of its requests arrives, whichever is later, and lasts the given duration; requests
+advance exactly as in the simulator (``simulator.request.Request.advance``). With the predicted durations this
+reproduces the simulation's token times.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from simulator.metrics import distribution
+from simulator.request import Request
+
+KINDS = ("prefill", "decode", "mixed")
+VALIDATION_COLUMNS = [
+    "iteration", "kind", "batch_size", "num_decodes", "num_prefills", "num_prefill_tokens", "num_tokens",
+    "decode_kv_tokens", "prefill_context_tokens", "max_context_len", "predicted_s", "measured_s", "measured_min_s",
+    "measured_std_s", "runs", "error_pct", "abs_error_pct",
+]
+CSV_NAME, PLOT_NAME, SUMMARY_NAME, META_NAME = ("validation.csv", "validation.png", "validation_summary.json",
+                                                "validation_meta.json")
+
+
+class ValidationError(ValueError):
+    """Settings that cannot be validated (e.g. tensor/pipeline parallelism, a resume with other settings)."""
+
+
+# --- which iterations ----------------------------------------------------------------------------------------
+def _size_key(plan) -> int:
+    """Tokens computed plus cached tokens read: the size of an iteration, independent of any cost model."""
+    return plan.num_tokens + sum(plan.context_lens)
+
+
+def stratified_sample(plans, n: int, seed: int = 0) -> list[int]:
+    """Indices (sorted) of ``n`` plans covering prefill-only, decode-only and mixed batches and their sizes.
+
+    Returns every index when ``n`` >= ``len(plans)``. Raises ValueError when ``n`` < 1.
+    """
+    if n < 1:
+        raise ValueError(f"max_iterations: must be >= 1, got {n}")
+    if n >= len(plans):
+        return list(range(len(plans)))
+    by_kind = {k: [i for i, p in enumerate(plans) if p.kind == k] for k in KINDS}
+    by_kind = {k: v for k, v in by_kind.items() if v}
+    quota = dict.fromkeys(by_kind, 0)
+    left = n
+    while left:
+        open_kinds = [k for k in by_kind if quota[k] < len(by_kind[k])]
+        share, extra = divmod(left, len(open_kinds))
+        for j, k in enumerate(open_kinds):
+            give = min(share + (j < extra), len(by_kind[k]) - quota[k])
+            quota[k] += give
+            left -= give
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for k in KINDS:
+        if k not in by_kind or not quota[k]:
+            continue
+        ordered = sorted(by_kind[k], key=lambda i: (_size_key(plans[i]), i))
+        for b in np.array_split(np.asarray(ordered), quota[k]):
+            chosen.append(int(b[rng.integers(len(b))]))
+    return sorted(chosen)
+
+
+def last_iterations(plans) -> dict[int, int]:
+    """``{request_id: index of the last plan it appears in}``."""
+    return {rid: i for i, p in enumerate(plans) for rid in p.request_ids}
+
+
+def kv_blocks_needed(plans, indices, block_size: int, *, consecutive: bool) -> int:
+    """Peak KV blocks the executor holds replaying ``plans[indices]``.
+
+    ``consecutive``: the plans run in order; a request holds its blocks until its last plan or its preemption.
+    Otherwise each plan's requests alone hold blocks for ``context_len + num_new_tokens`` tokens.
+    """
+    blocks = lambda tokens: -(-tokens // block_size)  # noqa: E731
+    if not consecutive:
+        return max((sum(blocks(k + n) for _, n, k in plans[i].entries()) for i in indices), default=0)
+    last = last_iterations(plans)
+    live, peak = {}, 0
+    for i in indices:
+        plan = plans[i]
+        for rid in plan.preempted_ids:
+            live.pop(rid, None)
+        for rid, n, k in plan.entries():
+            live[rid] = blocks(k + n)
+        peak = max(peak, sum(live.values()))
+        for rid in plan.request_ids:
+            if last[rid] == i:
+                live.pop(rid)
+    return peak
+
+
+# --- one row of validation.csv -------------------------------------------------------------------------------
+def composition(plan) -> dict:
+    """The batch-composition columns of ``plan``."""
+    d = plan.num_decodes
+    return {
+        "kind": plan.kind, "batch_size": len(plan), "num_decodes": d, "num_prefills": plan.num_prefills,
+        "num_prefill_tokens": plan.num_prefill_tokens, "num_tokens": plan.num_tokens,
+        "decode_kv_tokens": sum(k + 1 for k in plan.context_lens[:d]),
+        "prefill_context_tokens": sum(plan.context_lens[d:]),
+        "max_context_len": max(plan.context_lens, default=0),
+    }
+
+
+def validation_row(index: int, plan, predicted_s: float, timing) -> dict:
+    """A VALIDATION_COLUMNS row from a plan, its predicted seconds and its ``Timing``."""
+    err = 100.0 * (predicted_s - timing.median_s) / timing.median_s
+    return {"iteration": index, **composition(plan), "predicted_s": predicted_s, "measured_s": timing.median_s,
+            "measured_min_s": timing.min_s, "measured_std_s": timing.std_s, "runs": timing.runs,
+            "error_pct": err, "abs_error_pct": abs(err)}
+
+
+# --- results -------------------------------------------------------------------------------------------------
+def error_summary(table: pd.DataFrame) -> dict:
+    """``{"all"|kind: {"iterations", "median_abs_error_pct", "p95_abs_error_pct", "median_error_pct",
+    "median_predicted_s", "median_measured_s"}}`` over the rows of a validation table (kinds without rows omitted)."""
+    out = {}
+    for name, rows in [("all", table)] + [(k, table[table["kind"] == k]) for k in KINDS]:
+        if not len(rows):
+            continue
+        out[name] = {
+            "iterations": int(len(rows)),
+            "median_abs_error_pct": float(rows["abs_error_pct"].median()),
+            "p95_abs_error_pct": float(np.percentile(rows["abs_error_pct"], 95)),
+            "median_error_pct": float(rows["error_pct"].median()),
+            "median_predicted_s": float(rows["predicted_s"].median()),
+            "median_measured_s": float(rows["measured_s"].median()),
+        }
+    return out
+
+
+def error_table(summary: dict) -> str:
+    """A readable table of ``error_summary``."""
+    rows = [("batch kind", "iterations", "median |err|", "P95 |err|", "median err", "median predicted",
+             "median measured")]
+    for name, s in summary.items():
+        rows.append((name, str(s["iterations"]), f"{s['median_abs_error_pct']:.1f}%", f"{s['p95_abs_error_pct']:.1f}%",
+                     f"{s['median_error_pct']:+.1f}%", f"{s['median_predicted_s'] * 1e3:.3f} ms",
+                     f"{s['median_measured_s'] * 1e3:.3f} ms"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def plot_validation(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Scatter of predicted vs measured iteration time (ms, log-log) by batch kind, with y = x; saved to ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
+    for kind, marker in zip(KINDS, "os^"):
+        rows = table[table["kind"] == kind]
+        if len(rows):
+            ax.scatter(rows["measured_s"] * 1e3, rows["predicted_s"] * 1e3, s=14, marker=marker, alpha=0.7,
+                       label=f"{kind} ({len(rows)})")
+    lo = float(min(table["measured_s"].min(), table["predicted_s"].min()) * 1e3 / 1.2)
+    hi = float(max(table["measured_s"].max(), table["predicted_s"].max()) * 1e3 * 1.2)
+    ax.plot([lo, hi], [lo, hi], color="black", lw=1, label="predicted = measured")
+    ax.fill_between([lo, hi], [lo * 0.85, hi * 0.85], [lo * 1.15, hi * 1.15], color="grey", alpha=0.15,
+                    label="±15%")
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured iteration time (ms)",
+           ylabel="predicted iteration time (ms)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def retime_requests(requests, plans, durations_s) -> list[Request]:
+    """Fresh copies of ``requests`` advanced through ``plans`` with iteration ``i`` lasting ``durations_s[i]``.
+
+    Iteration ``i`` starts at ``max(end of i-1, latest arrival of its requests)``; preempted requests are reset
+    before their iteration runs. Returns the copies (timestamps and token times filled). Raises ValueError when
+    the lengths of ``plans`` and ``durations_s`` differ.
+    """
+    if len(plans) != len(durations_s):
+        raise ValueError(f"retime_requests: {len(plans)} plans but {len(durations_s)} durations")
+    reqs = {r.request_id: Request(r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens) for r in requests}
+    now = 0.0
+    for plan, duration in zip(plans, durations_s):
+        for rid in plan.preempted_ids:
+            reqs[rid].preempt()
+        start = max([now] + [reqs[rid].arrival_s for rid in plan.request_ids])
+        for rid in plan.request_ids:
+            if reqs[rid].scheduled_s is None:
+                reqs[rid].scheduled_s = start
+        now = start + float(duration)
+        for rid, n, _ in plan.entries():
+            reqs[rid].advance(n, now)
+    return list(reqs.values())
+
+
+def latency_summary(requests) -> dict:
+    """``{"ttft_s": distribution, "tbt_s": distribution}`` of completed requests (see ``simulator.metrics``)."""
+    from simulator.metrics import tbt_gaps
+
+    done = [r for r in requests if r.completion_s is not None]
+    return {"ttft_s": distribution([r.first_token_s - r.arrival_s for r in done]),
+            "tbt_s": distribution(tbt_gaps(done))}
+
+
+def latency_table(predicted: dict, measured: dict) -> str:
+    """TTFT and TBT percentiles re-timed both ways, one row per (metric, way)."""
+    lines = [f"{'re-timed requests':<24}{'p50':>11}{'p90':>11}{'p99':>11}"]
+    for key, label in (("ttft_s", "TTFT"), ("tbt_s", "TBT")):
+        for way, d in (("predicted", predicted), ("measured", measured)):
+            vals = "".join(f"{d[key][p] * 1e3:>8.2f} ms" if d[key][p] is not None else f"{'-':>11}"
+                           for p in ("p50", "p90", "p99"))
+            lines.append(f"{label + ' (' + way + ')':<24}{vals}")
+    return "\n".join(lines)
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+@dataclass
+class ValidationReport:
+    """What ``run_validation`` measured: the table, its error summary, the re-timed latencies (or None) and paths."""
+
+    table: pd.DataFrame
+    summary: dict
+    latency: dict | None
+    out_dir: Path
+    num_iterations: int
+    settings: dict
+
+
+def _check_resume(out: Path, settings: dict) -> pd.DataFrame | None:
+    """Rows already measured in ``out`` with the same settings, None for a fresh run; ValidationError otherwise."""
+    meta_path, csv_path = out / META_NAME, out / CSV_NAME
+    if not meta_path.exists():
+        return None
+    old = json.loads(meta_path.read_text())
+    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if diff:
+        k = diff[0]
+        raise ValidationError(f"{meta_path}: holds a validation with other settings ({k}: {old.get(k)!r} there, "
+                              f"{settings.get(k)!r} now); use another --out or remove that folder")
+    if not csv_path.exists() or csv_path.stat().st_size == 0:
+        return None
+    table = pd.read_csv(csv_path)
+    if list(table.columns) != VALIDATION_COLUMNS:
+        raise ValidationError(f"{csv_path}: unexpected columns; use another --out or remove that folder")
+    return table
+
+
+def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max_iterations: int | None = None,
+                   warmup: int = 2, repeats: int = 5, threads: int | None = None, progress: bool = False,
+                   echo=None) -> ValidationReport:
+    """Simulate ``config`` (a ``SimConfig``), execute its iterations on ``exec_device`` and compare.
+
+    Args:
+        exec_device: torch device to execute on (``cuda``, ``cuda:N`` or ``cpu``), independent of
+            ``config.device`` (the device *spec* the cost model and the KV-cache sizing of the simulation use).
+        max_iterations: execute a stratified sample of this many iterations; None executes every iteration.
+        warmup, repeats: untimed and timed runs per iteration (``profiler.executor.time_call``).
+        threads: CPU threads for torch; None means the number of CPU cores. Recorded in the meta file.
+        echo: called with progress lines (e.g. ``click.echo``); None prints nothing.
+    Returns a ValidationReport. Raises ValidationError for tp/pp > 1 or a resume with other settings,
+    ExecutorMemoryError when the model or the KV cache cannot fit the device, and the simulator's errors.
+    """
+    import os
+
+    import torch
+
+    from cost_models.specs import load_model
+    from profiler.executor import Executor, activation_bytes
+    from simulator.simulation import effective_max_model_len, simulate
+
+    if config.tp != 1 or config.pp != 1:
+        raise ValidationError(f"validate executes one device: tp={config.tp}, pp={config.pp} is not supported "
+                              f"(use tp=1, pp=1)")
+    say = echo or (lambda *_: None)
+    out = Path(out_dir)
+    threads = int(threads or os.cpu_count() or 1)
+    settings = {"config": config.to_dict(), "exec_device": exec_device, "max_iterations": max_iterations,
+                "warmup": warmup, "repeats": repeats, "threads": threads, "torch": torch.__version__}
+    done_rows = _check_resume(out, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+
+    result = simulate(config, record_plans=True, progress=progress)
+    plans = result.log.plans
+    predicted = result.iterations["duration_s"].to_numpy()
+    if not plans:
+        raise ValidationError("the simulation ran no iteration (no request was served); nothing to validate")
+    every = max_iterations is None or max_iterations >= len(plans)
+    indices = list(range(len(plans))) if every else stratified_sample(plans, max_iterations, config.seed)
+    done = set() if done_rows is None else set(done_rows["iteration"].astype(int))
+    todo = [i for i in indices if i not in done]
+
+    model = load_model(config.model)
+    longest = max(k + n for p in plans for _, n, k in p.entries())
+    model = replace(model, max_model_len=max(longest, effective_max_model_len(config, model)))
+    blocks = kv_blocks_needed(plans, indices, config.block_size, consecutive=every)
+    device_type = torch.device(exec_device).type
+    executor = Executor(model, exec_device, num_kv_blocks=blocks, block_size=config.block_size, threads=threads,
+                        seed=config.seed, activation_bytes=activation_bytes(model, [plans[i] for i in indices],
+                                                                             device_type))
+    kinds = pd.Series([plans[i].kind for i in indices]).value_counts().to_dict()
+    say(f"executing {len(indices)} of {len(plans)} iterations "
+        f"({', '.join(f'{kinds[k]} {k}' for k in KINDS if k in kinds)}"
+        f"{'' if every else ', stratified sample'}) of {model.name} on {exec_device} "
+        f"(torch {torch.__version__}, {threads} threads, {warmup} warm-up + {repeats} timed runs each)"
+        + (f"; resuming after {len(done)} done" if done else ""))
+
+    last = last_iterations(plans)
+    fill = not every or bool(done)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), unit="it", desc="validate", leave=False)
+    csv_path = out / CSV_NAME
+    write_header = done_rows is None
+    todo_set = set(todo)
+    with csv_path.open("a" if not write_header else "w", newline="") as fh:
+        if write_header:
+            fh.write(",".join(VALIDATION_COLUMNS) + "\n")
+            fh.flush()
+        for i in (range(len(plans)) if every else todo):
+            if every and i not in todo_set:
+                continue
+            plan = plans[i]
+            if not every:
+                for rid in list(executor.kv.lengths):
+                    if rid not in plan.request_ids:
+                        executor.free(rid)
+            timing = executor.measure(plan, fill=fill, warmup=warmup, repeats=repeats)
+            if every:
+                for rid in plan.request_ids:
+                    if last[rid] == i:
+                        executor.free(rid)
+            pd.DataFrame([validation_row(i, plan, float(predicted[i]), timing)],
+                         columns=VALIDATION_COLUMNS).to_csv(fh, header=False, index=False)
+            fh.flush()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    table = pd.read_csv(csv_path).sort_values("iteration").reset_index(drop=True)
+    summary = error_summary(table)
+    latency = None
+    if every and len(table) == len(plans):
+        measured = table["measured_s"].to_numpy()
+        latency = {"predicted": latency_summary(retime_requests(result.requests, plans, predicted)),
+                   "measured": latency_summary(retime_requests(result.requests, plans, measured))}
+    title = f"{model.name}: {config.device} cost model vs {exec_device}"
+    plot_validation(table, out / PLOT_NAME, title=title)
+    (out / SUMMARY_NAME).write_text(json.dumps(
+        {"errors": summary, "retimed_requests": latency, "iterations_simulated": len(plans),
+         "iterations_executed": len(table), "settings": settings}, indent=2) + "\n")
+    return ValidationReport(table, summary, latency, out, len(plans), settings)
+
+
+def median_error_line(summary: dict) -> str:
+    """The one-line headline: median and P95 absolute percentage error over all executed iterations."""
+    s = summary["all"]
+    return (f"median absolute percentage error {s['median_abs_error_pct']:.1f}% "
+            f"(P95 {s['p95_abs_error_pct']:.1f}%) over {s['iterations']} iterations")
+
+
+__all__ = ["KINDS", "VALIDATION_COLUMNS", "ValidationError", "ValidationReport", "composition", "error_summary",
+           "error_table", "kv_blocks_needed", "last_iterations", "latency_summary", "latency_table",
+           "median_error_line", "plot_validation", "retime_requests", "run_validation", "stratified_sample",
+           "validation_row"]

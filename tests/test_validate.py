@@ -1,0 +1,222 @@
+"""Validation: iteration sampling, KV sizing, error summaries, request re-timing, and `servesim validate` end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from profiler.validate import (VALIDATION_COLUMNS, error_summary, kv_blocks_needed, retime_requests,
+                               stratified_sample)
+from cost_models.specs import load_device, load_model
+from simulator.cli import main
+from simulator.kv_cache import activation_reserve_bytes, kv_bytes_per_block
+from simulator.plan import BatchPlan
+from simulator.request import Request
+from simulator.simulation import simulate
+
+TRACE = "prompt_tokens,output_tokens,arrival_s\n40,10,0.0\n90,6,0.001\n150,12,0.002\n30,8,0.05\n"
+
+
+def plan(entries, num_decodes=None, preempted=()):
+    p = BatchPlan.from_entries(entries, num_decodes)
+    return BatchPlan(p.request_ids, p.num_new_tokens, p.context_lens, p.num_decodes, tuple(preempted))
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return simulate(model="tiny", device="cpu", num_requests=30, qps=10.0, seed=3, record_plans=True)
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+def test_stratified_sample_covers_every_kind_and_size(sim):
+    plans = sim.log.plans
+    kinds = Counter(p.kind for p in plans)
+    assert set(kinds) == {"prefill", "decode", "mixed"} and kinds["prefill"] < 10
+    picked = stratified_sample(plans, 30, seed=1)
+    assert picked == sorted(set(picked)) and len(picked) == 30
+    got = Counter(plans[i].kind for i in picked)
+    # the few prefill-only iterations are all taken, the rest split evenly between decode and mixed
+    assert got["prefill"] == kinds["prefill"]
+    assert abs(got["decode"] - got["mixed"]) <= 1
+    # sizes are spread: the largest and the smallest decode bins are both represented
+    decode_sizes = sorted(p.num_tokens + sum(p.context_lens) for p in plans if p.kind == "decode")
+    chosen = [plans[i].num_tokens + sum(plans[i].context_lens) for i in picked if plans[i].kind == "decode"]
+    assert min(chosen) <= np.percentile(decode_sizes, 100 / got["decode"])
+    assert max(chosen) >= np.percentile(decode_sizes, 100 - 100 / got["decode"])
+    assert stratified_sample(plans, 30, seed=1) == picked
+    assert stratified_sample(plans, 30, seed=2) != picked
+    assert stratified_sample(plans, len(plans) + 5) == list(range(len(plans)))
+    with pytest.raises(ValueError, match="max_iterations: must be >= 1"):
+        stratified_sample(plans, 0)
+
+
+def test_kv_blocks_needed_by_hand():
+    plans = [plan([(0, 20, 0)]),                         # r0 holds 2 blocks
+             plan([(0, 1, 20), (1, 40, 0)]),             # r0 2 (21 tokens), r1 3 -> 5
+             plan([(1, 1, 40)], preempted=(0,)),         # r0 preempted: r1 3 blocks (41 tokens)
+             plan([(0, 21, 0)]),                         # r1 finished after plan 2; r0 2 blocks
+             ]
+    assert kv_blocks_needed(plans, range(4), 16, consecutive=True) == 5
+    assert kv_blocks_needed(plans, [0, 2, 3], 16, consecutive=False) == 3
+    assert kv_blocks_needed(plans, [1], 16, consecutive=False) == 5
+
+
+# --- results -------------------------------------------------------------------------------------------------
+def test_error_summary_by_hand():
+    table = pd.DataFrame({"kind": ["decode", "decode", "prefill", "mixed"],
+                          "predicted_s": [1.1, 0.9, 2.0, 3.0], "measured_s": [1.0, 1.0, 1.0, 3.0]})
+    table["error_pct"] = 100 * (table["predicted_s"] - table["measured_s"]) / table["measured_s"]
+    table["abs_error_pct"] = table["error_pct"].abs()
+    s = error_summary(table)
+    assert s["all"]["iterations"] == 4
+    assert s["all"]["median_abs_error_pct"] == pytest.approx(10.0)
+    assert s["all"]["p95_abs_error_pct"] == pytest.approx(10 + 0.85 * 90)     # numpy linear interpolation
+    assert s["decode"]["median_abs_error_pct"] == pytest.approx(10.0)
+    assert s["decode"]["median_error_pct"] == pytest.approx(0.0)
+    assert s["prefill"]["median_abs_error_pct"] == pytest.approx(100.0)
+    assert s["mixed"]["p95_abs_error_pct"] == pytest.approx(0.0)
+
+
+def test_retiming_with_predicted_durations_reproduces_the_simulation(sim):
+    plans = sim.log.plans
+    again = {r.request_id: r for r in retime_requests(sim.requests, plans, sim.iterations["duration_s"].to_numpy())}
+    served = [r for r in sim.requests if r.completion_s is not None]
+    assert len(served) >= 15
+    for r in served:
+        assert np.allclose(again[r.request_id].token_times_s, r.token_times_s, rtol=0, atol=1e-9)
+    slower = {r.request_id: r for r in retime_requests(sim.requests, plans, 2 * sim.iterations["duration_s"])}
+    assert all(slower[r.request_id].completion_s >= r.completion_s - 1e-9 for r in served)
+    with pytest.raises(ValueError, match="3 plans but 2 durations"):
+        retime_requests(sim.requests, plans[:3], [1.0, 1.0])
+
+
+def test_retiming_replays_preemptions():
+    """A KV cache of 24 blocks forces recompute preemptions; re-timing still reproduces every token time."""
+    model, device = load_model("tiny"), load_device("cpu")
+    need = model.weight_bytes() + activation_reserve_bytes(model, 4096, 128) + 24 * kv_bytes_per_block(model)
+    rng = np.random.default_rng(0)
+    requests = [Request(i, 0.01 * i, int(rng.integers(20, 120)), int(rng.integers(5, 40))) for i in range(10)]
+    result = simulate(model="tiny", device="cpu", scheduler="vllm", requests=requests, record_plans=True,
+                      gpu_memory_utilization=(need + 1000) / device.memory_bytes)
+    assert result.summary["num_preemptions"] >= 1
+    again = {r.request_id: r for r in retime_requests(result.requests, result.log.plans,
+                                                      result.iterations["duration_s"].to_numpy())}
+    for r in result.requests:
+        assert again[r.request_id].num_preemptions == r.num_preemptions
+        assert np.allclose(again[r.request_id].token_times_s, r.token_times_s, rtol=0, atol=1e-9)
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="executing plans needs torch (the 'profile' extra)")
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, ["validate", *map(str, args)], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@needs_torch
+def test_validate_every_iteration_and_resume(tmp_path):
+    trace = tmp_path / "small.csv"
+    trace.write_text(TRACE)
+    out = tmp_path / "val"
+    args = ["--model", "tiny", "--device", "cpu", "--trace", trace, "--token-budget", 64, "--exec-device", "cpu",
+            "--warmup", 0, "--repeats", 1, "--threads", 1, "--out", out]
+    code, text = run_cli(*args)
+    assert code == 0, text
+    table = pd.read_csv(out / "validation.csv")
+    assert list(table.columns) == VALIDATION_COLUMNS
+    expected = simulate(model="tiny", device="cpu", trace=str(trace), token_budget=64, record_plans=True)
+    assert table["iteration"].tolist() == list(range(len(expected.log.plans)))
+    assert table["predicted_s"].tolist() == pytest.approx(expected.iterations["duration_s"].tolist())
+    assert table["num_tokens"].tolist() == [p.num_tokens for p in expected.log.plans]
+    assert (table["measured_s"] > 0).all()
+    assert table["error_pct"].to_numpy() == pytest.approx(
+        100 * (table["predicted_s"] - table["measured_s"]) / table["measured_s"])
+    assert (out / "validation.png").stat().st_size > 1000
+    summary = json.loads((out / "validation_summary.json").read_text())
+    assert summary["errors"]["all"]["iterations"] == len(table)
+    assert summary["errors"]["all"]["median_abs_error_pct"] == pytest.approx(table["abs_error_pct"].median())
+    retimed = summary["retimed_requests"]
+    assert retimed["predicted"]["ttft_s"]["p50"] == pytest.approx(expected.summary["ttft_s"]["p50"])
+    assert retimed["measured"]["tbt_s"]["p99"] > 0
+    assert re.search(r"median absolute percentage error \d+\.\d% \(P95 \d+\.\d%\) over \d+ iterations", text)
+    assert "TTFT (measured)" in text and "mixed" in text
+
+    # an interrupted run resumes: drop the last rows and run again -> the same iterations, none twice
+    lines = (out / "validation.csv").read_text().splitlines(keepends=True)
+    (out / "validation.csv").write_text("".join(lines[:-3]))
+    code, text = run_cli(*args)
+    assert code == 0, text
+    assert "resuming after" in text
+    again = pd.read_csv(out / "validation.csv")
+    assert sorted(again["iteration"]) == table["iteration"].tolist()
+    assert again["measured_s"].head(len(lines) - 4).tolist() == table["measured_s"].head(len(lines) - 4).tolist()
+
+    code, text = run_cli(*args[:-2], "--repeats", 2, "--out", out)
+    assert code == 2 and "holds a validation with other settings (repeats: 1 there, 2 now)" in text
+
+
+@needs_torch
+def test_validate_sample_and_errors(tmp_path):
+    out = tmp_path / "val"
+    code, text = run_cli("--model", "tiny", "--device", "cpu", "--num-requests", 12, "--qps", 8,
+                         "--max-iterations", 9, "--warmup", 0, "--repeats", 1, "--threads", 1,
+                         "--exec-device", "cpu", "--out", out)
+    assert code == 0, text
+    table = pd.read_csv(out / "validation.csv")
+    assert len(table) == 9 and set(table["kind"]) == {"prefill", "decode", "mixed"}
+    assert "stratified sample" in text and "TTFT" not in text
+    assert json.loads((out / "validation_summary.json").read_text())["retimed_requests"] is None
+
+    code, text = run_cli("--model", "tiny", "--device", "cpu", "--tp", 2, "--out", tmp_path / "tp")
+    assert code == 2 and "error: validate executes one device: tp=2, pp=1 is not supported" in text
+    huge = tmp_path / "huge.yaml"       # a device spec on which the simulation fits Falcon-180B, unlike this CPU
+    huge.write_text("name: huge\nmemory_bytes: 2.0e12\npeak_flops: {float16: 1.0e15}\n"
+                    "memory_bandwidth_bytes_per_s: 3.0e12\n")
+    code, text = run_cli("--model", "falcon-180b", "--device", huge, "--num-requests", 2, "--max-iterations", 2,
+                         "--exec-device", "cpu", "--out", tmp_path / "big")
+    assert code == 2 and re.search(r"^error: Falcon-180B needs \d+\.\d+ GiB on cpu \(weights", text, re.M), text
+
+
+# --- profile -> fit -> validate through the CLI --------------------------------------------------------------
+def _has_commands(*names) -> bool:
+    return all(n in main.commands for n in names)
+
+
+@needs_torch
+@pytest.mark.skipif(not _has_commands("profile", "fit"),
+                    reason="`servesim profile` and `servesim fit` (issue 3) are not available yet")
+def test_profile_fit_validate_pipeline_on_cpu(tmp_path):
+    """CI's end-to-end check: the tiny model profiled, fitted and validated on this CPU through the CLI, in under
+    three minutes. The printed median absolute percentage error must stay under a loose bound (CPU timing on a
+    shared machine is noisy; the goal of 15% is reported by experiments/bench, not asserted here)."""
+    exe = shutil.which("servesim") or str(sys.executable).replace("python", "servesim")
+    start = time.perf_counter()
+
+    def step(*args):
+        done = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    step("profile", "--model", "tiny", "--device", "cpu", "--quick", "--out", tmp_path / "profile")
+    step("fit", tmp_path / "profile", "--out", tmp_path / "model")
+    text = step("validate", "--model", "tiny", "--device", "cpu", "--cost-model", tmp_path / "model",
+                "--exec-device", "cpu", "--num-requests", 40, "--qps", 8, "--max-iterations", 60,
+                "--out", tmp_path / "val")
+    elapsed = time.perf_counter() - start
+    found = re.search(r"median absolute percentage error (\d+\.\d)%", text)
+    assert found, text
+    assert float(found.group(1)) < 40.0, text
+    assert elapsed < 180, f"profile -> fit -> validate took {elapsed:.0f} s"
