@@ -1,0 +1,300 @@
+"""Capacity: the highest arrival rate (QPS) at which one replica meets a latency SLO, found by simulation.
+
+Each *trial* simulates the configuration at one QPS from scratch. Every trial of a search replays the same
+requests — ``load_trace`` draws lengths and arrivals from independent streams of one seed, so changing only the
+QPS re-times the same Poisson (or gamma) arrivals and keeps every length (a file trace is re-timed with
+``retime=True``). A trial at QPS ``q`` is therefore byte-for-byte ``servesim simulate --qps q`` (plus
+``--retime`` for a file).
+
+Search (as Sarathi-Serve's and Etalon's capacity searches do, with geometric steps): starting at ``qps_start``,
+*bracket* by doubling after a pass or halving after a failure until one QPS passes and a higher one fails, then
+*bisect* at the geometric mean of the bracket until ``hi / lo - 1 <= rel_tol`` (2.5% by default) or
+``max_trials`` (20) trials ran. The capacity is the highest passing QPS ``lo``; the true threshold lies in
+``[lo, hi)``. Every trial is reported. The search assumes the SLO holds below some QPS and fails above it.
+
+Early stop (exact): a trial ends as soon as its failure is certain — when enough samples of one limit's metric
+already exceed the limit that the final percentile must too (``slo.certain_violation_count``). Scheduling delays
+are lower-bounded by ``now - arrival`` for requests still waiting; TBT gaps and deadline-miss rates count once a
+request completes. The final sample counts are known up front (requests the scheduler would reject are known
+from their lengths), so an early-stopped trial fails exactly when the full run would.
+
+Errors: ``CapacityError`` (a ``ValueError``) for invalid search settings; the simulator's own errors otherwise.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from simulator.config import SimConfig
+from simulator.slo import SLO, certain_violation_count, evaluate_slo, fluidity_of, make_slo, predicted_prefill_s
+
+SUMMARY_KEYS = [("ttft_s", "p50"), ("ttft_s", "p99"), ("tbt_s", "p50"), ("tbt_s", "p99"),
+                ("scheduling_delay_s", "p50"), ("scheduling_delay_s", "p99"), ("e2e_s", "p50")]
+COUNT_KEYS = ["requests_completed", "requests_rejected", "num_preemptions", "num_iterations",
+              "throughput_tokens_per_s", "makespan_s"]
+
+
+class CapacityError(ValueError):
+    """Invalid capacity-search settings."""
+
+
+class _CertainViolation(Exception):
+    """Raised inside the simulation to end a trial whose SLO failure is already certain."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One simulation at ``qps``. ``values``: each SLO limit's measured value (None if stopped early).
+
+    ``summary``: latency percentiles and counts of the run (of the part simulated, if ``stopped_early``);
+    ``simulated_s``: simulated seconds reached; ``stop_reason``: why the run was cut short.
+    """
+
+    qps: float
+    met: bool
+    values: dict
+    stopped_early: bool
+    stop_reason: str | None
+    simulated_s: float
+    summary: dict
+
+    def row(self) -> dict:
+        """Flat dict for a table: qps, met, stopped_early, the limit values, then the summary keys."""
+        return {"qps": self.qps, "met": self.met, "stopped_early": self.stopped_early, **self.values,
+                **self.summary, "simulated_s": self.simulated_s, "stop_reason": self.stop_reason}
+
+
+class _Monitor:
+    """Counts samples that already exceed each SLO limit and raises ``_CertainViolation`` once one is decided."""
+
+    def __init__(self, slo: SLO, requests, scheduler, cost_model, enabled: bool = True):
+        self.num_iterations, self.clock_s = 0, 0.0
+        served = [r for r in requests if scheduler.rejection_reason(r) is None]
+        self.served_ids = {r.request_id for r in served}
+        self.delay_checks, self.finish_checks = [], []
+        for lim in slo.limits:
+            if lim.metric == "scheduling_delay_s":
+                need = certain_violation_count(len(served), lim.percentile)
+                self.delay_checks.append([lim, need, 0, 0])          # limit, needed, count, pointer
+            elif lim.metric == "tbt_s":
+                n = sum(r.output_tokens - 1 for r in served)
+                self.finish_checks.append([lim, certain_violation_count(n, lim.percentile), 0])
+            else:
+                self.finish_checks.append([lim, certain_violation_count(len(served), lim.percentile), 0])
+        if not enabled:
+            self.delay_checks, self.finish_checks = [], []
+        self.served = sorted(served, key=lambda r: (r.arrival_s, r.request_id))
+        self.slo, self.cost_model = slo, cost_model
+        self.deadlines: dict[int, float] = {}
+
+    def on_iteration(self, plan, start_s, duration_s):
+        self.num_iterations += 1
+        self.clock_s = start_s + duration_s
+        for check in self.delay_checks:
+            lim, need, count, i = check
+            limit, served = lim.max_value, self.served
+            while i < len(served) and served[i].arrival_s < start_s - limit:
+                r = served[i]          # arrived > limit ago: its delay is known, or > limit if still unscheduled
+                if r.scheduled_s is None or r.scheduled_s - r.arrival_s > limit:
+                    count += 1
+                i += 1
+            check[2], check[3] = count, i
+            if count >= need:
+                raise _CertainViolation(f"{lim.describe()} violated for certain at t={start_s:.1f} s: "
+                                        f"{count} of {len(served)} requests already above")
+
+    def on_finish(self, done):
+        for check in self.finish_checks:
+            lim, need, count = check
+            for r in done:
+                if r.request_id not in self.served_ids:
+                    continue
+                if lim.metric == "tbt_s":
+                    count += int(np.count_nonzero(np.diff(r.token_times_s) > lim.max_value))
+                else:
+                    missed, total = fluidity_of(r, self._ttft_deadline(r), self.slo.decode_deadline_s)
+                    count += bool(total) and missed / total > lim.max_value
+            check[2] = count
+            if count >= need:
+                raise _CertainViolation(f"{lim.describe()} violated for certain at t={done[0].completion_s:.1f} s:"
+                                        f" {count} samples already above (of {need} that decide it)")
+
+    def _ttft_deadline(self, r) -> float:
+        d = self.deadlines.get(r.prompt_tokens)
+        if d is None:
+            d = self.deadlines[r.prompt_tokens] = predicted_prefill_s(self.cost_model, r.prompt_tokens) \
+                + self.slo.ttft_slack_s
+        return d
+
+
+def trial_config(config: SimConfig, qps: float) -> SimConfig:
+    """``config`` at ``qps``; a file trace is re-timed (capacity needs arrivals at each QPS)."""
+    from traces import BUILTIN_WORKLOADS
+
+    return config.with_(qps=float(qps), retime=None if config.trace in BUILTIN_WORKLOADS else True)
+
+
+def run_trial(config: SimConfig, slo: SLO, qps: float, *, cost_model=None, early_stop: bool = True) -> Trial:
+    """Simulate ``config`` at ``qps`` and check ``slo``; stop early once the failure is certain if ``early_stop``.
+
+    ``cost_model`` replaces the one the config names (reuse one across trials: the roofline caches per-size costs).
+    """
+    from cost_models.specs import load_device, load_model
+    from simulator.metrics import ITERATION_COLUMNS, summarize
+    from simulator.replica import run_replica
+    from simulator.simulation import build_cost_model, build_scheduler, load_requests
+
+    config = trial_config(config, qps)
+    model, device = load_model(config.model), load_device(config.device)
+    requests = load_requests(config, model)
+    cost_model = cost_model or build_cost_model(config, model, device)
+    scheduler = build_scheduler(config, model, device)
+    monitor = _Monitor(slo, requests, scheduler, cost_model, early_stop)
+    reason, iterations = None, None
+    try:
+        log = run_replica(requests, scheduler, cost_model, on_iteration=monitor.on_iteration,
+                          on_finish=monitor.on_finish if early_stop and monitor.finish_checks else None)
+        iterations = pd.DataFrame(log.columns(), columns=ITERATION_COLUMNS)
+    except _CertainViolation as exc:
+        reason = str(exc)
+        iterations = pd.DataFrame(columns=ITERATION_COLUMNS)
+    summary = summarize(requests, iterations, num_rejected=len(scheduler.rejected),
+                        num_preemptions=scheduler.num_preemptions)
+    flat = {f"{k}_{q}": summary[k][q] for k, q in SUMMARY_KEYS}
+    flat.update({k: summary[k] for k in COUNT_KEYS})
+    flat["num_iterations"] = monitor.num_iterations
+    if reason is not None:
+        return Trial(float(qps), False, {lim.label: None for lim in slo.limits}, True, reason,
+                     monitor.clock_s, flat)
+    check = evaluate_slo(slo, requests, cost_model)
+    return Trial(float(qps), check.met, check.values, False, None, monitor.clock_s, flat)
+
+
+@dataclass
+class CapacityResult:
+    """Outcome of a search. ``capacity_qps``: highest passing QPS (0.0 if none passed);
+    ``lo_qps``/``hi_qps``: the final bracket (None where not found); ``trials`` in the order they ran."""
+
+    config: SimConfig
+    slo: SLO
+    capacity_qps: float
+    lo_qps: float | None
+    hi_qps: float | None
+    converged: bool
+    note: str
+    rel_tol: float
+    max_trials: int
+    trials: list = field(default_factory=list)
+
+    @property
+    def capacity_trial(self) -> Trial | None:
+        return next((t for t in self.trials if t.qps == self.lo_qps), None)
+
+    def trials_table(self) -> pd.DataFrame:
+        """One row per trial (``Trial.row``), in the order they ran."""
+        return pd.DataFrame([t.row() for t in self.trials])
+
+    def to_dict(self) -> dict:
+        return {
+            "capacity_qps": self.capacity_qps,
+            "slo": self.slo.to_dict(),
+            "search": {"lo_qps": self.lo_qps, "hi_qps": self.hi_qps, "converged": self.converged,
+                       "note": self.note, "rel_tol": self.rel_tol, "max_trials": self.max_trials,
+                       "num_trials": len(self.trials)},
+            "config": self.config.to_dict(),
+            "trials": [asdict(t) for t in self.trials],
+        }
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Write ``capacity.json`` (everything) and ``trials.csv`` into ``out_dir`` (created); return the JSON path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "capacity.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        self.trials_table().to_csv(out / "trials.csv", index=False)
+        return path
+
+
+def _round_qps(q: float, lo: float, hi: float) -> float:
+    """``q`` to 4 significant digits when that stays strictly inside ``(lo, hi)`` (readable trial QPS)."""
+    r = float(f"{q:.4g}")
+    return r if lo < r < hi else q
+
+
+def find_capacity(config: SimConfig | None = None, slo: SLO | None = None, *, qps_start: float | None = None,
+                  rel_tol: float = 0.025, max_trials: int = 20, min_qps: float | None = None, cost_model=None,
+                  early_stop: bool = True, on_trial=None) -> CapacityResult:
+    """Search the highest QPS at which ``config`` meets ``slo`` (see the module docstring for the method).
+
+    Args:
+        config: the simulation (its ``qps`` is ignored; its seed and trace are used at every trial).
+        slo: default ``make_slo("sarathi", model=config.model)`` (the paper's strict TBT SLO).
+        qps_start: first trial's QPS (default ``config.qps``).
+        rel_tol: stop bisecting when ``hi / lo - 1 <= rel_tol``.
+        max_trials: most simulations in the search (>= 2).
+        min_qps: give up halving below this (default ``qps_start / 64``): the SLO is not met at any tried load.
+        cost_model: replaces the configured one (e.g. a roofline with other constants).
+        early_stop: end a trial as soon as its failure is certain (exact; see the module docstring).
+        on_trial: called with each ``Trial`` as it completes (e.g. to print progress).
+    Returns a ``CapacityResult``. Raises CapacityError for invalid settings.
+    """
+    config = config or SimConfig()
+    qps = float(config.qps if qps_start is None else qps_start)
+    if not (qps > 0 and math.isfinite(qps)):
+        raise CapacityError(f"qps_start: must be a positive finite number, got {qps_start!r}")
+    if not rel_tol > 0:
+        raise CapacityError(f"rel_tol: must be positive, got {rel_tol!r}")
+    if not (isinstance(max_trials, int) and max_trials >= 2):
+        raise CapacityError(f"max_trials: must be an integer >= 2, got {max_trials!r}")
+    min_qps = qps / 64 if min_qps is None else float(min_qps)
+    slo = slo or make_slo("sarathi", model=config.model)
+    if cost_model is None:
+        from simulator.simulation import build_cost_model
+        cost_model = build_cost_model(config)
+
+    trials: dict[float, Trial] = {}
+    order: list[Trial] = []
+
+    def trial(q: float) -> Trial:
+        if q not in trials:
+            t = run_trial(config, slo, q, cost_model=cost_model, early_stop=early_stop)
+            trials[q] = t
+            order.append(t)
+            if on_trial is not None:
+                on_trial(t)
+        return trials[q]
+
+    lo = hi = None
+    note = ""
+    while len(order) < max_trials:                      # bracket
+        if trial(qps).met:
+            lo = qps
+            if hi is not None:
+                break
+            qps *= 2
+        else:
+            hi = qps
+            if lo is not None:
+                break
+            if qps / 2 < min_qps:
+                note = f"SLO not met at any QPS tried (lowest {qps:g})"
+                break
+            qps /= 2
+    if lo is not None and hi is None:
+        note = f"SLO still met at the highest QPS tried ({lo:g}) after {len(order)} trials"
+    while lo is not None and hi is not None and hi / lo - 1 > rel_tol and len(order) < max_trials:   # bisect
+        mid = _round_qps(math.sqrt(lo * hi), lo, hi)
+        if trial(mid).met:
+            lo = mid
+        else:
+            hi = mid
+    converged = lo is not None and hi is not None and hi / lo - 1 <= rel_tol
+    if lo is not None and hi is not None and not converged:
+        note = f"stopped after max_trials={max_trials} with the bracket [{lo:g}, {hi:g})"
+    return CapacityResult(config, slo, lo if lo is not None else 0.0, lo, hi, converged, note, rel_tol,
+                          max_trials, order)
