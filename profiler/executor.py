@@ -1,4 +1,4 @@
-"""Execute a ``BatchPlan`` for real: the model's full layer stack on ``cuda`` or ``cpu`` with a paged KV cache.
+"""Execute a ``BatchPlan`` for real: the model's full layer stack on ``cuda`` or ``cpu`` with a real KV cache.
 
 The validator (``profiler/validate.py``) replays a simulation's iterations through this executor and compares
 the measured time of each with the cost model's prediction.
@@ -6,29 +6,34 @@ the measured time of each with the cost model's prediction.
 What one iteration computes (shapes as in vLLM's Llama/Mistral/Falcon implementations; T = tokens of the plan,
 B = entries of the plan, h = hidden size, q/kv = query/KV heads x head_dim, f = FFN size):
 
-- input preparation: token ids, positions and KV-cache slots of the T new tokens, block tables of the decodes;
+- input preparation: token ids, positions and KV-cache (slot, position) pairs of the T new tokens, the decodes'
+  KV lengths and the prefill chunks' masks (the attention metadata, built once per iteration as engines do);
 - embedding lookup ``[T, h]``; per layer: norm, fused QKV projection ``[T, q + 2kv]``, rotary embedding
-  (Su et al., "RoFormer", 2021; the rotate-half form of GPT-NeoX/Llama, theta 10000), KV-cache write of the T
-  new keys and values, attention, output projection, residual add, norm, MLP (SwiGLU: fused gate/up ``[T, 2f]``,
-  SiLU x up, down; or plain: up, GELU, down), residual add;
+  (RoFormer, Su et al. 2021; NeoX rotate-half form, theta 10000), KV-cache write of the T new keys and values,
+  attention, output projection, residual add, norm, MLP (SwiGLU, Shazeer 2020: fused gate/up ``[T, 2f]``,
+  SiLU(gate) x up, down; or plain: up, GELU, down), residual add;
 - attention, all entries in the same forward: the ``num_decodes`` leading 1-token decodes in one batched call,
-  each reading its whole KV (context + its new token) through its block table; each prefill chunk of ``c`` new
-  tokens attending to its ``k`` cached tokens plus itself, causal with the mask aligned to the bottom-right
-  (query ``i`` sees keys ``0 .. k + i``), as FlashAttention-2 and vLLM's chunked prefill do;
+  each reading its whole KV (context + its new token), padded to the longest with a mask; each prefill chunk of
+  ``c`` new tokens attending to its ``k`` cached tokens plus itself, causal with the mask aligned to the
+  bottom-right (query ``i`` sees keys ``0 .. k + i``), as FlashAttention-2 and vLLM's chunked prefill do;
 - final norm, LM head over the last token of every entry (``[B, vocab]``, as the roofline prices it) and greedy
   sampling (argmax).
+
+The kernels are those the profiler times (``profiler.ops``: ``scaled_dot_product_attention`` with grouped-query
+heads, the same norms, rotary embedding and KV-cache write), so a validation measures how well the fitted sum of
+operators predicts a whole iteration. Needs torch >= 2.5 (``enable_gqa``, ``causal_lower_right``).
 
 Weights are random (normal, std 0.02, seeded) at the model's dtype; token ids are a fixed function of
 (request id, position), so the same request computes the same hidden states however its prompt is chunked.
 
-KV cache: paged (Kwon et al., SOSP'23 §4): per layer one pool of ``num_blocks x block_size`` slots for K and one
-for V (``[slots, kv_heads, head_dim]``), a block table per request, blocks handed out on demand and returned on
-``free``. The pools are filled with random values when allocated, so *setting* a request's context to ``L``
-tokens (``set_context``) only hands it the blocks: the attention then reads ``L`` real (random) cached tokens.
-Iteration time depends on the lengths, not on the values, which lets the validator time a sampled iteration
-without replaying the ones before it.
+KV cache (``SlotKVCache``): contiguous per request, one slot of ``capacity`` tokens each, layout
+``[slot, kv_head, position, head_dim]`` per layer for K and V. Before each iteration (untimed) the decodes are moved
+into slots ``0 .. d-1`` so their batched attention reads the cache in place. The cache is filled with random
+values when allocated, so *setting* a request's context to ``L`` tokens (``set_context``) only gives it a slot:
+the attention then reads ``L`` real (random) cached tokens. Iteration time depends on the lengths, not on the
+values, which lets the validator time a sampled iteration without replaying the ones before it.
 
-Memory: before allocating anything the executor estimates weights + KV pool + activation peak from the
+Memory: before allocating anything the executor estimates weights + KV cache + activation peak from the
 ModelSpec and raises ``ExecutorMemoryError`` (one line) if that exceeds the device's free memory (CUDA: the
 driver's free memory; CPU: ``MemAvailable`` of /proc/meminfo).
 
@@ -38,7 +43,7 @@ synchronize; on CPU ``time.perf_counter`` around each run with the thread count 
 """
 from __future__ import annotations
 
-import math
+import heapq
 import os
 import statistics
 import time
@@ -81,18 +86,18 @@ def available_memory_bytes(device: str | torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def kv_pool_bytes(model, num_blocks: int, block_size: int) -> int:
-    """Bytes of the KV pools: ``num_blocks x block_size`` tokens x 2 (K, V) x kv heads x head_dim x layers x dtype."""
-    return num_blocks * block_size * model.kv_bytes_per_token()
+def kv_cache_bytes(model, num_slots: int, capacity: int) -> int:
+    """Bytes of the KV cache: ``num_slots x capacity`` tokens x 2 (K, V) x kv heads x head_dim x layers x dtype."""
+    return num_slots * capacity * model.kv_bytes_per_token()
 
 
 def activation_bytes(model, plans, device_type: str = "cpu") -> int:
     """Peak bytes of the temporaries of one forward over the largest of ``plans`` (an over-estimate).
 
     Per token: residual stream and its norm (2h), QKV output (q + 2kv), MLP input/activation (3f gated, 2f plain)
-    in the model dtype. Attention: the gathered K/V of every entry (2 x kv x tokens read) in the model dtype and,
-    on CPU where the math kernel may materialize them, fp32 scores of the largest chunk (heads x c x (k + c)) and
-    of the decodes (heads x B x longest context). LM head: fp32 logits ``[B, vocab]``.
+    in the model dtype. Attention on CPU, where the math kernel may materialize them: fp32 scores of the largest
+    chunk (heads x c x (k + c)) and of the decodes (heads x B x longest context). LM head: fp32 logits
+    ``[B, vocab]``.
     """
     dt = model.dtype_bytes
     per_token = 2 * model.hidden_size + model.q_size + 2 * model.kv_size
@@ -102,35 +107,32 @@ def activation_bytes(model, plans, device_type: str = "cpu") -> int:
         if not plan:
             continue
         d = plan.num_decodes
-        tokens = sum(plan.num_new_tokens)
-        read = sum(k + n for n, k in zip(plan.num_new_tokens, plan.context_lens))
         longest = max((k + 1 for k in plan.context_lens[:d]), default=0)
-        gathered = 2 * model.kv_size * (read + d * longest) * dt
         scores = 0
         if device_type == "cpu":
             chunk = max((n * (n + k) for n, k in plan.prefill_chunks), default=0)
             scores = 4 * model.num_attention_heads * (chunk + d * longest)
         logits = 4 * len(plan) * model.vocab_size
-        peak = max(peak, tokens * per_token * dt + gathered + scores + logits)
+        peak = max(peak, sum(plan.num_new_tokens) * per_token * dt + scores + logits)
     return int(peak)
 
 
-def check_fits(model, device, *, num_kv_blocks: int, block_size: int, extra_bytes: int = 0) -> dict:
-    """Raise ExecutorMemoryError if weights + KV pool + ``extra_bytes`` exceed ``device``'s free memory.
+def check_fits(model, device, *, num_slots: int, capacity: int, extra_bytes: int = 0) -> dict:
+    """Raise ExecutorMemoryError if weights + KV cache + ``extra_bytes`` exceed ``device``'s free memory.
 
     Returns ``{"weight_bytes", "kv_bytes", "activation_bytes", "available_bytes"}``.
     """
     weights = model.weight_bytes()
-    kv = kv_pool_bytes(model, num_kv_blocks, block_size)
+    kv = kv_cache_bytes(model, num_slots, capacity)
     avail = available_memory_bytes(device)
     need = weights + kv + extra_bytes
     if need > avail:
         gib = 2 ** 30
         raise ExecutorMemoryError(
             f"{model.name} needs {need / gib:.2f} GiB on {torch.device(device).type} (weights {weights / gib:.2f} GiB, "
-            f"KV cache {kv / gib:.2f} GiB for {num_kv_blocks * block_size} tokens, activations "
-            f"{extra_bytes / gib:.2f} GiB) but {avail / gib:.2f} GiB is free; use a smaller model, fewer requests "
-            f"or --max-iterations")
+            f"KV cache {kv / gib:.2f} GiB for {num_slots} requests x {capacity} tokens, activations "
+            f"{extra_bytes / gib:.2f} GiB) but {avail / gib:.2f} GiB is free; use a smaller model, fewer requests, "
+            f"a smaller --max-batch-size or --max-iterations")
     return {"weight_bytes": weights, "kv_bytes": kv, "activation_bytes": extra_bytes, "available_bytes": avail}
 
 
@@ -178,26 +180,30 @@ def time_call(fn, device: str | torch.device, *, warmup: int = 2, repeats: int =
 
 
 # --- the KV cache --------------------------------------------------------------------------------------------
-class PagedKVCache:
-    """Per-layer K and V pools of ``num_blocks x block_size`` slots (``[slots, kv_heads, head_dim]``) and a block
-    table per request. Slot of position ``p`` of request ``r``: ``table[r][p // block_size] * block_size +
-    p % block_size``. Units: tokens and blocks. Raises ExecutorMemoryError when a request needs more blocks than
-    are free."""
+class SlotKVCache:
+    """A contiguous KV cache per request (FasterTransformer/Orca style; the ``[slot, kv_head, position, head_dim]``
+    layout of FlashAttention's ``flash_attn_with_kvcache`` and of ``profiler.ops.Layer``): per layer one K and one V
+    tensor of ``num_slots x kv_heads x capacity x head_dim``. A request holds one slot while it has cached tokens.
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+    ``arrange(decode_ids)`` moves the decodes of an iteration into slots ``0 .. d-1`` (swapping slot contents,
+    outside any timed region), so the batched decode attention reads its keys in place, as a paged-attention
+    kernel does, rather than through a gather copy that no serving kernel makes. Units: tokens and slots.
+    Raises ExecutorMemoryError when no slot is free or a request outgrows ``capacity``.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, capacity: int, kv_heads: int, head_dim: int,
                  dtype, device, generator: torch.Generator):
-        slots = num_blocks * block_size
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        shape = (slots, kv_heads, head_dim)
+        self.num_slots, self.capacity = num_slots, capacity
+        shape = (num_slots, kv_heads, capacity, head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device).normal_(generator=generator) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device).normal_(generator=generator) for _ in range(num_layers)]
-        self._free = list(range(num_blocks - 1, -1, -1))     # pop() hands out block 0 first
-        self.tables: dict[int, list[int]] = {}
+        self._free = list(range(num_slots))            # a min-heap: the lowest free slot first
+        self.slot_of: dict[int, int] = {}
+        self.owner: dict[int, int] = {}
         self.lengths: dict[int, int] = {}
 
     @property
-    def num_free_blocks(self) -> int:
+    def num_free_slots(self) -> int:
         return len(self._free)
 
     def length(self, request_id: int) -> int:
@@ -205,51 +211,116 @@ class PagedKVCache:
         return self.lengths.get(request_id, 0)
 
     def reserve(self, request_id: int, tokens: int) -> None:
-        """Make ``request_id`` hold blocks for at least ``tokens`` tokens (its length is unchanged)."""
-        table = self.tables.setdefault(request_id, [])
-        need = -(-tokens // self.block_size) - len(table)
-        if need > len(self._free):
-            raise ExecutorMemoryError(f"KV cache full: request {request_id} needs {need} more blocks of "
-                                      f"{self.block_size} tokens, {len(self._free)} free of {self.num_blocks}")
-        for _ in range(max(0, need)):
-            table.append(self._free.pop())
-        self.lengths.setdefault(request_id, 0)
+        """Give ``request_id`` a slot (if it has none) able to hold ``tokens`` tokens; its length is unchanged."""
+        if tokens > self.capacity:
+            raise ExecutorMemoryError(f"KV cache: request {request_id} needs {tokens} tokens, a slot holds "
+                                      f"{self.capacity}")
+        if request_id in self.slot_of:
+            return
+        if not self._free:
+            raise ExecutorMemoryError(f"KV cache full: request {request_id} needs a slot, all {self.num_slots} are "
+                                      f"taken")
+        slot = heapq.heappop(self._free)
+        self.slot_of[request_id], self.owner[slot] = slot, request_id
+        self.lengths[request_id] = 0
 
     def set_length(self, request_id: int, tokens: int) -> None:
-        """Declare ``tokens`` tokens of ``request_id`` cached (blocks reserved; values are whatever the slots hold)."""
+        """Declare ``tokens`` tokens of ``request_id`` cached (slot reserved; values are whatever the slot holds)."""
         self.reserve(request_id, tokens)
         self.lengths[request_id] = tokens
 
     def free(self, request_id: int) -> None:
-        """Return ``request_id``'s blocks (a no-op if it holds none)."""
-        self._free.extend(reversed(self.tables.pop(request_id, [])))
-        self.lengths.pop(request_id, None)
+        """Return ``request_id``'s slot (a no-op if it holds none)."""
+        slot = self.slot_of.pop(request_id, None)
+        if slot is not None:
+            del self.owner[slot]
+            self.lengths.pop(request_id)
+            heapq.heappush(self._free, slot)
 
-    def slots(self, request_id: int, start: int, end: int) -> np.ndarray:
-        """Slot indices of positions ``start .. end-1`` of ``request_id`` (int64)."""
-        table = np.asarray(self.tables[request_id], dtype=np.int64)
-        pos = np.arange(start, end, dtype=np.int64)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+    def _swap(self, a: int, b: int) -> None:
+        """Exchange the contents and owners of slots ``a`` and ``b`` (either may be free)."""
+        ra, rb = self.owner.get(a), self.owner.get(b)
+        n = max(self.lengths.get(ra, 0), self.lengths.get(rb, 0))
+        if n:
+            for cache in (*self.k, *self.v):
+                tmp = cache[a, :, :n].clone()
+                cache[a, :, :n] = cache[b, :, :n]
+                cache[b, :, :n] = tmp
+        for slot, rid in ((a, rb), (b, ra)):
+            if rid is None:
+                self.owner.pop(slot, None)
+            else:
+                self.owner[slot], self.slot_of[rid] = rid, slot
+        if (ra is None) != (rb is None):          # the free slot becomes taken and the other one free
+            taken, freed = (a, b) if ra is None else (b, a)
+            self._free.remove(taken)
+            self._free.append(freed)
+            heapq.heapify(self._free)
+
+    def arrange(self, decode_ids) -> None:
+        """Move the requests ``decode_ids`` (each holding a slot) into slots ``0 .. len(decode_ids) - 1``."""
+        d = len(decode_ids)
+        decode = set(decode_ids)
+        targets = [t for t in range(d) if self.owner.get(t) not in decode]
+        misplaced = [rid for rid in decode_ids if self.slot_of[rid] >= d]
+        for rid, t in zip(misplaced, targets):
+            self._swap(self.slot_of[rid], t)
+
+
+# --- the model -----------------------------------------------------------------------------------------------
+# --- kernels (the same computations as profiler.ops) ---------------------------------------------------------
+def rms_norm(x, weight, eps: float = 1e-6):
+    """RMSNorm (Zhang & Sennrich, NeurIPS 2019) of ``x`` [T, h] in float32, as Hugging Face Llama computes it."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rope_cache(max_positions: int, head_dim: int, *, device="cpu", dtype=torch.float32):
+    """``[max_positions, head_dim]``: cos of the rotation angles in the first half, sin in the second."""
+    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).to(device=device, dtype=dtype)
+
+
+def rotary_embedding(q, k, positions, cos_sin, head_dim: int):
+    """NeoX-style rotary embedding (RoFormer eq. 34) of ``q`` [T, Hq x d] and ``k`` [T, Hkv x d] at ``positions``."""
+    cos, sin = cos_sin.index_select(0, positions).chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = head_dim // 2
+
+    def rotate(x):
+        x = x.reshape(x.shape[0], -1, head_dim)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(1)
+
+    return rotate(q), rotate(k)
+
+
+def _sdpa(q, k, v, *, attn_mask=None, is_causal=False):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 # --- the model -----------------------------------------------------------------------------------------------
 class Executor:
-    """The full layer stack of ``model`` with random weights and a paged KV cache on ``device``.
+    """The full layer stack of ``model`` with random weights and a per-request KV cache on ``device``.
 
     Args:
         model: a ModelSpec or a name ``load_model`` knows (all its layers are built: tp = pp = 1).
         device: ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
-        num_kv_blocks: KV blocks in the pool (``block_size`` tokens each).
+        num_slots: requests that can hold KV at once; ``capacity``: tokens each can hold (<= ``max_model_len``
+            of the spec unless ``max_positions`` is given).
         threads: CPU threads for torch (set explicitly; None keeps torch's current setting).
-        seed: seeds the weights, the KV pool's values and nothing else.
+        seed: seeds the weights and the KV cache's values.
         activation_bytes: activation peak to include in the memory check (see ``activation_bytes``).
+        max_positions: rows of the rotary table (default: the spec's ``max_model_len``, at least ``capacity``).
     Raises:
-        ExecutorMemoryError (one line) before allocating when weights + KV pool + activations exceed the free memory;
-        ValueError for a dtype torch cannot run or a CUDA device that is not available.
+        ExecutorMemoryError (one line) before allocating when weights + KV cache + activations exceed the free
+        memory; ValueError for a dtype torch cannot run or a CUDA device that is not available.
     """
 
-    def __init__(self, model, device: str = "cpu", *, num_kv_blocks: int, block_size: int = 16,
-                 threads: int | None = None, seed: int = 0, activation_bytes: int = 0):
+    def __init__(self, model, device: str = "cpu", *, num_slots: int, capacity: int, threads: int | None = None,
+                 seed: int = 0, activation_bytes: int = 0, max_positions: int | None = None):
         self.model = m = load_model(model)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -258,33 +329,26 @@ class Executor:
             raise ValueError(f"{m.name}: dtype {m.dtype} cannot be executed; known: {', '.join(TORCH_DTYPES)}")
         if threads is not None:
             torch.set_num_threads(int(threads))
-        self.memory = check_fits(m, self.device, num_kv_blocks=num_kv_blocks, block_size=block_size,
+        self.memory = check_fits(m, self.device, num_slots=num_slots, capacity=capacity,
                                  extra_bytes=activation_bytes)
-        self.dtype = TORCH_DTYPES[m.dtype]
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        dev, dt = self.device, self.dtype
+        self.dtype = dt = TORCH_DTYPES[m.dtype]
+        dev = self.device
+        g = torch.Generator(device=dev).manual_seed(seed)
 
         def weight(*shape):
             return torch.empty(shape, dtype=dt, device=dev).normal_(0.0, INIT_STD, generator=g)
 
         h, q, kv, f = m.hidden_size, m.q_size, m.kv_size, m.intermediate_size
-        mlp_in = 2 * f if m.mlp == "gated" else f
         self.embedding = weight(m.vocab_size, h)
-        self.layers = []
-        for _ in range(m.num_layers):
-            self.layers.append({
-                "norm1": torch.ones(h, dtype=dt, device=dev), "norm2": torch.ones(h, dtype=dt, device=dev),
-                "qkv": weight(q + 2 * kv, h), "o": weight(h, q), "up": weight(mlp_in, h), "down": weight(h, f),
-            })
+        self.layers = [{"norm1": torch.ones(h, dtype=dt, device=dev), "norm2": torch.ones(h, dtype=dt, device=dev),
+                        "qkv": weight(q + 2 * kv, h), "o": weight(h, q),
+                        "up": weight(2 * f if m.mlp == "gated" else f, h), "down": weight(h, f)}
+                       for _ in range(m.num_layers)]
         self.final_norm = torch.ones(h, dtype=dt, device=dev)
+        self.norm_bias = torch.zeros(h, dtype=dt, device=dev)
         self.lm_head = weight(m.vocab_size, h)
-        self.zero_bias = torch.zeros(h, dtype=dt, device=dev)
-        inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, m.head_dim, 2, dtype=torch.float32) / m.head_dim)
-        angles = torch.outer(torch.arange(m.max_model_len, dtype=torch.float32), inv_freq)
-        self.cos = angles.cos().to(device=dev, dtype=dt)       # [max_model_len, head_dim / 2]
-        self.sin = angles.sin().to(device=dev, dtype=dt)
-        self.kv = PagedKVCache(m.num_layers, num_kv_blocks, block_size, m.num_kv_heads, m.head_dim, dt, dev, g)
-        self._gqa = m.num_attention_heads != m.num_kv_heads
+        self.cos_sin = rope_cache(max(max_positions or m.max_model_len, capacity), m.head_dim, device=dev, dtype=dt)
+        self.kv = SlotKVCache(m.num_layers, num_slots, capacity, m.num_kv_heads, m.head_dim, dt, dev, g)
 
     # --- state ---------------------------------------------------------------------------------------------
     def kv_len(self, request_id: int) -> int:
@@ -301,9 +365,11 @@ class Executor:
 
     def prepare(self, plan, *, fill: bool = False) -> None:
         """Get the KV state ready for ``plan``: drop ``plan.preempted_ids``; check (``fill=False``) or set
-        (``fill=True``) each request's cached length to its ``context_len``; reserve blocks for the new tokens.
+        (``fill=True``) each request's cached length to its ``context_len``; reserve room for the new tokens;
+        move the decodes into slots ``0 .. d-1``.
 
-        Raises PlanStateError (``fill=False``) naming the first request whose cached length differs.
+        Raises PlanStateError (``fill=False``) naming the first request whose cached length differs, and
+        ExecutorMemoryError when the cache has no room.
         """
         for rid in plan.preempted_ids:
             self.kv.free(rid)
@@ -314,6 +380,7 @@ class Executor:
                                          f"plan's context_len is {k}")
                 self.kv.set_length(rid, k)
             self.kv.reserve(rid, k + n)
+        self.kv.arrange(plan.request_ids[:plan.num_decodes])
 
     def commit(self, plan) -> None:
         """Advance each request's cached length by its new tokens (after the plan has run)."""
@@ -330,7 +397,7 @@ class Executor:
     def measure(self, plan, *, fill: bool = False, warmup: int = 2, repeats: int = 5) -> Timing:
         """Time ``plan`` (``time_call``: input preparation + forward + sampling) and advance the KV state.
 
-        Every timed run writes the same KV slots and reads the same lengths, so repeats are identical work.
+        Every timed run writes the same KV positions and reads the same lengths, so repeats are identical work.
         """
         self.prepare(plan, fill=fill)
         timing = time_call(lambda: self.forward(plan), self.device, warmup=warmup, repeats=repeats)
@@ -339,72 +406,60 @@ class Executor:
 
     # --- one iteration -------------------------------------------------------------------------------------
     def _inputs(self, plan) -> dict:
-        """Token ids, positions, KV slots and attention metadata of ``plan`` as device tensors."""
-        m, bs, dev = self.model, self.kv.block_size, self.device
+        """Token ids, positions, KV-cache slots and attention metadata of ``plan`` as device tensors."""
+        m, dev, d = self.model, self.device, plan.num_decodes
         pos = np.concatenate([np.arange(k, k + n, dtype=np.int64) for _, n, k in plan.entries()])
         rids = np.repeat(np.asarray(plan.request_ids, dtype=np.int64), plan.num_new_tokens)
-        token_ids = (rids * 7919 + pos * 104729 + 12345) % m.vocab_size
-        slots = np.concatenate([self.kv.slots(rid, k, k + n) for rid, n, k in plan.entries()])
-        d = plan.num_decodes
-        out = {
-            "token_ids": torch.from_numpy(token_ids).to(dev, non_blocking=True),
-            "positions": torch.from_numpy(pos).to(dev, non_blocking=True),
-            "slots": torch.from_numpy(slots).to(dev, non_blocking=True),
-            "last": torch.from_numpy(np.cumsum(plan.num_new_tokens) - 1).to(dev, non_blocking=True),
-        }
+        slot_of = self.kv.slot_of
+        slots = np.repeat(np.asarray([slot_of[rid] for rid in plan.request_ids], dtype=np.int64),
+                          plan.num_new_tokens)
+        to_dev = lambda a: torch.from_numpy(a).to(dev, non_blocking=True)  # noqa: E731
+        out = {"token_ids": to_dev((rids * 7919 + pos * 104729 + 12345) % m.vocab_size),
+               "positions": to_dev(pos), "slots": to_dev(slots),
+               "last": to_dev(np.cumsum(plan.num_new_tokens) - 1), "decode": None, "chunks": []}
         if d:
+            dec_slots = slots[:d]                               # a permutation of 0 .. d-1 (see prepare)
             lens = np.asarray(plan.context_lens[:d], dtype=np.int64) + 1
-            width = -(-int(lens.max()) // bs)
-            tables = np.zeros((d, width), dtype=np.int64)
-            for i, rid in enumerate(plan.request_ids[:d]):
-                t = self.kv.tables[rid][:width]
-                tables[i, :len(t)] = t
-            p = np.arange(int(lens.max()), dtype=np.int64)
-            dec_slots = tables[:, p // bs] * bs + p % bs                    # [d, longest]
-            out["dec_slots"] = torch.from_numpy(dec_slots).to(dev, non_blocking=True)
-            out["dec_mask"] = torch.from_numpy(p[None, :] < lens[:, None])[:, None, None, :].to(dev, non_blocking=True)
-        out["chunks"] = [(n, k, torch.from_numpy(self.kv.slots(rid, 0, k + n)).to(dev, non_blocking=True))
-                         for rid, n, k in list(plan.entries())[d:]]
+            longest = int(lens.max())
+            mask = None
+            if lens.min() != longest:
+                by_slot = np.empty(d, dtype=np.int64)
+                by_slot[dec_slots] = lens
+                mask = to_dev(np.arange(longest)[None, :] < by_slot[:, None]).view(d, 1, 1, longest)
+            ordered = np.array_equal(dec_slots, np.arange(d))
+            out["decode"] = (longest, mask, None if ordered else to_dev(np.argsort(dec_slots)),
+                             None if ordered else to_dev(dec_slots))
+        for rid, n, k in list(plan.entries())[d:]:
+            out["chunks"].append((slot_of[rid], n, k, causal_lower_right(n, k + n) if k else None))
         return out
 
     def _norm(self, x, weight):
         if self.model.norm == "layernorm":
-            return F.layer_norm(x, (x.shape[-1],), weight, self.zero_bias)
-        return F.rms_norm(x, (x.shape[-1],), weight, eps=1e-5)
-
-    def _rope(self, x, cos, sin):
-        """Rotate-half rotary embedding of ``x`` ``[T, heads, head_dim]`` with ``cos``/``sin`` ``[T, 1, head_dim/2]``."""
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            return F.layer_norm(x, (x.shape[-1],), weight, self.norm_bias)
+        return rms_norm(x, weight)
 
     def _attention(self, q, layer: int, inputs: dict, d: int):
-        """Attention of all ``T`` queries ``[T, Hq, dh]`` against the KV cache; returns ``[T, Hq * dh]``."""
+        """Attention of all ``T`` queries ``[T, Hq x dh]`` against the KV cache; returns ``[T, Hq x dh]``."""
         kc, vc = self.kv.k[layer], self.kv.v[layer]
+        dh = self.model.head_dim
         parts = []
         if d:
-            s = inputs["dec_slots"]                                          # [d, L]
-            k = kc[s].transpose(1, 2)                                        # [d, Hkv, L, dh]
-            v = vc[s].transpose(1, 2)
-            o = F.scaled_dot_product_attention(q[:d].unsqueeze(2), k, v, attn_mask=inputs["dec_mask"],
-                                               enable_gqa=self._gqa)        # [d, Hq, 1, dh]
-            parts.append(o.reshape(d, -1))
+            longest, mask, to_slot_order, to_plan_order = inputs["decode"]
+            qd = q[:d] if to_slot_order is None else q[:d].index_select(0, to_slot_order)
+            o = _sdpa(qd.view(d, -1, 1, dh), kc[:d, :, :longest], vc[:d, :, :longest], attn_mask=mask).view(d, -1)
+            parts.append(o if to_plan_order is None else o.index_select(0, to_plan_order))
         start = d
-        for n, ctx, slots in inputs["chunks"]:
-            qc = q[start:start + n].transpose(0, 1).unsqueeze(0)             # [1, Hq, n, dh]
-            k = kc[slots].transpose(0, 1).unsqueeze(0)                      # [1, Hkv, ctx + n, dh]
-            v = vc[slots].transpose(0, 1).unsqueeze(0)
-            if ctx:
-                mask = causal_lower_right(n, ctx + n)
-                o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, enable_gqa=self._gqa)
-            else:
-                o = F.scaled_dot_product_attention(qc, k, v, is_causal=True, enable_gqa=self._gqa)
+        for slot, n, ctx, mask in inputs["chunks"]:
+            qc = q[start:start + n].view(n, -1, dh).transpose(0, 1).unsqueeze(0)      # [1, Hq, n, dh]
+            k, v = kc[slot:slot + 1, :, :ctx + n], vc[slot:slot + 1, :, :ctx + n]      # [1, Hkv, ctx + n, dh]
+            o = _sdpa(qc, k, v, is_causal=True) if mask is None else _sdpa(qc, k, v, attn_mask=mask)
             parts.append(o[0].transpose(0, 1).reshape(n, -1))
             start += n
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @torch.inference_mode()
     def forward(self, plan):
-        """One iteration of ``plan`` on the current KV state (blocks must be reserved: see ``prepare``).
+        """One iteration of ``plan`` on the current KV state (room must be reserved: see ``prepare``).
 
         Writes the new tokens' K/V into the cache but does not advance the cached lengths (``commit`` does).
         Returns ``(last_hidden [B, h], next_tokens [B])``: the final-norm hidden state of each entry's last token
@@ -412,20 +467,16 @@ class Executor:
         """
         m = self.model
         inputs = self._inputs(plan)
-        d = plan.num_decodes
-        T = inputs["token_ids"].shape[0]
-        hq, hkv, dh = m.num_attention_heads, m.num_kv_heads, m.head_dim
-        cos = self.cos[inputs["positions"]].unsqueeze(1)
-        sin = self.sin[inputs["positions"]].unsqueeze(1)
+        d, dh, hkv = plan.num_decodes, m.head_dim, m.num_kv_heads
+        slots, positions = inputs["slots"], inputs["positions"]
         x = F.embedding(inputs["token_ids"], self.embedding)
         for i, w in enumerate(self.layers):
             residual = x
             qkv = F.linear(self._norm(x, w["norm1"]), w["qkv"])
-            q, k, v = qkv.split([hq * dh, hkv * dh, hkv * dh], dim=-1)
-            q = self._rope(q.view(T, hq, dh), cos, sin)
-            k = self._rope(k.view(T, hkv, dh), cos, sin)
-            self.kv.k[i].index_copy_(0, inputs["slots"], k)
-            self.kv.v[i].index_copy_(0, inputs["slots"], v.view(T, hkv, dh))
+            q, k, v = qkv.split([m.q_size, m.kv_size, m.kv_size], dim=-1)
+            q, k = rotary_embedding(q, k, positions, self.cos_sin, dh)
+            self.kv.k[i][slots, :, positions] = k.view(-1, hkv, dh)
+            self.kv.v[i][slots, :, positions] = v.reshape(-1, hkv, dh)
             x = F.linear(self._attention(q, i, inputs, d), w["o"]) + residual
             residual = x
             y = F.linear(self._norm(x, w["norm2"]), w["up"])
@@ -433,17 +484,12 @@ class Executor:
                 gate, up = y.chunk(2, dim=-1)
                 y = F.silu(gate) * up
             else:
-                y = F.gelu(y)
+                y = F.gelu(y, approximate="tanh")
             x = F.linear(y, w["down"]) + residual
-        last = self._norm(x[inputs["last"]], self.final_norm)
+        last = self._norm(x.index_select(0, inputs["last"]), self.final_norm)
         next_tokens = F.linear(last, self.lm_head).argmax(dim=-1)
         return last, next_tokens
 
 
-def kv_blocks_for(lengths, block_size: int) -> int:
-    """Blocks needed to hold every length in ``lengths`` (tokens)."""
-    return sum(math.ceil(n / block_size) for n in lengths)
-
-
-__all__ = ["Executor", "ExecutorMemoryError", "PagedKVCache", "PlanStateError", "Timing", "activation_bytes",
-           "available_memory_bytes", "check_fits", "kv_blocks_for", "kv_pool_bytes", "time_call"]
+__all__ = ["Executor", "ExecutorMemoryError", "PlanStateError", "SlotKVCache", "Timing", "activation_bytes",
+           "available_memory_bytes", "check_fits", "kv_cache_bytes", "rms_norm", "rotary_embedding", "time_call"]

@@ -36,7 +36,7 @@ reproduces the simulation's token times.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,28 +101,25 @@ def last_iterations(plans) -> dict[int, int]:
     return {rid: i for i, p in enumerate(plans) for rid in p.request_ids}
 
 
-def kv_blocks_needed(plans, indices, block_size: int, *, consecutive: bool) -> int:
-    """Peak KV blocks the executor holds replaying ``plans[indices]``.
+def kv_slots_needed(plans, indices, *, consecutive: bool) -> tuple[int, int]:
+    """``(slots, capacity)`` of the executor's KV cache to replay ``plans[indices]``: the most requests holding KV
+    at once and the longest KV (tokens) any of them reaches.
 
-    ``consecutive``: the plans run in order; a request holds its blocks until its last plan or its preemption.
-    Otherwise each plan's requests alone hold blocks for ``context_len + num_new_tokens`` tokens.
+    ``consecutive``: the plans run in order; a request holds its KV until its last plan or its preemption.
+    Otherwise each plan's requests alone hold KV.
     """
-    blocks = lambda tokens: -(-tokens // block_size)  # noqa: E731
+    capacity = max((k + n for i in indices for _, n, k in plans[i].entries()), default=0)
     if not consecutive:
-        return max((sum(blocks(k + n) for _, n, k in plans[i].entries()) for i in indices), default=0)
+        return max((len(plans[i]) for i in indices), default=0), capacity
     last = last_iterations(plans)
-    live, peak = {}, 0
+    live, peak = set(), 0
     for i in indices:
         plan = plans[i]
-        for rid in plan.preempted_ids:
-            live.pop(rid, None)
-        for rid, n, k in plan.entries():
-            live[rid] = blocks(k + n)
-        peak = max(peak, sum(live.values()))
-        for rid in plan.request_ids:
-            if last[rid] == i:
-                live.pop(rid)
-    return peak
+        live.difference_update(plan.preempted_ids)
+        live.update(plan.request_ids)
+        peak = max(peak, len(live))
+        live.difference_update(rid for rid in plan.request_ids if last[rid] == i)
+    return peak, capacity
 
 
 # --- one row of validation.csv -------------------------------------------------------------------------------
@@ -302,7 +299,7 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
 
     from cost_models.specs import load_model
     from profiler.executor import Executor, activation_bytes
-    from simulator.simulation import effective_max_model_len, simulate
+    from simulator.simulation import simulate
 
     if config.tp != 1 or config.pp != 1:
         raise ValidationError(f"validate executes one device: tp={config.tp}, pp={config.pp} is not supported "
@@ -327,13 +324,10 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
     todo = [i for i in indices if i not in done]
 
     model = load_model(config.model)
-    longest = max(k + n for p in plans for _, n, k in p.entries())
-    model = replace(model, max_model_len=max(longest, effective_max_model_len(config, model)))
-    blocks = kv_blocks_needed(plans, indices, config.block_size, consecutive=every)
+    slots, capacity = kv_slots_needed(plans, indices, consecutive=every)
     device_type = torch.device(exec_device).type
-    executor = Executor(model, exec_device, num_kv_blocks=blocks, block_size=config.block_size, threads=threads,
-                        seed=config.seed, activation_bytes=activation_bytes(model, [plans[i] for i in indices],
-                                                                             device_type))
+    executor = Executor(model, exec_device, num_slots=slots, capacity=capacity, threads=threads, seed=config.seed,
+                        activation_bytes=activation_bytes(model, [plans[i] for i in indices], device_type))
     kinds = pd.Series([plans[i].kind for i in indices]).value_counts().to_dict()
     say(f"executing {len(indices)} of {len(plans)} iterations "
         f"({', '.join(f'{kinds[k]} {k}' for k in KINDS if k in kinds)}"
@@ -382,7 +376,8 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
         measured = table["measured_s"].to_numpy()
         latency = {"predicted": latency_summary(retime_requests(result.requests, plans, predicted)),
                    "measured": latency_summary(retime_requests(result.requests, plans, measured))}
-    title = f"{model.name}: {config.device} cost model vs {exec_device}"
+    title = (f"{model.name}: {'fitted' if config.cost_model else 'roofline'} model for {config.device} "
+             f"vs measured on {exec_device}")
     plot_validation(table, out / PLOT_NAME, title=title)
     (out / SUMMARY_NAME).write_text(json.dumps(
         {"errors": summary, "retimed_requests": latency, "iterations_simulated": len(plans),
@@ -398,6 +393,6 @@ def median_error_line(summary: dict) -> str:
 
 
 __all__ = ["KINDS", "VALIDATION_COLUMNS", "ValidationError", "ValidationReport", "composition", "error_summary",
-           "error_table", "kv_blocks_needed", "last_iterations", "latency_summary", "latency_table",
+           "error_table", "kv_slots_needed", "last_iterations", "latency_summary", "latency_table",
            "median_error_line", "plot_validation", "retime_requests", "run_validation", "stratified_sample",
            "validation_row"]

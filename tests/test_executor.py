@@ -10,7 +10,7 @@ import yaml
 torch = pytest.importorskip("torch", reason="the executor needs torch (the 'profile' extra)")
 
 from cost_models.specs import load_model  # noqa: E402
-from profiler.executor import (Executor, ExecutorMemoryError, PagedKVCache, PlanStateError, Timing,  # noqa: E402
+from profiler.executor import (Executor, ExecutorMemoryError, PlanStateError, SlotKVCache, Timing,  # noqa: E402
                                activation_bytes, check_fits, time_call)
 from profiler.validate import last_iterations  # noqa: E402
 from simulator.kv_cache import activation_reserve_bytes, kv_bytes_per_block  # noqa: E402
@@ -23,7 +23,7 @@ TINY = load_model("tiny")
 
 @pytest.fixture(scope="module")
 def executor():
-    return Executor(TINY, "cpu", num_kv_blocks=64, threads=1, seed=0)
+    return Executor(TINY, "cpu", num_slots=8, capacity=256, threads=1, seed=0)
 
 
 def prefill(rid, n, ctx=0):
@@ -43,7 +43,7 @@ def small_device(tmp_path, *, kv_blocks: int, peak_tokens: int, max_seqs: int = 
 def test_kv_lengths_follow_the_simulated_context_lengths(tmp_path, scheduler, budget, peak):
     """Replay every plan of a small simulation for real: before each iteration the executor's KV length of every
     scheduled request is the plan's context_len (what the simulator says is cached), after it context + new tokens;
-    preempted requests restart from an empty cache; at the end every block is back."""
+    preempted requests restart from an empty cache; decodes sit in the first slots; at the end every slot is back."""
     rng = np.random.default_rng(0)
     requests = [Request(i, 0.01 * i, int(rng.integers(20, 120)), int(rng.integers(5, 40))) for i in range(10)]
     device = small_device(tmp_path, kv_blocks=24, peak_tokens=peak)
@@ -55,7 +55,7 @@ def test_kv_lengths_follow_the_simulated_context_lengths(tmp_path, scheduler, bu
     if scheduler == "sarathi":
         assert any(p.kind == "mixed" for p in plans) and any(p.num_prefills and p.context_lens[-1] for p in plans)
 
-    ex = Executor(TINY, "cpu", num_kv_blocks=64, threads=1)
+    ex = Executor(TINY, "cpu", num_slots=10, capacity=160, threads=1)
     last = last_iterations(plans)
     computed = {r.request_id: 0 for r in requests}          # the simulator's bookkeeping, recomputed independently
     for i, plan in enumerate(plans):
@@ -63,6 +63,7 @@ def test_kv_lengths_follow_the_simulated_context_lengths(tmp_path, scheduler, bu
             computed[rid] = 0
         ex.prepare(plan)                                      # raises PlanStateError on any mismatch
         assert [ex.kv_len(rid) for rid in plan.request_ids] == list(plan.context_lens)
+        assert sorted(ex.kv.slot_of[rid] for rid in plan.request_ids[:plan.num_decodes]) == list(range(plan.num_decodes))
         assert list(plan.context_lens) == [computed[rid] for rid in plan.request_ids]
         hidden, tokens = ex.forward(plan)
         ex.commit(plan)
@@ -71,12 +72,11 @@ def test_kv_lengths_follow_the_simulated_context_lengths(tmp_path, scheduler, bu
         for rid, n, k in plan.entries():
             computed[rid] = k + n
             assert ex.kv_len(rid) == k + n
-            assert len(ex.kv.tables[rid]) == math.ceil((k + n) / 16)
             if last[rid] == i:
                 ex.free(rid)
     by_id = {r.request_id: r for r in result.requests}
     assert all(computed[rid] == by_id[rid].max_kv_tokens for rid in computed)
-    assert ex.kv.num_free_blocks == 64 and not ex.kv.lengths
+    assert ex.kv.num_free_slots == 10 and not ex.kv.lengths
 
 
 def test_chunked_prefill_matches_unchunked(executor):
@@ -130,32 +130,41 @@ def test_context_mismatch_is_refused_and_fill_sets_it(executor):
     executor.step(BatchPlan((12,), (4,), (0,), 0, preempted_ids=(9, 11)))
     assert executor.kv_len(9) == 0 and executor.kv_len(11) == 0
     executor.free(12)
-    assert executor.kv.num_free_blocks == 64
+    assert executor.kv.num_free_slots == 8
 
 
-def test_paged_slots_follow_the_block_table():
+def test_slot_cache_moves_decodes_to_the_front_with_their_kv():
     g = torch.Generator().manual_seed(0)
-    cache = PagedKVCache(1, num_blocks=4, block_size=4, kv_heads=1, head_dim=2, dtype=torch.float32,
-                         device="cpu", generator=g)
-    cache.set_length(0, 3)           # block 0
-    cache.set_length(1, 5)           # blocks 1, 2
-    cache.reserve(0, 7)              # grows into block 3
-    assert cache.tables == {0: [0, 3], 1: [1, 2]} and cache.length(0) == 3
-    assert cache.slots(0, 2, 7).tolist() == [2, 3, 12, 13, 14]
-    assert cache.slots(1, 0, 5).tolist() == [4, 5, 6, 7, 8]
-    with pytest.raises(ExecutorMemoryError, match="KV cache full: request 2 needs 1 more blocks"):
-        cache.reserve(2, 1)
-    cache.free(1)
-    cache.reserve(2, 8)
-    assert cache.tables[2] == [1, 2] and cache.num_free_blocks == 0
+    cache = SlotKVCache(1, num_slots=4, capacity=8, kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu",
+                        generator=g)
+    for rid, n in [(10, 3), (11, 5), (12, 2)]:
+        cache.set_length(rid, n)
+    assert cache.slot_of == {10: 0, 11: 1, 12: 2} and cache.num_free_slots == 1
+    cache.free(10)
+    before = {rid: cache.k[0][cache.slot_of[rid], :, :cache.length(rid)].clone() for rid in (11, 12)}
+    cache.arrange([12])                     # 12 moves into the free slot 0
+    assert cache.slot_of == {11: 1, 12: 0} and cache.num_free_slots == 2
+    cache.arrange([12, 11])                 # already in place
+    assert cache.slot_of == {11: 1, 12: 0}
+    cache.set_length(13, 4)                 # lowest free slot: 2
+    cache.arrange([13])                     # swaps with 12, whose values travel with it
+    assert cache.slot_of == {11: 1, 12: 2, 13: 0}
+    for rid in (11, 12):
+        torch.testing.assert_close(cache.k[0][cache.slot_of[rid], :, :cache.length(rid)], before[rid])
+    assert cache.owner == {0: 13, 1: 11, 2: 12} and sorted(cache._free) == [3]
+    with pytest.raises(ExecutorMemoryError, match="request 14 needs 9 tokens, a slot holds 8"):
+        cache.reserve(14, 9)
+    cache.set_length(14, 1)
+    with pytest.raises(ExecutorMemoryError, match="KV cache full: request 15 needs a slot, all 4 are taken"):
+        cache.reserve(15, 1)
 
 
 def test_memory_refusal_before_allocating():
     with pytest.raises(ExecutorMemoryError, match=r"^Falcon-180B needs .* GiB on cpu \(weights .*\) but .* GiB is free"):
-        Executor("falcon-180b", "cpu", num_kv_blocks=1)
-    with pytest.raises(ExecutorMemoryError, match=r"KV cache 128\.00 GiB for 67108864 tokens"):
-        check_fits(TINY, "cpu", num_kv_blocks=2 ** 22, block_size=16)
-    fits = check_fits(TINY, "cpu", num_kv_blocks=10, block_size=16, extra_bytes=1000)
+        Executor("falcon-180b", "cpu", num_slots=1, capacity=16)
+    with pytest.raises(ExecutorMemoryError, match=r"KV cache 128\.00 GiB for 16384 requests x 4096 tokens"):
+        check_fits(TINY, "cpu", num_slots=2 ** 14, capacity=4096)
+    fits = check_fits(TINY, "cpu", num_slots=10, capacity=16, extra_bytes=1000)
     assert fits["kv_bytes"] == 10 * 16 * TINY.kv_bytes_per_token() and fits["activation_bytes"] == 1000
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from profiler.validate import (VALIDATION_COLUMNS, error_summary, kv_blocks_needed, retime_requests,
+from profiler.validate import (VALIDATION_COLUMNS, error_summary, kv_slots_needed, retime_requests,
                                stratified_sample)
 from cost_models.specs import load_device, load_model
 from simulator.cli import main
@@ -60,15 +60,17 @@ def test_stratified_sample_covers_every_kind_and_size(sim):
         stratified_sample(plans, 0)
 
 
-def test_kv_blocks_needed_by_hand():
-    plans = [plan([(0, 20, 0)]),                         # r0 holds 2 blocks
-             plan([(0, 1, 20), (1, 40, 0)]),             # r0 2 (21 tokens), r1 3 -> 5
-             plan([(1, 1, 40)], preempted=(0,)),         # r0 preempted: r1 3 blocks (41 tokens)
-             plan([(0, 21, 0)]),                         # r1 finished after plan 2; r0 2 blocks
+def test_kv_slots_needed_by_hand():
+    plans = [plan([(0, 20, 0)]),                         # r0 live
+             plan([(0, 1, 20), (1, 40, 0)]),             # r0, r1 live: 2 slots
+             plan([(1, 1, 40), (2, 5, 0)], preempted=(0,)),   # r0 preempted: r1, r2
+             plan([(0, 21, 0), (3, 2, 0)]),              # r1 and r2 finished after plan 2: r0, r3
              ]
-    assert kv_blocks_needed(plans, range(4), 16, consecutive=True) == 5
-    assert kv_blocks_needed(plans, [0, 2, 3], 16, consecutive=False) == 3
-    assert kv_blocks_needed(plans, [1], 16, consecutive=False) == 5
+    assert kv_slots_needed(plans, range(4), consecutive=True) == (2, 41)
+    assert kv_slots_needed(plans, [0, 3], consecutive=False) == (2, 21)
+    assert kv_slots_needed(plans, [0], consecutive=False) == (1, 20)
+    three = plans[:3] + [plan([(0, 21, 0), (3, 2, 0), (1, 1, 41)])]     # r1 stays: r0, r1, r3 (+ r2 until plan 2)
+    assert kv_slots_needed(three, range(4), consecutive=True) == (3, 42)
 
 
 # --- results -------------------------------------------------------------------------------------------------
