@@ -95,9 +95,10 @@ def activation_bytes(model, plans, device_type: str = "cpu") -> int:
     """Peak bytes of the temporaries of one forward over the largest of ``plans`` (an over-estimate).
 
     Per token: residual stream and its norm (2h), QKV output (q + 2kv), MLP input/activation (3f gated, 2f plain)
-    in the model dtype. Attention on CPU, where the math kernel may materialize them: fp32 scores of the largest
-    chunk (heads x c x (k + c)) and of the decodes (heads x B x longest context). LM head: fp32 logits
-    ``[B, vocab]``.
+    in the model dtype. Decode attention with a padding mask may run on the math kernel, which repeats grouped
+    K/V heads: 2 x decodes x longest context x q in the model dtype. On CPU, where the math kernel may
+    materialize them: fp32 scores of the largest chunk (heads x c x (k + c)) and of the decodes (heads x B x
+    longest context). LM head: fp32 logits ``[B, vocab]``.
     """
     dt = model.dtype_bytes
     per_token = 2 * model.hidden_size + model.q_size + 2 * model.kv_size
@@ -113,7 +114,8 @@ def activation_bytes(model, plans, device_type: str = "cpu") -> int:
             chunk = max((n * (n + k) for n, k in plan.prefill_chunks), default=0)
             scores = 4 * model.num_attention_heads * (chunk + d * longest)
         logits = 4 * len(plan) * model.vocab_size
-        peak = max(peak, sum(plan.num_new_tokens) * per_token * dt + scores + logits)
+        repeated_kv = 2 * d * longest * model.q_size * dt if model.num_kv_heads != model.num_attention_heads else 0
+        peak = max(peak, sum(plan.num_new_tokens) * per_token * dt + scores + logits + repeated_kv)
     return int(peak)
 
 
