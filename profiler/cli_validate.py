@@ -31,7 +31,7 @@ def _default_exec_device() -> str:
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timed runs of each iteration (the median is reported).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for torch (default: all cores).")
+              help="CPU threads for torch (default: those the --cost-model was profiled with, else 1).")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/validate", show_default=True,
               help="Folder for validation.csv, validation.png, validation_summary.json (resumes if present).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")

@@ -247,6 +247,19 @@ def latency_table(predicted: dict, measured: dict) -> str:
 
 
 # --- the run -------------------------------------------------------------------------------------------------
+def profiled_threads(cost_model_dir) -> int | None:
+    """CPU threads of the profile a fitted cost model was made from (``model.json`` -> ``meta.num_threads``, as
+    ``servesim fit`` writes it), or None when there is no such folder or field."""
+    if not cost_model_dir:
+        return None
+    path = Path(cost_model_dir) / "model.json"
+    try:
+        threads = json.loads(path.read_text()).get("meta", {}).get("num_threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(threads) if isinstance(threads, int) and threads > 0 else None
+
+
 @dataclass
 class ValidationReport:
     """What ``run_validation`` measured: the table, its error summary, the re-timed latencies (or None) and paths."""
@@ -288,13 +301,12 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
             ``config.device`` (the device *spec* the cost model and the KV-cache sizing of the simulation use).
         max_iterations: execute a stratified sample of this many iterations; None executes every iteration.
         warmup, repeats: untimed and timed runs per iteration (``profiler.executor.time_call``).
-        threads: CPU threads for torch; None means the number of CPU cores. Recorded in the meta file.
+        threads: CPU threads for torch; None means the thread count the cost model was profiled with
+            (``profiled_threads``), else 1 (the profiler's default). Recorded in the meta file.
         echo: called with progress lines (e.g. ``click.echo``); None prints nothing.
     Returns a ValidationReport. Raises ValidationError for tp/pp > 1 or a resume with other settings,
     ExecutorMemoryError when the model or the KV cache cannot fit the device, and the simulator's errors.
     """
-    import os
-
     import torch
 
     from cost_models.specs import load_model
@@ -306,7 +318,7 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
                               f"(use tp=1, pp=1)")
     say = echo or (lambda *_: None)
     out = Path(out_dir)
-    threads = int(threads or os.cpu_count() or 1)
+    threads = int(threads or profiled_threads(config.cost_model) or 1)
     settings = {"config": config.to_dict(), "exec_device": exec_device, "max_iterations": max_iterations,
                 "warmup": warmup, "repeats": repeats, "threads": threads, "torch": torch.__version__}
     done_rows = _check_resume(out, settings)
@@ -394,5 +406,5 @@ def median_error_line(summary: dict) -> str:
 
 __all__ = ["KINDS", "VALIDATION_COLUMNS", "ValidationError", "ValidationReport", "composition", "error_summary",
            "error_table", "kv_slots_needed", "last_iterations", "latency_summary", "latency_table",
-           "median_error_line", "plot_validation", "retime_requests", "run_validation", "stratified_sample",
-           "validation_row"]
+           "median_error_line", "plot_validation", "profiled_threads", "retime_requests", "run_validation",
+           "stratified_sample", "validation_row"]

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from profiler.validate import (VALIDATION_COLUMNS, error_summary, kv_slots_needed, retime_requests,
-                               stratified_sample)
 from cost_models.specs import load_device, load_model
+from profiler.validate import (VALIDATION_COLUMNS, error_summary, kv_slots_needed, profiled_threads,
+                               retime_requests, stratified_sample)
 from simulator.cli import main
 from simulator.kv_cache import activation_reserve_bytes, kv_bytes_per_block
 from simulator.plan import BatchPlan
@@ -116,6 +116,16 @@ def test_retiming_replays_preemptions():
     for r in result.requests:
         assert again[r.request_id].num_preemptions == r.num_preemptions
         assert np.allclose(again[r.request_id].token_times_s, r.token_times_s, rtol=0, atol=1e-9)
+
+
+def test_profiled_threads_read_from_the_fitted_model(tmp_path):
+    (tmp_path / "model.json").write_text(json.dumps({"meta": {"num_threads": 3, "device": "cpu"}}))
+    assert profiled_threads(tmp_path) == 3
+    (tmp_path / "model.json").write_text(json.dumps({"meta": {"num_threads": None, "device": "cuda"}}))
+    assert profiled_threads(tmp_path) is None
+    (tmp_path / "model.json").write_text("not json")
+    assert profiled_threads(tmp_path) is None
+    assert profiled_threads(tmp_path / "absent") is None and profiled_threads(None) is None
 
 
 # --- the command ---------------------------------------------------------------------------------------------

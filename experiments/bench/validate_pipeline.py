@@ -1,0 +1,65 @@
+"""Benchmark: profile -> fit -> validate of the tiny model on this CPU through the CLI (issue 4's CI goal: under
+three minutes, median absolute percentage error of iteration time under 15%).
+
+Prints the wall time of each step and of the pipeline, then the median and P95 absolute percentage error of the
+validated iterations, overall and per batch kind (prefill-only, decode-only, mixed). ``--roofline`` skips profile
+and fit and validates the roofline model instead (the CPU device spec's figures are order-of-magnitude only).
+
+    python experiments/bench/validate_pipeline.py [--out runs/bench_validate] [--num-requests 40] [--qps 8]
+        [--max-iterations 60] [--threads 2] [--roofline]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run(step: str, args: list) -> float:
+    """Run ``servesim <step> <args>``, echo its output, return its wall seconds; exit on failure."""
+    exe = shutil.which("servesim") or str(Path(sys.executable).with_name("servesim"))
+    start = time.perf_counter()
+    done = subprocess.run([exe, step, *map(str, args)], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    sys.stdout.write(done.stdout)
+    if done.returncode:
+        sys.exit(f"servesim {step} failed ({done.returncode}): {done.stderr.strip()}")
+    return wall
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench_validate", help="working folder (replaced)")
+    ap.add_argument("--num-requests", type=int, default=40)
+    ap.add_argument("--qps", type=float, default=8.0)
+    ap.add_argument("--max-iterations", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for validate (default: all cores)")
+    ap.add_argument("--roofline", action="store_true", help="validate the roofline model (no profile, no fit)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    walls = {}
+    validate = ["--model", "tiny", "--device", "cpu", "--exec-device", "cpu", "--num-requests", args.num_requests,
+                "--qps", args.qps, "--max-iterations", args.max_iterations, "--out", out / "validate"]
+    if args.threads:
+        validate += ["--threads", args.threads]
+    if not args.roofline:
+        walls["profile"] = run("profile", ["--model", "tiny", "--device", "cpu", "--quick", "--out", out / "profile"])
+        walls["fit"] = run("fit", [out / "profile", "--out", out / "model"])
+        validate += ["--cost-model", out / "model"]
+    walls["validate"] = run("validate", validate)
+    summary = json.loads((out / "validate" / "validation_summary.json").read_text())
+    print()
+    print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in walls.items())
+          + f"; pipeline {sum(walls.values()):.1f} s")
+    print(f"{'batch kind':<10} {'iterations':>10} {'median |err|':>13} {'P95 |err|':>10}")
+    for kind, s in summary["errors"].items():
+        print(f"{kind:<10} {s['iterations']:>10} {s['median_abs_error_pct']:>12.1f}% {s['p95_abs_error_pct']:>9.1f}%")
+
+
+if __name__ == "__main__":
+    main()
