@@ -147,3 +147,5 @@ if __name__ == "__main__":  # pragma: no cover
 
 from profiler.cli_validate import validate as _validate  # noqa: E402  (issue 4: servesim validate)
 main.add_command(_validate)
+
+import simulator.cli_experiments  # noqa: E402,F401  (issue 5: registers capacity, sweep, plot, regress on main)

@@ -1,0 +1,253 @@
+"""``servesim capacity``, ``sweep``, ``plot`` and ``regress``: the experiment commands, and the capacity baseline.
+
+Importing this module registers the commands on ``simulator.cli.main`` (``simulator.cli`` imports it at its end;
+registering here rather than there keeps either import order working). Nothing here imports torch.
+
+The capacity baseline (``experiments/baselines/capacity.json``) holds the capacities of a small fixed set of
+configurations (``entries``: a ``name``, a sweep ``point`` and its ``capacity_qps``), the capacity-search settings
+(``search``) and the relative ``tolerance``. ``servesim regress`` recomputes every entry and fails (exit 1) with
+a table of the ones that moved by more than the tolerance; ``servesim regress --update`` rewrites the numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+from simulator.cli import config_from_options, main, simulate_options, user_errors
+from simulator.slo import SLO_LEVELS, SLO_NAMES
+
+DEFAULT_BASELINE = Path(__file__).resolve().parent.parent / "experiments" / "baselines" / "capacity.json"
+
+
+def _fmt_s(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def trial_line(i: int, t) -> str:
+    """One line describing a capacity trial."""
+    status = "pass" if t.met else "FAIL"
+    if t.stopped_early:
+        detail = f"stopped early: {t.stop_reason}"
+    else:
+        detail = ", ".join(f"{k} {v:.3f}" if k.startswith("deadline_miss_rate") and v is not None
+                           else f"{k} {_fmt_s(v)}" for k, v in t.values.items())
+    return f"trial {i:2d}: {t.qps:8.4g} QPS  {status}  {detail}"
+
+
+@click.command("capacity")
+@simulate_options
+@click.option("--slo", "slo_name", type=click.Choice(SLO_NAMES), default="sarathi", show_default=True,
+              help="sarathi: P99 TBT and median scheduling delay <= 2 s; vidur: P99 scheduling delay <= 5 s; "
+                   "deadline: Etalon fluidity (P99 deadline-miss rate <= 10%).")
+@click.option("--slo-level", type=click.Choice(SLO_LEVELS), default="strict", show_default=True,
+              help="The paper's strict or relaxed TBT SLO for the model (sarathi).")
+@click.option("--tbt-slo", type=float, help="P99 TBT limit in seconds (sarathi), instead of the paper's.")
+@click.option("--decode-deadline", type=float, help="Decode deadline D_d in seconds (deadline SLO; 0.03).")
+@click.option("--ttft-slack", type=float, help="First-token slack over predicted prefill, seconds (deadline; 0.3).")
+@click.option("--rel-tol", type=float, default=0.025, show_default=True, help="Stop when hi/lo - 1 <= this.")
+@click.option("--max-trials", type=int, default=20, show_default=True, help="Most simulations in the search.")
+@click.option("--min-qps", type=float, help="Give up below this QPS (default: the first trial's / 64).")
+@click.option("--early-stop/--no-early-stop", default=True, show_default=True,
+              help="End a trial once its SLO failure is certain (exact).")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/capacity", show_default=True,
+              help="Folder for capacity.json and trials.csv.")
+@user_errors
+def capacity(slo_name, slo_level, tbt_slo, decode_deadline, ttft_slack, rel_tol, max_trials, min_qps, early_stop,
+             out, **flags):
+    """Find the highest QPS at which the configuration meets the SLO (--qps is the first trial's QPS)."""
+    from simulator.capacity import find_capacity
+    from simulator.slo import make_slo
+
+    config = config_from_options(**flags)
+    slo = make_slo(slo_name, model=config.model, level=slo_level, tbt_slo_s=tbt_slo,
+                   decode_deadline_s=decode_deadline, ttft_slack_s=ttft_slack)
+    c = config
+    click.echo(f"{c.model} on {c.device} (tp={c.tp}, pp={c.pp}), scheduler {c.scheduler}"
+               + (f" budget {c.token_budget}" if c.scheduler == "sarathi" else "")
+               + f", trace {c.trace}, seed {c.seed}; SLO {slo.name}: {slo.describe()}")
+    counter = iter(range(1, 10**6))
+    start = time.perf_counter()
+    result = find_capacity(config, slo, rel_tol=rel_tol, max_trials=max_trials, min_qps=min_qps,
+                           early_stop=early_stop, on_trial=lambda t: click.echo(trial_line(next(counter), t)))
+    wall = time.perf_counter() - start
+    path = result.write(out)
+    bracket = f" (fails at {result.hi_qps:.4g})" if result.hi_qps is not None else ""
+    click.echo(f"capacity: {result.capacity_qps:.4g} QPS{bracket}, {len(result.trials)} trials in {wall:.1f} s"
+               + (f"; note: {result.note}" if result.note else ""))
+    click.echo(f"wrote {path} and trials.csv")
+
+
+def _parse_assignments(items, *, lists: bool) -> dict:
+    """``KEY=V`` (or ``KEY=V1,V2`` when ``lists``) strings to a dict; values parsed as YAML scalars."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        values = [yaml.safe_load(v) for v in value.split(",")] if lists else yaml.safe_load(value)
+        out[key] = values
+    return out
+
+
+@click.command("sweep")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Sweep YAML (mode, base, grid, search); see simulator/sweep.py.")
+@click.option("--out", type=click.Path(file_okay=False), help="Results folder (default runs/sweep/<config name>).")
+@click.option("--grid", "grid_items", multiple=True, metavar="KEY=V1,V2", help="Add or replace a grid axis.")
+@click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE", help="Add or replace a base key.")
+@click.option("--mode", type=click.Choice(["capacity", "qps"]), help="Override the file's mode.")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--jobs", type=int, help="Local worker processes (default: all CPUs).")
+@click.option("--ray-address", help="Ray cluster address (default: start or join a local instance).")
+@click.option("--limit", type=int, help="Run at most N of the remaining points now (resume later).")
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Write the figures when complete.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@user_errors
+def sweep(config_path, out, grid_items, set_items, mode, backend, jobs, ray_address, limit, plot, progress):
+    """Run a grid of capacity searches or QPS points; results append to OUT/sweep.csv and resume."""
+    from simulator.sweep import load_sweep, run_sweep
+
+    spec = load_sweep(config_path, grid=_parse_assignments(grid_items, lists=True),
+                      base=_parse_assignments(set_items, lists=False), mode=mode)
+    out = Path(out or Path("runs") / "sweep" / Path(config_path).stem)
+    points = spec.points()
+    click.echo(f"sweep {config_path}: {len(points)} points ({spec.mode}), backend {backend}, results {out}/sweep.csv")
+    progress = sys.stderr.isatty() if progress is None else progress
+    table = run_sweep(spec, out, backend=backend, jobs=jobs, ray_address=ray_address, progress=progress,
+                      limit=limit)
+    if len(table) < len(points):
+        click.echo(f"{len(table)} of {len(points)} points done; rerun the same command to finish")
+        return
+    shown = [c for c in table.columns if c in ("scheduler", "token_budget", "trace", "slo_level", "qps",
+                                               "capacity_qps", "tbt_s_p99", "ttft_s_p50")]
+    click.echo(table[shown].to_string(index=False))
+    if plot:
+        from simulator.plots import plot_paths
+        paths = plot_paths([out / "sweep.csv"], out)
+        click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@click.command("plot")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default="runs/plots", show_default=True)
+@click.option("--window", nargs=2, type=float, metavar="START END",
+              help="Timeline window in simulated seconds (default: 5 s from the busiest iteration).")
+@user_errors
+def plot(paths, out, window):
+    """Figures (PNG and SVG) from sweep tables (capacity vs token budget, latency vs QPS) and simulate folders
+    (CDFs of TTFT/TBT/scheduling delay, batch-composition timeline)."""
+    from simulator.plots import plot_paths
+
+    written = plot_paths(paths, out, window_s=tuple(window) if window else None)
+    click.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+# --- capacity baseline ----------------------------------------------------------------------------------------
+
+def read_baseline(path: str | Path) -> dict:
+    """Read a capacity baseline; raise ValueError naming the file and the missing field."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: baseline not found") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    for key in ("tolerance", "search", "entries"):
+        if key not in data:
+            raise ValueError(f"{path}: missing field {key!r}")
+    for i, entry in enumerate(data["entries"]):
+        for key in ("name", "point"):
+            if key not in entry:
+                raise ValueError(f"{path}: entries[{i}]: missing field {key!r}")
+    return data
+
+
+def compute_capacities(entries, search: dict, jobs: int = 1) -> list[float]:
+    """Capacity (QPS) of each baseline entry's point, in order (``jobs`` processes; 1 runs here)."""
+    from simulator.sweep import run_point
+
+    if jobs == 1:
+        results = [run_point(e["point"], "capacity", search) for e in entries]
+    else:
+        from joblib import Parallel, delayed
+        results = Parallel(n_jobs=jobs)(delayed(run_point)(e["point"], "capacity", search) for e in entries)
+    return [row["capacity_qps"] for row, _ in results]
+
+
+def compare(entries, current: list[float], tolerance: float) -> tuple[list[str], list[str]]:
+    """``(table lines, names that moved more than tolerance)``; relative change vs the baseline capacity.
+
+    An entry without a baseline number, or whose capacity moved by more than ``tolerance`` (relative), fails.
+    """
+    width = max([len("configuration")] + [len(e["name"]) for e in entries])
+    lines = [f"{'configuration':<{width}}  {'baseline':>9} {'now':>9} {'change':>8}  status"]
+    failed = []
+    for entry, now in zip(entries, current):
+        base = entry.get("capacity_qps")
+        if base is None:
+            change, ok = float("nan"), False
+        elif base == 0:
+            change, ok = (0.0 if now == 0 else float("inf")), now == 0
+        else:
+            change = now / base - 1
+            ok = abs(change) <= tolerance
+        if not ok:
+            failed.append(entry["name"])
+        base_text = "-" if base is None else f"{base:.4g}"
+        lines.append(f"{entry['name']:<{width}}  {base_text:>9} {now:>9.4g} {change:>+8.1%}  "
+                     f"{'ok' if ok else 'MOVED'}")
+    return lines, failed
+
+
+@click.command("regress")
+@click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False), default=str(DEFAULT_BASELINE),
+              show_default=True, help="Capacity baseline JSON.")
+@click.option("--update", is_flag=True, help="Recompute and rewrite the baseline's capacities.")
+@click.option("--only", multiple=True, metavar="NAME", help="Check only these entries.")
+@click.option("--jobs", type=int, default=None, help="Worker processes (default: all CPUs).")
+@user_errors
+def regress(baseline_path, update, only, jobs):
+    """Recompute the baseline capacities; exit 1 with a diff if any moved by more than the tolerance."""
+    data = read_baseline(baseline_path)
+    entries = data["entries"]
+    if only:
+        unknown = sorted(set(only) - {e["name"] for e in entries})
+        if unknown:
+            raise ValueError(f"{baseline_path}: no entry named {unknown[0]!r}")
+        entries = [e for e in entries if e["name"] in only]
+    jobs = jobs or min(len(entries), os.cpu_count() or 1)
+    start = time.perf_counter()
+    current = compute_capacities(entries, data["search"], jobs)
+    wall = time.perf_counter() - start
+    if update:
+        by_name = dict(zip((e["name"] for e in entries), current))
+        for e in data["entries"]:
+            if e["name"] in by_name:
+                e["capacity_qps"] = by_name[e["name"]]
+        Path(baseline_path).write_text(json.dumps(data, indent=2) + "\n")
+        click.echo(f"updated {len(by_name)} capacities in {baseline_path} ({wall:.0f} s)")
+        return
+    lines, failed = compare(entries, current, data["tolerance"])
+    click.echo("\n".join(lines))
+    if failed:
+        click.echo(f"capacity regression: {len(failed)} of {len(entries)} configurations moved by more than "
+                   f"{data['tolerance']:.0%} ({', '.join(failed)}); if intended, run: servesim regress --update",
+                   err=True)
+        sys.exit(1)
+    click.echo(f"all {len(entries)} capacities within {data['tolerance']:.0%} of the baseline ({wall:.0f} s)")
+
+
+COMMANDS = (capacity, sweep, plot, regress)
+for _command in COMMANDS:
+    main.add_command(_command)
