@@ -316,6 +316,8 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
     if config.tp != 1 or config.pp != 1:
         raise ValidationError(f"validate executes one device: tp={config.tp}, pp={config.pp} is not supported "
                               f"(use tp=1, pp=1)")
+    if torch.device(exec_device).type == "cuda" and not torch.cuda.is_available():
+        raise ValidationError("exec device cuda: torch finds no CUDA device; use --exec-device cpu")
     say = echo or (lambda *_: None)
     out = Path(out_dir)
     threads = int(threads or profiled_threads(config.cost_model) or 1)

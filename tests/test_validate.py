@@ -194,6 +194,10 @@ def test_validate_sample_and_errors(tmp_path):
 
     code, text = run_cli("--model", "tiny", "--device", "cpu", "--tp", 2, "--out", tmp_path / "tp")
     assert code == 2 and "error: validate executes one device: tp=2, pp=1 is not supported" in text
+    import torch
+    if not torch.cuda.is_available():
+        code, text = run_cli("--model", "tiny", "--exec-device", "cuda", "--out", tmp_path / "cuda")
+        assert code == 2 and "error: exec device cuda: torch finds no CUDA device; use --exec-device cpu" in text
     huge = tmp_path / "huge.yaml"       # a device spec on which the simulation fits Falcon-180B, unlike this CPU
     huge.write_text("name: huge\nmemory_bytes: 2.0e12\npeak_flops: {float16: 1.0e15}\n"
                     "memory_bandwidth_bytes_per_s: 3.0e12\n")
