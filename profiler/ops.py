@@ -1,0 +1,317 @@
+"""The operators of one decoder layer in plain torch, on any device (CUDA or CPU), with random weights.
+
+Operator names are the cost models' (``cost_models/roofline.py``): ``input_layernorm``, ``attn_pre_proj`` (QKV),
+``attn_rope``, ``attn_kv_cache_save``, ``attn_prefill``, ``attn_decode``, ``attn_post_proj`` (O),
+``post_attention_layernorm``, ``mlp_up_proj`` (gate+up for SwiGLU), ``mlp_act``, ``mlp_down_proj``, ``add`` (one
+residual add; a layer has two), and once per iteration ``emb`` and ``lm_head``. Shapes follow vLLM's
+Llama/Mistral implementation; tensor parallelism is modelled by sharding on one device (``LayerShapes.of(model,
+tp)`` holds the per-GPU heads, FFN and vocabulary).
+
+Building blocks (usable by the profiler and by a plan executor):
+
+- ``Layer(shapes, device=, dtype=)``: random weights, a RoPE cos/sin table and a contiguous KV cache of
+  ``kv_slots`` sequences x ``max_kv_len`` tokens, layout ``[slot, kv_head, position, head_dim]`` (one K and one V
+  tensor per layer; a slot is one sequence's cache, like FlashAttention's ``flash_attn_with_kvcache``).
+- Functional kernels: ``rms_norm``, ``rotary_embedding`` (NeoX style, Su et al. 2021), ``kv_cache_save``,
+  ``attention_prefill`` and ``attention_decode`` (``torch.nn.functional.scaled_dot_product_attention``, grouped-query
+  heads via ``enable_gqa``), ``silu_and_mul`` (SwiGLU, Shazeer 2020), ``gelu``.
+- Attention metadata (``prefill_metadata``, ``decode_metadata``) is built once per iteration, as serving engines do,
+  and is not part of an operator's time.
+- ``operator_callable(layer, name, **shape)``: a no-argument closure over prepared random inputs that runs one
+  operator once, for ``profiler.timing.time_operator``.
+
+Attention semantics: a prefill chunk of ``c`` new tokens of a sequence with ``k`` tokens already cached attends to
+all ``k + c`` keys with a causal mask aligned to the bottom-right (token ``i`` of the chunk sees keys ``0..k+i``),
+after its keys were written to the cache. A decode batch is ``b`` sequences of one query token each with KV lengths
+``kv_lens`` (including the new token); the keys are read from the cache padded to ``max(kv_lens)`` with a padding
+mask (none when all lengths are equal), so this backend's cost follows ``b x max(kv_lens)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from profiler.schema import OPERATORS, LayerShapes
+
+ATTENTION_BACKEND = "torch_sdpa"
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+_HAS_GQA = _TORCH_VERSION >= (2, 5)
+
+
+class Layer:
+    """Random weights of one decoder layer on ``device`` at ``dtype``.
+
+    Projection weights are stored ``[in, out]`` and applied as ``x @ w``: the layout whose GEMMs run fastest on
+    CPUs (``F.linear`` with ``[out, in]`` weights took up to 3x longer for some shapes on x86 with MKL); cuBLAS
+    runs both layouts alike.
+
+    Args:
+        shapes: per-GPU shapes (``LayerShapes.of(model, tp)``).
+        device: a torch device or name ("cuda", "cpu").
+        dtype: "float16", "bfloat16", "float32" or a torch dtype.
+        kv_slots, max_kv_len: KV cache size (sequences x tokens); 0 allocates none (``ensure_kv_cache`` grows it).
+        max_positions: rows of the RoPE cos/sin table.
+        with_vocab: also allocate the embedding and LM head (``vocab_size x hidden`` each).
+        seed: seed of the random weights.
+    """
+
+    def __init__(self, shapes: LayerShapes, *, device="cpu", dtype="float16", kv_slots: int = 0,
+                 max_kv_len: int = 0, max_positions: int = 8192, with_vocab: bool = True, seed: int = 0):
+        self.shapes = shapes
+        self.device = torch.device(device)
+        self.dtype = TORCH_DTYPES[dtype] if isinstance(dtype, str) else dtype
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        h, s = shapes.hidden_size, shapes
+
+        def weight(*size, scale=None):
+            w = torch.randn(*size, generator=gen) * (scale if scale is not None else size[-1] ** -0.5)
+            return w.to(device=self.device, dtype=self.dtype)
+
+        self.w_qkv = weight(h, s.q_size + 2 * s.kv_size, scale=h ** -0.5)
+        self.w_o = weight(s.q_size, h, scale=s.q_size ** -0.5)
+        self.w_up = weight(h, s.mlp_in, scale=h ** -0.5)
+        self.w_down = weight(s.ffn_size, h, scale=s.ffn_size ** -0.5)
+        self.norm_weight = torch.ones(h, device=self.device, dtype=self.dtype)
+        self.norm_bias = torch.zeros(h, device=self.device, dtype=self.dtype) if s.norm == "layernorm" else None
+        self.emb = weight(s.vocab_size, h, scale=1.0) if with_vocab else None
+        self.w_lm_head = weight(h, s.vocab_size, scale=h ** -0.5) if with_vocab else None
+        self.cos_sin = rope_cache(max_positions, s.head_dim, device=self.device, dtype=self.dtype)
+        self.k_cache = self.v_cache = None
+        if kv_slots and max_kv_len:
+            self.ensure_kv_cache(kv_slots, max_kv_len)
+
+    def ensure_kv_cache(self, kv_slots: int, max_kv_len: int, seed: int = 1) -> None:
+        """Make the KV cache hold at least ``kv_slots`` sequences of ``max_kv_len`` tokens (random contents)."""
+        if self.k_cache is not None and self.k_cache.shape[0] >= kv_slots and self.k_cache.shape[2] >= max_kv_len:
+            return
+        if self.k_cache is not None:
+            kv_slots, max_kv_len = max(kv_slots, self.k_cache.shape[0]), max(max_kv_len, self.k_cache.shape[2])
+        self.k_cache = self.v_cache = None
+        size = (kv_slots, self.shapes.num_kv_heads, max_kv_len, self.shapes.head_dim)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.k_cache = torch.empty(size, device=self.device, dtype=self.dtype).normal_(generator=gen)
+        self.v_cache = torch.empty(size, device=self.device, dtype=self.dtype).normal_(generator=gen)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input/post-attention norm (RMSNorm or LayerNorm) of ``x`` [T, hidden]."""
+        if self.shapes.norm == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.norm_weight, self.norm_bias)
+        return rms_norm(x, self.norm_weight)
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of ``x`` [T, 2 x ffn] for gated MLPs, GELU of ``x`` [T, ffn] otherwise."""
+        return silu_and_mul(x) if self.shapes.gated else gelu(x)
+
+
+# --- kernels -----------------------------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich, NeurIPS 2019) of ``x`` [T, h], computed in float32 like Hugging Face Llama."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.to(x.dtype) * weight
+
+
+def rope_cache(max_positions: int, head_dim: int, *, base: float = 10000.0, device="cpu", dtype=torch.float32
+               ) -> torch.Tensor:
+    """``[max_positions, head_dim]`` table: cos of the rotation angles in the first half, sin in the second."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).to(device=device, dtype=dtype)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX-style rotary embedding (RoFormer, Su et al. 2021, eq. 34) of ``q`` [T, Hq x d] and ``k`` [T, Hkv x d]
+    at token ``positions`` [T]; returns new tensors of the same shapes."""
+    cos, sin = cos_sin.index_select(0, positions).chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = head_dim // 2
+
+    def rotate(x):
+        x = x.view(x.shape[0], -1, head_dim)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(1)
+
+    return rotate(q), rotate(k)
+
+
+def kv_cache_save(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slots: torch.Tensor, positions: torch.Tensor) -> None:
+    """Write keys/values ``k``, ``v`` [T, Hkv x d] into the caches at (``slots`` [T], ``positions`` [T])."""
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    k_cache[slots, :, positions] = k.view(-1, kv_heads, head_dim)
+    v_cache[slots, :, positions] = v.view(-1, kv_heads, head_dim)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation (Shazeer 2020): ``silu(gate) * up`` of ``x`` = [gate | up] [T, 2f] -> [T, f]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh approximation, Hendrycks & Gimpel 2016) of ``x`` [T, f]."""
+    return F.gelu(x, approximate="tanh")
+
+
+def _sdpa(q, k, v, *, attn_mask=None, is_causal=False):
+    if _HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
+@dataclass
+class PrefillMetadata:
+    """One prefill chunk: ``chunk_len`` new tokens of the sequence in cache ``slot`` after ``context_len`` cached
+    ones; ``mask`` is the bottom-right causal mask (None when ``context_len`` is 0: top-left causal suffices)."""
+
+    slot: int
+    context_len: int
+    chunk_len: int
+    mask: object = None
+
+
+def prefill_metadata(chunk_len: int, context_len: int, slot: int = 0, device="cpu") -> PrefillMetadata:
+    """Metadata of one prefill chunk (built once per iteration, shared by all layers)."""
+    if context_len == 0:
+        return PrefillMetadata(slot, 0, chunk_len, None)
+    total = context_len + chunk_len
+    try:
+        from torch.nn.attention.bias import causal_lower_right
+        mask = causal_lower_right(chunk_len, total)
+    except ImportError:  # torch < 2.3: an explicit boolean mask
+        mask = torch.ones(chunk_len, total, dtype=torch.bool, device=device).tril(diagonal=context_len)
+    return PrefillMetadata(slot, context_len, chunk_len, mask)
+
+
+def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PrefillMetadata
+                      ) -> torch.Tensor:
+    """Attention of one chunk's queries ``q`` [c, Hq x d] over its sequence's ``context_len + c`` cached keys
+    (already saved with ``kv_cache_save``); returns [c, Hq x d]."""
+    c, head_dim = meta.chunk_len, k_cache.shape[3]
+    total = meta.context_len + c
+    qh = q.view(c, -1, head_dim).transpose(0, 1).unsqueeze(0)
+    k = k_cache[meta.slot:meta.slot + 1, :, :total]
+    v = v_cache[meta.slot:meta.slot + 1, :, :total]
+    if meta.mask is None:
+        out = _sdpa(qh, k, v, is_causal=True)
+    else:
+        out = _sdpa(qh, k, v, attn_mask=meta.mask)
+    return out[0].transpose(0, 1).reshape(c, -1)
+
+
+@dataclass
+class DecodeMetadata:
+    """A decode batch: ``max_kv_len`` keys read per sequence, a padding ``mask`` [b, 1, 1, max] (None when all
+    lengths are equal) and the cache ``slots`` (None: slots ``0..b-1``, read as a view)."""
+
+    batch_size: int
+    max_kv_len: int
+    total_kv_len: int
+    mask: object = None
+    slots: object = None
+
+
+def decode_metadata(kv_lens, device="cpu", slots=None) -> DecodeMetadata:
+    """Metadata of a decode batch with per-sequence KV lengths ``kv_lens`` (tokens, including the new one)."""
+    kv_lens = [int(n) for n in kv_lens]
+    if not kv_lens or min(kv_lens) < 1:
+        raise ValueError(f"decode_metadata: KV lengths must be >= 1, got {kv_lens[:8]}")
+    longest = max(kv_lens)
+    mask = None
+    if min(kv_lens) != longest:
+        lens = torch.tensor(kv_lens, device=device)
+        mask = (torch.arange(longest, device=device) < lens[:, None]).view(len(kv_lens), 1, 1, longest)
+    if slots is not None:
+        slots = torch.as_tensor(slots, device=device)
+    return DecodeMetadata(len(kv_lens), longest, sum(kv_lens), mask, slots)
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata
+                     ) -> torch.Tensor:
+    """Attention of ``b`` single-token queries ``q`` [b, Hq x d] over their cached keys; returns [b, Hq x d]."""
+    b, head_dim, m = meta.batch_size, k_cache.shape[3], meta.max_kv_len
+    qh = q.view(b, -1, 1, head_dim)
+    if meta.slots is None:
+        k, v = k_cache[:b, :, :m], v_cache[:b, :, :m]
+    else:
+        k, v = k_cache[meta.slots, :, :m], v_cache[meta.slots, :, :m]
+    return _sdpa(qh, k, v, attn_mask=meta.mask).view(b, -1)
+
+
+# --- profiling closures ------------------------------------------------------------------------------------------
+
+def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_size: int = 0, context_len: int = 0,
+                      kv_lens=None, seed: int = 0):
+    """A no-argument function running operator ``name`` once on random inputs of the given shape.
+
+    Shapes: token operators and ``lm_head`` take ``num_tokens`` (rows; for ``lm_head`` the sequences sampled),
+    ``attn_prefill`` a ``chunk_size`` with ``context_len`` cached tokens, ``attn_decode`` a list ``kv_lens``.
+    Raises ValueError for an unknown operator name.
+    """
+    s, dev, dt = layer.shapes, layer.device, layer.dtype
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*size):
+        return torch.randn(*size, generator=gen).to(device=dev, dtype=dt)
+
+    T = num_tokens
+    if name in ("input_layernorm", "post_attention_layernorm"):
+        x = rand(T, s.hidden_size)
+        return lambda: layer.norm(x)
+    if name == "attn_pre_proj":
+        x = rand(T, s.hidden_size)
+        return lambda: x @ layer.w_qkv
+    if name == "attn_rope":
+        q, k = rand(T, s.q_size), rand(T, s.kv_size)
+        positions = torch.randint(0, layer.cos_sin.shape[0], (T,), generator=gen).to(dev)
+        return lambda: rotary_embedding(q, k, positions, layer.cos_sin, s.head_dim)
+    if name == "attn_kv_cache_save":
+        slots_needed = max(1, min(T, 16))
+        per_slot = -(-T // slots_needed)
+        layer.ensure_kv_cache(slots_needed, per_slot)
+        k, v = rand(T, s.kv_size), rand(T, s.kv_size)
+        idx = torch.arange(T)
+        slots, positions = (idx % slots_needed).to(dev), (idx // slots_needed).to(dev)
+        return lambda: kv_cache_save(k, v, layer.k_cache, layer.v_cache, slots, positions)
+    if name == "attn_post_proj":
+        x = rand(T, s.q_size)
+        return lambda: x @ layer.w_o
+    if name == "mlp_up_proj":
+        x = rand(T, s.hidden_size)
+        return lambda: x @ layer.w_up
+    if name == "mlp_act":
+        x = rand(T, s.mlp_in)
+        return lambda: layer.activation(x)
+    if name == "mlp_down_proj":
+        x = rand(T, s.ffn_size)
+        return lambda: x @ layer.w_down
+    if name == "add":
+        x, residual = rand(T, s.hidden_size), rand(T, s.hidden_size)
+        return lambda: x + residual
+    if name == "emb":
+        ids = torch.randint(0, s.vocab_size, (T,), generator=gen).to(dev)
+        return lambda: F.embedding(ids, layer.emb)
+    if name == "lm_head":
+        x = rand(T, s.hidden_size)
+        return lambda: x @ layer.w_lm_head
+    if name == "attn_prefill":
+        layer.ensure_kv_cache(1, context_len + chunk_size)
+        q = rand(chunk_size, s.q_size)
+        meta = prefill_metadata(chunk_size, context_len, 0, dev)
+        return lambda: attention_prefill(q, layer.k_cache, layer.v_cache, meta)
+    if name == "attn_decode":
+        kv_lens = list(kv_lens or [])
+        meta = decode_metadata(kv_lens, dev)
+        layer.ensure_kv_cache(meta.batch_size, meta.max_kv_len)
+        q = rand(meta.batch_size, s.q_size)
+        return lambda: attention_decode(q, layer.k_cache, layer.v_cache, meta)
+    raise ValueError(f"unknown operator {name!r}; known: {', '.join(OPERATORS)}")

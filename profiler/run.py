@@ -1,0 +1,216 @@
+"""A profile run: time every operator of one layer of a model over a shape grid into ``DIR/profile.csv`` + ``meta.json``.
+
+``run_profile(model, device="cpu", out_dir=...)`` writes ``meta.json`` first, then appends one CSV line per timed
+shape and flushes it, so an interrupted run loses at most the shape being timed. Run again with the same arguments
+and it resumes: rows already in the CSV (same operator and shape columns) are skipped, a torn last line is cut
+off, and nothing is duplicated. A folder holding a profile of another model, parallelism, dtype or device is
+refused (``ProfileError``) rather than mixed.
+
+Torch is imported inside the functions, so importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from profiler.grid import GridSpec, build_grid, decode_kv_lens, shape_bytes, shape_key
+from profiler.schema import (COLUMNS, META_JSON, PROFILE_CSV, TIME_COLUMNS, LayerShapes, ProfileError,
+                             model_columns)
+from profiler.timing import TimingConfig, time_operator
+
+# meta.json fields that must match for a run to resume into an existing folder.
+_IDENTITY = ("model_shape", "tp", "dtype", "device", "device_name", "attention_backend", "num_threads")
+
+
+def device_info(device_type: str) -> dict:
+    """``device`` ("cuda"/"cpu"), ``device_name``, ``driver`` (NVIDIA driver, CUDA only), CUDA/torch versions."""
+    import torch
+
+    info = {"device": device_type, "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "platform": platform.platform()}
+    if device_type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name()
+        info["cuda_version"] = torch.version.cuda
+        info["driver"] = _nvidia_driver()
+        info["device_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    else:
+        info["device_name"] = _cpu_name()
+        info["cpu_count"] = os.cpu_count()
+    return info
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _memory_budget(device_type: str) -> int:
+    """Bytes a single shape may use: 80% of free CUDA memory, or half the available host memory."""
+    import torch
+
+    if device_type == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * 0.8)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def _read_done(csv_path: Path) -> set:
+    """Keys of the complete rows of ``csv_path``; cuts a torn last line (a run killed mid-write) off the file."""
+    if not csv_path.exists():
+        return set()
+    data = csv_path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        csv_path.write_bytes(data)
+    done = set()
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames and list(reader.fieldnames) != list(COLUMNS):
+            raise ProfileError(f"{csv_path}: columns differ from this servesim's profile schema; use another --out")
+        for row in reader:
+            done.add(shape_key(row))
+    return done
+
+
+def _check_meta(out: Path, meta: dict) -> None:
+    path = out / META_JSON
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{path}: not valid JSON: {exc}") from None
+    for key in _IDENTITY:
+        if old.get(key) != meta.get(key):
+            raise ProfileError(f"{path}: this folder holds a profile with {key}={old.get(key)!r}, not "
+                               f"{meta.get(key)!r}; use another --out")
+
+
+def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = None, quick: bool = False,
+                out_dir: str | Path, num_threads: int | None = None, grid: GridSpec | None = None,
+                timing: TimingConfig | None = None, operators=None, max_context: int | None = None,
+                max_tokens: int | None = None, progress: bool = True) -> Path:
+    """Profile one layer of ``model`` (a ModelSpec) and return the CSV path.
+
+    Args:
+        device: "cuda" or "cpu". dtype: "float16", "bfloat16" or "float32" (default: the model's).
+        tp: tensor-parallel degree, profiled by sharding heads, FFN and vocabulary on this one device.
+        quick: the small grid and shorter timing (CPU/CI). grid/timing: override both.
+        num_threads: CPU threads (default 1: steadier timings on shared machines); recorded on every row.
+        operators: subset of operator names (default all). max_context/max_tokens: grid bounds (default: the
+            model's context length, at most 2048 with ``quick`` and 8192 otherwise).
+    Raises ProfileError for an unavailable device, a folder holding another profile, or a shape that runs out
+    of memory (the grid runs largest first, so that happens early).
+    """
+    import torch
+
+    from profiler.ops import ATTENTION_BACKEND, TORCH_DTYPES, Layer, operator_callable
+
+    if device not in ("cuda", "cpu"):
+        raise ProfileError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ProfileError("device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    dtype = dtype or model.dtype
+    if dtype not in TORCH_DTYPES:
+        raise ProfileError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+    shapes = LayerShapes.of(model, tp)
+    threads = num_threads or 1
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    cap = 2048 if quick else 8192
+    context = min(max_context or min(model.max_model_len, cap), model.max_model_len)
+    grid = grid or (GridSpec.quick(context, max_tokens) if quick else GridSpec.full(context, max_tokens))
+    timing = timing or (TimingConfig.quick() if quick else TimingConfig())
+    dtype_bytes = torch.tensor([], dtype=TORCH_DTYPES[dtype]).element_size()
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = device_info(device)
+    meta = {"model": model.name, "model_shape": model_columns(model, tp), "model_spec": model.to_dict(), "tp": tp,
+            "dtype": dtype, **info, "attention_backend": ATTENTION_BACKEND,
+            "num_threads": threads if device == "cpu" else None, "quick": quick, "grid": grid.to_dict(),
+            "timing": timing.__dict__, "columns": list(COLUMNS), "time_unit": "s", "complete": False}
+    _check_meta(out, meta)
+    csv_path = out / PROFILE_CSV
+    done = _read_done(csv_path)
+    (out / META_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+
+    budget = _memory_budget(device)
+    rows = build_grid(grid, shapes, dtype_bytes, device_type=device, memory_budget_bytes=budget, operators=operators)
+    todo = [r for r in rows if shape_key(r) not in done]
+    constant = {"device": device, "device_name": info["device_name"], "torch_version": torch.__version__,
+                "dtype": dtype, "attention_backend": ATTENTION_BACKEND,
+                "num_threads": threads if device == "cpu" else 0, **model_columns(model, tp)}
+    max_slots = max([r["batch_size"] for r in rows if r["operator"] == "attn_decode"] + [16])
+    max_kv = max([r["kv_len"] for r in rows if r["operator"].startswith("attn_")] + [1])
+    layer = None
+    if todo:
+        layer = Layer(shapes, device=device, dtype=dtype, max_positions=max(max_kv, grid.max_tokens) + 1,
+                      with_vocab=any(r["operator"] in ("emb", "lm_head") for r in todo))
+        layer.ensure_kv_cache(max_slots, max_kv)
+
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), unit="shape", desc=f"profile {model.name} {device}", leave=False)
+    new_file = not csv_path.exists() or csv_path.stat().st_size == 0
+    with csv_path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        if new_file:
+            writer.writeheader()
+            f.flush()
+        for row in todo:
+            stats = _time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes)
+            writer.writerow({**row, **stats.to_dict(), **constant})
+            f.flush()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    meta.update(complete=True, num_rows=len(done) + len(todo))
+    (out / META_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return csv_path
+
+
+def _time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes):
+    import torch
+
+    kv_lens = None
+    if row["operator"] == "attn_decode":
+        kv_lens = decode_kv_lens(row["batch_size"], row["kv_len"], row["kv_pattern"])
+    try:
+        with torch.inference_mode():
+            fn = operator_callable(layer, row["operator"], num_tokens=row["num_tokens"],
+                                   chunk_size=row["chunk_size"], context_len=row["context_len"], kv_lens=kv_lens)
+            return time_operator(fn, device, timing, num_threads=threads)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        need = shape_bytes(row, shapes, dtype_bytes, device)
+        shape = ", ".join(f"{k}={row[k]}" for k in ("num_tokens", "context_len", "batch_size", "kv_len") if row[k])
+        raise ProfileError(f"{row['operator']} at {shape}: out of memory on {device} (estimated "
+                           f"{need / 2**30:.2f} GiB); lower --max-tokens or --max-context") from None
+
+
+__all__ = ["run_profile", "device_info", "TIME_COLUMNS"]

@@ -1,0 +1,136 @@
+"""Timing one operator: warm-up, then repeated runs; CUDA events on a GPU, ``torch.utils.benchmark`` on a CPU.
+
+``time_operator(fn, device)`` returns a ``TimingStats`` in **seconds** (min, median, mean, std over the measured
+samples and the number of calls timed). ``fn`` takes no arguments and runs the operator once on tensors it already
+holds (see ``profiler.ops.operator_callable``).
+
+- CUDA: each sample is one call bracketed by two ``torch.cuda.Event(enable_timing=True)`` records on the current
+  stream; the device is synchronized after the warm-up and after the last sample, and the event pairs are read
+  afterwards (``Event.elapsed_time`` is in milliseconds). This is how Vidur (``CudaTimer``) and the PyTorch
+  "CUDA semantics" notes time kernels without host-side launch gaps.
+- CPU: ``torch.utils.benchmark.Timer.timeit(number)`` with an explicit thread count; each sample is the mean of
+  ``number`` back-to-back calls, ``number`` chosen so a sample lasts about ``sample_s``. With one thread the clock
+  is the thread's CPU time (``time.thread_time``), which does not advance while the OS runs other processes, so
+  timings on a shared, loaded machine stay close to those on an idle one; with more threads it is wall time
+  (``time.perf_counter``), since worker threads' CPU time would be summed. CPU timings remain noisy, so callers
+  should fit to the median (``time_median_s``).
+
+Samples are collected until both ``min_samples`` samples and ``min_run_time_s`` seconds of measurement are
+reached, but never more than ``max_samples`` samples.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Statistics of the measured samples, in seconds; ``num_runs`` counts the operator calls timed."""
+
+    time_min_s: float
+    time_median_s: float
+    time_mean_s: float
+    time_std_s: float
+    num_runs: int
+
+    @classmethod
+    def from_samples(cls, samples_s: list[float], calls_per_sample: int = 1) -> "TimingStats":
+        """Stats of per-call times ``samples_s`` (seconds), each the mean of ``calls_per_sample`` calls."""
+        if not samples_s:
+            raise ValueError("TimingStats: no samples")
+        std = statistics.pstdev(samples_s) if len(samples_s) > 1 else 0.0
+        return cls(min(samples_s), statistics.median(samples_s), statistics.fmean(samples_s), std,
+                   len(samples_s) * calls_per_sample)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How long to measure one shape. Times in seconds.
+
+    ``warmup``: untimed calls first (kernel selection, caches, lazy allocation).
+    ``min_samples``/``max_samples``: fewest/most samples; ``min_run_time_s``: least measured time;
+    ``sample_s``: target length of one CPU sample (``number`` calls averaged).
+    """
+
+    warmup: int = 2
+    min_samples: int = 9
+    max_samples: int = 200
+    min_run_time_s: float = 0.03
+    sample_s: float = 1e-3
+
+    @classmethod
+    def quick(cls) -> "TimingConfig":
+        """Shorter measurements for ``--quick`` CPU runs (still medians of >= 7 samples)."""
+        return cls(warmup=1, min_samples=7, max_samples=100, min_run_time_s=0.01, sample_s=1e-3)
+
+
+def time_operator(fn, device_type: str, config: TimingConfig | None = None, *, num_threads: int | None = None
+                  ) -> TimingStats:
+    """Time ``fn()`` on ``device_type`` ("cuda" or "cpu"); see the module docstring. Raises ValueError otherwise."""
+    config = config or TimingConfig()
+    if device_type == "cuda":
+        return time_cuda(fn, config)
+    if device_type == "cpu":
+        return time_cpu(fn, config, num_threads=num_threads)
+    raise ValueError(f"time_operator: device must be 'cuda' or 'cpu', got {device_type!r}")
+
+
+def time_cuda(fn, config: TimingConfig) -> TimingStats:
+    """CUDA-event timing of ``fn`` on the current stream (one call per sample)."""
+    import torch
+
+    for _ in range(max(1, config.warmup)):
+        fn()
+    torch.cuda.synchronize()
+    # One probe call sets how many samples fit in the time limits.
+    probe_start, probe_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    probe_start.record()
+    fn()
+    probe_end.record()
+    torch.cuda.synchronize()
+    probe_s = max(probe_start.elapsed_time(probe_end) / 1e3, 1e-7)
+    n = min(config.max_samples, max(config.min_samples, math.ceil(config.min_run_time_s / probe_s)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return TimingStats.from_samples([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)])
+
+
+def cpu_clock(num_threads: int):
+    """The clock CPU timing uses: the thread's CPU time with one thread, wall time otherwise."""
+    return time.thread_time if num_threads == 1 else time.perf_counter
+
+
+def time_cpu(fn, config: TimingConfig, *, num_threads: int | None = None) -> TimingStats:
+    """``torch.utils.benchmark`` timing of ``fn`` on the CPU with ``num_threads`` threads (default: torch's)."""
+    import torch
+    from torch.utils import benchmark
+
+    threads = num_threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    for _ in range(config.warmup):
+        fn()
+    clock = cpu_clock(threads)
+    t0 = clock()
+    fn()
+    probe_s = max(clock() - t0, 1e-7)
+    number = max(1, math.ceil(config.sample_s / probe_s))
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, timer=cpu_clock(threads))
+    samples: list[float] = []
+    began = time.perf_counter()
+    while True:
+        samples.append(timer.timeit(number).mean)
+        enough = len(samples) >= config.min_samples and time.perf_counter() - began >= config.min_run_time_s
+        if enough or len(samples) >= config.max_samples:
+            break
+    return TimingStats.from_samples(samples, calls_per_sample=number)
