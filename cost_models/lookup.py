@@ -1,0 +1,137 @@
+"""Monotone lookup tables of an operator's time over its shape, so that pricing one iteration costs microseconds.
+
+A fitted regressor (``cost_models.fitted``) is evaluated once, at fit time, on a grid of shapes; the simulator then
+only reads the grid:
+
+- ``IntTable``: exact values at integer sizes ``1..n`` (token counts, sequences).
+- ``LogGrid``: values on a product of per-axis point lists (1 to 3 axes, e.g. (chunk, context) or
+  (batch, total KV, batch x longest KV)); a query is interpolated multilinearly in ``log1p`` of each coordinate on
+  ``log`` of the time, i.e. piecewise power laws between grid points.
+
+Both are made monotone non-decreasing along every axis (a running maximum, axis after axis: the smallest
+monotone table above the fitted values), because physics says a larger shape never takes less time: a kernel
+given more tokens, sequences or context could always have padded the smaller one. Multilinear interpolation of
+a monotone grid is monotone.
+
+Beyond the grid's upper end a coordinate is clamped, and the value is ``max(table(clamped), s x proxy(x))``:
+``proxy`` is the operator's non-negative linear work model (``cost_models.fitted``) and ``s`` the smallest
+ratio ``table/proxy`` on the grid's upper faces, so the extension is continuous at the boundary, monotone, and
+grows like the work. Coordinates below the first point are clamped to it.
+"""
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+
+import numpy as np
+
+
+def monotone(values: np.ndarray) -> np.ndarray:
+    """Running maximum along every axis in turn (the least array >= ``values`` non-decreasing along all axes)."""
+    out = np.asarray(values, dtype=float)
+    for axis in range(out.ndim):
+        out = np.maximum.accumulate(out, axis=axis)
+    return out
+
+
+def geometric_points(lo: float, hi: float, ratio: float, dense_upto: int = 8) -> list[float]:
+    """``lo..dense_upto`` integers, then points growing by ``ratio`` to ``hi`` (included), for a grid axis."""
+    pts = [float(v) for v in range(int(lo), min(int(dense_upto), int(hi)) + 1)]
+    if not pts:
+        pts = [float(lo)]
+    v = pts[-1]
+    while v < hi:
+        v = min(float(hi), max(v + 1.0, math.floor(v * ratio)))
+        pts.append(v)
+    return pts
+
+
+class IntTable:
+    """Seconds at integer sizes ``1..len(values)``; ``proxy(x)`` extends it beyond the end (see module docstring).
+
+    Args:
+        values: times at sizes 1..n (seconds), made monotone here.
+        proxy: callable size -> work estimate (> 0, non-decreasing), or None to stay constant past the end.
+    """
+
+    def __init__(self, values, proxy=None):
+        self.values = monotone(np.asarray(values, dtype=float)).tolist()
+        self.n = len(self.values)
+        self.proxy = proxy
+        self.scale = self.values[-1] / proxy(self.n) if proxy is not None else 0.0
+
+    def __call__(self, x: int) -> float:
+        if x <= self.n:
+            return self.values[max(int(x), 1) - 1]
+        last = self.values[-1]
+        return max(last, self.scale * self.proxy(x)) if self.proxy is not None else last
+
+    def __getstate__(self):
+        return {"values": self.values, "n": self.n, "scale": self.scale, "proxy": self.proxy}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+class LogGrid:
+    """Seconds on the grid ``axes[0] x axes[1] x ...`` (points ascending, >= 0), interpolated multilinearly in
+    ``log1p`` coordinates on ``log`` time; extended past the upper ends with ``proxy`` (see module docstring).
+
+    Args:
+        axes: one ascending list of points per coordinate (1 to 3 coordinates).
+        values: array of shape ``[len(a) for a in axes]`` (seconds > 0), made monotone here.
+        proxy: callable ``proxy(*x)`` -> work estimate (> 0, non-decreasing in each coordinate; it must accept
+            numpy arrays too), or None.
+    """
+
+    def __init__(self, axes, values, proxy=None):
+        self.axes = [[float(p) for p in a] for a in axes]
+        vals = monotone(np.maximum(np.asarray(values, dtype=float), 1e-12))
+        if vals.shape != tuple(len(a) for a in self.axes):
+            raise ValueError(f"LogGrid: values of shape {vals.shape} do not match axes {[len(a) for a in axes]}")
+        self.logx = [[math.log1p(p) for p in a] for a in self.axes]
+        self.logv = np.log(vals).ravel().tolist()
+        self.strides = [int(s // vals.itemsize) for s in np.log(vals).strides]
+        self.proxy = proxy
+        self.scale = self._face_scale(vals) if proxy is not None else 0.0
+
+    def _face_scale(self, vals: np.ndarray) -> float:
+        """min of value/proxy over the grid points on an upper face (where any coordinate is at its last point)."""
+        mesh = np.meshgrid(*[np.asarray(a) for a in self.axes], indexing="ij")
+        on_face = np.zeros(vals.shape, dtype=bool)
+        for d, a in enumerate(self.axes):
+            on_face |= np.indices(vals.shape)[d] == len(a) - 1
+        ratio = vals[on_face] / np.asarray(self.proxy(*[m[on_face] for m in mesh]), dtype=float)
+        return float(ratio.min())
+
+    def _interp(self, xs) -> float:
+        base = 0
+        corners = [(0, 1.0)]
+        for d, x in enumerate(xs):
+            axis, lx = self.axes[d], self.logx[d]
+            n = len(axis)
+            if n == 1 or x <= axis[0]:
+                i, w = 0, 0.0
+            elif x >= axis[-1]:
+                i, w = n - 2, 1.0
+            else:
+                i = bisect_right(axis, x) - 1
+                w = (math.log1p(x) - lx[i]) / (lx[i + 1] - lx[i])
+            stride = self.strides[d]
+            base += i * stride
+            if n > 1 and w > 0.0:
+                corners = [(o, cw * (1.0 - w)) for o, cw in corners] + [(o + stride, cw * w) for o, cw in corners]
+        logv = self.logv
+        return math.exp(sum(cw * logv[base + o] for o, cw in corners if cw))
+
+    def __call__(self, *x) -> float:
+        value = self._interp(x)
+        if self.proxy is not None and any(xi > a[-1] for xi, a in zip(x, self.axes)):
+            value = max(value, self.scale * self.proxy(*x))
+        return value
+
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
