@@ -149,3 +149,8 @@ from profiler.cli_validate import validate as _validate  # noqa: E402  (issue 4:
 main.add_command(_validate)
 
 import simulator.cli_experiments  # noqa: E402,F401  (issue 5: registers capacity, sweep, plot, regress on main)
+
+from profiler.cli import fit as _fit_command, profile as _profile_command  # noqa: E402  (profiler, issue 3)
+
+main.add_command(_profile_command)
+main.add_command(_fit_command)

@@ -1,0 +1,175 @@
+"""``servesim profile`` and ``servesim fit`` (registered in ``simulator/cli.py``).
+
+    servesim profile --model tiny --device cpu --quick --out runs/profile-tiny
+    servesim fit runs/profile-tiny --out runs/model-tiny
+    servesim simulate --model tiny --device cpu --cost-model runs/model-tiny --max-model-len 8192
+
+    servesim fit --from-vidur ../shared/data/profiles/vidur --model Llama-3-8B --device A100 --out runs/model-l3
+    servesim simulate --model Llama-3-8B --device A100 --cost-model runs/model-l3
+
+No torch at import time: ``profile`` imports it inside the command, ``fit`` never needs it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+
+def user_errors(func):
+    """``simulator.cli.user_errors`` (bad input -> one-line ``error: ...``, exit 2), looked up when the command
+    runs, so that importing this module first does not import ``simulator.cli`` mid-way (it imports us)."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from simulator.cli import user_errors as wrap
+        return wrap(func)(*args, **kwargs)
+    return wrapper
+
+
+@click.command("profile")
+@click.option("--model", required=True, help="Model name (e.g. tiny, Mistral-7B), YAML spec or HF config.json.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="Where to run the kernels.")
+@click.option("--tp", type=int, default=1, show_default=True,
+              help="Tensor-parallel degree (weights sharded on this one device).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="Data type (default: the model spec's).")
+@click.option("--quick", is_flag=True, help="Small grid and short timing (CPU, CI).")
+@click.option("--threads", type=int, help="CPU threads (default 1: steadier timings on shared machines).")
+@click.option("--max-tokens", type=int, help="Largest token count of the linear operators.")
+@click.option("--max-context", type=int,
+              help="Largest context of the attention shapes (default: the model's, at most 2048 quick / 8192).")
+@click.option("--operators", help="Comma-separated subset of operators (default: all).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for profile.csv and meta.json (an interrupted run resumes there).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@user_errors
+def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, operators, out, progress):
+    """Time one decoder layer's operators over a shape grid into OUT/profile.csv + meta.json."""
+    from cost_models.specs import load_model
+    from profiler.schema import ProfileError
+
+    try:
+        from profiler.run import run_profile
+        import torch  # noqa: F401
+    except ImportError:
+        raise ProfileError("profiling needs torch: pip install -e '.[profile]'") from None
+    spec = load_model(model)
+    ops = [o.strip() for o in operators.split(",")] if operators else None
+    if ops:
+        from profiler.schema import OPERATORS
+        unknown = [o for o in ops if o not in OPERATORS]
+        if unknown:
+            raise ProfileError(f"--operators: unknown {', '.join(unknown)}; known: {', '.join(OPERATORS)}")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    start = time.perf_counter()
+    path = run_profile(spec, device=device, tp=tp, dtype=dtype, quick=quick, out_dir=out, num_threads=threads,
+                       operators=ops, max_context=max_context, max_tokens=max_tokens, progress=progress)
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    click.echo(f"profiled {spec.name} (tp={tp}, {meta['dtype']}) on {meta['device_name']}: {meta['num_rows']} rows "
+               f"in {time.perf_counter() - start:.1f} s")
+    click.echo(f"wrote {path} and {Path(out) / 'meta.json'}")
+
+
+@click.command("fit")
+@click.argument("profile_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--from-vidur", "vidur_dir", type=click.Path(file_okay=False),
+              help="Import Vidur-format tables (mlp.csv, attention.csv, ...) found under this folder.")
+@click.option("--model", help="Model of the Vidur tables (default: the profile's model).")
+@click.option("--tp", type=int, help="Tensor-parallel degree of the Vidur rows (default 1).")
+@click.option("--device", help="Device spec the tables were measured on (default: the profile's; "
+                                "A100-80GB-SXM for Vidur tables, cpu for CPU profiles).")
+@click.option("--cpu-overhead-ms", type=float,
+              help="Per-iteration CPU overhead (default: Vidur's cpu_overheads.csv, 0 for CPU profiles, else the "
+                   "roofline's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split and the trees.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fitted model.")
+@click.option("--force", is_flag=True, help="Refit even if OUT holds a model of the same profile.")
+@user_errors
+def fit(profile_dir, vidur_dir, model, tp, device, cpu_overhead_ms, seed, out, force):
+    """Fit per-operator cost models to PROFILE_DIR (servesim profile) and/or Vidur tables; print held-out error."""
+    import pandas as pd
+
+    from cost_models.fitted import (FIT_VERSION, FitError, TableBounds, fit_profile, format_report,
+                                    load_cost_model, profile_hash, read_fitted, save_fitted)
+    from cost_models.specs import ModelSpec, load_device, load_model
+    from profiler.schema import read_meta, read_profile
+
+    if not profile_dir and not vidur_dir:
+        raise FitError("give a profile folder (servesim profile --out DIR) or --from-vidur DIR")
+    frames, meta, spec = [], {}, None
+    if profile_dir:
+        frames.append(read_profile(profile_dir))
+        meta = read_meta(profile_dir)
+        meta.setdefault("source", "servesim profile")
+        if not meta.get("model_shape") or not meta.get("model_spec"):
+            raise FitError(f"{profile_dir}: meta.json lacks model_shape/model_spec; re-run servesim profile")
+        spec = ModelSpec(**{k: v for k, v in meta["model_spec"].items() if k in ModelSpec.__dataclass_fields__})
+        if model and load_model(model).name != spec.name:
+            raise FitError(f"--model {model}: {profile_dir} profiles {spec.name}")
+    if vidur_dir:
+        from cost_models.vidur import read_vidur_profile
+        spec = load_model(model) if model else spec
+        if spec is None:
+            raise FitError("--from-vidur needs --model (the model whose shapes to import)")
+        vidur_tp = tp or int(meta.get("tp", 1))
+        vdf, vmeta = read_vidur_profile(vidur_dir, spec, tp=vidur_tp, device=device or "A100-80GB-SXM")
+        if frames:
+            own = set(frames[0]["operator"])
+            dropped = sorted(set(vdf["operator"]) & own)
+            vdf = vdf[~vdf["operator"].isin(own)]
+            vmeta["notes"].append(f"operators from {profile_dir} replace Vidur's: {', '.join(dropped) or 'none'}")
+            meta = {**vmeta, **meta, "notes": vmeta["notes"], "vidur_files": vmeta["vidur_files"]}
+        else:
+            meta = vmeta
+        frames.append(vdf)
+    df = pd.concat(frames, ignore_index=True)
+    meta["device_spec"] = load_device(device).name if device else meta.get("device_spec") or \
+        _guess_device_spec(meta.get("device"), meta.get("device_name", ""))
+    cpu_overhead_s = cpu_overhead_ms / 1e3 if cpu_overhead_ms is not None else (
+        0.0 if meta.get("device") == "cpu" else None)
+
+    bounds = TableBounds()
+    settings = {"seed": seed, "version": FIT_VERSION, "bounds": bounds.__dict__, "cpu_overhead_s": cpu_overhead_s}
+    key = profile_hash(df, settings)
+    fitted = None
+    if not force and (Path(out) / "model.json").is_file():
+        try:
+            previous = read_fitted(out)
+            if previous.profile_hash == key:
+                fitted = previous
+                click.echo(f"{out} already holds the model of this profile (hash {key[:12]}); --force refits")
+        except FitError:
+            pass
+    start = time.perf_counter()
+    if fitted is None:
+        fitted = fit_profile(df, meta, seed=seed, cpu_overhead_s=cpu_overhead_s, bounds=bounds)
+        path = save_fitted(fitted, out)
+        click.echo(f"fitted {len(fitted.tables)} operators of {meta.get('model')} ({len(df)} rows) in "
+                   f"{time.perf_counter() - start:.1f} s; held-out error per operator:")
+    else:
+        path = Path(out) / json.loads((Path(out) / "model.json").read_text())["file"]
+    click.echo(format_report(fitted))
+    for note in list(meta.get("notes", [])) + fitted.notes:
+        click.echo(f"note: {note}")
+    cm = load_cost_model(out, model=spec, device=meta["device_spec"] or "A100-80GB-SXM", tp=int(meta.get("tp", 1)))
+    if cm.fallbacks:
+        click.echo(f"priced by the roofline (not in the profile): {', '.join(cm.fallbacks)}")
+    click.echo(f"wrote {path} and {Path(out) / 'model.json'}")
+
+
+def _guess_device_spec(device: str | None, device_name: str) -> str | None:
+    """The built-in device spec a profiled device most likely is (None when unknown; pass --device then)."""
+    if device == "cpu":
+        return "cpu"
+    name = device_name.upper()
+    for marker, spec in (("A100", "A100-80GB-PCIe" if "PCIE" in name else "A100-80GB-SXM"), ("H100", "H100-SXM"),
+                         ("H200", "H200"), ("A40", "A40")):
+        if marker in name:
+            return spec
+    return None
