@@ -16,6 +16,7 @@ same input gives the same files.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,20 @@ def _label(row, keys) -> str:
     return ", ".join(parts) or "all"
 
 
+def _independent(table: pd.DataFrame, keys) -> list[str]:
+    """``keys`` without those fixed by earlier ones (e.g. ``max_model_len`` when it follows ``trace``)."""
+    kept = []
+    for k in keys:
+        if not kept or (table.groupby(kept, dropna=False)[k].nunique(dropna=False) > 1).any():
+            kept.append(k)
+    return kept
+
+
+def _grid(n: int) -> tuple[int, int]:
+    ncols = n if n <= 3 else math.ceil(math.sqrt(n))
+    return ncols, -(-n // ncols)
+
+
 def _facets(table: pd.DataFrame, keys):
     if not keys:
         return [("", table)]
@@ -85,9 +100,9 @@ def capacity_figure(table: pd.DataFrame):
     if "capacity_qps" not in table or table.empty:
         raise PlotError("capacity plot: the table has no capacity_qps column (is it a capacity-mode sweep?)")
     points = _point_columns(table, CAPACITY_RESULTS)
-    facet_keys = [c for c in _varying(table, points) if c not in ("scheduler", "token_budget")]
+    facet_keys = _independent(table, [c for c in _varying(table, points) if c not in ("scheduler", "token_budget")])
     facets = _facets(table, facet_keys)
-    fig, axes = _figure(min(len(facets), 3), -(-len(facets) // 3))
+    fig, axes = _figure(*_grid(len(facets)))
     budgets = sorted(table["token_budget"].dropna().unique()) if "token_budget" in table else []
     colors = {}
     for ax, (title, group) in zip(axes.flat, facets):
@@ -120,7 +135,7 @@ def latency_figure(table: pd.DataFrame):
     if "qps" not in table or "tbt_s_p99" not in table or table.empty:
         raise PlotError("latency plot: needs a qps-mode sweep table with qps and tbt_s_p99 columns")
     points = [c for c in _point_columns(table, QPS_RESULTS) if c != "qps"]
-    series_keys = _varying(table, points)
+    series_keys = _independent(table, _varying(table, points))
     fig, axes = _figure(2)
     for i, (label, rows) in enumerate(_facets(table, series_keys)):
         rows = rows.sort_values("qps")
