@@ -291,6 +291,25 @@ def _check_resume(out: Path, settings: dict) -> pd.DataFrame | None:
     return table
 
 
+def _replay(executor, plans, todo, *, consecutive: bool, fill: bool, warmup: int, repeats: int):
+    """Yield ``(index, Timing)`` for each of ``plans[todo]`` (ascending), keeping the executor's KV state:
+    ``consecutive`` frees each request after its last plan; otherwise all requests not in the next plan are
+    freed first. ``fill`` lets the executor set context lengths it does not hold (see ``Executor.prepare``)."""
+    last = last_iterations(plans)
+    for i in todo:
+        plan = plans[i]
+        if not consecutive:
+            keep = set(plan.request_ids)
+            for rid in [r for r in executor.kv.lengths if r not in keep]:
+                executor.free(rid)
+        timing = executor.measure(plan, fill=fill, warmup=warmup, repeats=repeats)
+        if consecutive:
+            for rid in plan.request_ids:
+                if last[rid] == i:
+                    executor.free(rid)
+        yield i, timing
+
+
 def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max_iterations: int | None = None,
                    warmup: int = 2, repeats: int = 5, threads: int | None = None, progress: bool = False,
                    echo=None) -> ValidationReport:
@@ -346,36 +365,22 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
     say(f"executing {len(indices)} of {len(plans)} iterations "
         f"({', '.join(f'{kinds[k]} {k}' for k in KINDS if k in kinds)}"
         f"{'' if every else ', stratified sample'}) of {model.name} on {exec_device} "
-        f"(torch {torch.__version__}, {threads} threads, {warmup} warm-up + {repeats} timed runs each)"
+        f"(torch {torch.__version__}, {threads} threads, {warmup} warm-up + {repeats} timed runs each; KV cache "
+        f"{slots} requests x {capacity} tokens, {executor.memory['kv_bytes'] / 2 ** 20:.0f} MiB)"
         + (f"; resuming after {len(done)} done" if done else ""))
 
-    last = last_iterations(plans)
-    fill = not every or bool(done)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), unit="it", desc="validate", leave=False)
     csv_path = out / CSV_NAME
-    write_header = done_rows is None
-    todo_set = set(todo)
-    with csv_path.open("a" if not write_header else "w", newline="") as fh:
-        if write_header:
+    with csv_path.open("w" if done_rows is None else "a", newline="") as fh:
+        if done_rows is None:
             fh.write(",".join(VALIDATION_COLUMNS) + "\n")
             fh.flush()
-        for i in (range(len(plans)) if every else todo):
-            if every and i not in todo_set:
-                continue
-            plan = plans[i]
-            if not every:
-                for rid in list(executor.kv.lengths):
-                    if rid not in plan.request_ids:
-                        executor.free(rid)
-            timing = executor.measure(plan, fill=fill, warmup=warmup, repeats=repeats)
-            if every:
-                for rid in plan.request_ids:
-                    if last[rid] == i:
-                        executor.free(rid)
-            pd.DataFrame([validation_row(i, plan, float(predicted[i]), timing)],
+        for i, timing in _replay(executor, plans, todo, consecutive=every, fill=not every or bool(done),
+                                 warmup=warmup, repeats=repeats):
+            pd.DataFrame([validation_row(i, plans[i], float(predicted[i]), timing)],
                          columns=VALIDATION_COLUMNS).to_csv(fh, header=False, index=False)
             fh.flush()
             if bar is not None:
