@@ -18,6 +18,7 @@ Errors: ``SLOError`` (a ``ValueError``) with a one-line message naming the bad f
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -305,10 +306,9 @@ def token_times_table(requests) -> pd.DataFrame:
     """One row per emitted output token: ``request_id``, ``token_index`` (0 = first token), ``time_s`` (seconds
     of simulated time). TBT gaps are the per-request differences of ``time_s``; TTFT is ``time_s`` of token 0
     minus the request's arrival."""
-    ids, idx, times = [], [], []
-    for r in requests:
-        n = len(r.token_times_s)
-        ids.extend([r.request_id] * n)
-        idx.extend(range(n))
-        times.extend(r.token_times_s)
+    lens = np.fromiter((len(r.token_times_s) for r in requests), dtype=np.int64)
+    ids = np.repeat(np.array([r.request_id for r in requests], dtype=np.int64), lens)
+    idx = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+    times = np.fromiter(itertools.chain.from_iterable(r.token_times_s for r in requests), dtype=float,
+                        count=int(lens.sum()))
     return pd.DataFrame({"request_id": ids, "token_index": idx, "time_s": times}, columns=TOKEN_COLUMNS)
