@@ -25,11 +25,14 @@ the profiled shapes a prediction grows with the work instead of staying flat.
 The held-out error is measured honestly on what the simulator uses: 20% of each operator's rows are held out
 (seeded), a model is fitted to the rest and turned into tables, and the held-out rows are priced through them.
 The final model is then refitted on all rows. Tables (``cost_models.lookup``) are monotone, so a larger shape is
-never cheaper: token operators at every T = 1..max(profiled, 16384); prefill attention on a (chunk, context) grid;
-decode attention on a (b, S, u) grid where u = b x M / S >= 1 is the batch's spread (1 for equal lengths; the
-padded work b x M is u x S). Spread rather than b x M is the third axis because some kernels switch paths at
-u = 1 (``profiler.ops`` skips the padding mask for equal lengths), and a grid in (S, b x M) would then average
-the two paths across its diagonal; the price is that the grid is monotone in b, S and u, not in b x M.
+never cheaper where physics says so: token operators at every T = 1..max(profiled, 16384); prefill attention on a
+(chunk, context) grid; decode attention on a (b, m, u) grid — b sequences of mean KV length m = S/b and spread
+u = b x M / S >= 1 (1 for equal lengths; the padded work b x M is u x S). These axes are each "more work at the
+same rest": more sequences of the same length, longer sequences, more padding. Total KV S is not an axis because
+at equal S more, shorter sequences can run faster on a GPU (FlashAttention parallelises over sequences: Vidur's
+A100 decode table has such cases); spread is the third axis rather than b x M because some kernels switch paths at
+u = 1 (``profiler.ops`` skips the padding mask for equal lengths), and a grid in (S, b x M) would average the two
+paths across its diagonal.
 
 Pricing an iteration (``FittedCostModel``): per layer, the token operators at the iteration's total tokens
 (``add`` twice: after attention and after the MLP), ``attn_prefill`` summed over the prefill chunks,
@@ -79,13 +82,13 @@ class FitError(ValueError):
 
 def proxy_terms(op_class: str, *x):
     """Work terms of the class at grid coordinates ``x`` (scalars or numpy arrays); decode coordinates are
-    (b, S, u = b x longest KV / S), so the padded work b x M is u x S."""
+    (b, m = S / b, u = b x M / S): total KV S = b x m and padded work b x M = u x S."""
     if op_class == "prefill":
         c, k = x
         return [1.0, c, c * k, c * c, k]
     if op_class == "decode":
-        b, s, u = x
-        return [1.0, b, s, u * s]
+        b, m, u = x
+        return [1.0, b, b * m, u * b * m]
     (n,) = x
     return [1.0, n]
 
@@ -102,10 +105,10 @@ class Proxy:
 
 
 def grid_coords(op_class: str, X: np.ndarray) -> list[np.ndarray]:
-    """Grid coordinates of the rows ``X`` (columns ``CLASS_COLUMNS[op_class]``); decode (b, S, M) -> (b, S, bM/S)."""
+    """Grid coordinates of the rows ``X`` (columns ``CLASS_COLUMNS[op_class]``); decode (b, S, M) -> (b, S/b, bM/S)."""
     X = np.asarray(X, dtype=float)
     if op_class == "decode":
-        return [X[:, 0], X[:, 1], X[:, 0] * X[:, 2] / X[:, 1]]
+        return [X[:, 0], X[:, 1] / X[:, 0], X[:, 0] * X[:, 2] / X[:, 1]]
     return [X[:, i] for i in range(X.shape[1])]
 
 
@@ -214,16 +217,14 @@ def build_table(op_class: str, estimator, X: np.ndarray, bounds: TableBounds = T
         return LogGrid([c_axis, k_axis], values, proxy)
     if op_class == "decode":
         b_max = max(X[:, 0].max(), bounds.decode_batch)
-        s_max = b_max * max(X[:, 2].max(), bounds.kv_len)
         b_axis = geometric_points(1, b_max, 1.2)
-        s_axis = geometric_points(1, s_max, 1.35)
+        m_axis = geometric_points(1, max(X[:, 2].max(), bounds.kv_len), 1.25)
         u_axis = [u for u in DECODE_SPREAD if u < b_max] + [float(b_max)]
-        b, s, u = np.meshgrid(b_axis, s_axis, u_axis, indexing="ij")
-        s_eff = np.maximum(s, b)                       # every sequence holds at least one token
-        p_eff = np.clip(u * s_eff, s_eff, b * s_eff)   # S <= b x M <= b x S
-        rows = np.column_stack([b.ravel(), s_eff.ravel(), (p_eff / b).ravel()])
-        values = estimator.predict(rows).reshape(b.shape)
-        return LogGrid([b_axis, s_axis, u_axis], values, proxy)
+        b, m, u = np.meshgrid(b_axis, m_axis, u_axis, indexing="ij")
+        s = b * m
+        longest = np.clip(u * s, s, b * s) / b          # S <= b x M <= b x S
+        values = estimator.predict(np.column_stack([b.ravel(), s.ravel(), longest.ravel()])).reshape(b.shape)
+        return LogGrid([b_axis, m_axis, u_axis], values, proxy)
     raise FitError(f"unknown operator class {op_class!r}")
 
 
@@ -497,7 +498,7 @@ class FittedCostModel:
             ctx = plan.context_lens[:d]
             if table is not None:
                 total = sum(ctx) + d
-                decode = table(d, total, d * (max(ctx) + 1) / total)
+                decode = table(d, total / d, d * (max(ctx) + 1) / total)
             else:
                 decode = self.roofline.breakdown(plan)["attn_decode"] / self.roofline.layers
         if d < len(plan.num_new_tokens):
