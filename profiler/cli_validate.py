@@ -32,11 +32,14 @@ def _default_exec_device() -> str:
               help="Timed runs of each iteration (the median is reported).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: those the --cost-model was profiled with, else 1).")
+@click.option("--cpu-clock", type=click.Choice(["thread", "wall"]), default="thread", show_default=True,
+              help="CPU timing: the executing thread's CPU time (with one thread; leaves out time slices other "
+                   "processes take on a shared machine) or wall time.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/validate", show_default=True,
               help="Folder for validation.csv, validation.png, validation_summary.json (resumes if present).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 @user_errors
-def validate(exec_device, max_iterations, warmup, repeats, threads, out, progress, **flags):
+def validate(exec_device, max_iterations, warmup, repeats, threads, cpu_clock, out, progress, **flags):
     """Simulate, execute the simulated iterations on a device and print the predicted-vs-measured error."""
     from profiler.validate import error_table, latency_table, median_error_line, run_validation
 
@@ -45,7 +48,8 @@ def validate(exec_device, max_iterations, warmup, repeats, threads, out, progres
         progress = sys.stderr.isatty()
     exec_device = exec_device or _default_exec_device()
     report = run_validation(config, out_dir=out, exec_device=exec_device, max_iterations=max_iterations,
-                            warmup=warmup, repeats=repeats, threads=threads, progress=progress, echo=click.echo)
+                            warmup=warmup, repeats=repeats, threads=threads, cpu_clock=cpu_clock,
+                            progress=progress, echo=click.echo)
     c = config
     click.echo(f"{c.model}: cost model {c.cost_model or 'roofline'} for device {c.device}, scheduler {c.scheduler}, "
                f"trace {c.trace}, executed on {exec_device}")

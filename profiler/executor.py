@@ -7,39 +7,40 @@ What one iteration computes (shapes as in vLLM's Llama/Mistral/Falcon implementa
 B = entries of the plan, h = hidden size, q/kv = query/KV heads x head_dim, f = FFN size):
 
 - input preparation: token ids, positions and KV-cache (slot, position) pairs of the T new tokens, the decodes'
-  KV lengths and the prefill chunks' masks (the attention metadata, built once per iteration as engines do);
-- embedding lookup ``[T, h]``; per layer: norm, fused QKV projection ``[T, q + 2kv]``, rotary embedding
-  (RoFormer, Su et al. 2021; NeoX rotate-half form, theta 10000), KV-cache write of the T new keys and values,
-  attention, output projection, residual add, norm, MLP (SwiGLU, Shazeer 2020: fused gate/up ``[T, 2f]``,
-  SiLU(gate) x up, down; or plain: up, GELU, down), residual add;
+  padding mask and the prefill chunks' masks (the attention metadata, built once per iteration as engines do);
+- embedding lookup ``[T, h]``; per layer: norm, fused QKV projection ``[T, q + 2kv]``, rotary embedding, KV-cache
+  write of the T new keys and values, attention, output projection, residual add, norm, MLP (SwiGLU: fused
+  gate/up ``[T, 2f]``, SiLU(gate) x up, down; or plain: up, GELU, down), residual add;
 - attention, all entries in the same forward: the ``num_decodes`` leading 1-token decodes in one batched call,
   each reading its whole KV (context + its new token), padded to the longest with a mask; each prefill chunk of
   ``c`` new tokens attending to its ``k`` cached tokens plus itself, causal with the mask aligned to the
   bottom-right (query ``i`` sees keys ``0 .. k + i``), as FlashAttention-2 and vLLM's chunked prefill do;
-- final norm, LM head over the last token of every entry (``[B, vocab]``, as the roofline prices it) and greedy
-  sampling (argmax).
+- final norm, LM head over the last token of every entry (``[B, vocab]``, as the cost models price it) and
+  greedy sampling (argmax).
 
-The kernels are those the profiler times (``profiler.ops``: ``scaled_dot_product_attention`` with grouped-query
-heads, the same norms, rotary embedding and KV-cache write), so a validation measures how well the fitted sum of
-operators predicts a whole iteration. Needs torch >= 2.5 (``enable_gqa``, ``causal_lower_right``).
+The layers and kernels are the profiler's (``profiler.ops``: ``Layer`` weights, ``rotary_embedding``,
+``kv_cache_save``, ``attention_prefill``/``attention_decode`` over ``scaled_dot_product_attention``), so a
+validation measures how well the fitted sum of operators predicts a whole iteration, not two implementations.
 
-Weights are random (normal, std 0.02, seeded) at the model's dtype; token ids are a fixed function of
-(request id, position), so the same request computes the same hidden states however its prompt is chunked.
+Weights are random (seeded) at the model's dtype; token ids are a fixed function of (request id, position), so
+the same request computes the same hidden states however its prompt is chunked.
 
 KV cache (``SlotKVCache``): contiguous per request, one slot of ``capacity`` tokens each, layout
-``[slot, kv_head, position, head_dim]`` per layer for K and V. Before each iteration (untimed) the decodes are moved
-into slots ``0 .. d-1`` so their batched attention reads the cache in place. The cache is filled with random
-values when allocated, so *setting* a request's context to ``L`` tokens (``set_context``) only gives it a slot:
-the attention then reads ``L`` real (random) cached tokens. Iteration time depends on the lengths, not on the
-values, which lets the validator time a sampled iteration without replaying the ones before it.
+``[slot, kv_head, position, head_dim]`` per layer for K and V (``profiler.ops.Layer``'s). Before each iteration
+(untimed) the decodes are moved into slots ``0 .. d-1`` so their batched attention reads the cache in place. The
+cache is filled with random values when allocated, so *setting* a request's context to ``L`` tokens
+(``set_context``) only gives it a slot: the attention then reads ``L`` real (random) cached tokens. Iteration time
+depends on the lengths, not on the values, which lets the validator time a sampled iteration without replaying
+the ones before it.
 
 Memory: before allocating anything the executor estimates weights + KV cache + activation peak from the
 ModelSpec and raises ``ExecutorMemoryError`` (one line) if that exceeds the device's free memory (CUDA: the
 driver's free memory; CPU: ``MemAvailable`` of /proc/meminfo).
 
 Timing (``time_call``): warm-up runs, then repeated runs; on CUDA each run between two CUDA events after a
-synchronize; on CPU ``time.perf_counter`` around each run with the thread count set explicitly
-(``torch.set_num_threads``). Reported: median, min, mean, std and the number of runs.
+synchronize; on CPU, with the thread count set explicitly (``torch.set_num_threads``), the calling thread's CPU
+time when torch runs on one thread (``cpu_clock``: time slices given to other processes on a shared machine are
+left out), else ``time.perf_counter``. Reported: median, min, mean, std, the number of runs and the clock.
 """
 from __future__ import annotations
 
@@ -52,13 +53,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from cost_models.specs import load_model
 
-ROPE_THETA = 10000.0
-INIT_STD = 0.02
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class ExecutorMemoryError(ValueError):
@@ -139,27 +136,48 @@ def check_fits(model, device, *, num_slots: int, capacity: int, extra_bytes: int
 
 
 # --- timing --------------------------------------------------------------------------------------------------
+CLOCKS = ("thread", "wall")
+
+
 @dataclass(frozen=True)
 class Timing:
-    """Seconds of ``runs`` timed runs of one call (after the warm-up runs)."""
+    """Seconds of ``runs`` timed runs of one call (after the warm-up runs), read on ``clock``
+    (``cuda_events``, ``thread`` CPU time or ``wall`` time)."""
 
     median_s: float
     min_s: float
     mean_s: float
     std_s: float
     runs: int
+    clock: str = "wall"
 
 
-def time_call(fn, device: str | torch.device, *, warmup: int = 2, repeats: int = 5) -> Timing:
+def cpu_clock(requested: str = "thread") -> str:
+    """The clock CPU runs are timed with: ``thread`` (the calling thread's CPU time, ``time.thread_time``) when
+    ``requested`` and torch runs on one thread, else ``wall`` (``time.perf_counter``).
+
+    With one thread every kernel runs in the calling thread, so its CPU time is the run's time on an uncontended
+    core: on a shared machine the scheduler's time slices given to other processes, which stretch a 50 ms
+    iteration far more than the short operators the profiler times, are left out. With more threads only wall
+    time is meaningful. Raises ValueError for an unknown clock.
+    """
+    if requested not in CLOCKS:
+        raise ValueError(f"cpu clock must be one of {', '.join(CLOCKS)}, got {requested!r}")
+    return "thread" if requested == "thread" and torch.get_num_threads() == 1 else "wall"
+
+
+def time_call(fn, device: str | torch.device, *, warmup: int = 2, repeats: int = 5, clock: str = "thread"
+              ) -> Timing:
     """Time ``fn()`` on ``device``: ``warmup`` untimed runs, then ``repeats`` timed runs.
 
     CUDA: synchronize, record a start event, run, record an end event, synchronize; elapsed time between the events.
-    CPU: ``time.perf_counter`` around each run (set the thread count beforehand with ``torch.set_num_threads``).
-    Raises ValueError when ``repeats`` < 1 or ``warmup`` < 0.
+    CPU: ``cpu_clock(clock)`` around each run (set the thread count beforehand with ``torch.set_num_threads``).
+    Raises ValueError when ``repeats`` < 1 or ``warmup`` < 0, or for an unknown clock.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"time_call: need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     device = torch.device(device)
+    used = "cuda_events" if device.type == "cuda" else cpu_clock(clock)
     for _ in range(warmup):
         fn()
     samples = []
@@ -173,12 +191,13 @@ def time_call(fn, device: str | torch.device, *, warmup: int = 2, repeats: int =
             torch.cuda.synchronize(device)
             samples.append(start.elapsed_time(end) / 1e3)
     else:
+        now = time.thread_time if used == "thread" else time.perf_counter
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            samples.append(time.perf_counter() - t0)
+            samples.append(now() - t0)
     return Timing(statistics.median(samples), min(samples), statistics.fmean(samples),
-                  statistics.pstdev(samples), len(samples))
+                  statistics.pstdev(samples), len(samples), used)
 
 
 # --- the KV cache --------------------------------------------------------------------------------------------
@@ -270,50 +289,22 @@ class SlotKVCache:
 
 
 # --- the model -----------------------------------------------------------------------------------------------
-# --- kernels (the same computations as profiler.ops) ---------------------------------------------------------
-def rms_norm(x, weight, eps: float = 1e-6):
-    """RMSNorm (Zhang & Sennrich, NeurIPS 2019) of ``x`` [T, h] in float32, as Hugging Face Llama computes it."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
-def rope_cache(max_positions: int, head_dim: int, *, device="cpu", dtype=torch.float32):
-    """``[max_positions, head_dim]``: cos of the rotation angles in the first half, sin in the second."""
-    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-    return torch.cat((angles.cos(), angles.sin()), dim=-1).to(device=device, dtype=dtype)
-
-
-def rotary_embedding(q, k, positions, cos_sin, head_dim: int):
-    """NeoX-style rotary embedding (RoFormer eq. 34) of ``q`` [T, Hq x d] and ``k`` [T, Hkv x d] at ``positions``."""
-    cos, sin = cos_sin.index_select(0, positions).chunk(2, dim=-1)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = head_dim // 2
-
-    def rotate(x):
-        x = x.reshape(x.shape[0], -1, head_dim)
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(1)
-
-    return rotate(q), rotate(k)
-
-
-def _sdpa(q, k, v, *, attn_mask=None, is_causal=False):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                          enable_gqa=q.shape[1] != k.shape[1])
-
-
 # --- the model -----------------------------------------------------------------------------------------------
 class Executor:
     """The full layer stack of ``model`` with random weights and a per-request KV cache on ``device``.
 
+    Each decoder layer is a ``profiler.ops.Layer`` (weights ``[in, out]``, applied as ``x @ w``) and runs the
+    profiler's kernels in the cost models' operator order: ``input_layernorm``, ``attn_pre_proj``, ``attn_rope``,
+    ``attn_kv_cache_save``, ``attn_prefill``/``attn_decode``, ``attn_post_proj``, ``add``,
+    ``post_attention_layernorm``, ``mlp_up_proj``, ``mlp_act``, ``mlp_down_proj``, ``add``; once per iteration
+    ``emb``, and ``lm_head`` after a final norm, then greedy sampling.
+
     Args:
         model: a ModelSpec or a name ``load_model`` knows (all its layers are built: tp = pp = 1).
         device: ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
-        num_slots: requests that can hold KV at once; ``capacity``: tokens each can hold (<= ``max_model_len``
-            of the spec unless ``max_positions`` is given).
+        num_slots: requests that can hold KV at once; ``capacity``: tokens each can hold.
         threads: CPU threads for torch (set explicitly; None keeps torch's current setting).
-        seed: seeds the weights and the KV cache's values.
+        seed: seeds the weights (layer ``i`` uses ``seed + i``) and the KV cache's values.
         activation_bytes: activation peak to include in the memory check (see ``activation_bytes``).
         max_positions: rows of the rotary table (default: the spec's ``max_model_len``, at least ``capacity``).
     Raises:
@@ -323,6 +314,9 @@ class Executor:
 
     def __init__(self, model, device: str = "cpu", *, num_slots: int, capacity: int, threads: int | None = None,
                  seed: int = 0, activation_bytes: int = 0, max_positions: int | None = None):
+        from profiler.ops import TORCH_DTYPES, Layer
+        from profiler.schema import LayerShapes
+
         self.model = m = load_model(model)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -333,24 +327,14 @@ class Executor:
             torch.set_num_threads(int(threads))
         self.memory = check_fits(m, self.device, num_slots=num_slots, capacity=capacity,
                                  extra_bytes=activation_bytes)
-        self.dtype = dt = TORCH_DTYPES[m.dtype]
-        dev = self.device
-        g = torch.Generator(device=dev).manual_seed(seed)
-
-        def weight(*shape):
-            return torch.empty(shape, dtype=dt, device=dev).normal_(0.0, INIT_STD, generator=g)
-
-        h, q, kv, f = m.hidden_size, m.q_size, m.kv_size, m.intermediate_size
-        self.embedding = weight(m.vocab_size, h)
-        self.layers = [{"norm1": torch.ones(h, dtype=dt, device=dev), "norm2": torch.ones(h, dtype=dt, device=dev),
-                        "qkv": weight(q + 2 * kv, h), "o": weight(h, q),
-                        "up": weight(2 * f if m.mlp == "gated" else f, h), "down": weight(h, f)}
-                       for _ in range(m.num_layers)]
-        self.final_norm = torch.ones(h, dtype=dt, device=dev)
-        self.norm_bias = torch.zeros(h, dtype=dt, device=dev)
-        self.lm_head = weight(m.vocab_size, h)
-        self.cos_sin = rope_cache(max(max_positions or m.max_model_len, capacity), m.head_dim, device=dev, dtype=dt)
-        self.kv = SlotKVCache(m.num_layers, num_slots, capacity, m.num_kv_heads, m.head_dim, dt, dev, g)
+        shapes = LayerShapes.of(m, 1)
+        positions = max(max_positions or m.max_model_len, capacity)
+        self.layers = [Layer(shapes, device=self.device, dtype=m.dtype, max_positions=positions if i == 0 else 1,
+                             with_vocab=i == 0, seed=seed + i) for i in range(m.num_layers)]
+        self.vocab = self.layers[0]                     # holds the embedding, the LM head and the rotary table
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        self.kv = SlotKVCache(m.num_layers, num_slots, capacity, shapes.num_kv_heads, shapes.head_dim,
+                              self.vocab.dtype, self.device, g)
 
     # --- state ---------------------------------------------------------------------------------------------
     def kv_len(self, request_id: int) -> int:
@@ -396,19 +380,22 @@ class Executor:
         self.commit(plan)
         return out
 
-    def measure(self, plan, *, fill: bool = False, warmup: int = 2, repeats: int = 5) -> Timing:
+    def measure(self, plan, *, fill: bool = False, warmup: int = 2, repeats: int = 5, clock: str = "thread"
+                ) -> Timing:
         """Time ``plan`` (``time_call``: input preparation + forward + sampling) and advance the KV state.
 
         Every timed run writes the same KV positions and reads the same lengths, so repeats are identical work.
         """
         self.prepare(plan, fill=fill)
-        timing = time_call(lambda: self.forward(plan), self.device, warmup=warmup, repeats=repeats)
+        timing = time_call(lambda: self.forward(plan), self.device, warmup=warmup, repeats=repeats, clock=clock)
         self.commit(plan)
         return timing
 
     # --- one iteration -------------------------------------------------------------------------------------
     def _inputs(self, plan) -> dict:
         """Token ids, positions, KV-cache slots and attention metadata of ``plan`` as device tensors."""
+        from profiler.ops import decode_metadata, prefill_metadata
+
         m, dev, d = self.model, self.device, plan.num_decodes
         pos = np.concatenate([np.arange(k, k + n, dtype=np.int64) for _, n, k in plan.entries()])
         rids = np.repeat(np.asarray(plan.request_ids, dtype=np.int64), plan.num_new_tokens)
@@ -421,42 +408,30 @@ class Executor:
                "last": to_dev(np.cumsum(plan.num_new_tokens) - 1), "decode": None, "chunks": []}
         if d:
             dec_slots = slots[:d]                               # a permutation of 0 .. d-1 (see prepare)
-            lens = np.asarray(plan.context_lens[:d], dtype=np.int64) + 1
-            longest = int(lens.max())
-            mask = None
-            if lens.min() != longest:
-                by_slot = np.empty(d, dtype=np.int64)
-                by_slot[dec_slots] = lens
-                mask = to_dev(np.arange(longest)[None, :] < by_slot[:, None]).view(d, 1, 1, longest)
+            by_slot = np.empty(d, dtype=np.int64)
+            by_slot[dec_slots] = np.asarray(plan.context_lens[:d]) + 1
             ordered = np.array_equal(dec_slots, np.arange(d))
-            out["decode"] = (longest, mask, None if ordered else to_dev(np.argsort(dec_slots)),
-                             None if ordered else to_dev(dec_slots))
+            out["decode"] = (decode_metadata(by_slot.tolist(), dev),
+                             None if ordered else to_dev(np.argsort(dec_slots)), None if ordered else to_dev(dec_slots))
         for rid, n, k in list(plan.entries())[d:]:
-            out["chunks"].append((slot_of[rid], n, k, causal_lower_right(n, k + n) if k else None))
+            out["chunks"].append(prefill_metadata(n, k, slot_of[rid], dev))
         return out
-
-    def _norm(self, x, weight):
-        if self.model.norm == "layernorm":
-            return F.layer_norm(x, (x.shape[-1],), weight, self.norm_bias)
-        return rms_norm(x, weight)
 
     def _attention(self, q, layer: int, inputs: dict, d: int):
         """Attention of all ``T`` queries ``[T, Hq x dh]`` against the KV cache; returns ``[T, Hq x dh]``."""
+        from profiler.ops import attention_decode, attention_prefill
+
         kc, vc = self.kv.k[layer], self.kv.v[layer]
-        dh = self.model.head_dim
         parts = []
         if d:
-            longest, mask, to_slot_order, to_plan_order = inputs["decode"]
+            meta, to_slot_order, to_plan_order = inputs["decode"]
             qd = q[:d] if to_slot_order is None else q[:d].index_select(0, to_slot_order)
-            o = _sdpa(qd.view(d, -1, 1, dh), kc[:d, :, :longest], vc[:d, :, :longest], attn_mask=mask).view(d, -1)
+            o = attention_decode(qd, kc, vc, meta)
             parts.append(o if to_plan_order is None else o.index_select(0, to_plan_order))
         start = d
-        for slot, n, ctx, mask in inputs["chunks"]:
-            qc = q[start:start + n].view(n, -1, dh).transpose(0, 1).unsqueeze(0)      # [1, Hq, n, dh]
-            k, v = kc[slot:slot + 1, :, :ctx + n], vc[slot:slot + 1, :, :ctx + n]      # [1, Hkv, ctx + n, dh]
-            o = _sdpa(qc, k, v, is_causal=True) if mask is None else _sdpa(qc, k, v, attn_mask=mask)
-            parts.append(o[0].transpose(0, 1).reshape(n, -1))
-            start += n
+        for meta in inputs["chunks"]:
+            parts.append(attention_prefill(q[start:start + meta.chunk_len], kc, vc, meta))
+            start += meta.chunk_len
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @torch.inference_mode()
@@ -467,31 +442,23 @@ class Executor:
         Returns ``(last_hidden [B, h], next_tokens [B])``: the final-norm hidden state of each entry's last token
         and its greedy next token.
         """
-        m = self.model
+        from profiler.ops import kv_cache_save, rotary_embedding
+
+        m, vocab = self.model, self.vocab
         inputs = self._inputs(plan)
-        d, dh, hkv = plan.num_decodes, m.head_dim, m.num_kv_heads
+        d = plan.num_decodes
         slots, positions = inputs["slots"], inputs["positions"]
-        x = F.embedding(inputs["token_ids"], self.embedding)
-        for i, w in enumerate(self.layers):
-            residual = x
-            qkv = F.linear(self._norm(x, w["norm1"]), w["qkv"])
+        x = F.embedding(inputs["token_ids"], vocab.emb)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.norm(x) @ layer.w_qkv
             q, k, v = qkv.split([m.q_size, m.kv_size, m.kv_size], dim=-1)
-            q, k = rotary_embedding(q, k, positions, self.cos_sin, dh)
-            self.kv.k[i][slots, :, positions] = k.view(-1, hkv, dh)
-            self.kv.v[i][slots, :, positions] = v.reshape(-1, hkv, dh)
-            x = F.linear(self._attention(q, i, inputs, d), w["o"]) + residual
-            residual = x
-            y = F.linear(self._norm(x, w["norm2"]), w["up"])
-            if m.mlp == "gated":
-                gate, up = y.chunk(2, dim=-1)
-                y = F.silu(gate) * up
-            else:
-                y = F.gelu(y, approximate="tanh")
-            x = F.linear(y, w["down"]) + residual
-        last = self._norm(x.index_select(0, inputs["last"]), self.final_norm)
-        next_tokens = F.linear(last, self.lm_head).argmax(dim=-1)
-        return last, next_tokens
+            q, k = rotary_embedding(q, k, positions, vocab.cos_sin, m.head_dim)
+            kv_cache_save(k, v, self.kv.k[i], self.kv.v[i], slots, positions)
+            x = x + self._attention(q, i, inputs, d) @ layer.w_o
+            x = x + layer.activation(layer.norm(x) @ layer.w_up) @ layer.w_down
+        last = vocab.norm(x.index_select(0, inputs["last"]))
+        return last, (last @ vocab.w_lm_head).argmax(dim=-1)
 
 
-__all__ = ["Executor", "ExecutorMemoryError", "PlanStateError", "SlotKVCache", "Timing", "activation_bytes",
-           "available_memory_bytes", "check_fits", "kv_cache_bytes", "rms_norm", "rotary_embedding", "time_call"]
+__all__ = ["CLOCKS", "Executor", "ExecutorMemoryError", "PlanStateError", "SlotKVCache", "Timing",
+           "activation_bytes", "available_memory_bytes", "check_fits", "cpu_clock", "kv_cache_bytes", "time_call"]

@@ -4,7 +4,8 @@
 batch plans with ``profiler.executor.Executor`` and writes into ``out_dir``:
 
 - ``validation.csv``: one row per executed iteration (``VALIDATION_COLUMNS``): its index in the simulation,
-  batch composition, ``predicted_s`` (the simulation's duration), ``measured_s`` (median of the timed runs),
+  batch composition, ``predicted_s`` (the simulation's duration), ``measured_s`` (median of the timed runs, on
+  the ``clock`` column's clock: CUDA events, or on CPU the executing thread's CPU time or wall time),
   ``error_pct`` = 100 x (predicted - measured) / measured and ``abs_error_pct``. Rows are appended as they are
   measured; a run that stops resumes where it left off (same settings), without redoing or duplicating rows.
 - ``validation.png``: predicted vs measured iteration time, log-log, coloured by batch kind, with y = x.
@@ -49,7 +50,7 @@ KINDS = ("prefill", "decode", "mixed")
 VALIDATION_COLUMNS = [
     "iteration", "kind", "batch_size", "num_decodes", "num_prefills", "num_prefill_tokens", "num_tokens",
     "decode_kv_tokens", "prefill_context_tokens", "max_context_len", "predicted_s", "measured_s", "measured_min_s",
-    "measured_std_s", "runs", "error_pct", "abs_error_pct",
+    "measured_std_s", "runs", "clock", "error_pct", "abs_error_pct",
 ]
 CSV_NAME, PLOT_NAME, SUMMARY_NAME, META_NAME = ("validation.csv", "validation.png", "validation_summary.json",
                                                 "validation_meta.json")
@@ -140,7 +141,7 @@ def validation_row(index: int, plan, predicted_s: float, timing) -> dict:
     err = 100.0 * (predicted_s - timing.median_s) / timing.median_s
     return {"iteration": index, **composition(plan), "predicted_s": predicted_s, "measured_s": timing.median_s,
             "measured_min_s": timing.min_s, "measured_std_s": timing.std_s, "runs": timing.runs,
-            "error_pct": err, "abs_error_pct": abs(err)}
+            "clock": timing.clock, "error_pct": err, "abs_error_pct": abs(err)}
 
 
 # --- results -------------------------------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def _check_resume(out: Path, settings: dict) -> pd.DataFrame | None:
     return table
 
 
-def _replay(executor, plans, todo, *, consecutive: bool, fill: bool, warmup: int, repeats: int):
+def _replay(executor, plans, todo, *, consecutive: bool, fill: bool, warmup: int, repeats: int, clock: str):
     """Yield ``(index, Timing)`` for each of ``plans[todo]`` (ascending), keeping the executor's KV state:
     ``consecutive`` frees each request after its last plan; otherwise all requests not in the next plan are
     freed first. ``fill`` lets the executor set context lengths it does not hold (see ``Executor.prepare``)."""
@@ -302,7 +303,7 @@ def _replay(executor, plans, todo, *, consecutive: bool, fill: bool, warmup: int
             keep = set(plan.request_ids)
             for rid in [r for r in executor.kv.lengths if r not in keep]:
                 executor.free(rid)
-        timing = executor.measure(plan, fill=fill, warmup=warmup, repeats=repeats)
+        timing = executor.measure(plan, fill=fill, warmup=warmup, repeats=repeats, clock=clock)
         if consecutive:
             for rid in plan.request_ids:
                 if last[rid] == i:
@@ -311,8 +312,8 @@ def _replay(executor, plans, todo, *, consecutive: bool, fill: bool, warmup: int
 
 
 def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max_iterations: int | None = None,
-                   warmup: int = 2, repeats: int = 5, threads: int | None = None, progress: bool = False,
-                   echo=None) -> ValidationReport:
+                   warmup: int = 2, repeats: int = 5, threads: int | None = None, cpu_clock: str = "thread",
+                   progress: bool = False, echo=None) -> ValidationReport:
     """Simulate ``config`` (a ``SimConfig``), execute its iterations on ``exec_device`` and compare.
 
     Args:
@@ -322,6 +323,8 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
         warmup, repeats: untimed and timed runs per iteration (``profiler.executor.time_call``).
         threads: CPU threads for torch; None means the thread count the cost model was profiled with
             (``profiled_threads``), else 1 (the profiler's default). Recorded in the meta file.
+        cpu_clock: ``thread`` (CPU time of the executing thread when torch runs on one thread) or ``wall``;
+            see ``profiler.executor.cpu_clock``.
         echo: called with progress lines (e.g. ``click.echo``); None prints nothing.
     Returns a ValidationReport. Raises ValidationError for tp/pp > 1 or a resume with other settings,
     ExecutorMemoryError when the model or the KV cache cannot fit the device, and the simulator's errors.
@@ -329,7 +332,7 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
     import torch
 
     from cost_models.specs import load_model
-    from profiler.executor import Executor, activation_bytes
+    from profiler.executor import Executor, activation_bytes, cpu_clock as clock_for
     from simulator.simulation import simulate
 
     if config.tp != 1 or config.pp != 1:
@@ -341,7 +344,8 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
     out = Path(out_dir)
     threads = int(threads or profiled_threads(config.cost_model) or 1)
     settings = {"config": config.to_dict(), "exec_device": exec_device, "max_iterations": max_iterations,
-                "warmup": warmup, "repeats": repeats, "threads": threads, "torch": torch.__version__}
+                "warmup": warmup, "repeats": repeats, "threads": threads, "cpu_clock": cpu_clock,
+                "torch": torch.__version__}
     done_rows = _check_resume(out, settings)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_NAME).write_text(json.dumps(settings, indent=2) + "\n")
@@ -365,7 +369,9 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
     say(f"executing {len(indices)} of {len(plans)} iterations "
         f"({', '.join(f'{kinds[k]} {k}' for k in KINDS if k in kinds)}"
         f"{'' if every else ', stratified sample'}) of {model.name} on {exec_device} "
-        f"(torch {torch.__version__}, {threads} threads, {warmup} warm-up + {repeats} timed runs each; KV cache "
+        f"(torch {torch.__version__}, {threads} threads, "
+        f"{'CUDA events' if device_type == 'cuda' else clock_for(cpu_clock) + ' clock'}, "
+        f"{warmup} warm-up + {repeats} timed runs each; KV cache "
         f"{slots} requests x {capacity} tokens, {executor.memory['kv_bytes'] / 2 ** 20:.0f} MiB)"
         + (f"; resuming after {len(done)} done" if done else ""))
 
@@ -379,7 +385,7 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
             fh.write(",".join(VALIDATION_COLUMNS) + "\n")
             fh.flush()
         for i, timing in _replay(executor, plans, todo, consecutive=every, fill=not every or bool(done),
-                                 warmup=warmup, repeats=repeats):
+                                 warmup=warmup, repeats=repeats, clock=cpu_clock):
             pd.DataFrame([validation_row(i, plans[i], float(predicted[i]), timing)],
                          columns=VALIDATION_COLUMNS).to_csv(fh, header=False, index=False)
             fh.flush()

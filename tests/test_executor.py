@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -182,3 +183,20 @@ def test_time_call_counts_runs():
     assert 0 <= t.min_s <= t.median_s and t.std_s >= 0
     with pytest.raises(ValueError, match="repeats >= 1"):
         time_call(lambda: None, "cpu", repeats=0)
+    with pytest.raises(ValueError, match="cpu clock must be one of thread, wall, got 'cpu'"):
+        time_call(lambda: None, "cpu", clock="cpu")
+
+
+def test_thread_clock_leaves_out_time_not_running():
+    """With one torch thread the CPU clock is the thread's CPU time: a 30 ms sleep costs ~0 on it, 30 ms on the wall."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        asleep = time_call(lambda: time.sleep(0.03), "cpu", warmup=0, repeats=2)
+        wall = time_call(lambda: time.sleep(0.03), "cpu", warmup=0, repeats=2, clock="wall")
+        assert asleep.clock == "thread" and asleep.median_s < 0.005
+        assert wall.clock == "wall" and wall.median_s >= 0.03
+        torch.set_num_threads(2)
+        assert time_call(lambda: None, "cpu", warmup=0, repeats=1).clock == "wall"   # CPU time sums threads
+    finally:
+        torch.set_num_threads(threads)
