@@ -1,0 +1,112 @@
+"""Request- and token-level metrics on hand-built request timelines (issue 2: TTFT = first token - arrival;
+scheduling delay = first scheduled - arrival; TBT = gaps between consecutive tokens, preemption included, pooled;
+TPOT = (completion - first token) / (outputs - 1); E2E; normalized latency = E2E / outputs; throughput)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from simulator.metrics import ITERATION_COLUMNS, REQUEST_COLUMNS, distribution, requests_table, summarize, tbt_gaps
+from simulator.request import Request
+
+
+def timeline(rid, arrival, prompt, output, scheduled=None, times=(), preemptions=0, rejected=None):
+    r = Request(rid, arrival, prompt, output)
+    r.scheduled_s = scheduled
+    r.token_times_s = list(times)
+    r.num_generated = len(times)
+    r.first_token_s = times[0] if times else None
+    r.completion_s = times[-1] if len(times) == output else None
+    r.num_preemptions = preemptions
+    r.rejected = rejected
+    return r
+
+
+@pytest.fixture
+def requests():
+    return [
+        # preempted after its 2nd token and recomputed: the gap 2 -> 5 counts as one TBT of 3 s
+        timeline(0, 0.0, 10, 3, scheduled=0.5, times=[1.0, 2.0, 5.0], preemptions=1),
+        timeline(1, 1.0, 20, 2, scheduled=1.0, times=[3.0, 3.5]),
+        timeline(2, 2.0, 5, 1, scheduled=4.0, times=[6.0]),
+        timeline(3, 3.0, 9000, 5, rejected="too long"),                 # never scheduled
+        timeline(4, 4.0, 8, 4, scheduled=4.5, times=[5.0, 5.5]),        # unfinished (2 of 4 tokens)
+    ]
+
+
+def test_requests_table_by_hand(requests):
+    t = requests_table(requests)
+    assert list(t.columns) == REQUEST_COLUMNS
+    t = t.set_index("request_id")
+    done = t.loc[[0, 1, 2]]
+    assert done["ttft_s"].tolist() == [1.0, 2.0, 4.0]
+    assert done["scheduling_delay_s"].tolist() == [0.5, 0.0, 2.0]
+    assert done["e2e_s"].tolist() == [5.0, 2.5, 4.0]
+    assert done["tpot_s"].iloc[:2].tolist() == [2.0, 0.5]            # (5-1)/2, (3.5-3)/1
+    assert math.isnan(done["tpot_s"].iloc[2])                         # one output token: undefined
+    assert t["num_preemptions"].tolist() == [1, 0, 0, 0, 0]
+    # rejected: nothing known; unfinished: first token and scheduling known, completion not
+    assert t.loc[3, ["scheduled_s", "first_token_s", "completion_s", "ttft_s", "e2e_s"]].isna().all()
+    assert t.loc[4, "ttft_s"] == 1.0 and math.isnan(t.loc[4, "completion_s"]) and math.isnan(t.loc[4, "e2e_s"])
+
+
+def test_tbt_pools_every_gap_of_every_request(requests):
+    assert sorted(tbt_gaps(requests).tolist()) == [0.5, 0.5, 1.0, 3.0]
+    assert tbt_gaps([requests[2], requests[3]]).size == 0
+
+
+def test_distribution_percentiles():
+    d = distribution(np.arange(1, 101))
+    assert d == {"mean": 50.5, "p50": 50.5, "p90": pytest.approx(90.1), "p99": pytest.approx(99.01), "max": 100.0}
+    assert distribution([4.0, float("nan"), 2.0]) == {"mean": 3.0, "p50": 3.0, "p90": pytest.approx(3.8),
+                                                      "p99": pytest.approx(3.98), "max": 4.0}
+    assert distribution([]) == {"mean": None, "p50": None, "p90": None, "p99": None, "max": None}
+
+
+def test_summary_by_hand(requests):
+    iterations = pd.DataFrame({"start_s": [0.5, 1.0], "duration_s": [0.5, 0.5], "batch_size": [1, 2],
+                               "num_prefill_tokens": [10, 20], "num_decode_tokens": [0, 1],
+                               "kv_blocks_used": [2, 4], "kv_blocks_total": [10, 10]}, columns=ITERATION_COLUMNS)
+    s = summarize(requests, iterations, num_rejected=1, num_preemptions=1)
+    for key in ("ttft_s", "tbt_s", "tpot_s", "e2e_s", "scheduling_delay_s"):
+        assert set(s[key]) == {"mean", "p50", "p90", "p99", "max"}
+    assert s["ttft_s"]["mean"] == pytest.approx(7 / 3) and s["ttft_s"]["p50"] == 2.0 and s["ttft_s"]["max"] == 4.0
+    assert s["ttft_s"]["p90"] == pytest.approx(3.6)                   # linear interpolation of [1, 2, 4]
+    assert s["e2e_s"]["mean"] == pytest.approx(11.5 / 3) and s["e2e_s"]["max"] == 5.0
+    assert s["tpot_s"]["mean"] == pytest.approx(1.25) and s["tpot_s"]["max"] == 2.0
+    assert s["tbt_s"]["mean"] == pytest.approx(5 / 4) and s["tbt_s"]["max"] == 3.0
+    assert s["normalized_latency_s_per_token"]["mean"] == pytest.approx((5 / 3 + 2.5 / 2 + 4 / 1) / 3)
+    assert s["requests_completed"] == 3
+    assert s["requests_rejected"] == 1
+    assert s["num_preemptions"] == 1
+    # makespan = last completion (6) - first arrival (0); completed tokens = (10+3) + (20+2) + (5+1) = 41
+    assert s["makespan_s"] == 6.0
+    assert s["throughput_tokens_per_s"] == pytest.approx(41 / 6)
+    assert s["output_throughput_tokens_per_s"] == pytest.approx(6 / 6)
+    assert s["throughput_requests_per_s"] == pytest.approx(3 / 6)
+    assert s["num_iterations"] == 2
+    assert s["kv_cache_utilization"] == {"mean": pytest.approx(0.3), "max": pytest.approx(0.4)}
+
+
+def test_summary_of_nothing_completed():
+    r = timeline(0, 1.0, 10, 2, rejected="too long")
+    s = summarize([r], pd.DataFrame(columns=ITERATION_COLUMNS), num_rejected=1, num_preemptions=0)
+    assert s["requests_completed"] == 0 and s["requests_rejected"] == 1
+    assert s["ttft_s"]["p99"] is None and s["throughput_tokens_per_s"] == 0.0 and s["makespan_s"] == 0.0
+
+
+def test_request_advance_emits_tokens_at_the_end_of_the_iteration_that_completes_the_prompt():
+    r = Request(0, 0.0, prompt_tokens=10, output_tokens=3)
+    assert not r.advance(6, 1.0)                       # first chunk: no token
+    assert r.remaining_tokens == 4 and not r.is_decoding
+    assert r.advance(4, 2.0)                           # prompt complete: first token
+    assert r.is_decoding and r.first_token_s == 2.0
+    assert r.advance(1, 3.0)
+    r.preempt()                                        # recompute: KV dropped, prompt + 2 outputs to redo
+    assert r.num_computed_tokens == 0 and r.remaining_tokens == 12 and r.num_preemptions == 1
+    assert r.advance(12, 7.0) and r.is_finished
+    assert r.token_times_s == [2.0, 3.0, 7.0] and r.completion_s == 7.0
+    assert r.max_kv_tokens == 12
