@@ -1,0 +1,164 @@
+"""The analytical roofline cost model (issue 2): per operator max(FLOPs / (peak x eff), bytes / (bandwidth x eff))
++ launch overhead, attention by chunk context, gated MLP, tensor parallelism with a ring all-reduce; the breakdown
+sums to the iteration time. Operator formulas are those of the table in ``cost_models/roofline.py``."""
+from __future__ import annotations
+
+import pytest
+
+from cost_models.base import ConstantCostModel, CostModel
+from cost_models.roofline import RooflineConstants, RooflineCostModel
+from cost_models.specs import SpecError
+from simulator.plan import BatchPlan
+
+# First-estimate constants stated in RooflineConstants, fixed here so calibrated defaults cannot move the
+# hand-computed values.
+C = RooflineConstants(matmul_compute_eff=0.70, attn_compute_eff=0.50, bandwidth_eff=0.80,
+                      attn_decode_bandwidth_eff=0.60, elementwise_bandwidth_eff=0.60, launch_overhead_s=4e-6,
+                      iteration_overhead_s=3e-3)
+A100_FP16 = 312e12          # dense FLOP/s, NVIDIA A100 datasheet
+A100_BW = 2.039e12          # bytes/s, A100 80GB SXM
+NVLINK = 300e9              # bytes/s per direction, from the device spec
+NVLINK_LATENCY = 8e-6
+
+
+def mistral(tp=1, pp=1):
+    return RooflineCostModel("Mistral-7B", "A100-80GB-SXM", tp=tp, pp=pp, constants=C)
+
+
+def prefill(*chunks):
+    """chunks: (new_tokens, context_len) of prefill entries."""
+    return BatchPlan.from_entries([(i, n, k) for i, (n, k) in enumerate(chunks)], num_decodes=0)
+
+
+def decodes(*contexts):
+    return BatchPlan.from_entries([(i, 1, k) for i, k in enumerate(contexts)], num_decodes=len(contexts))
+
+
+def mixed(contexts, chunks):
+    entries = [(i, 1, k) for i, k in enumerate(contexts)]
+    entries += [(100 + i, n, k) for i, (n, k) in enumerate(chunks)]
+    return BatchPlan.from_entries(entries, num_decodes=len(contexts))
+
+
+PLANS = {
+    "decode": decodes(*[500 + 37 * i for i in range(24)]),
+    "prefill": prefill((512, 0), (300, 1024)),
+    "mixed": mixed([100, 2000, 4000], [(256, 512), (97, 0)]),
+    "single": decodes(0),
+}
+MODELS = [("Mistral-7B", "A100", 1, 1), ("Mistral-7B", "A100", 2, 1), ("Llama-2-70B", "H100", 4, 1),
+          ("Falcon-180B", "H200", 8, 1), ("Llama-3-8B", "A40", 1, 2), ("tiny", "cpu", 1, 1)]
+
+
+def test_both_cost_models_follow_the_protocol():
+    assert isinstance(mistral(), CostModel)
+    assert isinstance(ConstantCostModel(), CostModel)
+
+
+def test_constant_cost_model():
+    m = ConstantCostModel(fixed_s=0.01, per_token_s=0.001, per_context_token_s=1e-5)
+    plan = mixed([100], [(50, 10)])          # 51 tokens, 110 context tokens
+    assert m.iteration_time(plan) == pytest.approx(0.01 + 0.051 + 0.0011)
+    assert sum(m.breakdown(plan).values()) == pytest.approx(m.iteration_time(plan))
+
+
+@pytest.mark.parametrize("model, device, tp, pp", MODELS)
+@pytest.mark.parametrize("plan", PLANS.values(), ids=PLANS.keys())
+def test_breakdown_sums_to_iteration_time(model, device, tp, pp, plan):
+    cm = RooflineCostModel(model, device, tp=tp, pp=pp)
+    parts = cm.breakdown(plan)
+    assert all(v >= 0 for v in parts.values())
+    assert sum(parts.values()) == pytest.approx(cm.iteration_time(plan), rel=1e-12)
+    assert cm.iteration_time(plan) > 0
+
+
+def test_breakdown_names_the_operators_of_a_layer():
+    ops = mistral().breakdown(PLANS["mixed"])
+    for name in ("input_layernorm", "attn_pre_proj", "attn_rope", "attn_kv_cache_save", "attn_prefill",
+                 "attn_decode", "attn_post_proj", "post_attention_layernorm", "mlp_up_proj", "mlp_act",
+                 "mlp_down_proj", "add", "lm_head"):
+        assert ops[name] > 0, name
+    assert "attn_decode" not in mistral().breakdown(PLANS["prefill"])
+    assert "attn_prefill" not in mistral().breakdown(PLANS["decode"])
+
+
+# --- hand-computed operators ----------------------------------------------------------------------------------
+
+def roofline(flops, nbytes, compute_eff, bw_eff, peak=A100_FP16, bw=A100_BW):
+    return max(flops / (peak * compute_eff), nbytes / (bw * bw_eff)) + 4e-6
+
+
+def test_mlp_down_proj_by_hand_memory_bound_decode_and_compute_bound_prefill():
+    f, h = 14336, 4096
+    # one decode token: FLOPs 2*1*f*h, bytes (f*h weights + 1*(f + h) activations) x 2 bytes -> memory-bound
+    one = 32 * roofline(2 * f * h, (f * h + (f + h)) * 2, 0.70, 0.80)
+    assert one == pytest.approx(32 * ((f * h + f + h) * 2 / (A100_BW * 0.8) + 4e-6))
+    assert mistral().breakdown(decodes(100))["mlp_down_proj"] == pytest.approx(one, rel=1e-12)
+    # a 4096-token prefill: FLOPs 2*4096*f*h = 481 GFLOP -> compute-bound
+    big = 32 * roofline(2 * 4096 * f * h, (f * h + 4096 * (f + h)) * 2, 0.70, 0.80)
+    assert big == pytest.approx(32 * (2 * 4096 * f * h / (A100_FP16 * 0.7) + 4e-6))
+    assert mistral().breakdown(prefill((4096, 0)))["mlp_down_proj"] == pytest.approx(big, rel=1e-12)
+
+
+def test_attention_by_hand():
+    q, kv = 32 * 128, 8 * 128
+    # a 1024-token chunk after 2048 cached tokens attends to its context plus (causally) itself:
+    # FLOPs 4*q*c*(k + (c+1)/2), elements 2*c*q (Q in, O out) + (k+c)*2*kv (K and V read)
+    c, k = 1024, 2048
+    expect = 32 * roofline(4 * q * c * (k + (c + 1) / 2), (2 * c * q + (k + c) * 2 * kv) * 2, 0.50, 0.80)
+    assert mistral().breakdown(prefill((c, k)))["attn_prefill"] == pytest.approx(expect, rel=1e-12)
+    # 8 decodes with 1023 cached tokens each read their whole KV (1024 tokens with the new one)
+    ctx = 8 * 1024
+    expect = 32 * roofline(4 * q * ctx, (ctx * 2 * kv + 8 * 2 * q) * 2, 0.50, 0.60)
+    assert mistral().breakdown(decodes(*[1023] * 8))["attn_decode"] == pytest.approx(expect, rel=1e-12)
+
+
+def test_ring_all_reduce_by_hand_two_per_layer():
+    # Megatron-style tensor parallelism all-reduces the T x h activations twice per layer (after the attention
+    # output projection and after the MLP down projection); a ring all-reduce of B bytes over p GPUs takes
+    # 2(p-1)/p * B / link bandwidth + 2(p-1) * link latency (Patarasuk & Yuan, JPDC 2009).
+    T, h, p = 4096, 4096, 2
+    one = 2 * (p - 1) / p * T * h * 2 / NVLINK + 2 * (p - 1) * NVLINK_LATENCY
+    assert mistral(tp=2).breakdown(prefill((T, 0)))["all_reduce"] == pytest.approx(32 * 2 * one, rel=1e-9)
+
+
+def test_tensor_parallelism_is_cheaper_per_gpu_for_a_large_prefill_but_adds_all_reduce():
+    plan = prefill((4096, 0))
+    one, two = mistral(tp=1), mistral(tp=2)
+    assert one.breakdown(plan).get("all_reduce", 0.0) == 0.0
+    assert two.breakdown(plan)["all_reduce"] > 0
+    assert two.iteration_time(plan) < one.iteration_time(plan)
+    assert two.breakdown(plan)["mlp_up_proj"] == pytest.approx(one.breakdown(plan)["mlp_up_proj"] / 2, rel=0.01)
+
+
+def test_pipeline_parallelism_prices_one_stage():
+    plan = prefill((2048, 0))
+    one, two = mistral(), mistral(pp=2)
+    assert two.breakdown(plan)["mlp_down_proj"] == pytest.approx(one.breakdown(plan)["mlp_down_proj"] / 2)
+    assert two.breakdown(plan)["send_recv"] > 0
+
+
+# --- more work is never cheaper ----------------------------------------------------------------------------
+
+def non_decreasing(values):
+    return all(a <= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("model, device, tp, pp", MODELS)
+def test_more_tokens_are_never_cheaper(model, device, tp, pp):
+    cm = RooflineCostModel(model, device, tp=tp, pp=pp)
+    cost = cm.iteration_time
+    assert non_decreasing([cost(decodes(*[700] * b)) for b in range(1, 257)])                  # decode batch
+    assert non_decreasing([cost(decodes(k)) for k in range(0, 32768, 97)])                      # decode context
+    assert non_decreasing([cost(decodes(*[k] * 32)) for k in range(0, 8192, 61)])
+    assert non_decreasing([cost(prefill((n, 0))) for n in range(1, 4097, 3)])                   # chunk size
+    assert non_decreasing([cost(prefill((n, 3000))) for n in range(1, 2049, 7)])
+    assert non_decreasing([cost(prefill((512, k))) for k in range(0, 16384, 113)])              # chunk context
+    assert non_decreasing([cost(mixed([1000] * b, [(256, 512)])) for b in range(0, 129)])       # decodes piggyback
+
+
+def test_unknown_model_and_indivisible_heads_are_errors():
+    with pytest.raises(SpecError, match="known models"):
+        RooflineCostModel("GPT-5", "A100")
+    with pytest.raises(ValueError, match="tp=3"):
+        RooflineCostModel("Mistral-7B", "A100", tp=3)
