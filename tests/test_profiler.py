@@ -1,0 +1,274 @@
+"""The profiler (issue 3): shape grids, timing statistics, the torch operators' semantics, the profile CSV schema,
+resuming an interrupted run, and the ``servesim profile`` command."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from cost_models.specs import load_model
+from profiler.grid import (GridSpec, build_grid, decode_kv_lens, decode_shapes, prefill_shapes, shape_bytes,
+                           shape_key, token_counts)
+from profiler.schema import COLUMNS, PROFILE_CSV, LayerShapes, ProfileError, read_profile
+from profiler.timing import TimingStats
+
+TINY = load_model("tiny")
+
+
+# --- grids (no torch) ------------------------------------------------------------------------------------------
+
+def test_token_counts_dense_then_geometric():
+    # 1..4 dense, then x1.5 rounded: 6, 9, 13.5 -> 14, 21 capped at 20
+    assert token_counts(20, 4, 1.5) == [1, 2, 3, 4, 6, 9, 14, 20]
+    assert token_counts(3, 8, 1.1) == [1, 2, 3]
+    assert token_counts(12, 2, 1.01) == list(range(1, 13))      # growth below +1 still steps by one
+    with pytest.raises(ValueError, match="growth > 1"):
+        token_counts(10, 2, 1.0)
+
+
+def test_decode_kv_patterns():
+    assert decode_kv_lens(3, 100, "uniform") == [100, 100, 100]
+    assert decode_kv_lens(4, 100, "linear") == [25, 50, 75, 100]
+    assert decode_kv_lens(3, 10, "linear") == [4, 7, 10]         # ceil(10/3), ceil(20/3), 10
+    with pytest.raises(ValueError, match="pattern"):
+        decode_kv_lens(2, 10, "random")
+
+
+def test_prefill_and_decode_shapes_respect_bounds():
+    spec = GridSpec(max_context=512, max_batch=8, prefill_chunks=(1, 256, 512), prefill_contexts=(0, 256, 512),
+                    decode_batches=(1, 4, 16), decode_kv_lens=(128, 1024))
+    assert prefill_shapes(spec) == [(1, 0), (1, 256), (256, 0), (256, 256), (512, 0)]
+    # batch 16 > max_batch and kv 1024 > max_context are dropped; linear only for batches > 1
+    assert decode_shapes(spec) == [(1, 128, "uniform"), (4, 128, "uniform"), (4, 128, "linear")]
+
+
+def test_build_grid_filters_by_memory_and_orders_largest_first():
+    shapes = LayerShapes.of(TINY)
+    spec = GridSpec.quick()
+    rows = build_grid(spec, shapes, 4, device_type="cpu")
+    sizes = [shape_bytes(r, shapes, 4, "cpu") for r in rows]
+    assert sizes == sorted(sizes, reverse=True)
+    assert len({shape_key(r) for r in rows}) == len(rows)          # no duplicate shapes
+    budget = sizes[len(sizes) // 2]
+    kept = build_grid(spec, shapes, 4, device_type="cpu", memory_budget_bytes=budget)
+    assert 0 < len(kept) < len(rows)
+    assert all(shape_bytes(r, shapes, 4, "cpu") <= budget for r in kept)
+    ops = {r["operator"] for r in build_grid(spec, shapes, 4, operators=["add", "attn_decode"])}
+    assert ops == {"add", "attn_decode"}
+
+
+def test_layer_shapes_shard_heads_ffn_and_vocab():
+    s = LayerShapes.of(load_model("Llama-3-8B"), tp=4)
+    assert (s.num_q_heads, s.num_kv_heads, s.ffn_size, s.vocab_size) == (8, 2, 3584, 32064)
+    assert s.mlp_in == 2 * 3584 and s.q_size == 8 * 128
+    assert LayerShapes.of(load_model("Llama-3-8B"), tp=16).num_kv_heads == 1   # replicated when fewer than tp
+    with pytest.raises(ValueError, match="tp=3"):
+        LayerShapes.of(TINY, tp=3)
+
+
+def test_timing_stats_from_samples():
+    s = TimingStats.from_samples([3.0, 1.0, 2.0, 6.0], calls_per_sample=5)
+    assert (s.time_min_s, s.time_median_s, s.time_mean_s, s.num_runs) == (1.0, 2.5, 3.0, 20)
+    assert s.time_std_s == pytest.approx((((3 - 3) ** 2 + 4 + 1 + 9) / 4) ** 0.5)
+    with pytest.raises(ValueError):
+        TimingStats.from_samples([])
+
+
+def test_read_profile_names_the_bad_line_and_field(tmp_path):
+    path = tmp_path / PROFILE_CSV
+    row = {c: 0 for c in COLUMNS} | {"operator": "add", "num_tokens": 4, "kv_pattern": "", "time_min_s": 1e-6,
+                                      "time_median_s": 2e-6, "time_mean_s": 2e-6, "time_std_s": 0.0}
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerow(row)
+        w.writerow(row | {"time_median_s": -1})
+    with pytest.raises(ProfileError, match=r"line 3: field time_median_s"):
+        read_profile(tmp_path)
+    with pytest.raises(ProfileError, match="profile not found"):
+        read_profile(tmp_path / "missing")
+
+
+# --- torch operators -------------------------------------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def layer():
+    from profiler.ops import Layer
+
+    torch.manual_seed(0)
+    lay = Layer(LayerShapes.of(TINY), device="cpu", dtype="float32", max_positions=256)
+    lay.ensure_kv_cache(4, 64)
+    return lay
+
+
+def _reference_attention(q, k, v, visible):
+    """Plain softmax attention of one head: q [n, d], k/v [L, d], visible [n, L] booleans."""
+    scores = (q @ k.T) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def test_prefill_chunk_attends_bottom_right_causal(layer):
+    from profiler.ops import attention_prefill, prefill_metadata
+
+    s, ctx, c = layer.shapes, 20, 6
+    q = torch.randn(c, s.q_size)
+    out = attention_prefill(q, layer.k_cache, layer.v_cache, prefill_metadata(c, ctx, slot=1))
+    group = s.num_q_heads // s.num_kv_heads
+    visible = torch.arange(ctx + c)[None, :] <= ctx + torch.arange(c)[:, None]   # query i sees keys 0..ctx+i
+    for h in range(s.num_q_heads):
+        k = layer.k_cache[1, h // group, :ctx + c]
+        v = layer.v_cache[1, h // group, :ctx + c]
+        ref = _reference_attention(q.view(c, -1, s.head_dim)[:, h], k, v, visible)
+        assert torch.allclose(out.view(c, -1, s.head_dim)[:, h], ref, atol=1e-5)
+
+
+def test_decode_batch_reads_each_sequence_up_to_its_length(layer):
+    from profiler.ops import attention_decode, decode_metadata
+
+    s, lens = layer.shapes, [9, 30, 17]
+    q = torch.randn(3, s.q_size)
+    out = attention_decode(q, layer.k_cache, layer.v_cache, decode_metadata(lens))
+    group = s.num_q_heads // s.num_kv_heads
+    for i, n in enumerate(lens):
+        for h in range(s.num_q_heads):
+            k, v = layer.k_cache[i, h // group, :n], layer.v_cache[i, h // group, :n]
+            ref = _reference_attention(q.view(3, -1, s.head_dim)[i, h][None], k, v, torch.ones(1, n, dtype=bool))
+            assert torch.allclose(out.view(3, -1, s.head_dim)[i, h], ref[0], atol=1e-5)
+    with pytest.raises(ValueError, match=">= 1"):
+        decode_metadata([3, 0])
+
+
+def test_kv_cache_save_writes_slots_and_positions(layer):
+    from profiler.ops import kv_cache_save
+
+    s = layer.shapes
+    k, v = torch.randn(3, s.kv_size), torch.randn(3, s.kv_size)
+    kv_cache_save(k, v, layer.k_cache, layer.v_cache, torch.tensor([0, 2, 2]), torch.tensor([5, 7, 8]))
+    assert torch.equal(layer.k_cache[2, :, 7], k[1].view(s.num_kv_heads, s.head_dim))
+    assert torch.equal(layer.v_cache[2, :, 8], v[2].view(s.num_kv_heads, s.head_dim))
+
+
+def test_rms_norm_and_rope_by_hand(layer):
+    from profiler.ops import rms_norm, rope_cache, rotary_embedding
+
+    x = torch.tensor([[3.0, 4.0]])
+    assert torch.allclose(rms_norm(x, torch.ones(2), eps=0.0), x / (12.5 ** 0.5))
+    d = layer.shapes.head_dim
+    q, k = torch.randn(5, layer.shapes.q_size), torch.randn(5, layer.shapes.kv_size)
+    table = rope_cache(64, d)
+    q0, k0 = rotary_embedding(q, k, torch.zeros(5, dtype=torch.long), table, d)
+    assert torch.allclose(q0, q) and torch.allclose(k0, k)             # position 0: no rotation
+    q7, _ = rotary_embedding(q, k, torch.full((5,), 7), table, d)
+    norms = lambda t: t.view(5, -1, d).norm(dim=-1)                    # noqa: E731 - a rotation keeps lengths
+    assert torch.allclose(norms(q7), norms(q), atol=1e-5)
+
+
+def test_every_operator_has_a_callable(layer):
+    from profiler.ops import OPERATORS, operator_callable
+
+    for op in OPERATORS:
+        fn = operator_callable(layer, op, num_tokens=5, chunk_size=4, context_len=3, kv_lens=[4, 6])
+        fn()
+    with pytest.raises(ValueError, match="unknown operator"):
+        operator_callable(layer, "softmax", num_tokens=1)
+
+
+def test_time_operator_on_cpu():
+    from profiler.timing import TimingConfig, time_operator
+
+    x = torch.randn(64, 64)
+    stats = time_operator(lambda: x @ x, "cpu", TimingConfig(warmup=1, min_samples=3, min_run_time_s=0.0),
+                          num_threads=1)
+    assert 0 < stats.time_min_s <= stats.time_median_s and stats.num_runs >= 3
+    assert torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match="'cuda' or 'cpu'"):
+        time_operator(lambda: None, "tpu")
+
+
+# --- profile runs: schema, meta, resume -----------------------------------------------------------------------
+
+SMALL = GridSpec(max_tokens=6, dense_tokens=3, token_growth=1.5, max_batch=3, max_context=16,
+                 prefill_chunks=(1, 8), prefill_contexts=(0, 8), decode_batches=(1, 3), decode_kv_lens=(4, 16))
+OPS = ["add", "attn_pre_proj", "lm_head", "attn_prefill", "attn_decode"]
+
+
+def _run(out, **kw):
+    from profiler.run import run_profile
+    from profiler.timing import TimingConfig
+
+    fast = TimingConfig(warmup=0, min_samples=2, max_samples=3, min_run_time_s=0.0)
+    return run_profile(TINY, device="cpu", out_dir=out, grid=SMALL, timing=fast, operators=OPS, progress=False,
+                       **kw)
+
+
+def _rows(path):
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_profile_csv_schema_and_meta(tmp_path):
+    path = _run(tmp_path)
+    df = read_profile(tmp_path)
+    assert list(df.columns) == list(COLUMNS)
+    expected = build_grid(SMALL, LayerShapes.of(TINY), 4, device_type="cpu", operators=OPS)
+    assert sorted(shape_key(r) for r in _rows(path)) == sorted(shape_key(r) for r in expected)
+    assert (df["time_min_s"] <= df["time_median_s"]).all() and (df["time_median_s"] > 0).all()
+    assert set(df["device"]) == {"cpu"} and set(df["dtype"]) == {"float32"} and set(df["num_threads"]) == {1}
+    assert set(df["attention_backend"]) == {"torch_sdpa"} and set(df["model"]) == {"tiny"}
+    assert set(df["torch_version"]) == {torch.__version__} and set(df["hidden_size"]) == {256}
+    dec = df[df["operator"] == "attn_decode"]
+    assert set(zip(dec["batch_size"], dec["kv_len"], dec["kv_total"], dec["kv_pattern"])) == {
+        (1, 4, 4, "uniform"), (1, 16, 16, "uniform"), (3, 4, 12, "uniform"), (3, 4, 2 + 3 + 4, "linear"),
+        (3, 16, 48, "uniform"), (3, 16, 6 + 11 + 16, "linear")}
+    pre = df[df["operator"] == "attn_prefill"]
+    assert set(zip(pre["chunk_size"], pre["context_len"], pre["kv_len"])) == {(1, 0, 1), (1, 8, 9), (8, 0, 8),
+                                                                              (8, 8, 16)}
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["complete"] and meta["num_rows"] == len(df) and meta["device"] == "cpu"
+    assert meta["torch_version"] == torch.__version__ and meta["num_threads"] == 1 and meta["tp"] == 1
+    assert meta["model_shape"]["num_kv_heads"] == 2 and meta["time_unit"] == "s"
+
+
+def test_interrupted_run_resumes_without_duplicates(tmp_path):
+    path = _run(tmp_path)
+    full = _rows(path)
+    lines = path.read_text().splitlines(keepends=True)
+    # keep the header and 5 rows, then half of the 6th row: a run killed while writing
+    path.write_text("".join(lines[:6]) + lines[6][: len(lines[6]) // 2])
+    kept = _rows(path)[:5]
+    _run(tmp_path)
+    again = _rows(path)
+    assert len(again) == len(full)
+    assert sorted(shape_key(r) for r in again) == sorted(shape_key(r) for r in full)
+    assert again[:5] == kept                                            # finished rows are not redone
+    _run(tmp_path)                                                      # a complete run adds nothing
+    assert len(_rows(path)) == len(full)
+
+
+def test_folder_of_another_profile_is_refused(tmp_path):
+    _run(tmp_path)
+    with pytest.raises(ProfileError, match="dtype"):
+        _run(tmp_path, dtype="bfloat16")
+
+
+def test_profile_command(tmp_path):
+    from click.testing import CliRunner
+
+    from simulator.cli import main
+
+    out = tmp_path / "p"
+    res = CliRunner().invoke(main, ["profile", "--model", "tiny", "--device", "cpu", "--operators", "add",
+                                    "--max-tokens", "3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "profiled tiny" in res.output and len(read_profile(out)) == 3
+    bad = CliRunner().invoke(main, ["profile", "--model", "tiny", "--device", "cpu", "--operators", "softmax",
+                                    "--out", str(out)])
+    assert bad.exit_code == 2 and "unknown softmax" in bad.output
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(main, ["profile", "--model", "tiny", "--device", "cuda", "--out", str(out)])
+        assert res.exit_code == 2 and "no CUDA device" in res.output
