@@ -25,8 +25,8 @@ all_reduce (tp>1)   ring all-reduce of T·h elements, 2 per layer: 2·(tp-1)/tp 
 
 T = tokens in the iteration, c = a prefill chunk's new tokens, k = its context already cached, h = hidden size,
 q = query heads × head_dim, kv = KV heads × head_dim, f = FFN size; elements × dtype bytes = bytes. Once per
-iteration: the embedding lookup, the LM head over one row per sequence that emits a token (2·B·h·V FLOPs, V·h/tp
-weights read), the sampler, and a fixed CPU overhead (scheduling, input preparation, output processing).
+iteration: the embedding lookup, the LM head over one row per scheduled sequence (2·B·h·V FLOPs, V·h/tp weights
+read; vLLM computes the logits of each sequence's last token, including a partial prefill chunk's), the sampler, and a fixed CPU overhead (scheduling, input preparation, output processing).
 
 Pipeline parallelism (``pp`` > 1) is priced as the time of one stage (layers/pp) — the iteration rate of a full
 pipeline — plus a send/recv of the activations per stage boundary.
@@ -102,6 +102,8 @@ class RooflineCostModel:
         m = self.model
         if m.num_attention_heads % tp:
             raise ValueError(f"{m.name}: {m.num_attention_heads} attention heads do not divide by tp={tp}")
+        if m.num_layers % pp:
+            raise ValueError(f"{m.name}: {m.num_layers} layers do not divide by pp={pp}")
         self.tp, self.pp = tp, pp
         self.c = constants or default_constants(self.device.name)
         self.layers = m.num_layers / pp
@@ -120,6 +122,7 @@ class RooflineCostModel:
         return max(flops / (self.flops * compute_eff), elements * self.dt / (self.bw * bw_eff)) + self.c.launch_overhead_s
 
     def _all_reduce(self, tokens: int) -> float:
+        """One ring all-reduce of ``tokens x hidden`` activations across ``tp`` GPUs (seconds)."""
         if self.tp == 1:
             return 0.0
         nbytes = tokens * self.h * self.dt
@@ -145,7 +148,7 @@ class RooflineCostModel:
             "mlp_act": self._op(5 * T * f, T * (self.mlp_in + 1) * f, 1.0, ew),
             "mlp_down_proj": self._op(2 * T * f * h, f * h + T * (f + h), mm, c.bandwidth_eff),
             "add": self._op(2 * T * h, 6 * T * h, 1.0, ew),
-            "all_reduce": self._all_reduce(T),
+            "all_reduce": 2 * self._all_reduce(T),   # after the O projection and after the MLP down projection
         }
         if len(self._linear_cache) < 65536:
             self._linear_cache[T] = ops

@@ -18,6 +18,46 @@ class ConfigError(ValueError):
     """A configuration key that is unknown or has a bad value."""
 
 
+# key -> (kind, allowed values or None). Kinds: "posint", "optposint", "nonnegint", "posfloat", "fraction",
+# "unitfraction", "bool", "str", "optstr", "choice".
+_CHECKS = {
+    "model": ("str", None), "device": ("str", None), "tp": ("posint", None), "pp": ("posint", None),
+    "scheduler": ("choice", SCHEDULER_NAMES), "token_budget": ("posint", None),
+    "max_batch_size": ("optposint", None), "max_num_batched_tokens": ("optposint", None),
+    "max_model_len": ("optposint", None), "block_size": ("posint", None),
+    "gpu_memory_utilization": ("unitfraction", None), "watermark": ("fraction", None),
+    "cost_model": ("optstr", None), "trace": ("str", None), "num_requests": ("optposint", None),
+    "qps": ("posfloat", None), "arrival": ("choice", ("poisson", "gamma")), "cv": ("posfloat", None),
+    "retime": ("bool", None), "shuffle": ("bool", None), "drop_long": ("bool", None), "seed": ("nonnegint", None),
+}
+
+
+def _check_field(key: str, value) -> None:
+    kind, allowed = _CHECKS[key]
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_num = (is_int or isinstance(value, float)) and value == value
+    ok = {
+        "posint": is_int and value >= 1,
+        "optposint": value is None or (is_int and value >= 1),
+        "nonnegint": is_int and value >= 0,
+        "posfloat": is_num and value > 0,
+        "fraction": is_num and 0 <= value < 1,
+        "unitfraction": is_num and 0 < value <= 1,
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str) and value != "",
+        "optstr": value is None or (isinstance(value, str) and value != ""),
+        "choice": value in (allowed or ()),
+    }[kind]
+    if not ok:
+        want = {
+            "posint": "a positive integer", "optposint": "a positive integer or null",
+            "nonnegint": "a non-negative integer", "posfloat": "a positive number", "fraction": "a number in [0, 1)",
+            "unitfraction": "a number in (0, 1]", "bool": "true or false", "str": "a non-empty string",
+            "optstr": "a non-empty string or null", "choice": "one of " + ", ".join(allowed or ()),
+        }[kind]
+        raise ConfigError(f"{key}: must be {want}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """Everything needed to rerun a simulation. Units: seconds, tokens, requests per second.
@@ -56,19 +96,8 @@ class SimConfig:
     seed: int = 42
 
     def __post_init__(self):
-        if self.scheduler not in SCHEDULER_NAMES:
-            raise ConfigError(f"scheduler: unknown {self.scheduler!r}; known: {', '.join(SCHEDULER_NAMES)}")
-        for key in ("tp", "pp", "token_budget", "block_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be a positive integer, got {getattr(self, key)!r}")
-        for key in ("max_batch_size", "max_num_batched_tokens", "max_model_len", "num_requests"):
-            v = getattr(self, key)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{key}: must be a positive integer, got {v!r}")
-        if not self.qps > 0:
-            raise ConfigError(f"qps: must be positive, got {self.qps!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        for f in fields(self):
+            _check_field(f.name, getattr(self, f.name))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from cost_models.roofline import RooflineCostModel
 from cost_models.specs import load_device, load_model
-from simulator.config import DEFAULT_NUM_REQUESTS, SimConfig
+from simulator.config import DEFAULT_NUM_REQUESTS, ConfigError, SimConfig
 from simulator.kv_cache import BlockManager, num_kv_blocks
 from simulator.metrics import ITERATION_COLUMNS, requests_table, summarize
 from simulator.replica import IterationLog, run_replica
@@ -87,6 +87,13 @@ def build_scheduler(config: SimConfig, model=None, device=None):
     device = device or load_device(config.device)
     max_len = effective_max_model_len(config, model)
     max_batch = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE[config.scheduler]
+    if model.num_layers % config.pp:
+        raise ConfigError(f"pp: {model.name} has {model.num_layers} layers, which do not divide by pp={config.pp}")
+    if config.scheduler == "vllm" and config.max_num_batched_tokens and config.max_num_batched_tokens < max_len:
+        # vLLM without chunked prefill refuses this too (SchedulerConfig._verify_args): a prompt longer than the
+        # per-iteration token limit could never be prefilled.
+        raise ConfigError(f"max_num_batched_tokens: {config.max_num_batched_tokens} is below max_model_len "
+                          f"{max_len}; vLLM cannot prefill longer prompts (lower --max-model-len instead)")
     if config.scheduler == "sarathi":
         peak_tokens = config.token_budget
     else:

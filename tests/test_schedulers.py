@@ -362,7 +362,7 @@ def test_idle_replica_wakes_up_at_the_next_arrival(name, make_requests, replay):
 
 def test_simulate_with_given_requests_and_cost_model_leaves_inputs_untouched():
     reqs = [Request(0, 0.0, 30, 3), Request(1, 0.0, 40, 2), Request(2, 0.0, 10, 2)]
-    res = simulate(scheduler="vllm", max_num_batched_tokens=64, requests=reqs,
+    res = simulate(scheduler="vllm", max_num_batched_tokens=64, max_model_len=64, requests=reqs,
                    cost_model=ConstantCostModel(fixed_s=1.0), record_plans=True)
     # the same schedule as test_vllm_head_of_line_token_limit_then_prefill_only_and_decode_only
     assert [p.request_ids for p in res.log.plans] == [(0,), (1, 2), (0, 1, 2), (0,)]

@@ -96,8 +96,12 @@ class DeviceSpec:
     aliases: tuple = ()
 
     def flops(self, dtype: str) -> float:
-        """Peak dense FLOP/s for ``dtype``; falls back to float16."""
-        return float(self.peak_flops.get(dtype, self.peak_flops.get("float16")))
+        """Peak dense FLOP/s for ``dtype``; falls back to float16. Raises SpecError if neither is given."""
+        value = self.peak_flops.get(dtype, self.peak_flops.get("float16"))
+        if value is None:
+            raise SpecError(f"device {self.name}: peak_flops has no entry for {dtype} (nor float16); "
+                            f"has {', '.join(self.peak_flops) or 'none'}")
+        return float(value)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -168,7 +172,11 @@ def _from_hf_config(path: Path) -> ModelSpec:
     if cfg.get("multi_query") and "num_kv_heads" not in cfg:
         kv_heads = 1
     ffn = get("intermediate_size", "ffn_hidden_size", "n_inner", default=4 * hidden)
-    act = str(cfg.get("hidden_act", cfg.get("activation", "silu"))).lower()
+    act = cfg.get("hidden_act") or cfg.get("activation_function") or cfg.get("activation")
+    if act is None:   # Falcon, GPT-2, OPT, BLOOM, GPT-NeoX configs name no activation or use their own key: GELU
+        act = "gelu" if cfg.get("model_type") in ("falcon", "RefinedWeb", "RefinedWebModel", "gpt2", "opt", "bloom",
+                                                     "gpt_neox", "gptj") else "silu"
+    act = str(act).lower()
     torch_dtype = str(cfg.get("torch_dtype", "float16")).replace("torch.", "")
     return ModelSpec(
         name=str(cfg.get("_name_or_path") or path.parent.name or "hf-model"),
@@ -229,7 +237,11 @@ def load_device(name_or_path: str | Path) -> DeviceSpec:
                     "interconnect_latency_s"):
             if key in data:
                 data[key] = float(data[key]) if key != "memory_bytes" else int(float(data[key]))
+        key = "peak_flops"
         data["peak_flops"] = {k: float(v) for k, v in dict(data.get("peak_flops") or {}).items()}
     except (TypeError, ValueError) as exc:
-        raise SpecError(f"{source}: field {key if 'peak' not in str(exc) else 'peak_flops'} is not a number: {exc}") from None
+        raise SpecError(f"{source}: field {key} is not a number: {exc}") from None
+    if "peak_flops" in data and "float16" not in data["peak_flops"]:
+        raise SpecError(f"{source}: field peak_flops needs a float16 entry (the fallback for other dtypes); "
+                        f"has {', '.join(data['peak_flops']) or 'none'}")
     return _build(DeviceSpec, data, {"name", "memory_bytes", "peak_flops", "memory_bandwidth_bytes_per_s"}, source)
