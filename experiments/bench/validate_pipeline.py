@@ -5,8 +5,10 @@ Prints the wall time of each step and of the pipeline, then the median and P95 a
 validated iterations, overall and per batch kind (prefill-only, decode-only, mixed). ``--roofline`` skips profile
 and fit and validates the roofline model instead (the CPU device spec's figures are order-of-magnitude only).
 
-    python experiments/bench/validate_pipeline.py [--out runs/bench_validate] [--num-requests 40] [--qps 8]
-        [--max-iterations 60] [--threads 2] [--roofline]
+    python experiments/bench/validate_pipeline.py [--out runs/bench_validate] [--num-requests 60] [--qps 8]
+        [--max-model-len 2048] [--max-iterations 60] [--cpu-clock thread] [--roofline]
+
+Requests are limited to 2048 tokens by default: the contexts the quick profile covers.
 """
 from __future__ import annotations
 
@@ -34,19 +36,19 @@ def run(step: str, args: list) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench_validate", help="working folder (replaced)")
-    ap.add_argument("--num-requests", type=int, default=40)
+    ap.add_argument("--num-requests", type=int, default=60)
     ap.add_argument("--qps", type=float, default=8.0)
+    ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-iterations", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for validate (default: all cores)")
+    ap.add_argument("--cpu-clock", choices=["thread", "wall"], default="thread")
     ap.add_argument("--roofline", action="store_true", help="validate the roofline model (no profile, no fit)")
     args = ap.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     walls = {}
     validate = ["--model", "tiny", "--device", "cpu", "--exec-device", "cpu", "--num-requests", args.num_requests,
-                "--qps", args.qps, "--max-iterations", args.max_iterations, "--out", out / "validate"]
-    if args.threads:
-        validate += ["--threads", args.threads]
+                "--qps", args.qps, "--max-model-len", args.max_model_len, "--max-iterations", args.max_iterations,
+                "--cpu-clock", args.cpu_clock, "--out", out / "validate"]
     if not args.roofline:
         walls["profile"] = run("profile", ["--model", "tiny", "--device", "cpu", "--quick", "--out", out / "profile"])
         walls["fit"] = run("fit", [out / "profile", "--out", out / "model"])
