@@ -36,7 +36,8 @@ def small_device(tmp_path, *, kv_blocks: int, peak_tokens: int, max_seqs: int = 
     need = TINY.weight_bytes() + activation_reserve_bytes(TINY, peak_tokens, max_seqs) + kv_blocks * kv_bytes_per_block(TINY)
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump({"name": "small-cpu", "memory_bytes": math.ceil(need / 0.9) + 64,
-                                    "peak_flops": {"float32": 1e11}, "memory_bandwidth_bytes_per_s": 2e10}))
+                                    "peak_flops": {"float16": 2e10, "float32": 1e11},
+                                    "memory_bandwidth_bytes_per_s": 2e10}))
     return str(path)
 
 
