@@ -216,8 +216,11 @@ class SlotKVCache:
                  dtype, device, generator: torch.Generator):
         self.num_slots, self.capacity = num_slots, capacity
         shape = (num_slots, kv_heads, capacity, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device).normal_(generator=generator) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device).normal_(generator=generator) for _ in range(num_layers)]
+        def random_cache():
+            return torch.empty(shape, dtype=dtype, device=device).normal_(generator=generator)
+
+        self.k = [random_cache() for _ in range(num_layers)]
+        self.v = [random_cache() for _ in range(num_layers)]
         self._free = list(range(num_slots))            # a min-heap: the lowest free slot first
         self.slot_of: dict[int, int] = {}
         self.owner: dict[int, int] = {}

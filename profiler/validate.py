@@ -26,8 +26,8 @@ Two ways to bring each iteration's requests to the KV lengths the plan says:
 
 Sampling (``stratified_sample``): the quota is split evenly over the batch kinds present (prefill-only,
 decode-only, mixed; a kind with fewer iterations gives its surplus to the others); within a kind the
-iterations are sorted by size (new tokens + cached tokens read) and cut into as many equal bins as its quota, one iteration
-drawn per bin with the seed, so small and large batches of each kind are covered.
+iterations are sorted by size (new tokens + cached tokens read) and cut into as many equal bins as its quota,
+one iteration drawn per bin with the seed, so small and large batches of each kind are covered.
 
 Re-timing (``retime_requests``): the same plans in the same order; iteration ``i`` starts when iteration ``i-1``
 ends or when the last of its requests arrives, whichever is later, and lasts the given duration; requests

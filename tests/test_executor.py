@@ -33,7 +33,8 @@ def prefill(rid, n, ctx=0):
 
 def small_device(tmp_path, *, kv_blocks: int, peak_tokens: int, max_seqs: int = 128):
     """A device spec whose memory leaves exactly ``kv_blocks`` KV blocks for the tiny model (forces preemption)."""
-    need = TINY.weight_bytes() + activation_reserve_bytes(TINY, peak_tokens, max_seqs) + kv_blocks * kv_bytes_per_block(TINY)
+    need = (TINY.weight_bytes() + activation_reserve_bytes(TINY, peak_tokens, max_seqs)
+            + kv_blocks * kv_bytes_per_block(TINY))
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump({"name": "small-cpu", "memory_bytes": math.ceil(need / 0.9) + 64,
                                     "peak_flops": {"float16": 2e10, "float32": 1e11},
@@ -65,7 +66,8 @@ def test_kv_lengths_follow_the_simulated_context_lengths(tmp_path, scheduler, bu
             computed[rid] = 0
         ex.prepare(plan)                                      # raises PlanStateError on any mismatch
         assert [ex.kv_len(rid) for rid in plan.request_ids] == list(plan.context_lens)
-        assert sorted(ex.kv.slot_of[rid] for rid in plan.request_ids[:plan.num_decodes]) == list(range(plan.num_decodes))
+        decode_slots = sorted(ex.kv.slot_of[rid] for rid in plan.request_ids[:plan.num_decodes])
+        assert decode_slots == list(range(plan.num_decodes))
         assert list(plan.context_lens) == [computed[rid] for rid in plan.request_ids]
         hidden, tokens = ex.forward(plan)
         ex.commit(plan)
@@ -122,7 +124,8 @@ def test_mixed_batch_equals_each_entry_alone(executor):
 
 def test_context_mismatch_is_refused_and_fill_sets_it(executor):
     executor.step(prefill(9, 10))
-    with pytest.raises(PlanStateError, match=r"request 9: executor holds 10 KV tokens but the plan's context_len is 40"):
+    with pytest.raises(PlanStateError,
+                       match=r"request 9: executor holds 10 KV tokens but the plan's context_len is 40"):
         executor.prepare(BatchPlan((9,), (1,), (40,), 1))
     timing = executor.measure(BatchPlan((9, 11), (1, 5), (40, 33), 1), fill=True, warmup=0, repeats=2)
     assert timing.runs == 2 and timing.min_s > 0
@@ -162,7 +165,8 @@ def test_slot_cache_moves_decodes_to_the_front_with_their_kv():
 
 
 def test_memory_refusal_before_allocating():
-    with pytest.raises(ExecutorMemoryError, match=r"^Falcon-180B needs .* GiB on cpu \(weights .*\) but .* GiB is free"):
+    with pytest.raises(ExecutorMemoryError,
+                       match=r"^Falcon-180B needs .* GiB on cpu \(weights .*\) but .* GiB is free"):
         Executor("falcon-180b", "cpu", num_slots=1, capacity=16)
     with pytest.raises(ExecutorMemoryError, match=r"KV cache 128\.00 GiB for 16384 requests x 4096 tokens"):
         check_fits(TINY, "cpu", num_slots=2 ** 14, capacity=4096)
