@@ -30,8 +30,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cost_models.specs import load_device, load_model
 from simulator.config import SimConfig
+from simulator.metrics import ITERATION_COLUMNS, summarize
+from simulator.replica import run_replica
+from simulator.simulation import build_cost_model, build_scheduler, load_requests
 from simulator.slo import SLO, certain_violation_count, evaluate_slo, fluidity_of, make_slo, predicted_prefill_s
+from traces import BUILTIN_WORKLOADS
 
 SUMMARY_KEYS = [("ttft_s", "p50"), ("ttft_s", "p99"), ("tbt_s", "p50"), ("tbt_s", "p99"),
                 ("scheduling_delay_s", "p50"), ("scheduling_delay_s", "p99"), ("e2e_s", "p50")]
@@ -134,8 +139,6 @@ class _Monitor:
 
 def trial_config(config: SimConfig, qps: float) -> SimConfig:
     """``config`` at ``qps``; a file trace is re-timed (capacity needs arrivals at each QPS)."""
-    from traces import BUILTIN_WORKLOADS
-
     return config.with_(qps=float(qps), retime=None if config.trace in BUILTIN_WORKLOADS else True)
 
 
@@ -144,11 +147,6 @@ def run_trial(config: SimConfig, slo: SLO, qps: float, *, cost_model=None, early
 
     ``cost_model`` replaces the one the config names (reuse one across trials: the roofline caches per-size costs).
     """
-    from cost_models.specs import load_device, load_model
-    from simulator.metrics import ITERATION_COLUMNS, summarize
-    from simulator.replica import run_replica
-    from simulator.simulation import build_cost_model, build_scheduler, load_requests
-
     config = trial_config(config, qps)
     model, device = load_model(config.model), load_device(config.device)
     requests = load_requests(config, model)
@@ -254,7 +252,6 @@ def find_capacity(config: SimConfig | None = None, slo: SLO | None = None, *, qp
     min_qps = qps / 64 if min_qps is None else float(min_qps)
     slo = slo or make_slo("sarathi", model=config.model)
     if cost_model is None:
-        from simulator.simulation import build_cost_model
         cost_model = build_cost_model(config)
 
     trials: dict[float, Trial] = {}

@@ -44,6 +44,7 @@ import yaml
 
 from simulator.capacity import COUNT_KEYS, SUMMARY_KEYS, find_capacity
 from simulator.config import ConfigError, SimConfig
+from simulator.simulation import simulate
 from simulator.slo import SLO_NAMES, evaluate_slo, make_slo
 
 MODES = ("capacity", "qps")
@@ -206,8 +207,6 @@ def run_point(point: dict, mode: str, search: dict) -> tuple[dict, dict | None]:
             row.update(best.summary)
             row["deadline_miss_rate_p99"] = best.values.get("deadline_miss_rate_p99")
         return row, result.to_dict()
-    from simulator.simulation import simulate
-
     result = simulate(config)
     s = result.summary
     row = {f"{m}_{q}": s[m][q] for m in ("ttft_s", "tbt_s", "tpot_s", "e2e_s", "scheduling_delay_s") for q in _DIST}
