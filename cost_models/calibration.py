@@ -3,11 +3,11 @@
 Regenerate with ``python experiments/calibrate_roofline.py`` (see its docstring for the method).
 ``cost_models.roofline.default_constants(device_name)`` reads ``CALIBRATED[device_name]``.
 """
-# Source: Vidur's A100-80GB profiling tables (microsoft/vidur, MIT licence), read from
-#   ../shared/data/profiles/vidur/compute/a100/meta-llama/Meta-Llama-3-8B/mlp.csv      (per-token operators, TP 1/2/4/8)
-#   ../shared/data/profiles/vidur/compute/a100/meta-llama/Llama-2-7b-hf/mlp.csv        (per-token operators)
-#   ../shared/data/profiles/vidur/compute/a100/legacy-e2d00e9/mlp.csv, attention.csv   (CodeLlama-34B shape at TP 2; FlashAttention)
-#   ../shared/data/profiles/vidur/compute/a100/legacy-e2d00e9/cpu_overheads.csv        (per-iteration CPU overhead)
+# Source: Vidur's A100-80GB profiling tables (microsoft/vidur, MIT licence) under ../shared/data/profiles/vidur/compute/a100/:
+#   meta-llama/Meta-Llama-3-8B/mlp.csv                (per-token operators, TP 1/2/4/8)
+#   meta-llama/Llama-2-7b-hf/mlp.csv                  (per-token operators)
+#   legacy-e2d00e9/mlp.csv, attention.csv             (CodeLlama-34B shape at TP 2; FlashAttention)
+#   legacy-e2d00e9/cpu_overheads.csv                  (per-iteration CPU overhead)
 # Method: least squares of log(roofline / reference) over 234 batch plans (reference: the Vidur-fitted model of
 # the CodeLlama-34B shape at TP 2 and of Llama-3-8B at TP 1, measured operators only) plus every raw table row
 # (operators weighted equally), FLOP and byte terms taken from RooflineCostModel itself; iteration_overhead_s =
@@ -35,13 +35,13 @@ Regenerate with ``python experiments/calibrate_roofline.py`` (see its docstring 
 #   iteration_overhead_s (CPU)     13    31.8%    29.5%
 CALIBRATED = {
     "A100-80GB-SXM": {
-        'matmul_compute_eff': 0.6789158688408086,
-        'attn_compute_eff': 0.22449288752665827,
-        'bandwidth_eff': 0.7111403181509587,
-        'attn_decode_bandwidth_eff': 0.6395851391225188,
-        'elementwise_bandwidth_eff': 0.43424894180543855,
-        'launch_overhead_s': 3.983112400142853e-06,
-        "iteration_overhead_s": 0.0023123497842725492,
+        'matmul_compute_eff': 0.6789,
+        'attn_compute_eff': 0.2245,
+        'bandwidth_eff': 0.7111,
+        'attn_decode_bandwidth_eff': 0.6396,
+        'elementwise_bandwidth_eff': 0.4342,
+        'launch_overhead_s': 3.983e-06,
+        "iteration_overhead_s": 0.002312,
         "source": "calibrated on Vidur A100 tables (cost_models/calibration.py)",
     },
 }
