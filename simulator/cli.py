@@ -140,17 +140,9 @@ def specs():
 
 # Commands of other parts of servesim live beside the code they drive and register here. Their modules must
 # not import torch at import time (only inside the command), so `servesim simulate` works without torch.
+from profiler.cli import fit as _fit, profile as _profile  # noqa: E402  (profiling and fitting, issue 3)
+from profiler.cli_validate import validate as _validate  # noqa: E402  (validation, issue 4)
+from simulator.cli_experiments import capacity, plot, regress, sweep  # noqa: E402  (issue 5)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-from profiler.cli_validate import validate as _validate  # noqa: E402  (issue 4: servesim validate)
-main.add_command(_validate)
-
-import simulator.cli_experiments  # noqa: E402,F401  (issue 5: registers capacity, sweep, plot, regress on main)
-
-from profiler.cli import fit as _fit_command, profile as _profile_command  # noqa: E402  (profiler, issue 3)
-
-main.add_command(_profile_command)
-main.add_command(_fit_command)
+for _command in (_profile, _fit, _validate, capacity, sweep, plot, regress):
+    main.add_command(_command)

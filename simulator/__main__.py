@@ -1,0 +1,4 @@
+"""``python -m simulator`` is ``servesim``."""
+from simulator.cli import main
+
+main()
