@@ -1,8 +1,8 @@
 """Profiler: time one decoder layer's operators (torch, CUDA or CPU) over a shape grid into a tidy CSV.
 
 Modules: ``ops`` (the operators in torch), ``timing`` (CUDA events / ``torch.utils.benchmark``), ``grid`` (shape
-grids), ``run`` (resumable profile runs), ``schema`` (names, columns, reader), ``cli`` (``servesim profile`` and
-``servesim fit``). Importing ``profiler``, ``profiler.schema``, ``profiler.grid`` or ``profiler.cli`` does not
+grids), ``run`` (resumable profile runs), ``collectives`` (all-reduce and send/recv across processes), ``schema``
+(names, columns, reader), ``cli`` (``servesim profile`` and ``servesim fit``). Importing ``profiler``, ``profiler.schema``, ``profiler.grid`` or ``profiler.cli`` does not
 import torch; ``profiler.ops`` does.
 
 Profile folder format (``servesim profile --out DIR``)
@@ -17,8 +17,8 @@ column                meaning
 operator              ``input_layernorm``, ``attn_pre_proj`` (QKV), ``attn_rope``, ``attn_kv_cache_save``,
                       ``attn_post_proj`` (O), ``post_attention_layernorm``, ``mlp_up_proj`` (gate+up),
                       ``mlp_act``, ``mlp_down_proj``, ``add`` (ONE residual add; a layer has two), ``emb``,
-                      ``lm_head``, ``attn_prefill``, ``attn_decode``; imported tables may add ``all_reduce``,
-                      ``send_recv``, ``cpu_overhead``
+                      ``lm_head``, ``attn_prefill``, ``attn_decode``; with ``tp`` > 1 GPUs ``all_reduce`` (over
+                      ``tp`` workers) and ``send_recv`` (between two); Vidur imports may add ``cpu_overhead``
 num_tokens            query tokens the operator processes: T for token operators, rows (= sequences) for
                       ``lm_head``, the chunk for ``attn_prefill``, the batch for ``attn_decode``
 chunk_size            ``attn_prefill``: new tokens of the chunk (else 0)
@@ -52,7 +52,8 @@ hidden_size .. tp     the model's (unsharded) shape: ``hidden_size, num_attentio
 ``dtype``, ``device``, ``device_name``, ``driver`` (NVIDIA driver version, CUDA only), ``cuda_version``,
 ``torch_version``, ``python_version``, ``platform``, ``attention_backend``, ``num_threads``, ``quick``, ``grid``
 (``grid.GridSpec`` fields), ``timing`` (``timing.TimingConfig`` fields), ``columns``, ``time_unit`` ("s"),
-``complete`` (false while running or after an interruption) and ``num_rows``.
+``collectives`` (whether all-reduce/send-recv rows were timed), ``complete`` (false while running or after an
+interruption) and ``num_rows``.
 
 Read a profile with ``profiler.schema.read_profile(DIR)`` (validates and raises ``ProfileError`` naming file, line
 and field) and ``read_meta(DIR)``.

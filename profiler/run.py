@@ -110,7 +110,7 @@ def _check_meta(out: Path, meta: dict) -> None:
 def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = None, quick: bool = False,
                 out_dir: str | Path, num_threads: int | None = None, grid: GridSpec | None = None,
                 timing: TimingConfig | None = None, operators=None, max_context: int | None = None,
-                max_tokens: int | None = None, progress: bool = True) -> Path:
+                max_tokens: int | None = None, collectives: bool | None = None, progress: bool = True) -> Path:
     """Profile one layer of ``model`` (a ModelSpec) and return the CSV path.
 
     Args:
@@ -120,6 +120,8 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
         num_threads: CPU threads (default 1: steadier timings on shared machines); recorded on every row.
         operators: subset of operator names (default all). max_context/max_tokens: grid bounds (default: the
             model's context length, at most 2048 with ``quick`` and 8192 otherwise).
+        collectives: also time all-reduce over ``tp`` workers and send/recv by message size
+            (``profiler.collectives``); default: on CUDA when ``tp`` > 1 and that many GPUs are visible.
     Raises ProfileError for an unavailable device, a folder holding another profile, or a shape that runs out
     of memory (the grid runs largest first, so that happens early).
     """
@@ -188,9 +190,40 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
                 bar.update(1)
     if bar is not None:
         bar.close()
-    meta.update(complete=True, num_rows=len(done) + len(todo))
+    if collectives is None:
+        collectives = device == "cuda" and tp > 1 and torch.cuda.device_count() >= tp
+    meta["collectives"] = bool(collectives)
+    added = _profile_collectives(csv_path, done, model, tp, device, dtype, grid, timing, constant, dtype_bytes) \
+        if collectives else 0
+    meta.update(complete=True, num_rows=len(done) + len(todo) + added)
     (out / META_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return csv_path
+
+
+def _profile_collectives(csv_path, done, model, tp, device, dtype, grid, timing, constant, dtype_bytes) -> int:
+    """Append all-reduce and send/recv rows not yet in the CSV (messages up to max_tokens activations)."""
+    from profiler.collectives import message_sizes, profile_collectives
+    from profiler.grid import shape_row
+
+    if tp < 2:
+        raise ProfileError("collectives need tp >= 2 (all-reduce over the tensor-parallel workers)")
+    sizes = message_sizes(grid.max_tokens * model.hidden_size * dtype_bytes)
+
+    def row(op, nbytes):
+        return {**shape_row(op), "message_bytes": nbytes, "num_workers": tp if op == "all_reduce" else 2}
+
+    todo = [n for n in sizes if any(shape_key(row(op, n)) not in done for op in ("all_reduce", "send_recv"))]
+    if not todo:
+        return 0
+    rows = profile_collectives(tp, device=device, dtype=dtype, sizes=todo, timing=timing)
+    with csv_path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        for r in rows:
+            full = {**row(r["operator"], r["message_bytes"]), **{k: r[k] for k in TIME_COLUMNS}, **constant}
+            if shape_key(full) not in done:
+                writer.writerow(full)
+                f.flush()
+    return len(rows)
 
 
 def _time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes):

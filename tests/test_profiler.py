@@ -272,3 +272,24 @@ def test_profile_command(tmp_path):
     if not torch.cuda.is_available():
         res = CliRunner().invoke(main, ["profile", "--model", "tiny", "--device", "cuda", "--out", str(out)])
         assert res.exit_code == 2 and "no CUDA device" in res.output
+
+
+def test_collectives_by_message_size_on_cpu_gloo(tmp_path):
+    from profiler.collectives import message_sizes
+
+    assert message_sizes(10000) == [2048, 4096, 8192, 10000]
+    from profiler.run import run_profile
+    from profiler.timing import TimingConfig
+
+    kw = dict(device="cpu", tp=2, out_dir=tmp_path, operators=["add"], progress=False, collectives=True,
+              grid=GridSpec(max_tokens=8, dense_tokens=2, token_growth=2.0),
+              timing=TimingConfig(warmup=1, min_samples=3, min_run_time_s=0.0))
+    run_profile(TINY, **kw)
+    df = read_profile(tmp_path)
+    coll = df[df["operator"].isin(["all_reduce", "send_recv"])]
+    sizes = message_sizes(8 * 256 * 4)                                   # max tokens x hidden x float32
+    assert sorted(coll.loc[coll["operator"] == "all_reduce", "message_bytes"]) == sizes
+    assert set(coll.loc[coll["operator"] == "all_reduce", "num_workers"]) == {2}
+    assert (coll["time_median_s"] > 0).all() and set(df["tp"]) == {2}
+    run_profile(TINY, **kw)                                              # resumes: nothing added
+    assert len(read_profile(tmp_path)) == len(df)
