@@ -3,7 +3,8 @@
 Regenerate with ``python experiments/calibrate_roofline.py`` (see its docstring for the method).
 ``cost_models.roofline.default_constants(device_name)`` reads ``CALIBRATED[device_name]``.
 """
-# Source: Vidur's A100-80GB profiling tables (microsoft/vidur, MIT licence) under ../shared/data/profiles/vidur/compute/a100/:
+# Source: Vidur's A100-80GB profiling tables (microsoft/vidur, MIT licence), under
+#   ../shared/data/profiles/vidur/compute/a100/:
 #   meta-llama/Meta-Llama-3-8B/mlp.csv                (per-token operators, TP 1/2/4/8)
 #   meta-llama/Llama-2-7b-hf/mlp.csv                  (per-token operators)
 #   legacy-e2d00e9/mlp.csv, attention.csv             (CodeLlama-34B shape at TP 2; FlashAttention)

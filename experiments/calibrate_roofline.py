@@ -20,9 +20,9 @@ log error of the plans' times plus, with the same total weight, that of every ra
 weighted equally) — the plans make the sums right, the rows keep each constant physical (fitting plans alone
 drives the elementwise efficiency to ~0.13 to absorb other operators' errors) (``scipy.optimize.least_squares``).
 ``iteration_overhead_s`` is the per-batch CPU overhead measured by Vidur with the least median error over batch
-sizes 8-128 (the roofline's is one constant; Vidur's grows from 1.2 ms at 8 sequences to 5.8 ms at 128). Errors are then recomputed through
-``RooflineCostModel`` with the fitted constants: per plan, and per operator on the raw table rows (Vidur's ``add``
-is one residual add, the roofline's both, so it is compared with twice the measurement).
+sizes 8-128 (the roofline's is one constant; Vidur's grows from 1.2 ms at 8 sequences to 5.8 ms at 128). Errors are
+then recomputed through ``RooflineCostModel`` with the fitted constants: per plan, and per operator on the raw table
+rows (Vidur's ``add`` is one residual add, the roofline's both, so it is compared with twice the measurement).
 
     python experiments/calibrate_roofline.py [--vidur DIR] [--write cost_models/calibration.py]
         [--vidur-model MODEL_DIR]   # a `servesim fit --from-vidur` folder for the comparison (else fitted here)
@@ -266,7 +266,8 @@ def write_calibration(path: Path, constants: dict, table: pd.DataFrame, overhead
 Regenerate with ``python experiments/calibrate_roofline.py`` (see its docstring for the method).
 ``cost_models.roofline.default_constants(device_name)`` reads ``CALIBRATED[device_name]``.
 """
-# Source: Vidur's A100-80GB profiling tables (microsoft/vidur, MIT licence) under {vidur}/compute/a100/:
+# Source: Vidur's A100-80GB profiling tables (microsoft/vidur, MIT licence), under
+#   {vidur}/compute/a100/:
 #   meta-llama/Meta-Llama-3-8B/mlp.csv                (per-token operators, TP 1/2/4/8)
 #   meta-llama/Llama-2-7b-hf/mlp.csv                  (per-token operators)
 #   legacy-e2d00e9/mlp.csv, attention.csv             (CodeLlama-34B shape at TP 2; FlashAttention)

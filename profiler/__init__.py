@@ -2,8 +2,8 @@
 
 Modules: ``ops`` (the operators in torch), ``timing`` (CUDA events / ``torch.utils.benchmark``), ``grid`` (shape
 grids), ``run`` (resumable profile runs), ``collectives`` (all-reduce and send/recv across processes), ``schema``
-(names, columns, reader), ``cli`` (``servesim profile`` and ``servesim fit``). Importing ``profiler``, ``profiler.schema``, ``profiler.grid`` or ``profiler.cli`` does not
-import torch; ``profiler.ops`` does.
+(names, columns, reader), ``cli`` (``servesim profile`` and ``servesim fit``). Importing ``profiler``,
+``profiler.schema``, ``profiler.grid`` or ``profiler.cli`` does not import torch; ``profiler.ops`` does.
 
 Profile folder format (``servesim profile --out DIR``)
 =====================================================

@@ -1,4 +1,5 @@
-"""A profile run: time every operator of one layer of a model over a shape grid into ``DIR/profile.csv`` + ``meta.json``.
+"""A profile run: time every operator of one layer of a model over a shape grid into ``DIR/profile.csv`` and
+``DIR/meta.json``.
 
 ``run_profile(model, device="cpu", out_dir=...)`` writes ``meta.json`` first, then appends one CSV line per timed
 shape and flushes it, so an interrupted run loses at most the shape being timed. Run again with the same arguments
