@@ -25,7 +25,7 @@ def user_errors(func):
     runs, so that importing this module first does not import ``simulator.cli`` mid-way (it imports us)."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from simulator.cli import user_errors as wrap
+        from simulator.cli_options import user_errors as wrap
         return wrap(func)(*args, **kwargs)
     return wrapper
 

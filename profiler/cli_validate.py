@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from simulator.cli import config_from_options, simulate_options, user_errors
+from simulator.cli_options import config_from_options, simulate_options, user_errors
 
 
 def _default_exec_device() -> str:

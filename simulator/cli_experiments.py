@@ -1,7 +1,7 @@
 """``servesim capacity``, ``sweep``, ``plot`` and ``regress``: the experiment commands, and the capacity baseline.
 
-Importing this module registers the commands on ``simulator.cli.main`` (``simulator.cli`` imports it at its end;
-registering here rather than there keeps either import order working). Nothing here imports torch.
+``simulator.cli`` registers these commands; shared options come from ``simulator.cli_options``. Nothing here
+imports torch.
 
 The capacity baseline (``experiments/baselines/capacity.json``) holds the capacities of a small fixed set of
 configurations (``entries``: a ``name``, a sweep ``point`` and its ``capacity_qps``), the capacity-search settings
@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import yaml
 
-from simulator.cli import config_from_options, main, simulate_options, user_errors
+from simulator.cli_options import config_from_options, simulate_options, user_errors
 from simulator.slo import SLO_LEVELS, SLO_NAMES
 
 DEFAULT_BASELINE = Path(__file__).resolve().parent.parent / "experiments" / "baselines" / "capacity.json"
@@ -247,7 +247,3 @@ def regress(baseline_path, update, only, jobs):
         sys.exit(1)
     click.echo(f"all {len(entries)} capacities within {data['tolerance']:.0%} of the baseline ({wall:.0f} s)")
 
-
-COMMANDS = (capacity, sweep, plot, regress)
-for _command in COMMANDS:
-    main.add_command(_command)

@@ -19,6 +19,7 @@ from simulator.metrics import ITERATION_COLUMNS, requests_table, summarize
 from simulator.replica import IterationLog, run_replica
 from simulator.request import Request
 from simulator.schedulers import SCHEDULERS
+from simulator.slo import fluidity_per_request, token_times_table
 
 DEFAULT_MAX_BATCH_SIZE = {"vllm": 128, "sarathi": 128, "orca": 16, "fastertransformer": 16}
 
@@ -35,15 +36,23 @@ class SimResult:
     cost_model: object = None
 
     def requests_table(self) -> pd.DataFrame:
-        return requests_table(self.requests)
+        """One row per request: ``metrics.REQUEST_COLUMNS`` then the Etalon fluidity columns
+        (``slo.FLUIDITY_COLUMNS``: TTFT deadline, deadlines, misses, miss rate, fluidity index)."""
+        table = requests_table(self.requests)
+        if self.cost_model is None:
+            return table
+        return table.merge(fluidity_per_request(self.requests, self.cost_model), on="request_id", how="left")
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write ``summary.json``, ``requests.csv`` and ``iterations.csv`` into ``out_dir`` (created)."""
+    def write(self, out_dir: str | Path, *, tokens: bool = False) -> Path:
+        """Write ``summary.json``, ``requests.csv`` and ``iterations.csv`` (and ``tokens.csv``, one row per output
+        token, if ``tokens``) into ``out_dir`` (created)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps({**self.summary, "config": self.config.to_dict()}, indent=2) + "\n")
         self.requests_table().to_csv(out / "requests.csv", index=False)
         self.iterations.to_csv(out / "iterations.csv", index=False)
+        if tokens:
+            token_times_table(self.requests).to_csv(out / "tokens.csv", index=False)
         return out
 
 
