@@ -38,8 +38,10 @@ Pricing an iteration (``FittedCostModel``): per layer, the token operators at th
 (``add`` twice: after attention and after the MLP), ``attn_prefill`` summed over the prefill chunks,
 ``attn_decode`` for the decode batch, and with ``tp > 1`` two all-reduces of the activations; times the layers
 of one pipeline stage; plus once per iteration ``emb``, ``lm_head`` (one row per sequence), ``send_recv`` between
-stages and ``cpu_overhead``. Operators the profile lacks are priced by the roofline model (``breakdown`` keeps
-the roofline's names) and listed in ``FittedProfile.fallbacks``.
+stages and ``cpu_overhead`` — the profiled operator by the number of sequences (``servesim profile`` times input
+preparation and greedy sampling; Vidur's tables the engine's scheduling, input preparation, sampling and output
+processing), or a configured constant (``fit_profile(cpu_overhead_s=)``). Operators the profile lacks are priced
+by the roofline model (``breakdown`` keeps the roofline's names) and listed in ``FittedCostModel.fallbacks``.
 
 Files: ``servesim fit`` writes ``MODEL_DIR/model.json`` (readable summary) and
 ``MODEL_DIR/fitted-<profile hash>.joblib``; ``load_cost_model(MODEL_DIR, model=, device=, tp=, pp=)`` reads them.
@@ -435,7 +437,9 @@ class FittedCostModel:
         self.fallbacks = sorted(set(self.token_fallback) |
                                 {op for op in ("attn_prefill", "attn_decode", "emb", "lm_head") if op not in tables} |
                                 ({"all_reduce"} if tp > 1 and "all_reduce" not in tables else set()) |
-                                ({"send_recv"} if pp > 1 and "send_recv" not in tables else set()))
+                                ({"send_recv"} if pp > 1 and "send_recv" not in tables else set()) |
+                                ({"cpu_overhead"} if fitted.cpu_overhead_s is None and "cpu_overhead" not in tables
+                                 and fitted.meta.get("device") != "cpu" else set()))
         self.cpu_overhead_s = fitted.cpu_overhead_s
         self._token_cache: dict[int, dict] = {}
         self._prefill_cache: dict[tuple, float] = {}
@@ -482,6 +486,8 @@ class FittedCostModel:
             cpu = self.cpu_overhead_s
         elif "cpu_overhead" in self.tables:
             cpu = self.tables["cpu_overhead"](B)
+        elif self.fitted.meta.get("device") == "cpu":
+            cpu = 0.0                       # a CPU profile without the operator: no engine to charge for
         else:
             cpu = self.roofline.c.iteration_overhead_s
         hit = (lm, cpu)

@@ -89,8 +89,8 @@ def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, o
 @click.option("--device", help="Device spec the tables were measured on (default: the profile's; "
                                 "A100-80GB-SXM for Vidur tables, cpu for CPU profiles).")
 @click.option("--cpu-overhead-ms", type=float,
-              help="Per-iteration CPU overhead (default: Vidur's cpu_overheads.csv, 0 for CPU profiles, else the "
-                   "roofline's).")
+              help="Per-iteration CPU overhead, replacing the profiled cpu_overhead operator (default: the "
+                   "profile's or Vidur's cpu_overhead by batch size, else the roofline's constant).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split and the trees.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fitted model.")
 @click.option("--force", is_flag=True, help="Refit even if OUT holds a model of the same profile.")
@@ -135,8 +135,7 @@ def fit(profile_dir, vidur_dir, model, tp, device, cpu_overhead_ms, seed, out, f
     df = pd.concat(frames, ignore_index=True)
     meta["device_spec"] = load_device(device).name if device else meta.get("device_spec") or \
         _guess_device_spec(meta.get("device"), meta.get("device_name", ""))
-    cpu_overhead_s = cpu_overhead_ms / 1e3 if cpu_overhead_ms is not None else (
-        0.0 if meta.get("device") == "cpu" else None)
+    cpu_overhead_s = cpu_overhead_ms / 1e3 if cpu_overhead_ms is not None else None
 
     bounds = TableBounds()
     settings = {"seed": seed, "version": FIT_VERSION, "bounds": bounds.__dict__, "cpu_overhead_s": cpu_overhead_s}

@@ -3,7 +3,8 @@
 Operator names are the cost models' (``cost_models/roofline.py``): ``input_layernorm``, ``attn_pre_proj`` (QKV),
 ``attn_rope``, ``attn_kv_cache_save``, ``attn_prefill``, ``attn_decode``, ``attn_post_proj`` (O),
 ``post_attention_layernorm``, ``mlp_up_proj`` (gate+up for SwiGLU), ``mlp_act``, ``mlp_down_proj``, ``add`` (one
-residual add; a layer has two), and once per iteration ``emb`` and ``lm_head``. Shapes follow vLLM's
+residual add; a layer has two), and once per iteration ``emb``, ``lm_head`` and ``cpu_overhead`` (the host-side
+work of an iteration outside the layers: input preparation and greedy sampling; see ``operator_callable``). Shapes follow vLLM's
 Llama/Mistral implementation; tensor parallelism is modelled by sharding on one device (``LayerShapes.of(model,
 tp)`` holds the per-GPU heads, FFN and vocabulary).
 
@@ -253,8 +254,12 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
                       kv_lens=None, seed: int = 0):
     """A no-argument function running operator ``name`` once on random inputs of the given shape.
 
-    Shapes: token operators and ``lm_head`` take ``num_tokens`` (rows; for ``lm_head`` the sequences sampled),
-    ``attn_prefill`` a ``chunk_size`` with ``context_len`` cached tokens, ``attn_decode`` a list ``kv_lens``.
+    Shapes: token operators, ``lm_head`` and ``cpu_overhead`` take ``num_tokens`` (rows; for the last two the
+    sequences B of the iteration), ``attn_prefill`` a ``chunk_size`` with ``context_len`` cached tokens,
+    ``attn_decode`` a list ``kv_lens``. ``cpu_overhead`` is what an engine does per iteration outside the layers,
+    as Vidur's ``prepare_inputs`` and ``sampler`` (Agrawal et al., MLSys 2024, §4.3): token positions and KV-cache
+    slots built from Python lists and moved to the device, the decode attention metadata of B sequences of unequal
+    lengths (``decode_metadata``), and greedy sampling (argmax over ``[B, vocab/tp]`` logits).
     Raises ValueError for an unknown operator name.
     """
     s, dev, dt = layer.shapes, layer.device, layer.dtype
@@ -303,6 +308,16 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
     if name == "lm_head":
         x = rand(T, s.hidden_size)
         return lambda: x @ layer.w_lm_head
+    if name == "cpu_overhead":
+        logits = rand(T, s.vocab_size)
+        context = [16 + (997 * i) % 1009 for i in range(T)]      # unequal lengths, fixed
+
+        def host_work():
+            torch.tensor(context, device=dev)                       # positions
+            torch.tensor(list(range(T)), device=dev)                # KV-cache slots
+            decode_metadata([c + 1 for c in context], dev)
+            return logits.argmax(dim=-1)
+        return host_work
     if name == "attn_prefill":
         layer.ensure_kv_cache(1, context_len + chunk_size)
         q = rand(chunk_size, s.q_size)

@@ -13,11 +13,10 @@ import pandas as pd
 
 TOKEN_OPERATORS = ("input_layernorm", "attn_pre_proj", "attn_rope", "attn_kv_cache_save", "attn_post_proj",
                    "post_attention_layernorm", "mlp_up_proj", "mlp_act", "mlp_down_proj", "add", "emb")
-SEQUENCE_OPERATORS = ("lm_head",)
+SEQUENCE_OPERATORS = ("lm_head", "cpu_overhead")
 ATTENTION_OPERATORS = ("attn_prefill", "attn_decode")
 OPERATORS = TOKEN_OPERATORS + SEQUENCE_OPERATORS + ATTENTION_OPERATORS
 COLLECTIVE_OPERATORS = ("all_reduce", "send_recv")
-BATCH_OPERATORS = ("cpu_overhead",)
 
 SHAPE_COLUMNS = ("num_tokens", "chunk_size", "context_len", "batch_size", "kv_len", "kv_total", "kv_pattern",
                  "message_bytes", "num_workers")
