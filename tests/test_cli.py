@@ -18,6 +18,7 @@ from simulator.cli import main
 from simulator.config import SimConfig
 from simulator.kv_cache import activation_reserve_bytes, kv_bytes_per_block
 from simulator.metrics import ITERATION_COLUMNS, REQUEST_COLUMNS
+from simulator.slo import FLUIDITY_COLUMNS
 from traces import load_trace
 
 DIST_KEYS = {"mean", "p50", "p90", "p99", "max"}
@@ -71,7 +72,9 @@ def test_simulate_writes_summary_requests_and_iterations(tmp_path):
             config.seed, config.num_requests) == ("Mistral-7B", "A100-80GB-SXM", "sarathi", 512, "sharegpt", 2.0,
                                                   42, 40)
 
-    assert list(requests.columns) == REQUEST_COLUMNS
+    # the issue's columns, then the per-request fluidity index (issue 5)
+    assert list(requests.columns) == REQUEST_COLUMNS + FLUIDITY_COLUMNS[1:]
+    assert requests["fluidity_index"].between(0, 1).all()
     assert len(requests) == 40 and requests["request_id"].tolist() == list(range(40))
     assert (requests["ttft_s"] - (requests["first_token_s"] - requests["arrival_s"])).abs().max() < 1e-9
     assert (requests["e2e_s"] - (requests["completion_s"] - requests["arrival_s"])).abs().max() < 1e-9
