@@ -7,9 +7,9 @@ medians and evaluated on the shapes a simulation reaches). Per operator, by its 
 ===========  ====================================  =========================  ===================================
 class        operators                             tree features (log1p)      work proxy terms (>= 0 weights)
 ===========  ====================================  =========================  ===================================
-token        norms, QKV/O/up/down projections,     T (tokens)                 1, T
+token        norms, QKV/O/up/down projections,     T (tokens), alignment of T 1, T
              RoPE, KV-cache save, act, add, emb
-sequence     lm_head, cpu_overhead                 B (sequences)              1, B
+sequence     lm_head, cpu_overhead                 B (sequences), alignment   1, B
 prefill      attn_prefill (one chunk)              c, k, c x k                1, c, c x k, c^2, k
 decode       attn_decode (the decode batch)        b, S (total KV), M (max)   1, b, S, b x M
 collective   all_reduce, send_recv                 message bytes              1, bytes
@@ -62,7 +62,7 @@ import pandas as pd
 
 from cost_models.lookup import IntTable, LogGrid, geometric_points
 
-FIT_VERSION = 1
+FIT_VERSION = 2
 MODEL_JSON = "model.json"
 TOKEN_OPERATORS = ("input_layernorm", "attn_pre_proj", "attn_rope", "attn_kv_cache_save", "attn_post_proj",
                    "post_attention_layernorm", "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")
@@ -115,10 +115,18 @@ def grid_coords(op_class: str, X: np.ndarray) -> list[np.ndarray]:
 
 
 def tree_features(op_class: str, X: np.ndarray) -> np.ndarray:
+    """log1p of the class's features; token and sequence counts also get their alignment, log2 of the largest
+    power of two dividing them (capped at 64): GEMM and vector kernels run faster on sizes that are multiples of
+    their tile or vector width (NVIDIA, "Matrix Multiplication Background User's Guide", 2023, on dimensions that
+    are multiples of 8/16/64; MKL shows the same on CPUs), which the trees can then learn."""
     X = np.asarray(X, dtype=float)
     if op_class == "prefill":
         X = np.column_stack([X[:, 0], X[:, 1], X[:, 0] * X[:, 1]])
-    return np.log1p(X)
+    features = np.log1p(X)
+    if op_class in ("token", "sequence"):
+        n = np.maximum(X[:, 0], 1).astype(np.int64)
+        features = np.column_stack([features, np.minimum(np.log2((n & -n).astype(float)), 6.0)])
+    return features
 
 
 def fit_proxy(op_class: str, X: np.ndarray, y: np.ndarray) -> Proxy:

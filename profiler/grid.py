@@ -43,9 +43,9 @@ class GridSpec:
 
     @classmethod
     def quick(cls, max_context: int = 2048, max_tokens: int | None = None) -> "GridSpec":
-        """A small grid for CPUs and CI (chunks up to 512, Sarathi-Serve's default token budget): about 850 shapes,
+        """A small grid for CPUs and CI (chunks up to 512, Sarathi-Serve's default token budget): about 950 shapes,
         some 30 s for the ``tiny`` model on one CPU thread."""
-        return cls(max_tokens=max_tokens or 1024, dense_tokens=12, token_growth=1.15, max_batch=64,
+        return cls(max_tokens=max_tokens or 1024, dense_tokens=16, token_growth=1.12, max_batch=64,
                    max_context=max_context,
                    prefill_chunks=(1, 4, 16, 32, 64, 96, 128, 192, 256, 384, 512),
                    prefill_contexts=(0, 16, 64, 128, 256, 384, 512, 768, 1024, 1536),

@@ -223,11 +223,14 @@ def test_monotone_is_the_least_monotone_majorant():
     assert monotone(a).tolist() == [[1.0, 3.0, 3.0], [1.0, 4.0, 4.0]]
 
 
-def test_int_table_exact_then_extended_by_the_proxy():
+def test_int_table_isotonic_then_extended_by_the_proxy():
     t = IntTable([1.0, 3.0, 2.0, 4.0], proxy=lambda x: 2.0 * x)
-    assert [t(1), t(2), t(3), t(4)] == [1.0, 3.0, 3.0, 4.0]
+    # 3 then 2 violate monotonicity: pooled to their geometric mean (least squares in log time)
+    assert [t(1), t(2), t(3), t(4)] == pytest.approx([1.0, 6 ** 0.5, 6 ** 0.5, 4.0])
     assert t(8) == pytest.approx(8.0)            # scale = 4 / proxy(4) = 0.5 -> 0.5 x 16
     assert t(5) == pytest.approx(5.0)
+    spike = IntTable([1.0, 2.0, 9.0, 3.0, 4.0, 5.0, 6.0])
+    assert spike(7) == 6.0                        # one slow size does not lift every later size
 
 
 def test_log_grid_interpolates_power_laws_and_extends_continuously():
