@@ -44,14 +44,16 @@ def user_errors(func):
 @click.option("--max-context", type=int,
               help="Largest context of the attention shapes (default: the model's, at most 2048 quick / 8192).")
 @click.option("--operators", help="Comma-separated subset of operators (default: all).")
+@click.option("--cold-cache/--warm-cache", default=True, show_default=True,
+              help="Cycle weights and KV through twice the last-level cache between calls (as in an iteration).")
 @click.option("--collectives/--no-collectives", default=None,
               help="Also time all-reduce/send-recv across --tp workers (default: on CUDA with >= tp GPUs).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for profile.csv and meta.json (an interrupted run resumes there).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @user_errors
-def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, operators, collectives, out,
-            progress):
+def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, operators, cold_cache, collectives,
+            out, progress):
     """Time one decoder layer's operators over a shape grid into OUT/profile.csv + meta.json."""
     from cost_models.specs import load_model
     from profiler.schema import ProfileError
@@ -73,7 +75,7 @@ def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, o
     start = time.perf_counter()
     path = run_profile(spec, device=device, tp=tp, dtype=dtype, quick=quick, out_dir=out, num_threads=threads,
                        operators=ops, max_context=max_context, max_tokens=max_tokens, collectives=collectives,
-                       progress=progress)
+                       cold_cache=cold_cache, progress=progress)
     meta = json.loads((Path(out) / "meta.json").read_text())
     click.echo(f"profiled {spec.name} (tp={tp}, {meta['dtype']}) on {meta['device_name']}: {meta['num_rows']} rows "
                f"in {time.perf_counter() - start:.1f} s")

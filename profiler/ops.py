@@ -19,7 +19,13 @@ Building blocks (usable by the profiler and by a plan executor):
 - Attention metadata (``prefill_metadata``, ``decode_metadata``) is built once per iteration, as serving engines do,
   and is not part of an operator's time.
 - ``operator_callable(layer, name, **shape)``: a no-argument closure over prepared random inputs that runs one
-  operator once, for ``profiler.timing.time_operator``.
+  operator once, for ``profiler.timing.time_operator``. With ``cold=True`` (the profiler's default) successive
+  calls read different copies of the weights and different KV-cache slots, cycling through at least twice the
+  last-level cache (``cache_flush_bytes``), so each call reads them from memory as one iteration of a real model
+  does (every weight and every cached key is read once per iteration, and the LM head or the other layers evict
+  them in between). Activations are not rotated: a real operator's input was just written by the one before.
+  Repeating an operator on the same weights instead keeps them cached: on the tiny model on a CPU that made a
+  1-token projection 3-4x and a small-batch LM head 1.3x faster than inside an iteration.
 
 Attention semantics: a prefill chunk of ``c`` new tokens of a sequence with ``k`` tokens already cached attends to
 all ``k + c`` keys with a causal mask aligned to the bottom-right (token ``i`` of the chunk sees keys ``0..k+i``),
@@ -29,7 +35,10 @@ mask (none when all lengths are equal), so this backend's cost follows ``b x max
 """
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +49,27 @@ ATTENTION_BACKEND = "torch_sdpa"
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 _HAS_GQA = _TORCH_VERSION >= (2, 5)
+
+
+def cache_flush_bytes(device) -> int:
+    """Twice the last-level cache of ``device``: CUDA L2 (``get_device_properties().L2_cache_size``), else the
+    CPU's L3 from sysfs; 64 MiB when unknown. Data cycled through this many bytes is read from memory."""
+    device = torch.device(device)
+    size = 0
+    if device.type == "cuda":
+        size = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
+    else:
+        base = Path("/sys/devices/system/cpu/cpu0/cache")
+        for index in sorted(base.glob("index*")) if base.is_dir() else []:
+            try:
+                text = (index / "size").read_text().strip().upper()
+                level = int((index / "level").read_text())
+            except (OSError, ValueError):
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            if level >= 2:
+                size = max(size, int(text.rstrip("KMG") or 0) * mult)
+    return 2 * size if size else 64 << 20
 
 
 class Layer:
@@ -81,8 +111,20 @@ class Layer:
         self.w_lm_head = weight(h, s.vocab_size, scale=h ** -0.5) if with_vocab else None
         self.cos_sin = rope_cache(max_positions, s.head_dim, device=self.device, dtype=self.dtype)
         self.k_cache = self.v_cache = None
+        self._pools: dict[str, list] = {}
         if kv_slots and max_kv_len:
             self.ensure_kv_cache(kv_slots, max_kv_len)
+
+    def weight_pool(self, name: str, flush_bytes: int) -> list:
+        """``self.<name>`` and random copies of it, together at least ``flush_bytes`` (at most 256 copies)."""
+        w = getattr(self, name)
+        pool = self._pools.get(name, [w])
+        want = min(256, max(1, math.ceil(flush_bytes / (w.numel() * w.element_size()))))
+        gen = torch.Generator(device="cpu").manual_seed(len(pool))
+        while len(pool) < want:
+            pool.append((torch.randn(w.shape, generator=gen) * w.float().std().item()).to(w.device, w.dtype))
+        self._pools[name] = pool
+        return pool[:want]
 
     def ensure_kv_cache(self, kv_slots: int, max_kv_len: int, seed: int = 1) -> None:
         """Make the KV cache hold at least ``kv_slots`` sequences of ``max_kv_len`` tokens (random contents)."""
@@ -212,13 +254,14 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 @dataclass
 class DecodeMetadata:
     """A decode batch: ``max_kv_len`` keys read per sequence, a padding ``mask`` [b, 1, 1, max] (None when all
-    lengths are equal) and the cache ``slots`` (None: slots ``0..b-1``, read as a view)."""
+    lengths are equal) and the cache ``slots`` (None: slots ``first_slot .. first_slot+b-1``, read as a view)."""
 
     batch_size: int
     max_kv_len: int
     total_kv_len: int
     mask: object = None
     slots: object = None
+    first_slot: int = 0
 
 
 def decode_metadata(kv_lens, device="cpu", slots=None) -> DecodeMetadata:
@@ -242,7 +285,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     b, head_dim, m = meta.batch_size, k_cache.shape[3], meta.max_kv_len
     qh = q.view(b, -1, 1, head_dim)
     if meta.slots is None:
-        k, v = k_cache[:b, :, :m], v_cache[:b, :, :m]
+        lo = meta.first_slot
+        k, v = k_cache[lo:lo + b, :, :m], v_cache[lo:lo + b, :, :m]
     else:
         k, v = k_cache[meta.slots, :, :m], v_cache[meta.slots, :, :m]
     return _sdpa(qh, k, v, attn_mask=meta.mask).view(b, -1)
@@ -251,12 +295,14 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 # --- profiling closures ------------------------------------------------------------------------------------------
 
 def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_size: int = 0, context_len: int = 0,
-                      kv_lens=None, seed: int = 0):
+                      kv_lens=None, seed: int = 0, cold: bool = False):
     """A no-argument function running operator ``name`` once on random inputs of the given shape.
 
     Shapes: token operators, ``lm_head`` and ``cpu_overhead`` take ``num_tokens`` (rows; for the last two the
     sequences B of the iteration), ``attn_prefill`` a ``chunk_size`` with ``context_len`` cached tokens,
-    ``attn_decode`` a list ``kv_lens``. ``cpu_overhead`` is what an engine does per iteration outside the layers,
+    ``attn_decode`` a list ``kv_lens``; ``cold`` rotates weights and KV slots (module docstring; the KV cache
+    must then hold spare slots, e.g. ``ensure_kv_cache``). ``cpu_overhead`` is what an engine does per iteration
+    outside the layers,
     as Vidur's ``prepare_inputs`` and ``sampler`` (Agrawal et al., MLSys 2024, §4.3): token positions and KV-cache
     slots built from Python lists and moved to the device, the decode attention metadata of B sequences of unequal
     lengths (``decode_metadata``), and greedy sampling (argmax over ``[B, vocab/tp]`` logits).
@@ -269,12 +315,29 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
         return torch.randn(*size, generator=gen).to(device=dev, dtype=dt)
 
     T = num_tokens
+    flush = cache_flush_bytes(dev) if cold else 0
+
+    def weights(attr):
+        """A function returning the weight to use for the next call (cycling through copies when cold)."""
+        if not cold:
+            w = getattr(layer, attr)
+            return lambda: w
+        return itertools.cycle(layer.weight_pool(attr, flush)).__next__
+
+    def kv_rotation(slots_per_call: int, region_bytes: int) -> list[int]:
+        """First slots of successive calls: disjoint slot ranges covering ``flush`` bytes, as far as they fit."""
+        if not cold:
+            return [0]
+        spare = layer.k_cache.shape[0] // slots_per_call
+        return [i * slots_per_call for i in range(max(1, min(spare, math.ceil(flush / max(region_bytes, 1)))))]
+
     if name in ("input_layernorm", "post_attention_layernorm"):
         x = rand(T, s.hidden_size)
         return lambda: layer.norm(x)
     if name == "attn_pre_proj":
         x = rand(T, s.hidden_size)
-        return lambda: x @ layer.w_qkv
+        w = weights("w_qkv")
+        return lambda: x @ w()
     if name == "attn_rope":
         q, k = rand(T, s.q_size), rand(T, s.kv_size)
         positions = torch.randint(0, layer.cos_sin.shape[0], (T,), generator=gen).to(dev)
@@ -289,25 +352,30 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
         return lambda: kv_cache_save(k, v, layer.k_cache, layer.v_cache, slots, positions)
     if name == "attn_post_proj":
         x = rand(T, s.q_size)
-        return lambda: x @ layer.w_o
+        w = weights("w_o")
+        return lambda: x @ w()
     if name == "mlp_up_proj":
         x = rand(T, s.hidden_size)
-        return lambda: x @ layer.w_up
+        w = weights("w_up")
+        return lambda: x @ w()
     if name == "mlp_act":
         x = rand(T, s.mlp_in)
         return lambda: layer.activation(x)
     if name == "mlp_down_proj":
         x = rand(T, s.ffn_size)
-        return lambda: x @ layer.w_down
+        w = weights("w_down")
+        return lambda: x @ w()
     if name == "add":
         x, residual = rand(T, s.hidden_size), rand(T, s.hidden_size)
         return lambda: x + residual
     if name == "emb":
         ids = torch.randint(0, s.vocab_size, (T,), generator=gen).to(dev)
-        return lambda: F.embedding(ids, layer.emb)
+        table = weights("emb")
+        return lambda: F.embedding(ids, table())
     if name == "lm_head":
         x = rand(T, s.hidden_size)
-        return lambda: x @ layer.w_lm_head
+        w = weights("w_lm_head")
+        return lambda: x @ w()
     if name == "cpu_overhead":
         logits = rand(T, s.vocab_size)
         context = [16 + (997 * i) % 1009 for i in range(T)]      # unequal lengths, fixed
@@ -321,12 +389,18 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
     if name == "attn_prefill":
         layer.ensure_kv_cache(1, context_len + chunk_size)
         q = rand(chunk_size, s.q_size)
-        meta = prefill_metadata(chunk_size, context_len, 0, dev)
-        return lambda: attention_prefill(q, layer.k_cache, layer.v_cache, meta)
+        region = 2 * (context_len + chunk_size) * s.kv_size * layer.k_cache.element_size()
+        metas = itertools.cycle([prefill_metadata(chunk_size, context_len, slot, dev)
+                                 for slot in kv_rotation(1, region)]).__next__
+        return lambda: attention_prefill(q, layer.k_cache, layer.v_cache, metas())
     if name == "attn_decode":
         kv_lens = list(kv_lens or [])
         meta = decode_metadata(kv_lens, dev)
         layer.ensure_kv_cache(meta.batch_size, meta.max_kv_len)
         q = rand(meta.batch_size, s.q_size)
-        return lambda: attention_decode(q, layer.k_cache, layer.v_cache, meta)
+        region = 2 * meta.batch_size * meta.max_kv_len * s.kv_size * layer.k_cache.element_size()
+        metas = itertools.cycle([DecodeMetadata(meta.batch_size, meta.max_kv_len, meta.total_kv_len, meta.mask,
+                                                None, first)
+                                 for first in kv_rotation(meta.batch_size, region)]).__next__
+        return lambda: attention_decode(q, layer.k_cache, layer.v_cache, metas())
     raise ValueError(f"unknown operator {name!r}; known: {', '.join(OPERATORS)}")

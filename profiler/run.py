@@ -24,7 +24,8 @@ from profiler.schema import (COLUMNS, META_JSON, PROFILE_CSV, TIME_COLUMNS, Laye
 from profiler.timing import TimingConfig, time_operator
 
 # meta.json fields that must match for a run to resume into an existing folder.
-_IDENTITY = ("model_shape", "tp", "dtype", "device", "device_name", "attention_backend", "num_threads")
+_IDENTITY = ("model_shape", "tp", "dtype", "device", "device_name", "attention_backend", "num_threads",
+             "cold_cache")
 
 
 def device_info(device_type: str) -> dict:
@@ -111,7 +112,8 @@ def _check_meta(out: Path, meta: dict) -> None:
 def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = None, quick: bool = False,
                 out_dir: str | Path, num_threads: int | None = None, grid: GridSpec | None = None,
                 timing: TimingConfig | None = None, operators=None, max_context: int | None = None,
-                max_tokens: int | None = None, collectives: bool | None = None, progress: bool = True) -> Path:
+                max_tokens: int | None = None, collectives: bool | None = None, cold_cache: bool = True,
+                progress: bool = True) -> Path:
     """Profile one layer of ``model`` (a ModelSpec) and return the CSV path.
 
     Args:
@@ -123,12 +125,14 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
             model's context length, at most 2048 with ``quick`` and 8192 otherwise).
         collectives: also time all-reduce over ``tp`` workers and send/recv by message size
             (``profiler.collectives``); default: on CUDA when ``tp`` > 1 and that many GPUs are visible.
+        cold_cache: cycle weights and KV slots through twice the last-level cache between calls, so operators
+            read them from memory as inside an iteration (``profiler.ops``); False times them cached.
     Raises ProfileError for an unavailable device, a folder holding another profile, or a shape that runs out
     of memory (the grid runs largest first, so that happens early).
     """
     import torch
 
-    from profiler.ops import ATTENTION_BACKEND, TORCH_DTYPES, Layer, operator_callable
+    from profiler.ops import ATTENTION_BACKEND, TORCH_DTYPES, Layer, cache_flush_bytes, operator_callable
 
     if device not in ("cuda", "cpu"):
         raise ProfileError(f"device must be 'cuda' or 'cpu', got {device!r}")
@@ -152,8 +156,11 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
     info = device_info(device)
     meta = {"model": model.name, "model_shape": model_columns(model, tp), "model_spec": model.to_dict(), "tp": tp,
             "dtype": dtype, **info, "attention_backend": ATTENTION_BACKEND,
-            "num_threads": threads if device == "cpu" else None, "quick": quick, "grid": grid.to_dict(),
+            "num_threads": threads if device == "cpu" else None, "quick": quick, "cold_cache": cold_cache,
+            "cache_flush_bytes": None, "grid": grid.to_dict(),
             "timing": timing.__dict__, "columns": list(COLUMNS), "time_unit": "s", "complete": False}
+    if cold_cache:
+        meta["cache_flush_bytes"] = cache_flush_bytes(device)
     _check_meta(out, meta)
     csv_path = out / PROFILE_CSV
     done = _read_done(csv_path)
@@ -184,7 +191,8 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
             writer.writeheader()
             f.flush()
         for row in todo:
-            stats = _time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes)
+            stats = _time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes,
+                              cold_cache)
             writer.writerow({**row, **stats.to_dict(), **constant})
             f.flush()
             if bar is not None:
@@ -227,7 +235,7 @@ def _profile_collectives(csv_path, done, model, tp, device, dtype, grid, timing,
     return len(rows)
 
 
-def _time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes):
+def _time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes, cold_cache):
     import torch
 
     kv_lens = None
@@ -236,7 +244,8 @@ def _time_row(layer, row, device, timing, threads, operator_callable, shapes, dt
     try:
         with torch.inference_mode():
             fn = operator_callable(layer, row["operator"], num_tokens=row["num_tokens"],
-                                   chunk_size=row["chunk_size"], context_len=row["context_len"], kv_lens=kv_lens)
+                                   chunk_size=row["chunk_size"], context_len=row["context_len"], kv_lens=kv_lens,
+                                   cold=cold_cache)
             return time_operator(fn, device, timing, num_threads=threads)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(exc):

@@ -293,3 +293,24 @@ def test_collectives_by_message_size_on_cpu_gloo(tmp_path):
     assert (coll["time_median_s"] > 0).all() and set(df["tp"]) == {2}
     run_profile(TINY, **kw)                                              # resumes: nothing added
     assert len(read_profile(tmp_path)) == len(df)
+
+
+def test_cold_calls_cycle_weight_copies_and_kv_slots():
+    from profiler.ops import Layer, cache_flush_bytes, operator_callable
+
+    flush = cache_flush_bytes("cpu")
+    assert flush >= 2 << 20
+    lay = Layer(LayerShapes.of(TINY), device="cpu", dtype="float32", max_positions=64, with_vocab=False)
+    lay.ensure_kv_cache(32, 64)
+    pool = lay.weight_pool("w_qkv", flush)
+    nbytes = lay.w_qkv.numel() * 4
+    assert pool[0] is lay.w_qkv and len(pool) == min(256, -(-flush // nbytes))
+    assert not torch.equal(pool[0], pool[1]) and pool[1].shape == lay.w_qkv.shape
+    x_ops = operator_callable(lay, "attn_pre_proj", num_tokens=2, cold=True)
+    first, second = x_ops(), x_ops()
+    assert not torch.equal(first, second)                    # same input, another copy of the weights
+    warm = operator_callable(lay, "attn_pre_proj", num_tokens=2)
+    assert torch.equal(warm(), warm())
+    dec = operator_callable(lay, "attn_decode", kv_lens=[8] * 4, cold=True)
+    outs = [dec() for _ in range(9)]                         # 32 slots / 4 per call: 8 slot groups, then repeats
+    assert not torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[8])
