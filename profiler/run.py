@@ -1,8 +1,11 @@
 """A profile run: time every operator of one layer of a model over a shape grid into ``DIR/profile.csv`` and
 ``DIR/meta.json``.
 
-``run_profile(model, device="cpu", out_dir=...)`` writes ``meta.json`` first, then appends one CSV line per timed
-shape and flushes it, so an interrupted run loses at most the shape being timed. Run again with the same arguments
+``run_profile(model, device="cpu", out_dir=...)`` writes ``meta.json`` first, then appends the CSV lines of each
+block of ``ROUND_BLOCK`` shapes and flushes them, so an interrupted run loses at most one block. Within a block
+every shape is timed ``TimingConfig.rounds`` times, a round over the whole block after the other, and the round
+with the lowest median is kept: another process slowing the machine for a moment spoils one round, not the
+shape (the "lowest of repeated measurements" rule of Python's ``timeit`` documentation). Run again with the same arguments
 and it resumes: rows already in the CSV (same operator and shape columns) are skipped, a torn last line is cut
 off, and nothing is duplicated. A folder holding a profile of another model, parallelism, dtype or device is
 refused (``ProfileError``) rather than mixed.
@@ -16,6 +19,7 @@ import json
 import os
 import platform
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 from profiler.grid import GridSpec, build_grid, decode_kv_lens, shape_bytes, shape_key
@@ -23,6 +27,9 @@ from profiler.schema import (COLUMNS, META_JSON, PROFILE_CSV, TIME_COLUMNS, Laye
                              model_columns)
 from profiler.timing import TimingConfig, time_operator
 
+# Shapes timed together: each is timed ``TimingConfig.rounds`` times, one round over the block after the other
+# (seconds apart), and the round with the lowest median is kept; the block's rows are then written.
+ROUND_BLOCK = 48
 # meta.json fields that must match for a run to resume into an existing folder.
 _IDENTITY = ("model_shape", "tp", "dtype", "device", "device_name", "attention_backend", "num_threads",
              "cold_cache")
@@ -148,7 +155,12 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
     cap = 2048 if quick else 8192
     context = min(max_context or min(model.max_model_len, cap), model.max_model_len)
     grid = grid or (GridSpec.quick(context, max_tokens) if quick else GridSpec.full(context, max_tokens))
-    timing = timing or (TimingConfig.quick() if quick else TimingConfig())
+    if timing is None:
+        timing = TimingConfig.quick() if quick else TimingConfig()
+        if device == "cpu":
+            # two rounds of half the measurement each: about the same time, robust to a busy moment
+            timing = replace(timing, rounds=2, min_samples=max(4, timing.min_samples // 2 + 1),
+                             min_run_time_s=timing.min_run_time_s / 2)
     dtype_bytes = torch.tensor([], dtype=TORCH_DTYPES[dtype]).element_size()
 
     out = Path(out_dir)
@@ -190,13 +202,20 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
         if new_file:
             writer.writeheader()
             f.flush()
-        for row in todo:
-            stats = _time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes,
-                              cold_cache)
-            writer.writerow({**row, **stats.to_dict(), **constant})
+        for start in range(0, len(todo), ROUND_BLOCK):
+            block = todo[start:start + ROUND_BLOCK]
+            best = [None] * len(block)
+            for _ in range(max(1, timing.rounds)):
+                for i, row in enumerate(block):
+                    stats = _time_row(layer, row, device, timing, threads, operator_callable, shapes,
+                                      dtype_bytes, cold_cache)
+                    if best[i] is None or stats.time_median_s < best[i].time_median_s:
+                        best[i] = stats
+            for row, stats in zip(block, best):
+                writer.writerow({**row, **stats.to_dict(), **constant})
             f.flush()
             if bar is not None:
-                bar.update(1)
+                bar.update(len(block))
     if bar is not None:
         bar.close()
     if collectives is None:

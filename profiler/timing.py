@@ -55,7 +55,8 @@ class TimingConfig:
 
     ``warmup``: untimed calls first (kernel selection, caches, lazy allocation).
     ``min_samples``/``max_samples``: fewest/most samples; ``min_run_time_s``: least measured time;
-    ``sample_s``: target length of one CPU sample (``number`` calls averaged).
+    ``sample_s``: target length of one CPU sample (``number`` calls averaged); ``rounds``: how many times a profile
+    run measures each shape, seconds apart, keeping the round with the lowest median (``profiler.run``).
     """
 
     warmup: int = 2
@@ -63,6 +64,7 @@ class TimingConfig:
     max_samples: int = 200
     min_run_time_s: float = 0.03
     sample_s: float = 1e-3
+    rounds: int = 1
 
     @classmethod
     def quick(cls) -> "TimingConfig":
