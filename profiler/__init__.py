@@ -32,7 +32,8 @@ kv_pattern            ``attn_decode``: ``uniform`` (all sequences ``kv_len``) or
                       ceil(kv_len*(i+1)/b)); see ``profiler.grid.decode_kv_lens`` (else empty)
 message_bytes         collectives: message size in bytes (else 0)
 num_workers           collectives: GPUs taking part (else 0)
-time_min_s            minimum over samples, seconds
+time_min_s            minimum over samples, seconds (CPU runs time each shape in 2 rounds and keep the one
+                      with the lower median; all ``time_*``/``num_runs`` describe that round)
 time_median_s         median over samples, seconds (what ``servesim fit`` fits)
 time_mean_s           mean over samples, seconds
 time_std_s            population standard deviation over samples, seconds
