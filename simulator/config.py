@@ -111,17 +111,24 @@ class SimConfig:
         return [f.name for f in fields(cls)]
 
 
-def read_yaml_config(path: str | Path) -> dict:
-    """Read a YAML mapping of ``SimConfig`` keys; raise ConfigError naming the file and any unknown key."""
+def read_yaml_mapping(path: str | Path, error: type[ValueError], what: str) -> dict:
+    """Read a YAML file holding one mapping. Raises ``error`` naming the file when it is missing, is not valid
+    YAML (first line of the parser's message) or is not a mapping (``what`` says what it should hold)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise error(f"{path}: file not found") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise error(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of configuration keys")
+        raise error(f"{path}: expected a mapping of {what}")
+    return data
+
+
+def read_yaml_config(path: str | Path) -> dict:
+    """Read a YAML mapping of ``SimConfig`` keys; raise ConfigError naming the file and any unknown key."""
+    data = read_yaml_mapping(path, ConfigError, "configuration keys")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(SimConfig.keys()))
     if unknown:

@@ -40,10 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from simulator.capacity import COUNT_KEYS, SUMMARY_KEYS, find_capacity
-from simulator.config import ConfigError, SimConfig
+from simulator.config import ConfigError, SimConfig, read_yaml_mapping
 from simulator.simulation import simulate
 from simulator.slo import SLO_NAMES, evaluate_slo, make_slo
 
@@ -139,14 +138,7 @@ def load_sweep(path: str | Path, *, grid: dict | None = None, base: dict | None 
                mode: str | None = None) -> Sweep:
     """Read a sweep YAML file; ``grid``/``base``/``mode`` (e.g. from CLI flags) replace or add axes and keys."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise SweepError(f"{path}: sweep file not found") from None
-    except yaml.YAMLError as exc:
-        raise SweepError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"{path}: expected a mapping with mode, base, grid, search")
+    data = read_yaml_mapping(path, SweepError, "sections mode, base, grid, search")
     unknown = sorted(set(data) - {"mode", "base", "grid", "search", "description"})
     if unknown:
         raise SweepError(f"{path}: unknown section {unknown[0]!r}; known: mode, base, grid, search, description")
