@@ -12,7 +12,9 @@ attn_pre_proj (QKV) 2·T·h·(q+2kv)/tp                                         
 attn_rope           6·T·(q+kv)/tp                                               2·T·(q+kv)/tp
 attn_kv_cache_save  0                                                           2·T·2kv/tp
 attn_prefill        Σ_chunks 4·(q/tp)·c·(k + (c+1)/2)  (causal; FlashAttention)  Σ_chunks 2·c·q/tp + (k+c)·2kv/tp
+                    + one fixed attention-call cost per layer (all chunks go through one varlen kernel call)
 attn_decode         Σ_decodes 4·(q/tp)·(k+1)                                     Σ_decodes (k+1)·2kv/tp + 2·q/tp
+                    + one fixed attention-call cost per layer (one paged-attention call for all decodes)
 attn_post_proj (O)  2·T·(q/tp)·h                                                (q/tp)·h + T·(q/tp + h)
 post_attn_layernorm like input_layernorm
 mlp_up_proj         2·T·h·m·f/tp  (m = 2 gate+up for SwiGLU, 1 for GELU)         h·m·f/tp + T·(h + m·f/tp)
@@ -26,7 +28,16 @@ all_reduce (tp>1)   ring all-reduce of T·h elements, 2 per layer: 2·(tp-1)/tp 
 T = tokens in the iteration, c = a prefill chunk's new tokens, k = its context already cached, h = hidden size,
 q = query heads × head_dim, kv = KV heads × head_dim, f = FFN size; elements × dtype bytes = bytes. Once per
 iteration: the embedding lookup, the LM head over one row per scheduled sequence (2·B·h·V FLOPs, V·h/tp weights
-read; vLLM computes the logits of each sequence's last token, including a partial prefill chunk's), the sampler, and a fixed CPU overhead (scheduling, input preparation, output processing).
+read; vLLM computes the logits of each sequence's last token, including a partial prefill chunk's), and the CPU
+overhead (scheduling, sampling, input preparation, output processing): a fixed part plus a part per scheduled
+sequence, ``iteration_overhead_s + iteration_overhead_per_seq_s × B`` (B = len(plan.request_ids)), the form of
+Vidur's measured cpu_overheads (Agrawal et al., MLSys'24), which grow linearly with the batch.
+
+Bandwidth efficiencies by operator family (one efficiency cannot fit them all; Vidur's A100 tables put the residual
+add at ~85% of HBM peak, RMSNorm/RoPE/SiLU at ~30-50% and the embedding gather at ~14% with these byte counts):
+GEMMs and prefill attention ``bandwidth_eff``; decode attention ``attn_decode_bandwidth_eff``; the residual adds
+``add_bandwidth_eff``; norms, RoPE, the MLP activation and the KV-cache save ``norm_bandwidth_eff``; the embedding
+lookup ``emb_bandwidth_eff``.
 
 Pipeline parallelism (``pp`` > 1) is priced as the time of one stage (layers/pp) — the iteration rate of a full
 pipeline — plus a send/recv of the activations per stage boundary.
@@ -43,28 +54,41 @@ from cost_models.specs import load_device, load_model
 
 @dataclass(frozen=True)
 class RooflineConstants:
-    """Efficiencies (fractions of peak) and fixed overheads (seconds).
+    """Efficiencies (fractions of peak) and overheads (seconds; ``iteration_overhead_per_seq_s`` per sequence).
 
-    First estimates and their sources:
+    First estimates (used for devices without a calibration, e.g. ``cpu``) and their sources:
       - matmul_compute_eff 0.70: cuBLAS fp16 GEMMs of LLM shapes reach 65-80% of A100 dense peak
         (NVIDIA "Matrix Multiplication Background" guide, 2023, Fig. on A100 GEMM throughput).
       - attn_compute_eff 0.50: FlashAttention-2 forward reaches 50-73% of A100 peak (Dao, ICLR'24 §4.1, Fig. 4);
         the causal, short-sequence shapes of serving sit at the low end.
       - bandwidth_eff 0.80: achievable HBM bandwidth is ~80-90% of the datasheet figure (stream-like copies).
       - attn_decode_bandwidth_eff 0.60: paged decode attention reads scattered 16-token blocks.
-      - elementwise_bandwidth_eff 0.60: small fused elementwise kernels rarely saturate HBM.
+      - add_bandwidth_eff 0.80: the residual add is a stream-like copy (two reads, one write), so as bandwidth_eff.
+      - norm_bandwidth_eff 0.60: RMSNorm (two passes: variance, then scale), RoPE, SiLU-and-mul and the KV-cache
+        save are small kernels that rarely saturate HBM.
+      - emb_bandwidth_eff 0.30: the embedding lookup gathers scattered table rows (and, in vLLM's vocab-parallel
+        embedding, masks the token ids first), well below stream bandwidth.
       - launch_overhead_s 4 µs per kernel: CUDA kernel launch latency without CUDA graphs.
-      - iteration_overhead_s 3 ms: vLLM's per-iteration CPU time (scheduling, input preparation, sampling and
-        output processing) measured by Vidur on A100 for batch 1-128 (Agrawal et al., MLSys'24, cpu_overheads).
+      - attn_call_overhead_s 10 µs per attention call: the smallest attention kernels in Vidur's A100 tables
+        (one decode sequence, a few cached tokens) take 11 µs, far above their roofline time (Agrawal et al.,
+        MLSys'24; legacy attention.csv) — metadata setup, split-KV reduction and launch of the attention backend.
+      - iteration_overhead_s 0.85 ms + iteration_overhead_per_seq_s 0.039 ms per scheduled sequence: vLLM's CPU
+        time per iteration (scheduling, sampling, input preparation, output processing) measured by Vidur on A100
+        grows linearly with the batch, 1.15 ms at 8 sequences to 5.8 ms at 128 (Agrawal et al., MLSys'24,
+        cpu_overheads.csv); the first estimate is the line through those two points.
     """
 
     matmul_compute_eff: float = 0.70
     attn_compute_eff: float = 0.50
     bandwidth_eff: float = 0.80
     attn_decode_bandwidth_eff: float = 0.60
-    elementwise_bandwidth_eff: float = 0.60
+    add_bandwidth_eff: float = 0.80
+    norm_bandwidth_eff: float = 0.60
+    emb_bandwidth_eff: float = 0.30
     launch_overhead_s: float = 4e-6
-    iteration_overhead_s: float = 3e-3
+    attn_call_overhead_s: float = 10e-6
+    iteration_overhead_s: float = 0.85e-3
+    iteration_overhead_per_seq_s: float = 0.039e-3
     source: str = "first estimates (see RooflineConstants docstring)"
 
     def to_dict(self) -> dict:
@@ -135,7 +159,7 @@ class RooflineCostModel:
         if hit is not None:
             return hit
         h, q, kv, f, c = self.h, self.q, self.kv, self.f, self.c
-        mm, ew = c.matmul_compute_eff, c.elementwise_bandwidth_eff
+        mm, ew = c.matmul_compute_eff, c.norm_bandwidth_eff
         norm = self._op(4 * T * h, 2 * T * h + h, 1.0, ew)
         ops = {
             "input_layernorm": norm,
@@ -147,7 +171,7 @@ class RooflineCostModel:
             "mlp_up_proj": self._op(2 * T * h * self.mlp_in * f, h * self.mlp_in * f + T * (h + self.mlp_in * f), mm, c.bandwidth_eff),
             "mlp_act": self._op(5 * T * f, T * (self.mlp_in + 1) * f, 1.0, ew),
             "mlp_down_proj": self._op(2 * T * f * h, f * h + T * (f + h), mm, c.bandwidth_eff),
-            "add": self._op(2 * T * h, 6 * T * h, 1.0, ew),
+            "add": self._op(2 * T * h, 6 * T * h, 1.0, c.add_bandwidth_eff),
             "all_reduce": 2 * self._all_reduce(T),   # after the O projection and after the MLP down projection
         }
         if len(self._linear_cache) < 65536:
@@ -174,23 +198,24 @@ class RooflineCostModel:
         d = plan.num_decodes
         if d:
             ctx = sum(plan.context_lens[:d]) + d
-            out["attn_decode"] = L * self._op(4 * q * ctx, ctx * 2 * kv + d * 2 * q, c.attn_compute_eff,
-                                              c.attn_decode_bandwidth_eff)
+            out["attn_decode"] = L * (self._op(4 * q * ctx, ctx * 2 * kv + d * 2 * q, c.attn_compute_eff,
+                                               c.attn_decode_bandwidth_eff) + c.attn_call_overhead_s)
         if d < len(plan.num_new_tokens):
             flops = elems = 0.0
             for n, k in zip(plan.num_new_tokens[d:], plan.context_lens[d:]):
                 flops += 4 * q * n * (k + (n + 1) / 2)
                 elems += 2 * n * q + (k + n) * 2 * kv
-            out["attn_prefill"] = L * self._op(flops, elems, c.attn_compute_eff, c.bandwidth_eff)
+            out["attn_prefill"] = L * (self._op(flops, elems, c.attn_compute_eff, c.bandwidth_eff)
+                                       + c.attn_call_overhead_s)
         B = len(plan.num_new_tokens)
         V, h, tp = self.model.vocab_size, self.h, self.tp
-        out["emb"] = self._op(0, 2 * T * h, 1.0, c.elementwise_bandwidth_eff)
+        out["emb"] = self._op(0, 2 * T * h, 1.0, c.emb_bandwidth_eff)
         out["lm_head"] = self._op(2 * B * h * V / tp, h * V / tp + B * V / tp, c.matmul_compute_eff,
                                   c.bandwidth_eff) + self._all_gather(B * V * self.dt)
         if self.pp > 1:
             out["send_recv"] = (self.pp - 1) / self.pp * (
                 T * h * self.dt / self.device.interconnect_bandwidth_bytes_per_s + self.device.interconnect_latency_s)
-        out["cpu_overhead"] = c.iteration_overhead_s
+        out["cpu_overhead"] = c.iteration_overhead_s + c.iteration_overhead_per_seq_s * B
         return out
 
     # --- CostModel protocol --------------------------------------------------------------------------------

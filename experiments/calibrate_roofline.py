@@ -14,14 +14,17 @@ after 0-3968 cached tokens, and Sarathi-style mixes of both) the reference is th
 TP 2, whose attention was measured exactly, and (b) Llama-3-8B at TP 1, restricted to the operators Vidur measured
 (not the KV-cache save, LM head or CPU overhead). The FLOP and byte terms of every plan and operator are read from
 ``RooflineCostModel`` itself (priced once with the bandwidth efficiencies set huge, once with the compute
-efficiencies set huge), so no formula is repeated here. The six constants (matmul/attention compute efficiency,
-bandwidth, decode-attention bandwidth and elementwise bandwidth efficiencies, launch overhead) minimise the squared
-log error of the plans' times plus, with the same total weight, that of every raw table row (each operator
-weighted equally) — the plans make the sums right, the rows keep each constant physical (fitting plans alone
-drives the elementwise efficiency to ~0.13 to absorb other operators' errors) (``scipy.optimize.least_squares``).
-``iteration_overhead_s`` is the per-batch CPU overhead measured by Vidur with the least median error over batch
-sizes 8-128 (the roofline's is one constant; Vidur's grows from 1.2 ms at 8 sequences to 5.8 ms at 128). Errors are
-then recomputed through ``RooflineCostModel`` with the fitted constants: per plan, and per operator on the raw table
+efficiencies set huge), so no formula is repeated here. The nine constants (matmul/attention compute efficiency;
+GEMM, decode-attention, residual-add, norm/RoPE/activation and embedding bandwidth efficiencies; kernel launch
+overhead; fixed cost per attention call) minimise the squared log error of the plans' times plus, with the same
+total weight, that of every raw table row (each operator weighted equally) — the plans make the sums right, the rows
+keep each constant physical (``scipy.optimize.least_squares``). The elementwise operators get three bandwidth
+efficiencies, not one, because the measurements need them: at 4096+ tokens Vidur's residual add moves its bytes at
+~84% of HBM peak, RMSNorm at ~33%, SiLU-and-mul at ~48%, RoPE lower, and the embedding gather at ~14% (its byte
+count, T rows read and written, is already the least it can move), so one efficiency left add at 111% and emb at 62%
+median error. ``iteration_overhead_s`` and ``iteration_overhead_per_seq_s`` are the least-squares line through the
+per-iteration CPU overhead Vidur measured at batch sizes 8-128 (schedule + sampler + prepare inputs + process
+outputs; 1.2 ms at 8 sequences, 5.8 ms at 128). Errors are then recomputed through ``RooflineCostModel`` with the fitted constants: per plan, and per operator on the raw table
 rows (Vidur's ``add`` is one residual add, the roofline's both, so it is compared with twice the measurement).
 
     python experiments/calibrate_roofline.py [--vidur DIR] [--write cost_models/calibration.py]
@@ -49,18 +52,21 @@ from cost_models.vidur import read_vidur_profile
 
 DEVICE = "A100-80GB-SXM"
 FIELDS = ("matmul_compute_eff", "attn_compute_eff", "bandwidth_eff", "attn_decode_bandwidth_eff",
-          "elementwise_bandwidth_eff", "launch_overhead_s")
+          "add_bandwidth_eff", "norm_bandwidth_eff", "emb_bandwidth_eff", "launch_overhead_s", "attn_call_overhead_s")
 # Which constants price which operator in cost_models/roofline.py (compute efficiency, bandwidth efficiency);
 # None = fixed at 1.0 there. Checked below by recomputing every prediction through RooflineCostModel.
 OPERATOR_CONSTANTS = {
     **{op: ("matmul_compute_eff", "bandwidth_eff")
        for op in ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj")},
-    **{op: (None, "elementwise_bandwidth_eff")
-       for op in ("input_layernorm", "post_attention_layernorm", "attn_rope", "mlp_act", "add", "emb")},
+    **{op: (None, "norm_bandwidth_eff")
+       for op in ("input_layernorm", "post_attention_layernorm", "attn_rope", "mlp_act")},
+    "add": (None, "add_bandwidth_eff"),
+    "emb": (None, "emb_bandwidth_eff"),
     "attn_prefill": ("attn_compute_eff", "bandwidth_eff"),
     "attn_decode": ("attn_compute_eff", "attn_decode_bandwidth_eff"),
 }
 ONCE_PER_ITERATION = ("emb",)
+ATTENTION_CALLS = ("attn_prefill", "attn_decode")   # pay attn_call_overhead_s once per layer
 TOKEN_OPERATORS = [op for op in OPERATOR_CONSTANTS if op not in ("attn_prefill", "attn_decode")]
 # CodeLlama-34B (codellama/CodeLlama-34b-hf config.json) with the legacy tables' vocabulary (32768).
 CODELLAMA_34B_TABLE = ModelSpec(name="CodeLlama-34B (Vidur legacy table)", num_layers=48, hidden_size=8192,
@@ -147,12 +153,14 @@ def reference_configs(vidur: Path):
     return out
 
 
+_NO_OVERHEAD = dict(launch_overhead_s=0, attn_call_overhead_s=0, iteration_overhead_s=0,
+                    iteration_overhead_per_seq_s=0)
 EXTREME = {"compute": RooflineConstants(matmul_compute_eff=1, attn_compute_eff=1, bandwidth_eff=1e30,
-                                      attn_decode_bandwidth_eff=1e30, elementwise_bandwidth_eff=1e30,
-                                      launch_overhead_s=0, iteration_overhead_s=0),
+                                      attn_decode_bandwidth_eff=1e30, add_bandwidth_eff=1e30,
+                                      norm_bandwidth_eff=1e30, emb_bandwidth_eff=1e30, **_NO_OVERHEAD),
            "memory": RooflineConstants(matmul_compute_eff=1e30, attn_compute_eff=1e30, bandwidth_eff=1,
-                                       attn_decode_bandwidth_eff=1, elementwise_bandwidth_eff=1,
-                                       launch_overhead_s=0, iteration_overhead_s=0)}
+                                       attn_decode_bandwidth_eff=1, add_bandwidth_eff=1, norm_bandwidth_eff=1,
+                                       emb_bandwidth_eff=1, **_NO_OVERHEAD)}
 
 
 def row_terms(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +173,8 @@ def row_predict(theta, rows, flops_s, bytes_s) -> np.ndarray:
     ec = np.array([1.0 if OPERATOR_CONSTANTS[op][0] is None else c[OPERATOR_CONSTANTS[op][0]]
                    for op in rows["operator"]])
     eb = np.array([c[OPERATOR_CONSTANTS[op][1]] for op in rows["operator"]])
-    return np.maximum(flops_s / ec, bytes_s / eb) + c["launch_overhead_s"]
+    call = np.where(rows["operator"].isin(ATTENTION_CALLS), c["attn_call_overhead_s"], 0.0)
+    return np.maximum(flops_s / ec, bytes_s / eb) + c["launch_overhead_s"] + call
 
 
 def plan_terms(configs, plans):
@@ -193,7 +202,8 @@ def plan_predict(theta, terms) -> np.ndarray:
         for op, f, b, launches in ops:
             ec_name, eb_name = OPERATOR_CONSTANTS[op]
             ec = 1.0 if ec_name is None else c[ec_name]
-            total += max(f / ec, b / c[eb_name]) + launches * c["launch_overhead_s"]
+            fixed = c["launch_overhead_s"] + (c["attn_call_overhead_s"] if op in ATTENTION_CALLS else 0.0)
+            total += max(f / ec, b / c[eb_name]) + launches * fixed
         out[i] = total
     return out
 
@@ -205,9 +215,9 @@ def fit_constants(ref, terms, rows, flops_s, bytes_s, start: RooflineConstants) 
     ops = rows["operator"]
     row_weight = 1.0 / np.sqrt(ops.map(ops.value_counts()).to_numpy() * ops.nunique())
     x0 = np.array([getattr(start, f) for f in FIELDS])
-    scale = np.array([1, 1, 1, 1, 1, 1e-6])                  # launch overhead optimised in microseconds
-    lo = np.array([0.02, 0.02, 0.05, 0.05, 0.02, 0.0])
-    hi = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 50.0])
+    scale = np.array([1, 1, 1, 1, 1, 1, 1, 1e-6, 1e-6])      # overheads optimised in microseconds
+    lo = np.array([0.02, 0.02, 0.05, 0.05, 0.02, 0.02, 0.02, 0.0, 0.0])
+    hi = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 50.0, 100.0])
 
     def residual(z):
         theta = z * scale
@@ -242,19 +252,20 @@ def error_table(rows, before, after) -> pd.DataFrame:
     return table
 
 
-def cpu_overhead(vidur: Path) -> tuple[float, float, float]:
-    """(constant CPU overhead s, its median APE %, the first estimate's median APE %) over Vidur's batch sizes.
+def cpu_overhead(vidur: Path) -> tuple[float, float, float, float, float, int]:
+    """CPU overhead per iteration = a + b x batch size, by least squares on Vidur's cpu_overheads rows.
 
-    The constant is the measured value with the least median absolute percentage error over all batch sizes
-    (the overhead grows with the batch, so no constant fits well; see the note on the roofline formula)."""
+    Returns (a s, b s per sequence, median APE % of the fit, P90 APE % of the fit, the first estimates' median
+    APE %, rows)."""
     df, _ = read_vidur_profile(vidur, "Llama-3-8B", tp=1, device=DEVICE)
-    t = df[df["operator"] == "cpu_overhead"]["time_median_s"].to_numpy()
-
-    def err(v):
-        return float(np.median(np.abs(v / t - 1)) * 100)
-
-    value = min(t, key=err)
-    return float(value), err(value), err(RooflineConstants().iteration_overhead_s)
+    rows = df[df["operator"] == "cpu_overhead"]
+    b, t = rows["batch_size"].to_numpy(dtype=float), rows["time_median_s"].to_numpy()
+    (a, per_seq), *_ = np.linalg.lstsq(np.column_stack([np.ones_like(b), b]), t, rcond=None)
+    first = RooflineConstants()
+    ape = np.abs((a + per_seq * b) / t - 1) * 100
+    ape_first = np.abs((first.iteration_overhead_s + first.iteration_overhead_per_seq_s * b) / t - 1) * 100
+    return float(a), float(per_seq), float(np.median(ape)), float(np.percentile(ape, 90)), \
+        float(np.median(ape_first)), len(t)
 
 
 def write_calibration(path: Path, constants: dict, table: pd.DataFrame, overhead: tuple, vidur: Path):
@@ -274,19 +285,20 @@ Regenerate with ``python experiments/calibrate_roofline.py`` (see its docstring 
 #   legacy-e2d00e9/cpu_overheads.csv                  (per-iteration CPU overhead)
 # Method: least squares of log(roofline / reference) over 234 batch plans (reference: the Vidur-fitted model of
 # the CodeLlama-34B shape at TP 2 and of Llama-3-8B at TP 1, measured operators only) plus every raw table row
-# (operators weighted equally), FLOP and byte terms taken from RooflineCostModel itself; iteration_overhead_s =
-# the measured CPU overhead (schedule + sampler + prepare inputs + process outputs) with the least median error
-# over batch sizes 8-128.
+# (operators weighted equally), FLOP and byte terms taken from RooflineCostModel itself; residual add,
+# norm/RoPE/activation and embedding have their own bandwidth efficiencies; attention pays a fixed cost per call;
+# CPU overhead = iteration_overhead_s + iteration_overhead_per_seq_s x sequences, the least-squares line through
+# the measured CPU overhead (schedule + sampler + prepare inputs + process outputs) at batch sizes 8-128.
 # Median absolute percentage error of the roofline, first estimates -> calibrated (per operator on the raw rows;
-# per iteration on the plan set). The single elementwise efficiency cannot fit both the residual add (~85% of
-# peak bandwidth) and RMSNorm/RoPE/SiLU/embedding (~15-50%), hence add's error:
+# per iteration on the plan set):
 #   operator                     rows   before    after
 {chr(10).join(lines)}
-#   iteration_overhead_s (CPU)     13 {overhead[2]:>7.1f}% {overhead[1]:>7.1f}%
+#   CPU overhead per iteration   {overhead[5]:>4} {overhead[4]:>7.1f}% {overhead[2]:>7.1f}%  (P90 after {overhead[3]:.1f}%)
 CALIBRATED = {{
     "{DEVICE}": {{
 {body}
         "iteration_overhead_s": {float(f'{overhead[0]:.4g}')!r},
+        "iteration_overhead_per_seq_s": {float(f'{overhead[1]:.4g}')!r},
         "source": "calibrated on Vidur A100 tables (cost_models/calibration.py)",
     }},
 }}
@@ -294,14 +306,14 @@ CALIBRATED = {{
     path.write_text(text)
 
 
-def comparison(constants: dict, overhead_s: float, vidur: Path, vidur_model: str | None):
+def comparison(constants: dict, overhead: tuple, vidur: Path, vidur_model: str | None):
     """Iteration times of Llama-3-8B on an A100: roofline before/after calibration and the Vidur-fitted model."""
     from cost_models.fitted import fit_profile, load_cost_model, read_fitted, FittedCostModel
 
     model, device = load_model("Llama-3-8B"), load_device(DEVICE)
     before = RooflineCostModel(model, device, constants=RooflineConstants())
-    after = RooflineCostModel(model, device, constants=replace(RooflineConstants(), iteration_overhead_s=overhead_s,
-                                                               **constants))
+    after = RooflineCostModel(model, device, constants=replace(
+        RooflineConstants(), iteration_overhead_s=overhead[0], iteration_overhead_per_seq_s=overhead[1], **constants))
     if vidur_model:
         fitted = load_cost_model(vidur_model, model=model, device=device)
     else:
@@ -355,11 +367,12 @@ def main():
     overhead = cpu_overhead(vidur)
     print(f"calibrated on {len(ref)} plans in {time.perf_counter() - start:.1f} s; median absolute % error:")
     print(textwrap.indent(table.to_string(float_format=lambda v: f"{v:.1f}"), "  "))
-    print(f"  iteration_overhead_s {overhead[0] * 1e3:.2f} ms: median APE {overhead[2]:.1f}% -> {overhead[1]:.1f}%")
+    print(f"  CPU overhead {overhead[0] * 1e3:.3f} ms + {overhead[1] * 1e3:.4f} ms/sequence: median APE "
+          f"{overhead[4]:.1f}% -> {overhead[2]:.1f}% (P90 {overhead[3]:.1f}%) over {overhead[5]} batch sizes")
     print("constants: " + ", ".join(f"{k}={v:.4g}" for k, v in constants.items()))
     write_calibration(Path(args.write), constants, table, overhead, Path("../shared/data/profiles/vidur"))
     print(f"wrote {args.write}")
-    comparison(constants, overhead[0], vidur, args.vidur_model)
+    comparison(constants, overhead, vidur, args.vidur_model)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The analytical roofline cost model (issue 2): per operator max(FLOPs / (peak x eff), bytes / (bandwidth x eff))
-+ launch overhead, attention by chunk context, gated MLP, tensor parallelism with a ring all-reduce; the breakdown
-sums to the iteration time. Operator formulas are those of the table in ``cost_models/roofline.py``."""
++ launch overhead, attention by chunk context plus a fixed cost per attention call, gated MLP, separate bandwidth
+efficiencies for the residual add, norms and the embedding, a CPU overhead growing with the batch, tensor parallelism
+with a ring all-reduce; the breakdown sums to the iteration time. Operator formulas are those of the table in ``cost_models/roofline.py``."""
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,9 @@ from simulator.plan import BatchPlan
 # First-estimate constants stated in RooflineConstants, fixed here so calibrated defaults cannot move the
 # hand-computed values.
 C = RooflineConstants(matmul_compute_eff=0.70, attn_compute_eff=0.50, bandwidth_eff=0.80,
-                      attn_decode_bandwidth_eff=0.60, elementwise_bandwidth_eff=0.60, launch_overhead_s=4e-6,
-                      iteration_overhead_s=3e-3)
+                      attn_decode_bandwidth_eff=0.60, add_bandwidth_eff=0.80, norm_bandwidth_eff=0.60,
+                      emb_bandwidth_eff=0.30, launch_overhead_s=4e-6, attn_call_overhead_s=10e-6,
+                      iteration_overhead_s=0.85e-3, iteration_overhead_per_seq_s=0.039e-3)
 A100_FP16 = 312e12          # dense FLOP/s, NVIDIA A100 datasheet
 A100_BW = 2.039e12          # bytes/s, A100 80GB SXM
 NVLINK = 300e9              # bytes/s per direction, from the device spec
@@ -104,13 +106,57 @@ def test_attention_by_hand():
     q, kv = 32 * 128, 8 * 128
     # a 1024-token chunk after 2048 cached tokens attends to its context plus (causally) itself:
     # FLOPs 4*q*c*(k + (c+1)/2), elements 2*c*q (Q in, O out) + (k+c)*2*kv (K and V read)
+    # plus 10 µs per attention call, one call per layer
     c, k = 1024, 2048
-    expect = 32 * roofline(4 * q * c * (k + (c + 1) / 2), (2 * c * q + (k + c) * 2 * kv) * 2, 0.50, 0.80)
+    expect = 32 * (roofline(4 * q * c * (k + (c + 1) / 2), (2 * c * q + (k + c) * 2 * kv) * 2, 0.50, 0.80) + 10e-6)
+    # 4*4096*1024*2560.5 = 42.95 GFLOP at 156 TFLOP/s = 275.3 µs (compute-bound) + 4 µs + 10 µs, per layer
+    assert expect == pytest.approx(32 * (4 * q * c * (k + (c + 1) / 2) / (A100_FP16 * 0.5) + 14e-6))
     assert mistral().breakdown(prefill((c, k)))["attn_prefill"] == pytest.approx(expect, rel=1e-12)
+    # two chunks share one varlen attention call per layer
+    two = prefill((c, k), (64, 0))
+    expect2 = 32 * (roofline(4 * q * (c * (k + (c + 1) / 2) + 64 * 32.5),
+                             (2 * c * q + (k + c) * 2 * kv + 2 * 64 * q + 64 * 2 * kv) * 2, 0.50, 0.80) + 10e-6)
+    assert mistral().breakdown(two)["attn_prefill"] == pytest.approx(expect2, rel=1e-12)
     # 8 decodes with 1023 cached tokens each read their whole KV (1024 tokens with the new one)
     ctx = 8 * 1024
-    expect = 32 * roofline(4 * q * ctx, (ctx * 2 * kv + 8 * 2 * q) * 2, 0.50, 0.60)
+    expect = 32 * (roofline(4 * q * ctx, (ctx * 2 * kv + 8 * 2 * q) * 2, 0.50, 0.60) + 10e-6)
+    # 8192 x 2048 x 2 bytes = 33.6 MB at 1.223 TB/s = 27.4 µs (memory-bound) + 14 µs, per layer
+    assert expect == pytest.approx(32 * ((ctx * 2 * kv + 8 * 2 * q) * 2 / (A100_BW * 0.6) + 14e-6))
     assert mistral().breakdown(decodes(*[1023] * 8))["attn_decode"] == pytest.approx(expect, rel=1e-12)
+
+
+def test_elementwise_operators_have_their_own_bandwidth_efficiencies_by_hand():
+    h, T = 4096, 2048
+    bd = mistral().breakdown(prefill((T, 0)))
+    # residual adds: 6*T*h elements (two adds, each two reads and a write) at add_bandwidth_eff 0.80
+    assert bd["add"] == pytest.approx(32 * (6 * T * h * 2 / (A100_BW * 0.80) + 4e-6), rel=1e-12)
+    # RMSNorm: 2*T*h + h elements at norm_bandwidth_eff 0.60
+    assert bd["input_layernorm"] == pytest.approx(32 * ((2 * T * h + h) * 2 / (A100_BW * 0.60) + 4e-6), rel=1e-12)
+    # embedding gather, once per iteration: 2*T*h elements at emb_bandwidth_eff 0.30
+    assert bd["emb"] == pytest.approx(2 * T * h * 2 / (A100_BW * 0.30) + 4e-6, rel=1e-12)
+
+
+def test_cpu_overhead_grows_with_the_batch_by_hand():
+    # 0.85 ms + 0.039 ms per scheduled sequence (Vidur's cpu_overheads: ~1.15 ms at 8 sequences, ~5.8 ms at 128)
+    assert mistral().breakdown(decodes(*[100] * 24))["cpu_overhead"] == pytest.approx(0.85e-3 + 24 * 0.039e-3)
+    assert mistral().breakdown(mixed([100] * 7, [(256, 0)]))["cpu_overhead"] == pytest.approx(0.85e-3 + 8 * 0.039e-3)
+    assert mistral().breakdown(decodes(*[100] * 128))["cpu_overhead"] == pytest.approx(5.842e-3)
+
+
+@pytest.mark.parametrize("model, device, tp, pp", MODELS)
+def test_calibrated_cpu_overhead_grows_with_the_batch(model, device, tp, pp):
+    cm = RooflineCostModel(model, device, tp=tp, pp=pp)
+    overheads = [cm.breakdown(decodes(*[100] * b))["cpu_overhead"] for b in (1, 8, 64, 128)]
+    assert all(a < b for a, b in zip(overheads, overheads[1:]))
+    assert overheads[0] > 0
+
+
+@pytest.mark.parametrize("model, device, tp, pp", MODELS)
+def test_decode_attention_of_one_request_costs_at_least_one_call_per_layer(model, device, tp, pp):
+    cm = RooflineCostModel(model, device, tp=tp, pp=pp)
+    assert cm.c.attn_call_overhead_s > 0
+    assert cm.breakdown(decodes(0))["attn_decode"] >= cm.c.attn_call_overhead_s * cm.layers
+    assert cm.breakdown(prefill((1, 0)))["attn_prefill"] >= cm.c.attn_call_overhead_s * cm.layers
 
 
 def test_ring_all_reduce_by_hand_two_per_layer():
