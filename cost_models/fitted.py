@@ -485,11 +485,11 @@ class FittedCostModel:
         if hit is not None:
             return hit
         table = self.tables.get("lm_head")
-        if table is not None:
-            lm = table(B)
-        else:
+        fallback = None
+        if table is None or (self.cpu_overhead_s is None and "cpu_overhead" not in self.tables):
             plan = SimpleNamespace(num_new_tokens=(1,) * B, context_lens=(0,) * B, num_decodes=B)
-            lm = self.roofline.breakdown(plan)["lm_head"]
+            fallback = self.roofline.breakdown(plan)
+        lm = table(B) if table is not None else fallback["lm_head"]
         if self.cpu_overhead_s is not None:
             cpu = self.cpu_overhead_s
         elif "cpu_overhead" in self.tables:
@@ -497,7 +497,7 @@ class FittedCostModel:
         elif self.fitted.meta.get("device") == "cpu":
             cpu = 0.0                       # a CPU profile without the operator: no engine to charge for
         else:
-            cpu = self.roofline.c.iteration_overhead_s
+            cpu = fallback["cpu_overhead"]  # the roofline's fixed + per-sequence overhead for B sequences
         hit = (lm, cpu)
         if len(self._seq_cache) < 65536:
             self._seq_cache[B] = hit
