@@ -182,6 +182,7 @@ def plot_validation(table: pd.DataFrame, path: str | Path, title: str = "") -> P
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
     for kind, marker in zip(KINDS, "os^"):
@@ -196,6 +197,10 @@ def plot_validation(table: pd.DataFrame, path: str | Path, title: str = "") -> P
                     label="±15%")
     ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured iteration time (ms)",
            ylabel="predicted iteration time (ms)", title=title)
+    for axis in (ax.xaxis, ax.yaxis):          # plain numbers at 1-2-5 steps; default minor labels overlap
+        axis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
