@@ -140,6 +140,7 @@ class RooflineCostModel:
         self.f = m.intermediate_size / tp
         self.mlp_in = 2 if m.mlp == "gated" else 1
         self._linear_cache: dict[int, dict[str, float]] = {}
+        self._linear_total: dict[int, float] = {}
 
     # --- roofline helpers ---------------------------------------------------------------------------------
     def _op(self, flops: float, elements: float, compute_eff: float, bw_eff: float) -> float:
@@ -185,10 +186,12 @@ class RooflineCostModel:
             (self.tp - 1) * self.device.interconnect_latency_s
 
     def _per_token_total(self, T: int) -> float:
-        ops = self._per_token_ops(T)
-        total = ops.get("_total")
+        """Sum of ``_per_token_ops(T)`` (cached): the hot path of ``iteration_time``."""
+        total = self._linear_total.get(T)
         if total is None:
-            total = ops["_total"] = sum(ops.values())
+            total = sum(self._per_token_ops(T).values())
+            if len(self._linear_total) < 65536:
+                self._linear_total[T] = total
         return total
 
     def _per_plan_ops(self, plan, T: int) -> dict[str, float]:
@@ -224,7 +227,7 @@ class RooflineCostModel:
         T = sum(plan.num_new_tokens)
         if T == 0:
             return {}
-        out = {k: v * self.layers for k, v in self._per_token_ops(T).items() if k != "_total"}
+        out = {k: v * self.layers for k, v in self._per_token_ops(T).items()}
         out.update(self._per_plan_ops(plan, T))
         return out
 

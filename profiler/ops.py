@@ -294,6 +294,16 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 # --- profiling closures ------------------------------------------------------------------------------------------
 
+# The matrix multiplications: operator -> (width of its input rows, the Layer weight it multiplies by).
+GEMM_INPUTS = {
+    "attn_pre_proj": ("hidden_size", "w_qkv"),
+    "attn_post_proj": ("q_size", "w_o"),
+    "mlp_up_proj": ("hidden_size", "w_up"),
+    "mlp_down_proj": ("ffn_size", "w_down"),
+    "lm_head": ("hidden_size", "w_lm_head"),
+}
+
+
 def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_size: int = 0, context_len: int = 0,
                       kv_lens=None, seed: int = 0, cold: bool = False):
     """A no-argument function running operator ``name`` once on random inputs of the given shape.
@@ -331,13 +341,14 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
         spare = layer.k_cache.shape[0] // slots_per_call
         return [i * slots_per_call for i in range(max(1, min(spare, math.ceil(flush / max(region_bytes, 1)))))]
 
+    if name in GEMM_INPUTS:
+        width, attr = GEMM_INPUTS[name]
+        x = rand(T, getattr(s, width))
+        w = weights(attr)
+        return lambda: x @ w()
     if name in ("input_layernorm", "post_attention_layernorm"):
         x = rand(T, s.hidden_size)
         return lambda: layer.norm(x)
-    if name == "attn_pre_proj":
-        x = rand(T, s.hidden_size)
-        w = weights("w_qkv")
-        return lambda: x @ w()
     if name == "attn_rope":
         q, k = rand(T, s.q_size), rand(T, s.kv_size)
         positions = torch.randint(0, layer.cos_sin.shape[0], (T,), generator=gen).to(dev)
@@ -350,21 +361,9 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
         idx = torch.arange(T)
         slots, positions = (idx % slots_needed).to(dev), (idx // slots_needed).to(dev)
         return lambda: kv_cache_save(k, v, layer.k_cache, layer.v_cache, slots, positions)
-    if name == "attn_post_proj":
-        x = rand(T, s.q_size)
-        w = weights("w_o")
-        return lambda: x @ w()
-    if name == "mlp_up_proj":
-        x = rand(T, s.hidden_size)
-        w = weights("w_up")
-        return lambda: x @ w()
     if name == "mlp_act":
         x = rand(T, s.mlp_in)
         return lambda: layer.activation(x)
-    if name == "mlp_down_proj":
-        x = rand(T, s.ffn_size)
-        w = weights("w_down")
-        return lambda: x @ w()
     if name == "add":
         x, residual = rand(T, s.hidden_size), rand(T, s.hidden_size)
         return lambda: x + residual
@@ -372,10 +371,6 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
         ids = torch.randint(0, s.vocab_size, (T,), generator=gen).to(dev)
         table = weights("emb")
         return lambda: F.embedding(ids, table())
-    if name == "lm_head":
-        x = rand(T, s.hidden_size)
-        w = weights("w_lm_head")
-        return lambda: x @ w()
     if name == "cpu_overhead":
         logits = rand(T, s.vocab_size)
         context = [16 + (997 * i) % 1009 for i in range(T)]      # unequal lengths, fixed

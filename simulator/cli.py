@@ -10,15 +10,13 @@ import sys
 
 import click
 
-from simulator.cli_options import USER_ERRORS, config_from_options, simulate_options, user_errors  # noqa: F401
+from simulator.cli_options import config_from_options, simulate_options, user_errors
 
 
-def _fmt(v, unit="s"):
-    if v is None:
+def _fmt(seconds):
+    if seconds is None:
         return "-"
-    if unit == "s":
-        return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.2f} s"
-    return f"{v:.4g}"
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def summary_table(summary: dict) -> str:

@@ -72,10 +72,6 @@ class BatchPlan:
         return len(self.request_ids) - self.num_decodes
 
     @property
-    def decode_context_lens(self) -> tuple[int, ...]:
-        return self.context_lens[: self.num_decodes]
-
-    @property
     def prefill_chunks(self) -> list[tuple[int, int]]:
         """``[(num_new_tokens, context_len), ...]`` of the prefill entries."""
         d = self.num_decodes
