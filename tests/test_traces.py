@@ -23,8 +23,13 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
+CHANGE_KEYS = {"num_requests_in", "num_shrunk", "num_dropped", "max_total_tokens", "examples"}
+
+
 def assert_schema(df: pd.DataFrame) -> None:
-    assert list(df.columns) == list(COLUMNS)
+    assert list(df.columns) in (list(COLUMNS), [*COLUMNS, "block_hashes"])
+    assert ("block_hashes" in df.columns) == ("hash_block_tokens" in df.attrs)
+    assert set(df.attrs["workload_changes"]) == CHANGE_KEYS
     assert df["request_id"].tolist() == list(range(len(df)))
     assert df["request_id"].dtype == np.int64
     assert df["arrival_s"].dtype == np.float64
@@ -56,6 +61,10 @@ def test_builtin_default_max_totals_and_custom_limit():
     assert BUILTIN_WORKLOADS["arxiv"].max_total_tokens == 16384
     df = load_trace("arxiv", num_requests=5000, qps=1.0, seed=0, max_total_tokens=4096)
     assert (df["prompt_tokens"] + df["output_tokens"]).max() <= 4096
+    # drawn at arxiv's own 16384 first, then shrunk (not redrawn): most arxiv prompts exceed 4096 tokens
+    unlimited = load_trace("arxiv", num_requests=5000, qps=1.0, seed=0)
+    over = (unlimited["prompt_tokens"] + unlimited["output_tokens"] > 4096).sum()
+    assert over > 2500 and df.attrs["workload_changes"]["num_shrunk"] == over
 
 
 def test_stored_constants_are_the_fit_of_the_published_targets():
@@ -144,7 +153,7 @@ def test_bad_options(kwargs, field):
 def test_unknown_builtin_lists_known():
     with pytest.raises(TraceError) as e:
         load_trace("sharegtp", num_requests=10, qps=1.0)
-    assert "sharegtp" in str(e.value) and "arxiv" in str(e.value) and "sharegpt" in str(e.value)
+    assert "sharegtp" in str(e.value) and "known: arxiv, conversation, random, sharegpt" in str(e.value)
     with pytest.raises(TraceError, match="known: arxiv, sharegpt"):
         generate("lmsys", 10, qps=1.0, seed=0)
 
@@ -200,15 +209,23 @@ def test_azure_csv_arrivals_relative_to_first(tmp_path):
 
 
 def test_mooncake_jsonl(tmp_path):
+    # hash_ids: one per 512 prompt tokens, ceil(6758/512) = 14, ceil(7322/512) = 15, ceil(12/512) = 1
     p = write(tmp_path, "mc.jsonl",
-              '{"timestamp": 0, "input_length": 6758, "output_length": 500, "hash_ids": [0, 1]}\n'
-              '{"timestamp": 1500, "input_length": 7322, "output_length": 3, "hash_ids": []}\n\n'
-              '{"timestamp": 27000, "input_length": 12, "output_length": 1}\n')
+              '{"timestamp": 0, "input_length": 6758, "output_length": 500, "hash_ids": %s}\n'
+              '{"timestamp": 1500, "input_length": 7322, "output_length": 3, "hash_ids": %s}\n\n'
+              '{"timestamp": 27000, "input_length": 12, "output_length": 1, "hash_ids": [0]}\n'
+              % (list(range(14)), [0] + list(range(100, 114))))
     assert detect_format(p) == "mooncake"
     df = load_trace(p)
     assert_schema(df)
+    assert list(df.columns) == [*COLUMNS, "block_hashes"]
     assert df["arrival_s"].tolist() == [0.0, 1.5, 27.0]
     assert df["prompt_tokens"].tolist() == [6758, 7322, 12] and df["output_tokens"].tolist() == [500, 3, 1]
+    assert df["block_hashes"].tolist() == [tuple(range(14)), (0, *range(100, 114)), (0,)]
+    assert df.attrs["hash_block_tokens"] == 512
+    # a Mooncake file without any hash_ids has no block_hashes column
+    q = write(tmp_path, "nohash.jsonl", '{"timestamp": 0, "input_length": 12, "output_length": 1}\n')
+    assert_schema(load_trace(q))
 
 
 def test_csv_with_bom_crlf_and_spaces(tmp_path):

@@ -1,5 +1,6 @@
-"""Readers for request traces stored in files. Each returns a ``RawTrace``: token counts (int64 arrays) and,
-when the file has them, arrival times in seconds; ``traces.load_trace`` turns it into a trace DataFrame.
+"""Readers for request traces stored in files. Each returns a ``RawTrace``: token counts (int64 arrays),
+when the file has them arrival times in seconds and prefix-block hashes; ``traces.load_trace`` turns it into
+a trace DataFrame.
 
 Formats (auto-detected by ``detect_format``: JSON Lines by extension ``.jsonl``/``.json`` or a first
 character ``{``; otherwise CSV, recognised by its header, first match wins):
@@ -15,11 +16,25 @@ sarathi    ``num_prefill_tokens``, ``num_decode_tokens``,          ``arrived_at`
            optional ``arrived_at`` (Sarathi-Serve / Vidur         (none in the ``*_stats_llama2_tokenizer``
            processed traces; other columns ignored)               files)
 csv        ``prompt_tokens``, ``output_tokens``, optional         ``arrival_s`` in seconds, kept as given
-           ``arrival_s``
+           ``arrival_s``, optional ``block_hashes``
 mooncake   JSON Lines with ``timestamp`` (milliseconds),          ``timestamp / 1000`` seconds, kept as given
-           ``input_length``, ``output_length`` (``hash_ids``
-           ignored)
+           ``input_length``, ``output_length``, optional
+           ``hash_ids``
 =========  ====================================================  =========================================
+
+Prefix-block hashes (kept in the trace's ``block_hashes`` column, see ``traces.prefix``):
+
+* Mooncake ``hash_ids``: a JSON list of integers (``true``/``false`` are not integers), one per 512 prompt
+  tokens (``MOONCAKE_HASH_BLOCK_TOKENS``; Mooncake FAST'25 release, kvcache-ai/Mooncake
+  ``FAST25-release/traces``), the last one covering the partial block. Its length must be exactly
+  ``ceil(input_length / 512)``: it is in every record of both published traces (conversation: 12,031 of
+  12,031; synthetic: 3,993 of 3,993), so another length means the file's lengths and hashes disagree and is
+  an error. Either every record has ``hash_ids`` or none has (then the trace has no hashes).
+* Plain CSV ``block_hashes``: integers separated by spaces and/or ``;`` (e.g. ``"7 8 9"`` or ``"7;8;9"``),
+  an empty cell meaning no hashes for that request; each hash covers ``hash_block_tokens`` tokens (a
+  ``load_trace`` argument, default ``CSV_HASH_BLOCK_TOKENS`` = 16, the KV block size of vLLM on GPUs and of
+  servesim); at most ``ceil(prompt_tokens / hash_block_tokens)`` of them (a shorter list simply leaves the
+  later blocks without hashes, e.g. when only full blocks are hashed, as vLLM does).
 
 Line numbers in errors are the physical, 1-based line numbers of the file as an editor shows them: for CSV
 the header is line 1, so the first data row is line 2; for JSON Lines the first record is line 1. Blank
@@ -36,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .schema import TraceError
+from .schema import TraceError, short_repr
 
 # CSV format -> (prompt column, output column, arrival column); the arrival column is optional except for azure
 CSV_FORMATS: dict[str, tuple[str, str, str]] = {
@@ -45,36 +60,62 @@ CSV_FORMATS: dict[str, tuple[str, str, str]] = {
     "csv": ("prompt_tokens", "output_tokens", "arrival_s"),
 }
 MOONCAKE_KEYS = ("timestamp", "input_length", "output_length")
+MOONCAKE_HASH_KEY = "hash_ids"
+MOONCAKE_HASH_BLOCK_TOKENS = 512
+CSV_HASH_COLUMN = "block_hashes"
+CSV_HASH_BLOCK_TOKENS = 16
 FORMATS = (*CSV_FORMATS, "mooncake")
 
 
 @dataclass
 class RawTrace:
-    """Requests in file order. ``arrival_s`` is None when the file has no arrival times."""
+    """Requests in file order.
+
+    ``lines``: the 1-based file line of each request (int64). ``arrival_s`` is None when the file has no
+    arrival times; ``block_hashes`` (a list of int tuples, one per request) and ``hash_block_tokens`` are
+    None when it has no prefix-block hashes.
+    """
 
     source: str
     format: str
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
     arrival_s: np.ndarray | None
+    lines: np.ndarray
+    block_hashes: list[tuple[int, ...]] | None = None
+    hash_block_tokens: int | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_tokens)
 
 
-def read_trace_file(path: str | Path) -> RawTrace:
+def read_trace_file(path: str | Path, *, hash_block_tokens: int | None = None) -> RawTrace:
     """Read and validate a trace file of any supported format (see the module docstring).
 
+    ``hash_block_tokens``: tokens per hash of a plain CSV's ``block_hashes`` column (default 16); for
+    Mooncake it can only be 512; ignored for files without hashes.
+
     Raises:
-        TraceError: file not found, empty file, unrecognised columns (the columns found are listed), or a bad
-            value (the message names the file, the line and the field).
+        TraceError: file not found, empty file, unrecognised columns (the columns found are listed), a bad
+            value (the message names the file, the line and the field), or a ``hash_block_tokens`` that
+            contradicts the format.
     """
     path = Path(path)
     source = str(path)
     if not path.is_file():
         raise TraceError("file not found" if not path.exists() else "not a regular file", source)
+    if hash_block_tokens is not None and (isinstance(hash_block_tokens, bool)
+                                          or not isinstance(hash_block_tokens, (int, np.integer))
+                                          or hash_block_tokens < 1):
+        raise TraceError(f"must be an integer >= 1, got {hash_block_tokens!r}", source, field="hash_block_tokens")
     fmt = detect_format(path)
-    return read_jsonl(path) if fmt == "mooncake" else read_csv(path, fmt)
+    if fmt == "mooncake":
+        raw = read_jsonl(path)
+        if raw.block_hashes is not None and hash_block_tokens not in (None, MOONCAKE_HASH_BLOCK_TOKENS):
+            raise TraceError(f"Mooncake hash_ids cover {MOONCAKE_HASH_BLOCK_TOKENS} tokens each, not "
+                             f"hash_block_tokens={hash_block_tokens}", source, field="hash_block_tokens")
+        return raw
+    return read_csv(path, fmt, hash_block_tokens=hash_block_tokens)
 
 
 def detect_format(path: str | Path) -> str:
@@ -106,8 +147,9 @@ def _read_csv(path: Path, source: str, **kwargs) -> pd.DataFrame:
         raise TraceError(f"malformed CSV ({exc})", source, int(match.group(1)) if match else None) from None
 
 
-def read_csv(path: str | Path, fmt: str) -> RawTrace:
-    """Read a CSV trace of format ``fmt`` (``"azure"``, ``"sarathi"`` or ``"csv"``)."""
+def read_csv(path: str | Path, fmt: str, *, hash_block_tokens: int | None = None) -> RawTrace:
+    """Read a CSV trace of format ``fmt`` (``"azure"``, ``"sarathi"`` or ``"csv"``); a plain CSV's
+    ``block_hashes`` column covers ``hash_block_tokens`` tokens per hash (default 16)."""
     path = Path(path)
     source = str(path)
     prompt_col, output_col, arrival_col = CSV_FORMATS[fmt]
@@ -130,14 +172,21 @@ def read_csv(path: str | Path, fmt: str) -> RawTrace:
         arrivals = _wall_clock_seconds(df[arrival_col], lines, source, arrival_col)
     elif arrival_col in df.columns:
         arrivals = arrival_seconds(df[arrival_col], lines, source, arrival_col)
-    return RawTrace(source, fmt, prompt, output, arrivals)
+    raw = RawTrace(source, fmt, prompt, output, arrivals, lines)
+    if fmt == "csv" and CSV_HASH_COLUMN in df.columns:
+        h = CSV_HASH_BLOCK_TOKENS if hash_block_tokens is None else int(hash_block_tokens)
+        raw.block_hashes = [_csv_hashes(text, prompt[i], h, source, int(lines[i]))
+                            for i, text in enumerate(df[CSV_HASH_COLUMN].tolist())]
+        raw.hash_block_tokens = h
+    return raw
 
 
 def read_jsonl(path: str | Path) -> RawTrace:
-    """Read a Mooncake JSON Lines trace (``timestamp`` in ms, ``input_length``, ``output_length``)."""
+    """Read a Mooncake JSON Lines trace (``timestamp`` in ms, ``input_length``, ``output_length``, optional
+    ``hash_ids``; see the module docstring)."""
     path = Path(path)
     source = str(path)
-    rows, lines = [], []
+    rows, lines, hash_lists = [], [], []
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, text in enumerate(f, start=1):
             if not text.strip():
@@ -152,15 +201,72 @@ def read_jsonl(path: str | Path) -> RawTrace:
                 if key not in record:
                     raise TraceError(f"missing field {key!r}; found {list(record)}", source, lineno, key)
             rows.append(tuple(record[k] for k in MOONCAKE_KEYS))
+            hash_lists.append(record.get(MOONCAKE_HASH_KEY, _ABSENT))
             lines.append(lineno)
     if not rows:
         raise TraceError("empty file", source)
     df = pd.DataFrame(rows, columns=list(MOONCAKE_KEYS), dtype=object)
-    lines = np.asarray(lines)
+    lines = np.asarray(lines, dtype=np.int64)
     prompt = positive_ints(df["input_length"], lines, source, "input_length")
     output = positive_ints(df["output_length"], lines, source, "output_length")
     arrivals = arrival_seconds(df["timestamp"], lines, source, "timestamp") / 1000.0
-    return RawTrace(source, "mooncake", prompt, output, arrivals)
+    raw = RawTrace(source, "mooncake", prompt, output, arrivals, lines)
+    present = [value is not _ABSENT for value in hash_lists]
+    if any(present):
+        raw.block_hashes = _mooncake_hashes(hash_lists, present, prompt, lines, source)
+        raw.hash_block_tokens = MOONCAKE_HASH_BLOCK_TOKENS
+    return raw
+
+
+_ABSENT = object()   # marks a record without hash_ids
+
+
+def _mooncake_hashes(values: list, present: list[bool], prompt: np.ndarray, lines: np.ndarray,
+                     source: str) -> list[tuple[int, ...]]:
+    """Validated Mooncake ``hash_ids``: all records have them, lists of ints of ``ceil(input_length/512)``."""
+    if not all(present):
+        i = present.index(False)
+        j = present.index(True)
+        raise TraceError(f"missing field {MOONCAKE_HASH_KEY!r} (line {int(lines[j])} has it; either every "
+                         f"record has hash_ids or none)", source, int(lines[i]), MOONCAKE_HASH_KEY)
+    h = MOONCAKE_HASH_BLOCK_TOKENS
+    hashes = []
+    for i, value in enumerate(values):
+        if not isinstance(value, list) or not all(_is_int(x) for x in value):
+            raise TraceError(f"must be a list of integers, got {short_repr(value)}", source, int(lines[i]),
+                             MOONCAKE_HASH_KEY)
+        need = -(-int(prompt[i]) // h)
+        if len(value) != need:
+            raise TraceError(f"has {len(value)} ids but input_length {int(prompt[i])} needs "
+                             f"ceil({int(prompt[i])} / {h}) = {need} (one per {h}-token block)", source,
+                             int(lines[i]), MOONCAKE_HASH_KEY)
+        hashes.append(tuple(value))
+    return hashes
+
+
+_HASH_SEPARATORS = re.compile(r"[;\s]+")
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _csv_hashes(text, prompt_tokens: int, hash_block_tokens: int, source: str, line: int) -> tuple[int, ...]:
+    """One CSV ``block_hashes`` cell: integers separated by spaces and/or ``;``; empty means none."""
+    if text is None or pd.isna(text):
+        return ()
+    parts = [part for part in _HASH_SEPARATORS.split(str(text).strip()) if part]
+    bad = next((part for part in parts if not _INTEGER.fullmatch(part)), None)
+    if bad is not None:
+        raise TraceError(f"not an integer: {short_repr(bad)} (expected integers separated by spaces or ';')",
+                         source, line, CSV_HASH_COLUMN)
+    most = -(-int(prompt_tokens) // hash_block_tokens)
+    if len(parts) > most:
+        raise TraceError(f"{len(parts)} hashes but prompt_tokens {int(prompt_tokens)} has only "
+                         f"ceil({int(prompt_tokens)} / {hash_block_tokens}) = {most} blocks of "
+                         f"{hash_block_tokens} tokens", source, line, CSV_HASH_COLUMN)
+    return tuple(int(part) for part in parts)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Synthetic workloads: request-length distributions fitted to published statistics, and arrival processes.
 
+(The ``random`` and ``conversation`` built-ins live in ``traces.random_dataset`` and ``traces.conversation``;
+``traces.workloads.WORKLOADS`` lists every built-in name.)
+
 Built-in workloads (``BUILTIN_WORKLOADS``) reproduce the request-length statistics of the two datasets used
 by Sarathi-Serve: Agrawal et al., "Taming Throughput-Latency Tradeoff in LLM Inference with Sarathi-Serve",
 OSDI 2024, Table 2 (token counts with the Llama-2 tokenizer):
@@ -20,6 +23,11 @@ conditional quantiles on the integer grid (``truncated_quantiles``) and adjusts 
 deterministic fixed-point iteration until they match. The fitted constants are stored in
 ``BUILTIN_WORKLOADS``; recompute them with ``python -m traces.synthetic`` (tests check they agree).
 
+A model's own limit (``max_total_tokens`` of ``generate``/``load_trace``, e.g. its max_model_len) is applied
+only AFTER drawing at the workload's own max total, exactly as for a trace file (``traces.limits``): shrunk
+like the Sarathi-Serve artifact, or dropped and replaced by further draws (``iid_trace``). So a limit at or
+above the workload's own max changes nothing, and a smaller one shrinks some of the same requests.
+
 Arrival processes (``arrival_times``): ``"poisson"`` draws exponential inter-arrival gaps with mean ``1/qps``;
 ``"gamma"`` draws gamma gaps with mean ``1/qps`` and coefficient of variation ``cv`` (shape ``1/cv**2``);
 ``cv == 1`` *is* the Poisson process and uses the exponential draw, so it gives byte-identical arrivals.
@@ -39,6 +47,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from .limits import DROP_DRAW_FACTOR, changes_record, drop_examples, over_limit, shrink_requests
 from .schema import TraceError, make_trace
 
 ARRIVAL_PROCESSES = ("poisson", "gamma")
@@ -266,8 +275,13 @@ def get_workload(name: str) -> BuiltinWorkload:
 
 
 def generate(name: str, num_requests: int, *, qps: float, seed: int, arrival: str = "poisson",
-             cv: float = 1.0, max_total_tokens: int | None = None) -> pd.DataFrame:
+             cv: float = 1.0, max_total_tokens: int | None = None, drop_long: bool = False) -> pd.DataFrame:
     """Generate a synthetic trace of the built-in workload ``name`` (``"sharegpt"`` or ``"arxiv"``).
+
+    Lengths are drawn exactly as the published statistics say (rejection at the workload's own max total:
+    8192 sharegpt, 16384 arxiv); a smaller ``max_total_tokens`` is applied AFTERWARDS, like for a file:
+    the over-long requests are shrunk (Sarathi-Serve rule, ``traces.limits``) or, with ``drop_long``,
+    dropped and replaced by further draws. So the same seed gives the same requests, some shrunk.
 
     Args:
         name: a key of ``BUILTIN_WORKLOADS``.
@@ -276,26 +290,90 @@ def generate(name: str, num_requests: int, *, qps: float, seed: int, arrival: st
         seed: non-negative integer; same arguments and seed give a byte-identical DataFrame.
         arrival: ``"poisson"`` (exponential gaps) or ``"gamma"`` (gamma gaps with coefficient of variation cv).
         cv: coefficient of variation of the gaps for ``"gamma"``; must be 1 for ``"poisson"``.
-        max_total_tokens: reject (and redraw) requests whose prompt + output exceeds this; default the
-            workload's own limit (8192 sharegpt, 16384 arxiv). Other values change the quantiles.
+        max_total_tokens: limit on ``prompt + output`` (>= 2); None or >= the workload's own max changes
+            nothing (byte-identical to no limit).
+        drop_long: drop over-long requests instead of shrinking them (see ``iid_trace``).
 
     Returns:
-        A trace DataFrame (``traces.schema``); the first arrival is at the first inter-arrival gap.
+        A trace DataFrame (``traces.schema``) with ``attrs["workload_changes"]``; the first arrival is at the
+        first inter-arrival gap.
 
     Raises:
         TraceError: unknown name (the message lists the known ones) or invalid options.
     """
     workload = get_workload(name)
+
+    def draw(n: int):
+        return sample_lengths(workload, n, rng_streams(seed).lengths)
+
+    return iid_trace(draw, num_requests, qps=qps, seed=seed, arrival=arrival, cv=cv,
+                     max_total_tokens=max_total_tokens, drop_long=drop_long, source=name)
+
+
+def iid_trace(draw, num_requests: int, *, qps: float, seed: int, arrival: str, cv: float,
+              max_total_tokens: int | None, drop_long: bool, source: str) -> pd.DataFrame:
+    """A trace of i.i.d. requests: lengths from ``draw``, arrivals from the seed's arrival stream.
+
+    ``draw(n)`` must return ``n`` (prompt, output) int64 pairs deterministically (the same ``n`` gives the
+    same pairs). Without ``drop_long`` the first ``num_requests`` draws are kept and over-long ones shrunk.
+    With ``drop_long`` over-long draws are skipped and the first ``num_requests`` that fit are kept (draw
+    sizes double from ``num_requests`` up to 64 times it, so ``num_requests_in`` counts the draws up to the
+    last one kept); arrivals are generated for the kept requests, so the arrival times equal those of the
+    shrinking variant. ``attrs["workload_changes"]`` records it (``traces.limits``).
+
+    Raises:
+        TraceError: no qps, invalid options, or (``drop_long``) fewer than ``num_requests`` fitting requests
+            in 64 * ``num_requests`` draws.
+    """
     check_arrival_options(qps, arrival, cv)
     if qps is None:
-        raise TraceError("qps is required for a built-in workload (it has no arrival times)", name, field="qps")
+        raise TraceError("qps is required for a built-in workload (it has no arrival times)", source, field="qps")
     _check_count(num_requests, "num_requests", minimum=1)
     if max_total_tokens is not None:
         _check_count(max_total_tokens, "max_total_tokens", minimum=2)
-    streams = rng_streams(seed)
-    prompt, output = sample_lengths(workload, num_requests, streams.lengths, max_total_tokens)
+    streams = rng_streams(seed)                                  # validates the seed before drawing
+    if drop_long and max_total_tokens is not None:
+        prompt, output, num_in, examples = _draw_fitting(draw, num_requests, max_total_tokens, source)
+        changes = changes_record(num_in, 0, num_in - num_requests, max_total_tokens, examples)
+    else:
+        prompt, output = draw(num_requests)
+        labels = LazyLabels("request")
+        prompt, output, _, num_shrunk, examples = shrink_requests(prompt, output, None, None, max_total_tokens,
+                                                                  labels)
+        changes = changes_record(num_requests, num_shrunk, 0, max_total_tokens, examples)
     arrivals = arrival_times(num_requests, qps, streams.arrivals, arrival=arrival, cv=cv)
-    return make_trace(arrivals, prompt, output)
+    df = make_trace(arrivals, prompt, output)
+    df.attrs["workload_changes"] = changes
+    return df
+
+
+class LazyLabels:
+    """``labels[i] == f"{prefix} {i}"`` without building a list (for the change examples)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __getitem__(self, i) -> str:
+        return f"{self.prefix} {int(i)}"
+
+
+def _draw_fitting(draw, num_requests: int, max_total_tokens: int, source: str):
+    """The first ``num_requests`` draws with ``prompt + output <= max_total_tokens``: prompt, output, the
+    number of draws up to the last one kept, and examples of the skipped ones."""
+    n = num_requests
+    while True:
+        prompt, output = draw(n)
+        over = over_limit(prompt, output, max_total_tokens)
+        kept = np.flatnonzero(~over)
+        if len(kept) >= num_requests:
+            last = int(kept[num_requests - 1])
+            examples = drop_examples(LazyLabels("draw"), prompt, output, over[: last + 1], max_total_tokens)
+            keep = kept[:num_requests]
+            return prompt[keep], output[keep], last + 1, examples
+        if n >= DROP_DRAW_FACTOR * num_requests:
+            raise TraceError(f"drop_long: only {len(kept)} of {n} drawn requests fit max_total_tokens="
+                             f"{max_total_tokens}; {num_requests} needed", source, field="max_total_tokens")
+        n = min(2 * n, DROP_DRAW_FACTOR * num_requests)
 
 
 def _check_count(value, field: str, minimum: int) -> None:
