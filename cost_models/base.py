@@ -1,8 +1,7 @@
-"""The cost-model protocol: the time in seconds of one iteration from its batch composition.
+"""The cost-model protocol: the time in seconds of one micro-batch from its batch composition.
 
-A plan is ``simulator.plan.BatchPlan`` (cost models only read its attributes, so nothing here imports the
-simulator): aligned tuples ``request_ids``, ``num_new_tokens`` and ``context_lens`` with the first
-``num_decodes`` entries decodes of one token each and the rest prefill chunks.
+A plan is ``cost_models.plan.BatchPlan``: aligned tuples ``request_ids``, ``num_new_tokens`` and ``context_lens``
+with the first ``num_decodes`` entries decodes of one token each and the rest prefill chunks.
 """
 from __future__ import annotations
 
@@ -11,31 +10,63 @@ from typing import Protocol, runtime_checkable
 
 @runtime_checkable
 class CostModel(Protocol):
-    """Prices one iteration of a replica.
+    """Prices one micro-batch of a replica with ``pp`` pipeline stages (``pp`` = 1: one iteration).
 
-    ``iteration_time(plan)`` returns seconds (> 0 for a non-empty plan). ``breakdown(plan)`` returns
-    ``{operator_name: seconds}`` summed over all layers, whose values add up to ``iteration_time(plan)``.
+    - ``stage_time(plan, stage)``: seconds stage ``stage`` (0-based) is busy with ``plan``;
+    - ``transfer_time(plan, stage)``: seconds to send the activations from stage ``stage`` to ``stage + 1``;
+    - ``iteration_time(plan)``: the micro-batch's latency, every stage plus every transfer (> 0 for a non-empty
+      plan; with ``pp`` = 1, ``stage_time(plan, 0)``);
+    - ``breakdown(plan)``: ``{operator_name: seconds}`` over all layers and stages, adding up to
+      ``iteration_time(plan)``.
     """
 
+    pp: int
+
     def iteration_time(self, plan) -> float: ...
+
+    def stage_time(self, plan, stage: int) -> float: ...
+
+    def transfer_time(self, plan, stage: int) -> float: ...
 
     def breakdown(self, plan) -> dict[str, float]: ...
 
 
 class ConstantCostModel:
-    """A simple model for tests and hand-computed schedules: ``fixed_s + per_token_s x num_tokens``
-    (+ ``per_context_token_s`` x tokens attended). Units: seconds and tokens."""
+    """A simple model for tests and hand-computed schedules. Units: seconds and tokens.
 
-    def __init__(self, fixed_s: float = 0.01, per_token_s: float = 0.0, per_context_token_s: float = 0.0):
+    A micro-batch costs ``fixed_s + per_token_s x tokens + per_context_token_s x tokens attended``, split evenly
+    over ``pp`` stages, with ``transfer_s`` between consecutive stages.
+    """
+
+    def __init__(self, fixed_s: float = 0.01, per_token_s: float = 0.0, per_context_token_s: float = 0.0,
+                 *, pp: int = 1, transfer_s: float = 0.0):
         self.fixed_s = fixed_s
         self.per_token_s = per_token_s
         self.per_context_token_s = per_context_token_s
+        self.pp = pp
+        self.transfer_s = transfer_s
 
-    def breakdown(self, plan) -> dict[str, float]:
+    def _compute(self, plan) -> dict[str, float]:
         tokens = sum(plan.num_new_tokens)
         context = sum(plan.context_lens)
         return {"fixed": self.fixed_s, "tokens": self.per_token_s * tokens,
                 "context": self.per_context_token_s * context}
+
+    def describe(self) -> dict:
+        return {"kind": "constant", "fixed_s": self.fixed_s, "per_token_s": self.per_token_s,
+                "per_context_token_s": self.per_context_token_s}
+
+    def breakdown(self, plan) -> dict[str, float]:
+        out = self._compute(plan)
+        if self.pp > 1:
+            out["send_recv"] = (self.pp - 1) * self.transfer_s
+        return out
+
+    def stage_time(self, plan, stage: int) -> float:
+        return sum(self._compute(plan).values()) / self.pp
+
+    def transfer_time(self, plan, stage: int) -> float:
+        return self.transfer_s if stage < self.pp - 1 else 0.0
 
     def iteration_time(self, plan) -> float:
         return sum(self.breakdown(plan).values())

@@ -36,11 +36,11 @@ paths across its diagonal.
 
 Pricing an iteration (``FittedCostModel``): per layer, the token operators at the iteration's total tokens
 (``add`` twice: after attention and after the MLP), ``attn_prefill`` summed over the prefill chunks,
-``attn_decode`` for the decode batch, and with ``tp > 1`` two all-reduces of the activations; times the layers
-of one pipeline stage; plus once per iteration ``emb``, ``lm_head`` (one row per sequence), ``send_recv`` between
-stages and ``cpu_overhead`` — the profiled operator by the number of sequences (``servesim profile`` times input
-preparation and greedy sampling; Vidur's tables the engine's scheduling, input preparation, sampling and output
-processing), or a configured constant (``fit_profile(cpu_overhead_s=)``). Operators the profile lacks are priced
+``attn_decode`` for the decode batch, and with ``tp > 1`` the layer's all-reduces of the activations; times the
+layers of each pipeline stage (``stage_time``); plus ``emb`` on the first stage, ``lm_head`` (one row per
+sequence) on the last, ``cpu_overhead`` split between them as the roofline's (``CPU_OVERHEAD_FIRST_STAGE``), ``send_recv`` between stages (``transfer_time``). ``cpu_overhead`` is the
+profiled operator by the number of sequences (``servesim profile`` times input preparation and greedy sampling;
+Vidur's tables the engine's scheduling, input preparation, sampling and output processing), or a configured constant (``fit_profile(cpu_overhead_s=)``). Operators the profile lacks are priced
 by the roofline model (``breakdown`` keeps the roofline's names) and listed in ``FittedCostModel.fallbacks``.
 
 Files: ``servesim fit`` writes ``MODEL_DIR/model.json`` (readable summary) and
@@ -55,7 +55,6 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -411,11 +410,11 @@ class FittedCostModel:
 
     Args:
         fitted: a FittedProfile (``read_fitted``). model, device: ModelSpec/DeviceSpec or names.
-        tp, pp: parallel degrees; ``tp`` must be the profile's.
+        tp, pp: parallel degrees; ``tp`` must be the profile's. placement: as for ``RooflineCostModel``.
     Raises FitError when the model's layer shapes or ``tp`` differ from the profile's.
     """
 
-    def __init__(self, fitted: FittedProfile, model, device, *, tp: int = 1, pp: int = 1):
+    def __init__(self, fitted: FittedProfile, model, device, *, tp: int = 1, pp: int = 1, placement=None):
         from cost_models.roofline import RooflineCostModel
         from cost_models.specs import load_device, load_model
 
@@ -432,7 +431,9 @@ class FittedCostModel:
         spec_name = fitted.meta.get("device_spec")
         if spec_name and spec_name != self.device.name:
             warnings.warn(f"cost model was fitted on {spec_name}, simulating {self.device.name}", stacklevel=2)
-        self.roofline = RooflineCostModel(self.model, self.device, tp=tp, pp=pp)
+        self.roofline = RooflineCostModel(self.model, self.device, tp=tp, pp=pp, placement=placement)
+        self.placement = self.roofline.placement
+        self.stage_layers = self.roofline.stage_layers
         self.layers = self.model.num_layers / pp
         tables = dict(fitted.tables)
         self.vocab_fallback = shape.get("vocab_size", self.model.vocab_size) != self.model.vocab_size
@@ -441,7 +442,10 @@ class FittedCostModel:
             tables.pop("emb", None)
         self.tables = tables
         self.token_ops = [op for op in TOKEN_OPERATORS if op in tables]
-        self.token_fallback = [op for op in TOKEN_OPERATORS if op not in tables]
+        if self.model.layer_norms == 1 and "post_attention_layernorm" in self.token_ops:
+            self.token_ops.remove("post_attention_layernorm")      # a parallel block has one norm
+        self.token_fallback = [op for op in TOKEN_OPERATORS if op not in tables
+                               and not (op == "post_attention_layernorm" and self.model.layer_norms == 1)]
         self.fallbacks = sorted(set(self.token_fallback) |
                                 {op for op in ("attn_prefill", "attn_decode", "emb", "lm_head") if op not in tables} |
                                 ({"all_reduce"} if tp > 1 and "all_reduce" not in tables else set()) |
@@ -449,35 +453,30 @@ class FittedCostModel:
                                 ({"cpu_overhead"} if fitted.cpu_overhead_s is None and "cpu_overhead" not in tables
                                  and fitted.meta.get("device") != "cpu" else set()))
         self.cpu_overhead_s = fitted.cpu_overhead_s
-        self._token_cache: dict[int, dict] = {}
+        self._token_cache: dict[int, tuple] = {}
         self._prefill_cache: dict[tuple, float] = {}
         self._seq_cache: dict[int, tuple] = {}
         self._act_bytes = self.model.hidden_size * self.model.dtype_bytes
 
     # operators that depend only on the token count T (cached per T): per layer, and once per iteration
-    def _token_ops(self, T: int) -> dict:
+    def _token_ops(self, T: int) -> tuple:
+        """``(per-layer {op: s}, per-layer total, emb seconds)`` at ``T`` tokens (cached)."""
         hit = self._token_cache.get(T)
         if hit is not None:
             return hit
         layer = {op: LAYER_COUNT.get(op, 1) * self.tables[op](T) for op in self.token_ops}
-        once = {}
-        if "emb" in self.tables:
-            once["emb"] = self.tables["emb"](T)
-        ar, sr = self.tables.get("all_reduce"), self.tables.get("send_recv")
+        ar = self.tables.get("all_reduce")
         if self.tp > 1 and ar is not None:
-            layer["all_reduce"] = 2 * ar(T * self._act_bytes)      # after attention and after the MLP
-        if self.pp > 1 and sr is not None:
-            once["send_recv"] = (self.pp - 1) / self.pp * sr(T * self._act_bytes)
+            layer["all_reduce"] = self.model.layer_all_reduces * ar(T * self._act_bytes)
         wanted = list(self.token_fallback) + (["all_reduce"] if self.tp > 1 and ar is None else [])
-        wanted_once = [op for op in ("emb",) + (("send_recv",) if self.pp > 1 else ()) if op not in once]
-        if wanted or wanted_once:
-            roof = self.roofline.breakdown(SimpleNamespace(num_new_tokens=(T,), context_lens=(0,), num_decodes=0))
-            layer.update({op: roof[op] / self.roofline.layers for op in wanted if op in roof})
-            once.update({op: roof[op] for op in wanted_once if op in roof})
-        entry = {"layer": layer, "layer_total": sum(layer.values()), "once": once, "once_total": sum(once.values())}
+        roof = self.roofline._per_token_ops(T) if wanted else {}
+        layer.update({op: roof[op] for op in wanted if op in roof})
+        emb = self.tables["emb"](T) if "emb" in self.tables else \
+            self.roofline._first_stage_ops(T, 1)["emb"]
+        hit = (layer, sum(layer.values()), emb)
         if len(self._token_cache) < 65536:
-            self._token_cache[T] = entry
-        return entry
+            self._token_cache[T] = hit
+        return hit
 
     def _per_sequence(self, B: int) -> tuple[float, float]:
         """(lm_head, cpu_overhead) seconds of an iteration over ``B`` sequences (cached per B)."""
@@ -485,11 +484,7 @@ class FittedCostModel:
         if hit is not None:
             return hit
         table = self.tables.get("lm_head")
-        fallback = None
-        if table is None or (self.cpu_overhead_s is None and "cpu_overhead" not in self.tables):
-            plan = SimpleNamespace(num_new_tokens=(1,) * B, context_lens=(0,) * B, num_decodes=B)
-            fallback = self.roofline.breakdown(plan)
-        lm = table(B) if table is not None else fallback["lm_head"]
+        lm = table(B) if table is not None else self.roofline._last_stage_ops(B)["lm_head"]
         if self.cpu_overhead_s is not None:
             cpu = self.cpu_overhead_s
         elif "cpu_overhead" in self.tables:
@@ -497,7 +492,7 @@ class FittedCostModel:
         elif self.fitted.meta.get("device") == "cpu":
             cpu = 0.0                       # a CPU profile without the operator: no engine to charge for
         else:
-            cpu = fallback["cpu_overhead"]  # the roofline's fixed + per-sequence overhead for B sequences
+            cpu = self.roofline._first_stage_ops(1, B)["cpu_overhead"]   # the roofline's fixed + per-sequence part
         hit = (lm, cpu)
         if len(self._seq_cache) < 65536:
             self._seq_cache[B] = hit
@@ -514,11 +509,11 @@ class FittedCostModel:
                 total = sum(ctx) + d
                 decode = table(d, total / d, d * (max(ctx) + 1) / total)
             else:
-                decode = self.roofline.breakdown(plan)["attn_decode"] / self.roofline.layers
+                decode = self.roofline._attention(plan)["attn_decode"]
         if d < len(plan.num_new_tokens):
             table = self.tables.get("attn_prefill")
             if table is None:
-                prefill = self.roofline.breakdown(plan)["attn_prefill"] / self.roofline.layers
+                prefill = self.roofline._attention(plan)["attn_prefill"]
             else:
                 cache = self._prefill_cache
                 for n, k in zip(plan.num_new_tokens[d:], plan.context_lens[d:]):
@@ -530,41 +525,84 @@ class FittedCostModel:
                     prefill += v
         return decode, prefill
 
+    def describe(self) -> dict:
+        """Provenance: the profile the model was fitted to, and what falls back to the roofline."""
+        meta = self.fitted.meta
+        return {"kind": "fitted", "profile_hash": self.fitted.profile_hash[:12],
+                "profiled_device": meta.get("device_spec") or meta.get("device"), "device": self.device.name,
+                "source": meta.get("source", "servesim profile"), "roofline_fallbacks": self.fallbacks,
+                "roofline": self.roofline.describe()}
+
     # --- CostModel protocol ------------------------------------------------------------------------------------
-    def iteration_time(self, plan) -> float:
-        """Seconds of one iteration of ``plan`` (equals the sum of ``breakdown``)."""
+    def stage_time(self, plan, stage: int) -> float:
+        """Seconds stage ``stage`` spends on ``plan`` (its layers; embedding on the first stage, LM head on the last,
+        and their shares of the CPU overhead)."""
         T = sum(plan.num_new_tokens)
         if T == 0:
             return 0.0
-        tok = self._token_ops(T)
+        _, layer_total, emb = self._token_ops(T)
         decode, prefill = self._attention(plan)
+        t = self.stage_layers[stage] * (layer_total + decode + prefill + self.roofline._stage_extra(T, stage))
         lm, cpu = self._per_sequence(len(plan.num_new_tokens))
-        return self.layers * (tok["layer_total"] + decode + prefill) + tok["once_total"] + lm + cpu
+        if stage == 0:
+            t += emb
+        if stage == self.pp - 1:
+            t += lm
+        return t + self.roofline._cpu_split(cpu, stage)
+
+    def transfer_time(self, plan, stage: int) -> float:
+        """Seconds to send the activations from stage ``stage`` to ``stage + 1`` (profiled send/recv if the
+        profile has it, else the link's latency + bytes / bandwidth)."""
+        T = sum(plan.num_new_tokens)
+        if T == 0 or stage >= self.pp - 1:
+            return 0.0
+        sr = self.tables.get("send_recv")
+        return sr(T * self._act_bytes) if sr is not None else self.roofline.transfer_time(plan, stage)
+
+    def iteration_time(self, plan) -> float:
+        """Seconds of one micro-batch through every stage and transfer (equals the sum of ``breakdown``)."""
+        T = sum(plan.num_new_tokens)
+        if T == 0:
+            return 0.0
+        if self.pp == 1:
+            _, layer_total, emb = self._token_ops(T)
+            decode, prefill = self._attention(plan)
+            lm, cpu = self._per_sequence(len(plan.num_new_tokens))
+            return self.stage_layers[0] * (layer_total + decode + prefill) + emb + lm + cpu
+        return sum(self.stage_time(plan, s) for s in range(self.pp)) + \
+            sum(self.transfer_time(plan, s) for s in range(self.pp - 1))
 
     def breakdown(self, plan) -> dict[str, float]:
-        """Seconds per operator for the whole iteration (all layers of one pipeline stage, plus once-per-iteration
-        operators), roofline names; ``add`` covers both residual adds and ``all_reduce`` both all-reduces."""
+        """Seconds per operator for the whole micro-batch (all layers of all stages, plus once-per-iteration
+        operators and ``send_recv``), roofline names; ``add`` covers both residual adds and ``all_reduce`` all of a
+        layer's all-reduces."""
         T = sum(plan.num_new_tokens)
         if T == 0:
             return {}
-        tok = self._token_ops(T)
-        out = {op: self.layers * v for op, v in tok["layer"].items()}
+        L = self.model.num_layers
+        layer, _, emb = self._token_ops(T)
+        out = {op: L * v for op, v in layer.items()}
+        if self.tp > 1:
+            out["all_reduce"] = out.get("all_reduce", 0.0) + sum(
+                n * self.roofline._stage_extra(T, s) for s, n in enumerate(self.stage_layers))
         decode, prefill = self._attention(plan)
         if plan.num_decodes:
-            out["attn_decode"] = self.layers * decode
+            out["attn_decode"] = L * decode
         if plan.num_decodes < len(plan.num_new_tokens):
-            out["attn_prefill"] = self.layers * prefill
-        out.update(tok["once"])
+            out["attn_prefill"] = L * prefill
+        out["emb"] = emb
         out["lm_head"], out["cpu_overhead"] = self._per_sequence(len(plan.num_new_tokens))
+        if self.pp > 1:
+            out["send_recv"] = sum(self.transfer_time(plan, s) for s in range(self.pp - 1))
         return out
 
 
-def load_cost_model(path, *, model, device, tp: int = 1, pp: int = 1) -> FittedCostModel:
+def load_cost_model(path, *, model, device, tp: int = 1, pp: int = 1, placement=None) -> FittedCostModel:
     """The FittedCostModel of a ``servesim fit`` folder for ``model``/``device`` (ModelSpec/DeviceSpec or names).
 
     Raises FitError when the folder is missing or malformed, or was fitted for other layer shapes or ``tp``.
     """
-    return FittedCostModel(read_fitted(path), model, device, tp=tp, pp=pp)
+    return FittedCostModel(read_fitted(path), model, device, tp=tp, pp=pp, placement=placement)
 
 
 def format_report(fitted: FittedProfile) -> str:

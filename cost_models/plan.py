@@ -7,7 +7,10 @@ only tokens per request per iteration — but the plan keeps decodes first so th
 attention kernels apart (``num_decodes`` leading entries are decodes, the rest prefill chunks).
 
 Schedulers produce it, cost models price it (``cost_models.base.CostModel``), the validator executes it and the
-metrics read it. It is immutable and holds plain tuples so that building one per iteration is cheap.
+metrics read it. It is immutable and holds plain tuples so that building one per iteration is cheap. It lives in
+``cost_models`` — the package every other one imports — so that cost models and the profiler use it without
+importing the simulator's engine. A plan carries everything needed to apply it: the engine looks each request up
+by ``request_id``; no list aligned with the plan is kept anywhere else.
 """
 from __future__ import annotations
 
@@ -52,6 +55,17 @@ class BatchPlan:
                 num_decodes += 1
         ids, new, ctx = (tuple(col) for col in zip(*entries)) if entries else ((), (), ())
         return cls(ids, new, ctx, num_decodes)
+
+    @classmethod
+    def prefill(cls, num_tokens: int, context_len: int = 0, request_id: int = 0) -> "BatchPlan":
+        """One prefill chunk of ``num_tokens`` new tokens after ``context_len`` cached ones."""
+        return cls((request_id,), (int(num_tokens),), (int(context_len),), 0)
+
+    @classmethod
+    def decodes(cls, context_lens) -> "BatchPlan":
+        """A decode-only batch: one new token for each of ``context_lens`` (tokens already cached), ids 0..B-1."""
+        ctx = tuple(int(k) for k in context_lens)
+        return cls(tuple(range(len(ctx))), (1,) * len(ctx), ctx, len(ctx))
 
     def __len__(self) -> int:
         return len(self.request_ids)

@@ -21,8 +21,9 @@ mlp_up_proj         2·T·h·m·f/tp  (m = 2 gate+up for SwiGLU, 1 for GELU)    
 mlp_act             ~5·T·f/tp                                                   T·(m+1)·f/tp
 mlp_down_proj       2·T·(f/tp)·h                                                (f/tp)·h + T·(f/tp + h)
 add (2 residuals)   2·T·h                                                       6·T·h
-all_reduce (tp>1)   ring all-reduce of T·h elements, 2 per layer: 2·(tp-1)/tp · bytes / link bandwidth
-                    + 2·(tp-1) · link latency (Patarasuk & Yuan, JPDC 2009)
+all_reduce (tp>1)   ring all-reduce of T·h elements, 2 per layer (1 for a parallel attention + MLP block, Falcon):
+                    2·(tp-1)/tp · bytes / link bandwidth + 2·(tp-1) · link latency (Patarasuk & Yuan, JPDC 2009),
+                    over the slowest link of the TP group (``cost_models.topology``)
 ==================  ==========================================================  =======================================
 
 T = tokens in the iteration, c = a prefill chunk's new tokens, k = its context already cached, h = hidden size,
@@ -39,8 +40,13 @@ GEMMs and prefill attention ``bandwidth_eff``; decode attention ``attn_decode_ba
 ``add_bandwidth_eff``; norms, RoPE, the MLP activation and the KV-cache save ``norm_bandwidth_eff``; the embedding
 lookup ``emb_bandwidth_eff``.
 
-Pipeline parallelism (``pp`` > 1) is priced as the time of one stage (layers/pp) — the iteration rate of a full
-pipeline — plus a send/recv of the activations per stage boundary.
+Pipeline parallelism: ``stage_time(plan, s)`` prices one stage — its layers (split as evenly as possible, vLLM's
+``get_pp_indices``), the embedding on the first stage, the LM head on the last, and the CPU overhead split between
+them: ``CPU_OVERHEAD_FIRST_STAGE`` of it (scheduling and input preparation) on the first stage, the rest (sampling
+and output processing) on the last — and ``transfer_time(plan, s)`` the send/recv of the activations (T·h
+elements) from stage s to s+1 over the link between them. ``iteration_time(plan)`` is the latency of the whole
+micro-batch: every stage plus every transfer (with pp = 1, the one stage). The engine (``simulator.replica``) keeps
+up to ``pp`` micro-batches in flight, so throughput follows from the stages while each token still pays them all.
 
 The efficiency constants live in ``RooflineConstants``; their defaults are the values calibrated against measured
 profiles (see ``cost_models/calibration.py`` if present), else the stated first estimates.
@@ -108,6 +114,13 @@ def default_constants(device_name: str | None = None) -> RooflineConstants:
     return RooflineConstants()
 
 
+#: share of the per-iteration CPU overhead paid before the first stage (scheduling + input preparation); the rest
+#: (sampling + output processing) follows the last stage. Vidur's A100 cpu_overheads.csv (legacy-e2d00e9) medians:
+#: schedule + prepare_inputs_e2e are 11-25% of schedule + sampler_e2e + prepare_inputs_e2e + process_model_outputs
+#: at batch 8-128 (0.18 of 1.15 ms at 8, 0.65 of 5.77 ms at 128).
+CPU_OVERHEAD_FIRST_STAGE = 0.15
+
+
 class RooflineCostModel:
     """Prices a ``BatchPlan`` analytically. Units: seconds, FLOPs, bytes.
 
@@ -116,21 +129,28 @@ class RooflineCostModel:
         device: a DeviceSpec or a name ``load_device`` knows.
         tp, pp: tensor- and pipeline-parallel degrees (heads and FFN sharded ``tp`` ways; layers split ``pp`` ways).
         constants: efficiencies and overheads; defaults to ``default_constants(device.name)``.
+        placement: where the GPUs sit (``cost_models.topology.place``); default: one node derived from the device.
     Raises:
-        SpecError for an unknown model or device; ValueError when heads do not divide by ``tp``.
+        SpecError for an unknown model or device; ValueError when heads do not divide by ``tp`` or ``pp`` exceeds
+        the layers.
     """
 
-    def __init__(self, model, device, *, tp: int = 1, pp: int = 1, constants: RooflineConstants | None = None):
+    def __init__(self, model, device, *, tp: int = 1, pp: int = 1, constants: RooflineConstants | None = None,
+                 placement=None):
+        from cost_models.topology import default_node, place
+
         self.model = load_model(model)
         self.device = load_device(device)
         m = self.model
         if m.num_attention_heads % tp:
             raise ValueError(f"{m.name}: {m.num_attention_heads} attention heads do not divide by tp={tp}")
-        if m.num_layers % pp:
-            raise ValueError(f"{m.name}: {m.num_layers} layers do not divide by pp={pp}")
+        if not 1 <= pp <= m.num_layers:
+            raise ValueError(f"{m.name}: pp={pp} must be between 1 and the {m.num_layers} layers")
         self.tp, self.pp = tp, pp
+        self.placement = placement or place(default_node(self.device), tp, pp)
         self.c = constants or default_constants(self.device.name)
-        self.layers = m.num_layers / pp
+        self.stage_layers = layers_per_stage(m.num_layers, pp)
+        self.layers = m.num_layers / pp           # mean layers per stage (kept for callers that scale by it)
         self.dt = m.dtype_bytes
         self.flops = self.device.flops(m.dtype)
         self.bw = self.device.memory_bandwidth_bytes_per_s
@@ -139,6 +159,8 @@ class RooflineCostModel:
         self.h = m.hidden_size
         self.f = m.intermediate_size / tp
         self.mlp_in = 2 if m.mlp == "gated" else 1
+        self.tp_links = [self.placement.tp_link(s) for s in range(pp)]
+        self.pp_links = [self.placement.pp_link(s) for s in range(pp - 1)]
         self._linear_cache: dict[int, dict[str, float]] = {}
         self._linear_total: dict[int, float] = {}
 
@@ -146,16 +168,17 @@ class RooflineCostModel:
     def _op(self, flops: float, elements: float, compute_eff: float, bw_eff: float) -> float:
         return max(flops / (self.flops * compute_eff), elements * self.dt / (self.bw * bw_eff)) + self.c.launch_overhead_s
 
-    def _all_reduce(self, tokens: int) -> float:
-        """One ring all-reduce of ``tokens x hidden`` activations across ``tp`` GPUs (seconds)."""
+    def _all_reduce(self, tokens: int, stage: int = 0) -> float:
+        """One ring all-reduce of ``tokens x hidden`` activations across stage ``stage``'s ``tp`` GPUs (seconds)."""
         if self.tp == 1:
             return 0.0
+        link = self.tp_links[stage]
         nbytes = tokens * self.h * self.dt
-        link = self.device.interconnect_bandwidth_bytes_per_s
-        return 2 * (self.tp - 1) / self.tp * nbytes / link + 2 * (self.tp - 1) * self.device.interconnect_latency_s
+        return 2 * (self.tp - 1) / self.tp * nbytes / link.bandwidth_bytes_per_s + 2 * (self.tp - 1) * link.latency_s
 
     def _per_token_ops(self, T: int) -> dict[str, float]:
-        """Per-layer seconds of the operators whose cost depends only on the token count ``T`` (cached)."""
+        """Per-layer seconds of the operators whose cost depends only on the token count ``T`` (cached), with the
+        all-reduces of the first stage's TP group."""
         hit = self._linear_cache.get(T)
         if hit is not None:
             return hit
@@ -173,17 +196,20 @@ class RooflineCostModel:
             "mlp_act": self._op(5 * T * f, T * (self.mlp_in + 1) * f, 1.0, ew),
             "mlp_down_proj": self._op(2 * T * f * h, f * h + T * (f + h), mm, c.bandwidth_eff),
             "add": self._op(2 * T * h, 6 * T * h, 1.0, c.add_bandwidth_eff),
-            "all_reduce": 2 * self._all_reduce(T),   # after the O projection and after the MLP down projection
+            # after the O projection and after the MLP down projection (one, after both, for a parallel block)
+            "all_reduce": self.model.layer_all_reduces * self._all_reduce(T),
         }
+        if self.model.layer_norms == 1:
+            del ops["post_attention_layernorm"]
         if len(self._linear_cache) < 65536:
             self._linear_cache[T] = ops
         return ops
 
-    def _all_gather(self, nbytes: float) -> float:
+    def _all_gather(self, nbytes: float, stage: int) -> float:
         if self.tp == 1:
             return 0.0
-        return (self.tp - 1) / self.tp * nbytes / self.device.interconnect_bandwidth_bytes_per_s + \
-            (self.tp - 1) * self.device.interconnect_latency_s
+        link = self.tp_links[stage]
+        return (self.tp - 1) / self.tp * nbytes / link.bandwidth_bytes_per_s + (self.tp - 1) * link.latency_s
 
     def _per_token_total(self, T: int) -> float:
         """Sum of ``_per_token_ops(T)`` (cached): the hot path of ``iteration_time``."""
@@ -194,46 +220,112 @@ class RooflineCostModel:
                 self._linear_total[T] = total
         return total
 
-    def _per_plan_ops(self, plan, T: int) -> dict[str, float]:
-        """Seconds of the operators that depend on more than the token count: attention and per-iteration costs."""
-        L, q, kv, c = self.layers, self.q, self.kv, self.c
+    def _attention(self, plan) -> dict[str, float]:
+        """Per-layer seconds of decode and prefill attention of ``plan``."""
+        q, kv, c = self.q, self.kv, self.c
         out = {}
         d = plan.num_decodes
         if d:
             ctx = sum(plan.context_lens[:d]) + d
-            out["attn_decode"] = L * (self._op(4 * q * ctx, ctx * 2 * kv + d * 2 * q, c.attn_compute_eff,
-                                               c.attn_decode_bandwidth_eff) + c.attn_call_overhead_s)
+            out["attn_decode"] = (self._op(4 * q * ctx, ctx * 2 * kv + d * 2 * q, c.attn_compute_eff,
+                                           c.attn_decode_bandwidth_eff) + c.attn_call_overhead_s)
         if d < len(plan.num_new_tokens):
             flops = elems = 0.0
             for n, k in zip(plan.num_new_tokens[d:], plan.context_lens[d:]):
                 flops += 4 * q * n * (k + (n + 1) / 2)
                 elems += 2 * n * q + (k + n) * 2 * kv
-            out["attn_prefill"] = L * (self._op(flops, elems, c.attn_compute_eff, c.bandwidth_eff)
-                                       + c.attn_call_overhead_s)
-        B = len(plan.num_new_tokens)
-        V, h, tp = self.model.vocab_size, self.h, self.tp
-        out["emb"] = self._op(0, 2 * T * h, 1.0, c.emb_bandwidth_eff)
-        out["lm_head"] = self._op(2 * B * h * V / tp, h * V / tp + B * V / tp, c.matmul_compute_eff,
-                                  c.bandwidth_eff) + self._all_gather(B * V * self.dt)
-        if self.pp > 1:
-            out["send_recv"] = (self.pp - 1) / self.pp * (
-                T * h * self.dt / self.device.interconnect_bandwidth_bytes_per_s + self.device.interconnect_latency_s)
-        out["cpu_overhead"] = c.iteration_overhead_s + c.iteration_overhead_per_seq_s * B
+            out["attn_prefill"] = self._op(flops, elems, c.attn_compute_eff, c.bandwidth_eff) + c.attn_call_overhead_s
         return out
+
+    def _first_stage_ops(self, T: int, B: int) -> dict[str, float]:
+        c = self.c
+        return {"emb": self._op(0, 2 * T * self.h, 1.0, c.emb_bandwidth_eff),
+                "cpu_overhead": c.iteration_overhead_s + c.iteration_overhead_per_seq_s * B}
+
+    def _cpu_split(self, cpu: float, stage: int) -> float:
+        """The part of ``cpu`` seconds of CPU overhead stage ``stage`` pays (all of it with one stage)."""
+        if self.pp == 1:
+            return cpu
+        return (cpu * CPU_OVERHEAD_FIRST_STAGE if stage == 0 else 0.0) + \
+            (cpu * (1 - CPU_OVERHEAD_FIRST_STAGE) if stage == self.pp - 1 else 0.0)
+
+    def _last_stage_ops(self, B: int) -> dict[str, float]:
+        V, h, tp, c = self.model.vocab_size, self.h, self.tp, self.c
+        return {"lm_head": self._op(2 * B * h * V / tp, h * V / tp + B * V / tp, c.matmul_compute_eff,
+                                    c.bandwidth_eff) + self._all_gather(B * V * self.dt, self.pp - 1)}
+
+    def _stage_extra(self, T: int, stage: int) -> float:
+        """Per-layer seconds a stage's all-reduce link adds over the first stage's (0 when they are the same)."""
+        if self.tp == 1 or self.tp_links[stage] == self.tp_links[0]:
+            return 0.0
+        return self.model.layer_all_reduces * (self._all_reduce(T, stage) - self._all_reduce(T, 0))
+
+    def describe(self) -> dict:
+        """Provenance: the model kind, the device and where its constants come from."""
+        return {"kind": "roofline", "device": self.device.name, "constants": self.c.source,
+                "calibrated": not self.c.source.startswith("first estimates")}
 
     # --- CostModel protocol --------------------------------------------------------------------------------
     def breakdown(self, plan) -> dict[str, float]:
-        """Seconds per operator for the whole iteration (all layers of one pipeline stage, plus fixed costs)."""
+        """Seconds per operator for the whole micro-batch (all layers of all stages, plus once-per-iteration
+        operators and ``send_recv`` between stages); the values add up to ``iteration_time(plan)``."""
         T = sum(plan.num_new_tokens)
         if T == 0:
             return {}
-        out = {k: v * self.layers for k, v in self._per_token_ops(T).items()}
-        out.update(self._per_plan_ops(plan, T))
+        L = self.model.num_layers
+        out = {k: v * L for k, v in self._per_token_ops(T).items()}
+        if self.tp > 1:
+            out["all_reduce"] += sum(n * self._stage_extra(T, s) for s, n in enumerate(self.stage_layers))
+        out.update({k: v * L for k, v in self._attention(plan).items()})
+        B = len(plan.num_new_tokens)
+        out.update(self._first_stage_ops(T, B))
+        out.update(self._last_stage_ops(B))
+        if self.pp > 1:
+            out["send_recv"] = sum(self.transfer_time(plan, s) for s in range(self.pp - 1))
         return out
 
-    def iteration_time(self, plan) -> float:
-        """Seconds of one iteration of ``plan`` on this replica (equals the sum of ``breakdown``)."""
+    def stage_time(self, plan, stage: int) -> float:
+        """Seconds stage ``stage`` (0-based) spends on ``plan``: its layers, plus the embedding on the first stage,
+        the LM head on the last, and their shares of the CPU overhead."""
         T = sum(plan.num_new_tokens)
         if T == 0:
             return 0.0
-        return self.layers * self._per_token_total(T) + sum(self._per_plan_ops(plan, T).values())
+        layer = self._per_token_total(T) + sum(self._attention(plan).values()) + self._stage_extra(T, stage)
+        t = self.stage_layers[stage] * layer
+        B = len(plan.num_new_tokens)
+        first = self._first_stage_ops(T, B)
+        if stage == 0:
+            t += first["emb"]
+        if stage == self.pp - 1:
+            t += sum(self._last_stage_ops(B).values())
+        return t + self._cpu_split(first["cpu_overhead"], stage)
+
+    def transfer_time(self, plan, stage: int) -> float:
+        """Seconds to send the activations (T x hidden elements) from stage ``stage`` to ``stage + 1``."""
+        T = sum(plan.num_new_tokens)
+        if T == 0 or stage >= self.pp - 1:
+            return 0.0
+        return self.pp_links[stage].transfer_s(T * self.h * self.dt)
+
+    def iteration_time(self, plan) -> float:
+        """Seconds from the start of ``plan`` on the first stage to its tokens on the last: every stage plus every
+        transfer (equals the sum of ``breakdown``)."""
+        T = sum(plan.num_new_tokens)
+        if T == 0:
+            return 0.0
+        if self.pp == 1:
+            B = len(plan.num_new_tokens)
+            return (self.stage_layers[0] * (self._per_token_total(T) + sum(self._attention(plan).values()))
+                    + sum(self._first_stage_ops(T, B).values()) + sum(self._last_stage_ops(B).values()))
+        return sum(self.stage_time(plan, s) for s in range(self.pp)) + \
+            sum(self.transfer_time(plan, s) for s in range(self.pp - 1))
+
+
+def layers_per_stage(num_layers: int, pp: int) -> tuple[int, ...]:
+    """Decoder layers of each pipeline stage, as even as possible; extra layers go to the stages before the last
+    (vLLM 0.32 ``vllm/distributed/utils.py`` ``get_pp_indices``)."""
+    base, extra = divmod(num_layers, pp)
+    parts = [base] * pp
+    for i in range(2, extra + 2):
+        parts[-i] += 1
+    return tuple(parts)

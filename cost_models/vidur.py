@@ -33,11 +33,11 @@ Errors: ``VidurError`` (a ValueError) naming the file, the row and the field, or
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 
+from cost_models.plan import BatchPlan
 from cost_models.specs import ModelSpec, load_device, load_model
 
 MLP_OPERATORS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj",
@@ -161,12 +161,8 @@ def _roofline_ratio(rows: pd.DataFrame, target, table_model, table_tp: int, tp: 
     ratios = []
     for op, c, k, b, kv in zip(rows["operator"], rows["chunk_size"], rows["context_len"], rows["batch_size"],
                                rows["kv_len"]):
-        if op == "attn_prefill":
-            plan = SimpleNamespace(num_new_tokens=(int(c),), context_lens=(int(k),), num_decodes=0)
-        else:
-            plan = SimpleNamespace(num_new_tokens=(1,) * int(b), context_lens=(int(kv) - 1,) * int(b),
-                                   num_decodes=int(b))
-        ratios.append((mine.breakdown(plan)[op] / mine.layers) / (theirs.breakdown(plan)[op] / theirs.layers))
+        plan = BatchPlan.prefill(int(c), int(k)) if op == "attn_prefill" else BatchPlan.decodes([int(kv) - 1] * int(b))
+        ratios.append(mine._attention(plan)[op] / theirs._attention(plan)[op])
     return np.asarray(ratios)
 
 

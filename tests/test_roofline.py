@@ -9,7 +9,7 @@ import pytest
 from cost_models.base import ConstantCostModel, CostModel
 from cost_models.roofline import RooflineConstants, RooflineCostModel
 from cost_models.specs import SpecError
-from simulator.plan import BatchPlan
+from cost_models.plan import BatchPlan
 
 # First-estimate constants stated in RooflineConstants, fixed here so calibrated defaults cannot move the
 # hand-computed values.
@@ -177,11 +177,32 @@ def test_tensor_parallelism_is_cheaper_per_gpu_for_a_large_prefill_but_adds_all_
     assert two.breakdown(plan)["mlp_up_proj"] == pytest.approx(one.breakdown(plan)["mlp_up_proj"] / 2, rel=0.01)
 
 
-def test_pipeline_parallelism_prices_one_stage():
+def test_pipeline_stages_split_the_layers_and_the_micro_batch_pays_them_all():
     plan = prefill((2048, 0))
     one, two = mistral(), mistral(pp=2)
-    assert two.breakdown(plan)["mlp_down_proj"] == pytest.approx(one.breakdown(plan)["mlp_down_proj"] / 2)
+    # the whole micro-batch computes every layer, whatever the stages
+    assert two.breakdown(plan)["mlp_down_proj"] == pytest.approx(one.breakdown(plan)["mlp_down_proj"])
     assert two.breakdown(plan)["send_recv"] > 0
+    # each stage holds 16 of the 32 layers; the embedding sits on the first, the LM head on the last, and the CPU
+    # overhead is split: input preparation (15%) before the first, sampling and outputs (85%) after the last
+    b1 = one.breakdown(plan)
+    layer_part = one.iteration_time(plan) - b1["emb"] - b1["lm_head"] - b1["cpu_overhead"]
+    assert two.stage_time(plan, 0) == pytest.approx(layer_part / 2 + b1["emb"] + 0.15 * b1["cpu_overhead"])
+    assert two.stage_time(plan, 1) == pytest.approx(layer_part / 2 + b1["lm_head"] + 0.85 * b1["cpu_overhead"])
+    # latency through the pipeline = both stages + the activation transfer: never below one GPU's iteration
+    send = two.transfer_time(plan, 0)
+    assert send == pytest.approx(8e-6 + 2048 * 4096 * 2 / 300e9)            # A100 interconnect, T x h x fp16
+    assert two.iteration_time(plan) == pytest.approx(two.stage_time(plan, 0) + two.stage_time(plan, 1) + send)
+    assert two.iteration_time(plan) > one.iteration_time(plan)
+    assert sum(two.breakdown(plan).values()) == pytest.approx(two.iteration_time(plan))
+
+
+def test_layers_split_as_evenly_as_possible_as_vllm_does():
+    from cost_models.roofline import layers_per_stage
+
+    assert layers_per_stage(32, 2) == (16, 16)
+    assert layers_per_stage(80, 3) == (27, 27, 26)
+    assert layers_per_stage(10, 4) == (2, 3, 3, 2)     # vLLM's get_pp_indices: extra layers before the last stage
 
 
 # --- more work is never cheaper ----------------------------------------------------------------------------

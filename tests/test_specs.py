@@ -9,7 +9,7 @@ import pytest
 from cost_models.roofline import RooflineCostModel
 from cost_models.specs import (DeviceSpec, ModelSpec, SpecError, known_devices, known_models, load_device,
                                load_model)
-from simulator.plan import BatchPlan
+from cost_models.plan import BatchPlan
 
 # Published parameter counts (billions): model cards / papers.
 PUBLISHED_PARAMS_B = {"Mistral-7B": 7.24, "Llama-2-7B": 6.74, "Llama-3-8B": 8.03, "Yi-34B": 34.4,

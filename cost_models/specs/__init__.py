@@ -45,6 +45,26 @@ class ModelSpec:
     norm: str = "rmsnorm"
     dtype: str = "float16"
     hf_id: str = ""
+    parallel_attn: bool = False
+    context_length: int | None = None      # the model's position limit; None: max_model_len
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence the model supports (``context_length``, else ``max_model_len``); a longer
+        ``--max-model-len`` needs ``--allow-long-max-model-len``."""
+        return self.context_length or self.max_model_len
+
+    @property
+    def layer_all_reduces(self) -> int:
+        """All-reduces per layer under tensor parallelism: 2 (after attention and after the MLP), or 1 for a
+        parallel attention + MLP block whose outputs are summed before one reduction (Falcon; vLLM
+        ``FalconDecoderLayer`` with ``reduce_row_parallel_results=False``)."""
+        return 1 if self.parallel_attn else 2
+
+    @property
+    def layer_norms(self) -> int:
+        """Norms per layer: 2 (before attention and before the MLP), or 1 shared by a parallel block."""
+        return 1 if self.parallel_attn else 2
 
     @property
     def dtype_bytes(self) -> int:
@@ -191,6 +211,7 @@ def _from_hf_config(path: Path) -> ModelSpec:
         mlp="gated" if act in ("silu", "swiglu", "swish") else "plain",
         norm="layernorm" if "layer_norm_epsilon" in cfg or "layer_norm_eps" in cfg else "rmsnorm",
         dtype=torch_dtype if torch_dtype in DTYPE_BYTES else "float16",
+        parallel_attn=bool(cfg.get("parallel_attn", False)),
     )
 
 
@@ -206,7 +227,8 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
         if path.suffix == ".json":
             return _from_hf_config(path)
         data = _read_yaml(path)
-        return _build(ModelSpec, data, _MODEL_FIELDS - {"mlp", "norm", "dtype", "hf_id"}, str(path))
+        return _build(ModelSpec, data, _MODEL_FIELDS - {"mlp", "norm", "dtype", "hf_id", "parallel_attn",
+                                                        "context_length"}, str(path))
     found = _builtin("models").get(key.lower())
     if found is None:
         raise SpecError(f"unknown model {key!r}; known models: {', '.join(known_models())} "
