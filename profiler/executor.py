@@ -131,7 +131,7 @@ def check_fits(model, device, *, num_slots: int, capacity: int, extra_bytes: int
             f"{model.name} needs {need / gib:.2f} GiB on {torch.device(device).type} (weights {weights / gib:.2f} GiB, "
             f"KV cache {kv / gib:.2f} GiB for {num_slots} requests x {capacity} tokens, activations "
             f"{extra_bytes / gib:.2f} GiB) but {avail / gib:.2f} GiB is free; use a smaller model, fewer requests, "
-            f"a smaller --max-batch-size or --max-iterations")
+            f"a smaller --max-num-seqs or --max-iterations")
     return {"weight_bytes": weights, "kv_bytes": kv, "activation_bytes": extra_bytes, "available_bytes": avail}
 
 

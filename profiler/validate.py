@@ -217,18 +217,17 @@ def retime_requests(requests, plans, durations_s) -> list[Request]:
     """
     if len(plans) != len(durations_s):
         raise ValueError(f"retime_requests: {len(plans)} plans but {len(durations_s)} durations")
-    reqs = {r.request_id: Request(r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens) for r in requests}
+    reqs = {r.request_id: r.fresh_copy() for r in requests}
     now = 0.0
     for plan, duration in zip(plans, durations_s):
         for rid in plan.preempted_ids:
             reqs[rid].preempt()
         start = max([now] + [reqs[rid].arrival_s for rid in plan.request_ids])
-        for rid in plan.request_ids:
-            if reqs[rid].scheduled_s is None:
-                reqs[rid].scheduled_s = start
-        now = start + float(duration)
         for rid, n, _ in plan.entries():
-            reqs[rid].advance(n, now)
+            reqs[rid].schedule(n, start)
+        now = start + float(duration)
+        for rid in plan.request_ids:
+            reqs[rid].complete(now)
     return list(reqs.values())
 
 

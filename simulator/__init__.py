@@ -1,9 +1,10 @@
-"""servesim's simulator: requests, batch plans, the paged KV cache, scheduling policies and one replica on SimPy.
+"""servesim's simulator: requests, the paged KV cache, scheduling policies, replicas with pipeline stages,
+clusters with routers and prefill/decode disaggregation, on one SimPy clock.
 
-``simulate(config)`` runs one replica and returns a ``SimResult``. torch is never imported here.
+``simulate(config)`` runs a deployment and returns a ``SimResult``. torch is never imported here.
 """
+from cost_models.plan import BatchPlan
 from simulator.config import SimConfig, load_config
-from simulator.plan import BatchPlan
 from simulator.request import Request
 from simulator.simulation import SimResult, simulate
 

@@ -18,23 +18,28 @@ are lower-bounded by ``now - arrival`` for requests still waiting; TBT gaps and 
 request completes. The final sample counts are known up front (requests the scheduler would reject are known
 from their lengths), so an early-stopped trial fails exactly when the full run would.
 
-Errors: ``CapacityError`` (a ``ValueError``) for invalid search settings; the simulator's own errors otherwise.
+A workload the deployment cannot serve has no capacity: the search refuses to start (``CapacityError``) when any
+request would be rejected (it can never fit the KV cache or max_model_len), and when loading changed the workload
+— requests shrunk to ``max_model_len`` — unless the change was asked for (``shrink_long``, or ``drop_long``, which
+drops them); what changed is recorded in ``capacity.json`` (``workload``).
+
+Errors: ``CapacityError`` (a ``ValueError``) for invalid search settings or a workload the deployment cannot
+serve; the simulator's own errors otherwise.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cost_models.specs import load_device, load_model
 from simulator.config import SimConfig
 from simulator.metrics import ITERATION_COLUMNS, summarize
-from simulator.replica import run_replica
-from simulator.simulation import build_cost_model, build_scheduler, load_requests
+from simulator.replica import IterationLog
+from simulator.simulation import build, load_requests, run_deployment
 from simulator.slo import SLO, certain_violation_count, evaluate_slo, fluidity_of, make_slo, predicted_prefill_s
 from traces import BUILTIN_WORKLOADS
 
@@ -77,9 +82,9 @@ class Trial:
 class _Monitor:
     """Counts samples that already exceed each SLO limit and raises ``_CertainViolation`` once one is decided."""
 
-    def __init__(self, slo: SLO, requests, scheduler, cost_model, enabled: bool = True):
+    def __init__(self, slo: SLO, requests, deployment, cost_model, enabled: bool = True):
         self.num_iterations, self.clock_s = 0, 0.0
-        served = [r for r in requests if scheduler.rejection_reason(r) is None]
+        served = [r for r in requests if deployment.rejection_reason(r) is None]
         self.served_ids = {r.request_id for r in served}
         self.delay_checks, self.finish_checks = [], []
         for lim in slo.limits:
@@ -89,6 +94,9 @@ class _Monitor:
             elif lim.metric == "tbt_s":
                 n = sum(r.output_tokens - 1 for r in served)
                 self.finish_checks.append([lim, certain_violation_count(n, lim.percentile), 0])
+            elif lim.metric == "tpot_s":
+                n = sum(1 for r in served if r.output_tokens > 1)
+                self.finish_checks.append([lim, certain_violation_count(n, lim.percentile), 0])
             else:
                 self.finish_checks.append([lim, certain_violation_count(len(served), lim.percentile), 0])
         if not enabled:
@@ -96,21 +104,23 @@ class _Monitor:
         self.served = sorted(served, key=lambda r: (r.arrival_s, r.request_id))
         self.slo, self.cost_model = slo, cost_model
         self.deadlines: dict[int, float] = {}
+        self.log = IterationLog()
 
     def on_iteration(self, plan, start_s, duration_s):
         self.num_iterations += 1
-        self.clock_s = start_s + duration_s
+        self.clock_s = max(self.clock_s, start_s + duration_s)
+        now = self.log.scheduled_s[-1]            # when the micro-batch was formed (= start_s with pp = 1)
         for check in self.delay_checks:
             lim, need, count, i = check
             limit, served = lim.max_value, self.served
-            while i < len(served) and served[i].arrival_s < start_s - limit:
+            while i < len(served) and served[i].arrival_s < now - limit:
                 r = served[i]          # arrived > limit ago: its delay is known, or > limit if still unscheduled
                 if r.scheduled_s is None or r.scheduled_s - r.arrival_s > limit:
                     count += 1
                 i += 1
             check[2], check[3] = count, i
             if count >= need:
-                raise _CertainViolation(f"{lim.describe()} violated for certain at t={start_s:.1f} s: "
+                raise _CertainViolation(f"{lim.describe()} violated for certain at t={now:.1f} s: "
                                         f"{count} of {len(served)} requests already above")
 
     def on_finish(self, done):
@@ -121,6 +131,11 @@ class _Monitor:
                     continue
                 if lim.metric == "tbt_s":
                     count += int(np.count_nonzero(np.diff(r.token_times_s) > lim.max_value))
+                elif lim.metric == "ttft_s":
+                    count += r.first_token_s - r.arrival_s > lim.max_value
+                elif lim.metric == "tpot_s":
+                    count += r.output_tokens > 1 and \
+                        (r.completion_s - r.first_token_s) / (r.output_tokens - 1) > lim.max_value
                 else:
                     missed, total = fluidity_of(r, self._ttft_deadline(r), self.slo.decode_deadline_s)
                     count += bool(total) and missed / total > lim.max_value
@@ -142,27 +157,29 @@ def trial_config(config: SimConfig, qps: float) -> SimConfig:
     return config.with_(qps=float(qps), retime=None if config.trace in BUILTIN_WORKLOADS else True)
 
 
-def run_trial(config: SimConfig, slo: SLO, qps: float, *, cost_model=None, early_stop: bool = True) -> Trial:
+def run_trial(config: SimConfig, slo: SLO, qps: float, *, cost_model=None, early_stop: bool = True,
+              deployment=None) -> Trial:
     """Simulate ``config`` at ``qps`` and check ``slo``; stop early once the failure is certain if ``early_stop``.
 
-    ``cost_model`` replaces the one the config names (reuse one across trials: the roofline caches per-size costs).
+    ``cost_model`` replaces the one the config names; ``deployment`` (``simulation.build``) is reused across
+    trials (its cost models cache per-size costs).
     """
     config = trial_config(config, qps)
-    model, device = load_model(config.model), load_device(config.device)
-    requests = load_requests(config, model)
-    cost_model = cost_model or build_cost_model(config, model, device)
-    scheduler = build_scheduler(config, model, device)
-    monitor = _Monitor(slo, requests, scheduler, cost_model, early_stop)
-    reason, iterations = None, None
+    dep = replace(deployment, config=config) if deployment is not None else build(config, cost_model=cost_model)
+    requests = load_requests(config, dep.model)
+    cost_model = dep.cost_model_for(dep.specs[0])
+    monitor = _Monitor(slo, requests, dep, cost_model, early_stop)
+    reason, cluster = None, None
     try:
-        log = run_replica(requests, scheduler, cost_model, on_iteration=monitor.on_iteration,
-                          on_finish=monitor.on_finish if early_stop and monitor.finish_checks else None)
-        iterations = pd.DataFrame(log.columns(), columns=ITERATION_COLUMNS)
+        cluster = run_deployment(dep, requests, on_iteration=monitor.on_iteration, log=monitor.log,
+                                 on_finish=monitor.on_finish if early_stop and monitor.finish_checks else None)
+        iterations = pd.DataFrame(cluster.log.columns(), columns=ITERATION_COLUMNS)
     except _CertainViolation as exc:
         reason = str(exc)
         iterations = pd.DataFrame(columns=ITERATION_COLUMNS)
-    summary = summarize(requests, iterations, num_rejected=len(scheduler.rejected),
-                        num_preemptions=scheduler.num_preemptions)
+    rejected = len(requests) - len(monitor.served_ids)
+    summary = summarize(requests, iterations, num_rejected=rejected,
+                        num_preemptions=sum(r.num_preemptions for r in requests))
     flat = {f"{k}_{q}": summary[k][q] for k, q in SUMMARY_KEYS}
     flat.update({k: summary[k] for k in COUNT_KEYS})
     flat["num_iterations"] = monitor.num_iterations
@@ -188,6 +205,7 @@ class CapacityResult:
     rel_tol: float
     max_trials: int
     trials: list = field(default_factory=list)
+    workload: dict = field(default_factory=dict)
 
     @property
     def capacity_trial(self) -> Trial | None:
@@ -205,6 +223,7 @@ class CapacityResult:
                        "note": self.note, "rel_tol": self.rel_tol, "max_trials": self.max_trials,
                        "num_trials": len(self.trials)},
             "config": self.config.to_dict(),
+            "workload": self.workload,
             "trials": [asdict(t) for t in self.trials],
         }
 
@@ -216,6 +235,29 @@ class CapacityResult:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         self.trials_table().to_csv(out / "trials.csv", index=False)
         return path
+
+
+def check_workload(config: SimConfig, deployment) -> dict:
+    """What loading the trace does to the workload (``traces`` ``workload_changes`` + rejections); raises
+    CapacityError when a request can never be served or requests were shrunk without ``shrink_long``."""
+    changes: dict = {}
+    requests = load_requests(config.with_(qps=config.effective_qps), deployment.model, changes=changes)
+    reasons = [(r.request_id, deployment.rejection_reason(r)) for r in requests]
+    rejected = [(i, why) for i, why in reasons if why is not None]
+    changes["num_rejected"] = len(rejected)
+    if rejected:
+        i, why = rejected[0]
+        raise CapacityError(f"{len(rejected)} of {len(requests)} requests can never be served by this deployment "
+                            f"(e.g. request {i}: {why}); a workload the deployment cannot serve has no capacity")
+    shrunk = changes.get("num_shrunk") or 0
+    if shrunk and not config.shrink_long:
+        limit = changes.get("max_total_tokens")
+        raise CapacityError(
+            f"{shrunk} of {changes.get('num_requests_in', len(requests))} requests exceed max_model_len {limit} and "
+            f"would be shrunk, so the capacity would be of another workload; raise --max-model-len (with "
+            f"--allow-long-max-model-len beyond the model's context), or accept the change with --shrink-long or "
+            f"--drop-long")
+    return changes
 
 
 def _round_qps(q: float, lo: float, hi: float) -> float:
@@ -242,7 +284,7 @@ def find_capacity(config: SimConfig | None = None, slo: SLO | None = None, *, qp
     Returns a ``CapacityResult``. Raises CapacityError for invalid settings.
     """
     config = config or SimConfig()
-    qps = float(config.qps if qps_start is None else qps_start)
+    qps = float(config.effective_qps if qps_start is None else qps_start)
     if not (qps > 0 and math.isfinite(qps)):
         raise CapacityError(f"qps_start: must be a positive finite number, got {qps_start!r}")
     if not rel_tol > 0:
@@ -251,15 +293,15 @@ def find_capacity(config: SimConfig | None = None, slo: SLO | None = None, *, qp
         raise CapacityError(f"max_trials: must be an integer >= 2, got {max_trials!r}")
     min_qps = qps / 64 if min_qps is None else float(min_qps)
     slo = slo or make_slo("sarathi", model=config.model)
-    if cost_model is None:
-        cost_model = build_cost_model(config)
+    deployment = build(config, cost_model=cost_model)
+    workload = check_workload(config, deployment)
 
     trials: dict[float, Trial] = {}
     order: list[Trial] = []
 
     def trial(q: float) -> Trial:
         if q not in trials:
-            t = run_trial(config, slo, q, cost_model=cost_model, early_stop=early_stop)
+            t = run_trial(config, slo, q, early_stop=early_stop, deployment=deployment)
             trials[q] = t
             order.append(t)
             if on_trial is not None:
@@ -294,4 +336,4 @@ def find_capacity(config: SimConfig | None = None, slo: SLO | None = None, *, qp
     if lo is not None and hi is not None and not converged:
         note = f"stopped after max_trials={max_trials} with the bracket [{lo:g}, {hi:g})"
     return CapacityResult(config, slo, lo if lo is not None else 0.0, lo, hi, converged, note, rel_tol,
-                          max_trials, order)
+                          max_trials, order, workload)

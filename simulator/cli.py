@@ -40,12 +40,49 @@ def summary_table(summary: dict) -> str:
     ]
     if kv.get("mean") is not None:
         lines.append(f"KV-cache utilization mean {kv['mean']:.1%}, max {kv['max']:.1%}")
+    if summary.get("prefix_cache"):
+        pc = summary["prefix_cache"]
+        rate = "-" if pc["hit_rate"] is None else f"{pc['hit_rate']:.1%}"
+        lines.append(f"prefix cache hit rate {rate} ({pc['hit_tokens']} of {pc['prompt_tokens']} prompt tokens), "
+                     f"{pc['evictions']} evictions")
+    for rep in summary.get("replicas", []) if len(summary.get("replicas", [])) > 1 or \
+            any(r["pp"] > 1 for r in summary.get("replicas", [])) else []:
+        busy = ", ".join(f"{f:.0%}" for f in rep["stage_busy_fraction"])
+        lines.append(f"replica {rep['replica_id']} ({rep['pool']}, tp={rep['tp']}, pp={rep['pp']}): "
+                     f"{rep['num_iterations']} micro-batches, stages busy {busy}")
+    if summary.get("pools"):
+        t = summary["kv_transfer_s"]
+        lines.append(f"KV transfer per request: mean {_fmt(t['mean'])}, p99 {_fmt(t['p99'])}; decode queueing "
+                     f"p50 {_fmt(summary['pools']['decode']['queueing_s']['p50'])}")
     for example in summary.get("rejected_examples", []):
         lines.append(f"rejected: {example}")
+    w = summary.get("workload") or {}
+    if w.get("num_shrunk") or w.get("num_dropped"):
+        lines.append(f"workload changed: {w.get('num_shrunk', 0)} requests shrunk and {w.get('num_dropped', 0)} "
+                     f"dropped to fit max_model_len {w.get('max_total_tokens')} (e.g. {'; '.join(w.get('examples', [])[:2])})")
+    load = summary.get("load") or {}
+    if load.get("overloaded"):
+        lines.append(f"WARNING: overloaded: {load['reason']}; latencies grow with the trace length")
     return "\n".join(lines)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """A command group whose usage errors (unknown option, bad choice, missing value) end with one line
+    ``error: …`` naming the option and exit status 2, like every other bad input."""
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **kwargs)
+        except click.exceptions.UsageError as exc:
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="servesim")
 def main():
     """servesim: simulate LLM serving (Orca, vLLM, Sarathi-Serve) with profiled or analytical GPU cost models."""
@@ -57,22 +94,32 @@ def main():
               help="Folder for summary.json, requests.csv, iterations.csv.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--tokens", is_flag=True, help="Also write tokens.csv, one row per output token (large).")
+@click.option("--plans", is_flag=True, help="Also write plans.jsonl, one line per micro-batch: {request: tokens}.")
 @user_errors
-def simulate(out, progress, tokens, **flags):
-    """Simulate one replica and write summary.json, requests.csv and iterations.csv."""
+def simulate(out, progress, tokens, plans, **flags):
+    """Simulate a deployment (one replica, a cluster, or prefill/decode pools) and write summary.json,
+    requests.csv and iterations.csv."""
     from simulator.simulation import simulate as run
 
     config = config_from_options(**flags)
     if progress is None:
         progress = sys.stderr.isatty()
-    result = run(config, progress=progress)
-    path = result.write(out, tokens=tokens)
-    c = config
-    click.echo(f"{c.model} on {c.device} (tp={c.tp}, pp={c.pp}), scheduler {c.scheduler}"
-               + (f" budget {c.token_budget}" if c.scheduler == "sarathi" else "")
-               + f", trace {c.trace}, {len(result.requests)} requests, seed {c.seed}")
+    result = run(config, progress=progress, record_plans=plans)
+    path = result.write(out, tokens=tokens, plans=plans)
+    click.echo(run_header(result))
     click.echo(summary_table(result.summary))
-    click.echo(f"wrote {path}/summary.json, requests.csv, iterations.csv" + (", tokens.csv" if tokens else ""))
+    extra = (", tokens.csv" if tokens else "") + (", plans.jsonl" if plans else "")
+    click.echo(f"wrote {path}/summary.json, requests.csv, iterations.csv{extra}")
+
+
+def run_header(result) -> str:
+    """The first lines of a run: the deployment (``deployment_line``) and the offered load."""
+    from simulator.cli_experiments import deployment_line
+
+    load = result.summary.get("load") or {}
+    offered = load.get("offered_qps")
+    rate = f"{offered:.3g} QPS offered" if offered else "all at once"
+    return f"{deployment_line(result.deployment)}\n{len(result.requests)} requests, {rate}"
 
 
 @main.command("specs")
@@ -87,7 +134,7 @@ def specs():
 # not import torch at import time (only inside the command), so `servesim simulate` works without torch.
 from profiler.cli import fit as _fit, profile as _profile  # noqa: E402  (profiling and fitting, issue 3)
 from profiler.cli_validate import validate as _validate  # noqa: E402  (validation, issue 4)
-from simulator.cli_experiments import capacity, plot, regress, sweep  # noqa: E402  (issue 5)
+from simulator.cli_experiments import capacity, plot, regress, replicas, sweep  # noqa: E402  (issue 5)
 
-for _command in (_profile, _fit, _validate, capacity, sweep, plot, regress):
+for _command in (_profile, _fit, _validate, capacity, replicas, sweep, plot, regress):
     main.add_command(_command)

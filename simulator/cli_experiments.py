@@ -10,6 +10,7 @@ a table of the ones that moved by more than the tolerance; ``servesim regress --
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -43,16 +44,44 @@ def trial_line(i: int, t) -> str:
     return f"trial {i:2d}: {t.qps:8.4g} QPS  {status}  {detail}"
 
 
+def slo_options(func):
+    """The SLO flags of commands that check one (capacity, replicas); the command receives ``slo_flags``."""
+    options = [
+        click.option("--slo", "slo_name", type=click.Choice(SLO_NAMES), default="sarathi",
+                     help="sarathi: P99 TBT and median scheduling delay <= 2 s; vidur: P99 scheduling delay <= 5 s; "
+                          "deadline: Etalon fluidity (P99 deadline-miss rate <= 10%); distserve: P90 TTFT and P90 "
+                          "TPOT (--ttft-slo, --tpot-slo)."),
+        click.option("--slo-level", type=click.Choice(SLO_LEVELS), default="strict",
+                     help="The paper's strict or relaxed TBT SLO for the model (sarathi)."),
+        click.option("--tbt-slo", type=float, help="P99 TBT limit in seconds (sarathi), instead of the paper's."),
+        click.option("--ttft-slo", type=float, help="TTFT limit in seconds (distserve)."),
+        click.option("--tpot-slo", type=float, help="TPOT limit in seconds (distserve)."),
+        click.option("--decode-deadline", type=float, help="Decode deadline D_d in seconds (deadline SLO; 0.03)."),
+        click.option("--ttft-slack", type=float,
+                     help="First-token slack over predicted prefill, seconds (deadline; 0.3)."),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args, slo_name, slo_level, tbt_slo, ttft_slo, tpot_slo, decode_deadline, ttft_slack, **kwargs):
+        flags = {"name": slo_name, "level": slo_level, "tbt_slo_s": tbt_slo, "ttft_slo_s": ttft_slo,
+                 "tpot_slo_s": tpot_slo, "decode_deadline_s": decode_deadline, "ttft_slack_s": ttft_slack}
+        return func(*args, slo_flags=flags, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def make_slo_from(flags: dict, model: str):
+    from simulator.slo import make_slo
+
+    flags = dict(flags)
+    return make_slo(flags.pop("name"), model=model, **flags)
+
+
 @click.command("capacity")
 @simulate_options
-@click.option("--slo", "slo_name", type=click.Choice(SLO_NAMES), default="sarathi", show_default=True,
-              help="sarathi: P99 TBT and median scheduling delay <= 2 s; vidur: P99 scheduling delay <= 5 s; "
-                   "deadline: Etalon fluidity (P99 deadline-miss rate <= 10%).")
-@click.option("--slo-level", type=click.Choice(SLO_LEVELS), default="strict", show_default=True,
-              help="The paper's strict or relaxed TBT SLO for the model (sarathi).")
-@click.option("--tbt-slo", type=float, help="P99 TBT limit in seconds (sarathi), instead of the paper's.")
-@click.option("--decode-deadline", type=float, help="Decode deadline D_d in seconds (deadline SLO; 0.03).")
-@click.option("--ttft-slack", type=float, help="First-token slack over predicted prefill, seconds (deadline; 0.3).")
+@slo_options
 @click.option("--rel-tol", type=float, default=0.025, show_default=True, help="Stop when hi/lo - 1 <= this.")
 @click.option("--max-trials", type=int, default=20, show_default=True, help="Most simulations in the search.")
 @click.option("--min-qps", type=float, help="Give up below this QPS (default: the first trial's / 64).")
@@ -61,19 +90,15 @@ def trial_line(i: int, t) -> str:
 @click.option("--out", type=click.Path(file_okay=False), default="runs/capacity", show_default=True,
               help="Folder for capacity.json and trials.csv.")
 @user_errors
-def capacity(slo_name, slo_level, tbt_slo, decode_deadline, ttft_slack, rel_tol, max_trials, min_qps, early_stop,
-             out, **flags):
+def capacity(slo_flags, rel_tol, max_trials, min_qps, early_stop, out, **flags):
     """Find the highest QPS at which the configuration meets the SLO (--qps is the first trial's QPS)."""
     from simulator.capacity import find_capacity
-    from simulator.slo import make_slo
+    from simulator.simulation import build
 
     config = config_from_options(**flags)
-    slo = make_slo(slo_name, model=config.model, level=slo_level, tbt_slo_s=tbt_slo,
-                   decode_deadline_s=decode_deadline, ttft_slack_s=ttft_slack)
-    c = config
-    click.echo(f"{c.model} on {c.device} (tp={c.tp}, pp={c.pp}), scheduler {c.scheduler}"
-               + (f" budget {c.token_budget}" if c.scheduler == "sarathi" else "")
-               + f", trace {c.trace}, seed {c.seed}; SLO {slo.name}: {slo.describe()}")
+    slo = make_slo_from(slo_flags, config.model)
+    dep = build(config)
+    click.echo(deployment_line(dep) + f"; SLO {slo.name}: {slo.describe()}")
     counter = iter(range(1, 10**6))
     start = time.perf_counter()
     result = find_capacity(config, slo, rel_tol=rel_tol, max_trials=max_trials, min_qps=min_qps,
@@ -81,9 +106,53 @@ def capacity(slo_name, slo_level, tbt_slo, decode_deadline, ttft_slack, rel_tol,
     wall = time.perf_counter() - start
     path = result.write(out)
     bracket = f" (fails at {result.hi_qps:.4g})" if result.hi_qps is not None else ""
-    click.echo(f"capacity: {result.capacity_qps:.4g} QPS{bracket}, {len(result.trials)} trials in {wall:.1f} s"
+    click.echo(f"capacity: {result.capacity_qps:.4g} QPS{bracket}, {result.capacity_qps / dep.gpus:.4g} QPS per GPU "
+               f"on {dep.gpus} GPUs; {len(result.trials)} trials in {wall:.1f} s"
                + (f"; note: {result.note}" if result.note else ""))
     click.echo(f"wrote {path} and trials.csv")
+
+
+def deployment_line(dep) -> str:
+    """One line naming the deployment: model, device, parallelism and replicas, scheduler, trace, cost model."""
+    c = dep.config
+    if c.disaggregated:
+        shape = (f"{c.prefill_replicas} prefill (tp={c.prefill_tp or c.tp}, pp={c.prefill_pp or c.pp}) + "
+                 f"{c.decode_replicas} decode (tp={c.decode_tp or c.tp}, pp={c.decode_pp or c.pp}) replicas")
+    else:
+        shape = f"tp={c.tp}, pp={c.pp}" + (f", {c.replicas} replicas, router {c.router}" if c.replicas > 1 else "")
+    sched = c.scheduler + (f" budget {c.token_budget}" if "token_budget" in dep.scheduler_kw else "")
+    cm = dep.describe()["cost_model"]
+    cost = {"roofline": lambda: f"roofline ({cm['constants']})",
+            "fitted": lambda: f"fitted to profile {cm['profile_hash']} ({cm['profiled_device']})"}.get(
+        cm["kind"], lambda: cm["kind"])()
+    return (f"{dep.model.name} on {dep.device.name} ({shape}; {dep.gpus} GPUs, node {dep.node.name}), "
+            f"scheduler {sched}, trace {c.trace}, seed {c.seed}, cost model {cost}")
+
+
+@click.command("replicas")
+@simulate_options
+@slo_options
+@click.option("--target-qps", type=float, required=True, help="The arrival rate the cluster must serve.")
+@click.option("--max-replicas", type=int, default=64, help="Give up above this many replicas.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/replicas",
+              help="Folder for replicas.json.")
+@user_errors
+def replicas(slo_flags, target_qps, max_replicas, out, **flags):
+    """How many replicas meet the SLO at --target-qps: the smallest N (a single-replica capacity search, then one
+    trial per candidate N at the target rate)."""
+    from simulator.simulation import build, write_atomic
+    from simulator.sizing import find_replica_count
+
+    config = config_from_options(**flags)
+    slo = make_slo_from(slo_flags, config.model)
+    click.echo(deployment_line(build(config.with_(replicas=1))) + f"; SLO {slo.name}: {slo.describe()}")
+    result = find_replica_count(config, slo, target_qps, max_replicas=max_replicas,
+                                on_check=lambda n, t: click.echo(
+                                    f"{n:3d} replicas at {target_qps:g} QPS: {'pass' if t.met else 'FAIL'}"))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(out) / "replicas.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    click.echo(f"{result.replicas} replicas ({result.gpus} GPUs) serve {target_qps:g} QPS under the SLO; one replica's "
+               f"capacity is {result.single_replica_capacity_qps:.4g} QPS; wrote {out}/replicas.json")
 
 
 def _parse_assignments(items, *, lists: bool) -> dict:

@@ -11,36 +11,53 @@ import sys
 
 import click
 
-from simulator.config import SCHEDULER_NAMES, SimConfig, load_config
+from simulator.config import SimConfig, load_config
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
+def _click_type(key: str, f):
+    from simulator.config import _CHECKS
+
+    kind, allowed = _CHECKS[key]
+    if kind == "choice":
+        return click.Choice(allowed)
+    if kind in ("posint", "optposint", "nonnegint"):
+        return int
+    if kind in ("posfloat", "optposfloat", "optnonnegfloat", "fraction", "optfraction", "unitfraction"):
+        return float
+    return str
+
+
+def config_options() -> list:
+    """One click option per ``SimConfig`` key, generated from the dataclass, ``config.HELP`` and the value checks:
+    same name (``--token-budget`` = ``token_budget``), same type, the default shown. Unset flags are None, so a
+    ``--config`` file's values stand unless a flag is given."""
+    from dataclasses import MISSING, fields
+
+    from simulator.config import FLAG_ALIASES, HELP, _CHECKS
+
+    options = []
+    for f in fields(SimConfig):
+        flag = "--" + f.name.replace("_", "-")
+        names = (flag, *FLAG_ALIASES.get(f.name, ()))
+        default = f.default if f.default is not MISSING else None
+        shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        kind = _CHECKS[f.name][0]
+        if kind in ("bool", "optbool"):
+            names = (f"{flag}/--no-{flag[2:]}",)
+            options.append(click.option(*names, f.name, default=None, show_default=shown, help=HELP[f.name]))
+        else:
+            options.append(click.option(*names, f.name, type=_click_type(f.name, f), default=None,
+                                        show_default=shown, help=HELP[f.name]))
+    return options
+
+
 def simulate_options(func):
-    """The options shared by every command that runs simulations (simulate, capacity, validate, ...)."""
-    options = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of these keys."),
-        click.option("--model", help="Model name (e.g. Mistral-7B), YAML spec or Hugging Face config.json."),
-        click.option("--device", help="Device name (A100, A100-80GB-PCIe, H100, H200, A40) or YAML spec."),
-        click.option("--tp", type=int, help="Tensor-parallel degree."),
-        click.option("--pp", type=int, help="Pipeline-parallel degree."),
-        click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), help="Scheduling policy."),
-        click.option("--token-budget", type=int, help="Sarathi-Serve token budget per iteration (tokens)."),
-        click.option("--max-batch-size", type=int, help="Most running requests (default 128 vLLM/Sarathi, 16 Orca/FT)."),
-        click.option("--max-num-batched-tokens", type=int, help="vLLM: most prompt tokens per prefill iteration."),
-        click.option("--max-model-len", type=int, help="Longest request (prompt + output tokens)."),
-        click.option("--cost-model", help="Folder of a fitted cost model (servesim fit); default: roofline."),
-        click.option("--trace", help="sharegpt, arxiv, or a trace file (CSV, Azure CSV, Mooncake JSONL)."),
-        click.option("--num-requests", type=int, help="Use the first N requests."),
-        click.option("--qps", type=float, help="Arrival rate for generated or re-timed traces (requests/s)."),
-        click.option("--arrival", type=click.Choice(["poisson", "gamma"]), help="Arrival process."),
-        click.option("--cv", type=float, help="Coefficient of variation of gamma inter-arrival times."),
-        click.option("--retime/--no-retime", default=None, help="Re-time a file trace's arrivals to --qps."),
-        click.option("--shuffle/--no-shuffle", default=None, help="Seeded shuffle of a file trace."),
-        click.option("--drop-long/--no-drop-long", default=None,
-                     help="Drop over-long requests instead of shrinking them."),
-        click.option("--seed", type=int, help="Seed of every random choice."),
-    ]
+    """The options shared by every command that runs simulations (simulate, capacity, validate, ...): ``--config``
+    and one flag per config key (``config_options``)."""
+    options = [click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                            help="YAML file of these keys (flags override it).")] + config_options()
     for option in reversed(options):
         func = option(func)
     return func

@@ -1,21 +1,45 @@
-"""One replica as a SimPy process: ``plan = scheduler.schedule(now)``, ``yield env.timeout(cost(plan))``, apply.
+"""One replica on a shared SimPy clock: its scheduler forms micro-batches, its pipeline stages run them.
 
-The GPU is not a ``simpy.Resource``: the scheduler decides the batch, the cost model how long it takes. Each call of
-``run_replica`` owns its ``simpy.Environment``, so many simulations run side by side in one process.
+The engine step is schedule -> run -> apply (nano-vllm's ``LLMEngine.step``): ``plan = scheduler.schedule(now)``,
+the micro-batch runs through the ``pp`` pipeline stages, and when it leaves the last stage its tokens are emitted
+(``scheduler.update(plan, now)``). A replica keeps up to ``pp`` micro-batches in flight (Vidur's replica scheduler
+keeps ``num_running_batches < num_stages``; vLLM v1's engine core fills a batch queue of ``pp`` entries), and forms
+the next one when the first stage is free to start it — as the Sarathi-Serve engine does, which schedules when the
+first stage signals the end of a micro-batch (``sarathi/engine/pipeline_parallel_llm_engine.py``
+``_microbatch_watch_loop``) — so requests that arrive meanwhile can join it: whenever fewer than ``pp`` are in
+flight, stage 0 is idle, and a request arrives, stage 0 finishes a micro-batch or a micro-batch completes.
+
+Each stage runs one micro-batch at a time, in the order they were formed (FIFO): micro-batch ``m`` starts on stage
+``s`` at ``max(its end on stage s-1 + the activation transfer, the end of micro-batch m-1 on stage s)`` and is busy
+for ``cost_model.stage_time(plan, s)``; the transfer to stage ``s+1`` takes ``cost_model.transfer_time(plan, s)``
+and does not occupy either stage. Because stages are FIFO and never preempted, these times are known when the
+micro-batch is formed, so one timeout per micro-batch replaces a process per stage — the same schedule a
+``simpy.Resource`` per stage would give, at a fraction of the cost. Bubbles follow from uneven micro-batches. With
+``pp = 1`` this is the classic loop: schedule, ``yield env.timeout(iteration_time)``, apply.
+
+Nothing here reads a wall clock; each simulation owns its environment, replicas and schedulers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import simpy
 
-from simulator.plan import BatchPlan
-from simulator.request import Request
+from cost_models.plan import BatchPlan
+
+
+class StalledError(RuntimeError):
+    """The scheduler returned an empty plan although requests are waiting and nothing is running."""
 
 
 @dataclass
 class IterationLog:
-    """Columns of the iterations table (one entry per iteration), and optionally the plans themselves."""
+    """Columns of the iterations table (one entry per micro-batch), and optionally the plans themselves.
+
+    ``start_s`` is when the micro-batch started on the first stage, ``duration_s`` until it left the last one;
+    ``scheduled_s`` when it was formed. With ``pp`` > 1, ``stage_start_s[s]``/``stage_duration_s[s]`` hold each
+    stage's timing.
+    """
 
     start_s: list = field(default_factory=list)
     duration_s: list = field(default_factory=list)
@@ -24,75 +48,227 @@ class IterationLog:
     num_decode_tokens: list = field(default_factory=list)
     kv_blocks_used: list = field(default_factory=list)
     kv_blocks_total: list = field(default_factory=list)
+    replica_id: list = field(default_factory=list)
+    scheduled_s: list = field(default_factory=list)
+    stage_start_s: list = field(default_factory=list)      # per stage: list of starts
+    stage_duration_s: list = field(default_factory=list)   # per stage: list of durations
     plans: list | None = None
 
-    def columns(self) -> dict:
-        return {k: getattr(self, k) for k in ("start_s", "duration_s", "batch_size", "num_prefill_tokens",
-                                              "num_decode_tokens", "kv_blocks_used", "kv_blocks_total")}
+    BASE = ("start_s", "duration_s", "batch_size", "num_prefill_tokens", "num_decode_tokens", "kv_blocks_used",
+            "kv_blocks_total")
+
+    def columns(self, *, replica_ids: bool = False) -> dict:
+        """The table's columns: the base ones, then ``replica_id`` and ``scheduled_s`` (when asked or pp > 1) and
+        ``stage{s}_start_s``/``stage{s}_duration_s`` per stage when pp > 1."""
+        cols = {k: getattr(self, k) for k in self.BASE}
+        pipelined = len(self.stage_start_s) > 1
+        if replica_ids or pipelined:
+            cols["replica_id"] = self.replica_id
+        if pipelined:
+            cols["scheduled_s"] = self.scheduled_s
+            for s, (starts, durations) in enumerate(zip(self.stage_start_s, self.stage_duration_s)):
+                cols[f"stage{s}_start_s"] = starts
+                cols[f"stage{s}_duration_s"] = durations
+        return cols
+
+    def __len__(self) -> int:
+        return len(self.start_s)
 
 
-class StalledError(RuntimeError):
-    """The scheduler returned an empty plan although requests are waiting and nothing is running."""
-
-
-def run_replica(requests: list[Request], scheduler, cost_model, *, record_plans: bool = False,
-                on_iteration=None, on_finish=None, until_s: float | None = None) -> IterationLog:
-    """Replay ``requests`` (sorted by ``arrival_s``) through ``scheduler`` priced by ``cost_model``.
+class Replica:
+    """A replica: a scheduler, a cost model and ``pp`` pipeline stages on the environment ``env``.
 
     Args:
-        on_iteration: called as ``on_iteration(plan, start_s, duration_s)`` after each iteration's plan is priced.
-        on_finish: called with the list of requests each iteration completed (e.g. to drive a progress bar).
+        env: the shared ``simpy.Environment``.
+        scheduler: the replica's policy (owns its KV cache).
+        cost_model: prices ``stage_time``/``transfer_time``/``iteration_time`` of a plan (``cost_model.pp`` stages).
+        replica_id: index in the cluster (for outputs).
+        log: where iteration rows go (shared by the replicas of a cluster, or the replica's own).
+        on_iteration: ``on_iteration(plan, start_s, duration_s)`` after each micro-batch is priced.
+        on_done: ``on_done(replica, requests)`` with the requests each micro-batch finished here.
+    Raises StalledError from the process if the scheduler can make no progress (instead of looping forever).
+    """
+
+    def __init__(self, env: simpy.Environment, scheduler, cost_model, *, replica_id: int = 0,
+                 log: IterationLog | None = None, on_iteration=None, on_done=None):
+        self.env = env
+        self.scheduler = scheduler
+        self.cost_model = cost_model
+        self.pp = getattr(cost_model, "pp", 1)
+        self.replica_id = replica_id
+        self.log = log if log is not None else IterationLog()
+        if self.pp > 1 and not self.log.stage_start_s:
+            self.log.stage_start_s = [[] for _ in range(self.pp)]
+            self.log.stage_duration_s = [[] for _ in range(self.pp)]
+        self.on_iteration = on_iteration
+        self.on_done = on_done
+        self.stage_free_s = [0.0] * self.pp
+        self.stage_busy_s = [0.0] * self.pp
+        self.num_in_flight = 0
+        self.stage0_idle = True
+        self.num_iterations = 0
+        self.closed = False
+        self._wakeup = None
+        self._preempted: tuple = ()     # preemptions of empty plans, reported with the next micro-batch
+        self.process = env.process(self._run())
+
+    # --- inputs -----------------------------------------------------------------------------------------------
+    def add(self, request) -> bool:
+        """A request arrives now; False if the scheduler rejected it."""
+        request.replica_id = self.replica_id if request.replica_id is None else request.replica_id
+        ok = self.scheduler.add_request(request)
+        self._wake()
+        return ok
+
+    def close(self) -> None:
+        """No more requests will arrive: the process ends once the replica is idle."""
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.triggered:
+            self._wakeup.succeed()
+
+    # --- the engine -------------------------------------------------------------------------------------------
+    def _record(self, plan: BatchPlan, start: float, duration: float, now: float) -> None:
+        log, kv = self.log, self.scheduler.kv
+        log.start_s.append(start)
+        log.duration_s.append(duration)
+        log.batch_size.append(len(plan.request_ids))
+        log.num_decode_tokens.append(plan.num_decodes)
+        log.num_prefill_tokens.append(plan.num_prefill_tokens)
+        log.kv_blocks_used.append(kv.num_used)
+        log.kv_blocks_total.append(kv.num_blocks)
+        log.replica_id.append(self.replica_id)
+        log.scheduled_s.append(now)
+        if log.plans is not None:
+            log.plans.append(plan)
+        self.num_iterations += 1
+        if self.on_iteration is not None:
+            self.on_iteration(plan, start, duration)
+
+    def _launch(self, plan: BatchPlan) -> float:
+        """Place ``plan`` on the stages (FIFO); return when it leaves the last stage."""
+        cm, now = self.cost_model, self.env.now
+        t = now
+        starts, durations = [], []
+        for s in range(self.pp):
+            start = t if t > self.stage_free_s[s] else self.stage_free_s[s]
+            d = cm.stage_time(plan, s)
+            end = start + d
+            self.stage_free_s[s] = end
+            self.stage_busy_s[s] += d
+            starts.append(start)
+            durations.append(d)
+            t = end + cm.transfer_time(plan, s) if s < self.pp - 1 else end
+        for s in range(self.pp):
+            self.log.stage_start_s[s].append(starts[s])
+            self.log.stage_duration_s[s].append(durations[s])
+        self._record(plan, starts[0], t - starts[0], now)
+        self.stage0_idle = False
+        freed = self.env.timeout(starts[0] + durations[0] - now)
+        freed.callbacks.append(self._stage0_freed)
+        return t
+
+    def _stage0_freed(self, _event) -> None:
+        self.stage0_idle = True
+        self._wake()
+
+    def _complete(self, plan: BatchPlan) -> None:
+        done = self.scheduler.update(plan, self.env.now)
+        self.num_in_flight -= 1
+        if done and self.on_done is not None:
+            self.on_done(self, done)
+        self._wake()
+
+    def _stalled(self) -> StalledError:
+        s = self.scheduler
+        return StalledError(f"{s.name}: empty batch at t={self.env.now:.3f}s with {len(s.waiting)} waiting "
+                            f"and {len(s.running)} running requests (replica {self.replica_id})")
+
+    def _schedule(self) -> BatchPlan:
+        """The scheduler's next plan; preemptions made while forming empty plans ride on the next non-empty one."""
+        plan = self.scheduler.schedule(self.env.now)
+        if not plan:
+            if plan.preempted_ids:
+                self._preempted += plan.preempted_ids
+        elif self._preempted:
+            plan = replace(plan, preempted_ids=self._preempted + plan.preempted_ids)
+            self._preempted = ()
+        return plan
+
+    def _run(self):
+        env, scheduler = self.env, self.scheduler
+        if self.pp == 1:
+            cm = self.cost_model
+            while True:
+                plan = self._schedule()
+                if plan:
+                    start = env.now
+                    duration = cm.iteration_time(plan)
+                    self.stage_busy_s[0] += duration
+                    self._record(plan, start, duration, start)
+                    yield env.timeout(duration)
+                    done = scheduler.update(plan, env.now)
+                    if done and self.on_done is not None:
+                        self.on_done(self, done)
+                    continue
+                if scheduler.running or (scheduler.waiting and not plan.preempted_ids):
+                    raise self._stalled()
+                if scheduler.waiting:        # everything was preempted this step: try again
+                    continue
+                if self.closed:
+                    return
+                self._wakeup = env.event()
+                yield self._wakeup
+        while True:
+            while self.num_in_flight < self.pp and self.stage0_idle:
+                plan = self._schedule()
+                if not plan:
+                    if plan.preempted_ids and scheduler.waiting:
+                        continue
+                    break
+                self.num_in_flight += 1
+                ends = self._launch(plan)
+                done = env.timeout(ends - env.now)
+                done.callbacks.append(lambda _, p=plan: self._complete(p))
+            if self.num_in_flight == 0:
+                if scheduler.has_work():
+                    raise self._stalled()
+                if self.closed:
+                    return
+            self._wakeup = env.event()
+            yield self._wakeup
+
+    # --- load, for routers ----------------------------------------------------------------------------------
+    def busy_fractions(self, makespan_s: float) -> list[float]:
+        """Per stage: busy time / ``makespan_s``."""
+        return [b / makespan_s if makespan_s > 0 else 0.0 for b in self.stage_busy_s]
+
+
+def run_replica(requests, scheduler, cost_model, *, record_plans: bool = False, on_iteration=None, on_finish=None,
+                until_s: float | None = None) -> IterationLog:
+    """Replay ``requests`` (sorted by ``arrival_s``) through one replica on its own environment.
+
+    Args:
+        on_iteration: called as ``on_iteration(plan, start_s, duration_s)`` after each micro-batch is priced.
+        on_finish: called with the list of requests each micro-batch completed (e.g. to drive a progress bar).
         until_s: stop the simulated clock here (requests not finished by then stay unfinished).
     Returns the iteration log; requests are updated in place (timestamps, token times, preemptions).
-    Raises StalledError if the scheduler can make no progress (instead of looping forever).
+    Raises StalledError if the scheduler can make no progress.
     """
     env = simpy.Environment()
     log = IterationLog(plans=[] if record_plans else None)
-    state = {"wakeup": None, "arrived": 0}
-    bm = scheduler.bm
+    replica = Replica(env, scheduler, cost_model, log=log, on_iteration=on_iteration,
+                      on_done=(lambda _, done: on_finish(done)) if on_finish is not None else None)
 
     def arrivals():
         for r in requests:
             if r.arrival_s > env.now:
                 yield env.timeout(r.arrival_s - env.now)
-            scheduler.add_request(r)
-            state["arrived"] += 1
-            if state["wakeup"] is not None and not state["wakeup"].triggered:
-                state["wakeup"].succeed()
-
-    def engine():
-        while True:
-            plan: BatchPlan = scheduler.schedule(env.now)
-            if not plan:
-                if scheduler.running or (scheduler.waiting and not plan.preempted_ids):
-                    raise StalledError(
-                        f"{scheduler.name}: empty batch at t={env.now:.3f}s with {len(scheduler.waiting)} waiting "
-                        f"and {len(scheduler.running)} running requests")
-                if scheduler.waiting:        # everything was preempted this step: try again
-                    continue
-                if state["arrived"] == len(requests):
-                    return
-                state["wakeup"] = env.event()
-                yield state["wakeup"]
-                continue
-            start = env.now
-            duration = cost_model.iteration_time(plan)
-            log.start_s.append(start)
-            log.duration_s.append(duration)
-            log.batch_size.append(len(plan.request_ids))
-            log.num_decode_tokens.append(plan.num_decodes)
-            log.num_prefill_tokens.append(plan.num_prefill_tokens)
-            log.kv_blocks_used.append(bm.num_used)
-            log.kv_blocks_total.append(bm.num_blocks)
-            if log.plans is not None:
-                log.plans.append(plan)
-            if on_iteration is not None:
-                on_iteration(plan, start, duration)
-            yield env.timeout(duration)
-            done = scheduler.finish(plan, env.now)
-            if done and on_finish is not None:
-                on_finish(done)
+            replica.add(r)
+        replica.close()
 
     env.process(arrivals())
-    env.run(until=env.process(engine()) if until_s is None else until_s)
+    env.run(until=replica.process if until_s is None else until_s)
     return log

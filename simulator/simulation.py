@@ -1,27 +1,49 @@
-"""``simulate(config)``: build the trace, KV cache, scheduler and cost model of one replica, run it, measure it.
+"""``simulate(config)``: build the trace, the deployment (replicas, their KV caches, schedulers, cost models and
+placement on nodes) and run it on one SimPy clock, then measure it.
 
-Nothing here is global: each call makes its own objects, so simulations can run side by side (threads, processes,
-notebooks) and the same config and seed give byte-identical outputs.
+``build(config)`` makes a ``Deployment`` without running it — the study layer (capacity search, sweeps,
+validation) builds on it instead of repeating the set-up. Nothing here is global: each call makes its own objects,
+so simulations can run side by side (threads, processes, notebooks) and the same config and seed give
+byte-identical outputs.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import simpy
 
 from cost_models.roofline import RooflineCostModel
 from cost_models.specs import load_device, load_model
+from cost_models.topology import default_node, load_node, place_cluster
+from simulator.cluster import Cluster, Pool, Transfer
 from simulator.config import DEFAULT_NUM_REQUESTS, ConfigError, SimConfig
-from simulator.kv_cache import BlockManager, num_kv_blocks
-from simulator.metrics import ITERATION_COLUMNS, requests_table, summarize
-from simulator.replica import IterationLog, run_replica
+from simulator.kv_cache import make_block_manager, num_kv_blocks
+from simulator.metrics import iteration_table, requests_table, summarize
+from simulator.replica import IterationLog, Replica
 from simulator.request import Request
+from simulator.routers import ROUTERS
 from simulator.schedulers import SCHEDULERS
 from simulator.slo import fluidity_per_request, token_times_table
 
-DEFAULT_MAX_BATCH_SIZE = {"vllm": 128, "sarathi": 128, "orca": 16, "fastertransformer": 16}
+DEFAULT_DEVICE = "A100-80GB-SXM"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def frame_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Write a table to ``path`` (CSV) through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -34,123 +56,320 @@ class SimResult:
     summary: dict
     log: IterationLog
     cost_model: object = None
+    deployment: object = None
 
     def requests_table(self) -> pd.DataFrame:
-        """One row per request: ``metrics.REQUEST_COLUMNS`` then the Etalon fluidity columns
-        (``slo.FLUIDITY_COLUMNS``: TTFT deadline, deadlines, misses, miss rate, fluidity index)."""
-        table = requests_table(self.requests)
+        """One row per request: ``metrics.REQUEST_COLUMNS`` (plus the cluster columns when there is more than one
+        replica) then the Etalon fluidity columns (``slo.FLUIDITY_COLUMNS``)."""
+        dep = self.deployment
+        table = requests_table(self.requests, cluster=dep is not None and dep.num_replicas > 1,
+                               disaggregated=dep is not None and dep.config.disaggregated,
+                               prefix_caching=dep is not None and dep.prefix_caching)
         if self.cost_model is None:
             return table
         return table.merge(fluidity_per_request(self.requests, self.cost_model), on="request_id", how="left")
 
-    def write(self, out_dir: str | Path, *, tokens: bool = False) -> Path:
+    def write(self, out_dir: str | Path, *, tokens: bool = False, plans: bool = False) -> Path:
         """Write ``summary.json``, ``requests.csv`` and ``iterations.csv`` (and ``tokens.csv``, one row per output
-        token, if ``tokens``) into ``out_dir`` (created)."""
+        token, if ``tokens``; ``plans.jsonl``, one line per micro-batch, if ``plans``) into ``out_dir``
+        (created). Every file goes through a temporary name and a rename."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps({**self.summary, "config": self.config.to_dict()}, indent=2) + "\n")
-        self.requests_table().to_csv(out / "requests.csv", index=False)
-        self.iterations.to_csv(out / "iterations.csv", index=False)
+        frame_atomic(self.requests_table(), out / "requests.csv")
+        frame_atomic(self.iterations, out / "iterations.csv")
         if tokens:
-            token_times_table(self.requests).to_csv(out / "tokens.csv", index=False)
+            frame_atomic(token_times_table(self.requests), out / "tokens.csv")
+        if plans:
+            write_atomic(out / "plans.jsonl", plans_jsonl(self.log))
+        write_atomic(out / "summary.json",
+                     json.dumps({**self.summary, "config": self.config.to_dict()}, indent=2) + "\n")
         return out
 
 
+def plans_jsonl(log: IterationLog) -> str:
+    """One JSON line per micro-batch: ``step``, ``start_s``, ``duration_s``, ``num_new_tokens`` and
+    ``context_lens`` (objects keyed by request id, in plan order), ``preempted_ids`` (and ``replica_id`` when
+    more than one replica ran). The format ``servesim observe`` writes for a real engine."""
+    if log.plans is None:
+        raise ValueError("plans: the run did not record plans (simulate(record_plans=True))")
+    many = len(set(log.replica_id)) > 1
+    lines = []
+    for i, (plan, start, duration, rid) in enumerate(zip(log.plans, log.start_s, log.duration_s, log.replica_id)):
+        row = {"step": i, "start_s": start, "duration_s": duration,
+               "num_new_tokens": {str(r): n for r, n in zip(plan.request_ids, plan.num_new_tokens)},
+               "context_lens": {str(r): k for r, k in zip(plan.request_ids, plan.context_lens)},
+               "preempted_ids": list(plan.preempted_ids)}
+        if many:
+            row["replica_id"] = rid
+        lines.append(json.dumps(row))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def effective_max_model_len(config: SimConfig, model) -> int:
-    return config.max_model_len or model.max_model_len
+    """``config.max_model_len`` or the model's context length. Raises ConfigError above the model's limit unless
+    ``allow_long_max_model_len`` (vLLM refuses it too unless ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1``)."""
+    if config.max_model_len is None:
+        return model.max_model_len
+    if config.max_model_len > model.max_context and not config.allow_long_max_model_len:
+        raise ConfigError(f"max_model_len: {config.max_model_len} exceeds {model.name}'s context length "
+                          f"{model.max_context}; pass --allow-long-max-model-len to force it")
+    return config.max_model_len
 
 
-def load_requests(config: SimConfig, model=None) -> list[Request]:
-    """The config's trace as Requests (generated or loaded; see ``traces.load_trace``)."""
-    from traces import BUILTIN_WORKLOADS, load_trace
+def load_requests(config: SimConfig, model=None, *, changes: dict | None = None) -> list[Request]:
+    """The config's trace as Requests (generated or loaded; see ``traces.load_trace``), limited to the effective
+    ``max_model_len`` like the Sarathi-Serve artifact (shrunk, or dropped with ``drop_long``). ``changes`` (a
+    dict) receives the trace's ``workload_changes`` (requests shrunk and dropped). With prefix caching, trace
+    block hashes are mapped onto the KV block size (``traces.prefix.block_hashes_for``)."""
+    from traces import WORKLOADS, load_trace
 
     model = model or load_model(config.model)
-    builtin = config.trace in BUILTIN_WORKLOADS
+    builtin = config.trace in WORKLOADS
     num_requests = config.num_requests or (DEFAULT_NUM_REQUESTS if builtin else None)
-    df = load_trace(config.trace, num_requests=num_requests, qps=config.qps, seed=config.seed,
+    df = load_trace(config.trace, num_requests=num_requests, qps=config.effective_qps, seed=config.seed,
                     arrival=config.arrival, cv=config.cv, shuffle=config.shuffle, drop_long=config.drop_long,
-                    retime=True if config.retime else None,
-                    max_total_tokens=None if builtin else effective_max_model_len(config, model))
-    return requests_from_frame(df)
+                    retime=True if config.retime else None, qps_explicit=config.qps is not None,
+                    max_total_tokens=effective_max_model_len(config, model))
+    if changes is not None:
+        changes.update(df.attrs.get("workload_changes", {}))
+    hashes = None
+    if config.enable_prefix_caching and "block_hashes" in df:
+        from traces.prefix import block_hashes_for
+
+        H = df.attrs["hash_block_tokens"]
+        hashes = [block_hashes_for(h, H, int(p), config.block_size)
+                  for h, p in zip(df["block_hashes"], df["prompt_tokens"])]
+    return requests_from_frame(df, hashes)
 
 
-def requests_from_frame(df: pd.DataFrame) -> list[Request]:
-    """Requests from a trace table with columns request_id, arrival_s, prompt_tokens, output_tokens."""
-    return [Request(int(i), float(a), int(p), int(o)) for i, a, p, o in
-            zip(df["request_id"], df["arrival_s"], df["prompt_tokens"], df["output_tokens"])]
+def requests_from_frame(df: pd.DataFrame, block_hashes=None) -> list[Request]:
+    """Requests from a trace table with columns request_id, arrival_s, prompt_tokens, output_tokens (and the
+    prefix-cache keys of each request's prompt blocks, if given)."""
+    rows = zip(df["request_id"], df["arrival_s"], df["prompt_tokens"], df["output_tokens"])
+    if block_hashes is None:
+        return [Request(int(i), float(a), int(p), int(o)) for i, a, p, o in rows]
+    return [Request(int(i), float(a), int(p), int(o), h) for (i, a, p, o), h in zip(rows, block_hashes)]
 
 
-def build_cost_model(config: SimConfig, model=None, device=None):
+def resolve_hardware(config: SimConfig):
+    """``(device, node)`` of the config. Raises ConfigError when ``--device`` and the node spec's disagree."""
+    node = load_node(config.node) if config.node else None
+    if node is not None:
+        if config.device and load_device(config.device).name != node.device.name:
+            raise ConfigError(f"device: {config.device} differs from node {node.name}'s {node.device.name}; "
+                              f"drop --device or use another --node")
+        return node.device, node
+    device = load_device(config.device or DEFAULT_DEVICE)
+    return device, default_node(device)
+
+
+@dataclass
+class ReplicaSpec:
+    """One replica of a deployment: its pool (``replicas``, ``prefill`` or ``decode``), parallelism and placement."""
+
+    pool: str
+    tp: int
+    pp: int
+    placement: object = None
+
+
+@dataclass
+class Deployment:
+    """A built, not yet run, deployment: model, device, node, replica specs and the objects of one run."""
+
+    config: SimConfig
+    model: object
+    device: object
+    node: object
+    max_model_len: int
+    specs: list
+    scheduler_kw: dict
+    watermark: float
+    prefix_caching: bool
+    cost_model_override: object = None
+    cost_models: dict = field(default_factory=dict)     # (tp, pp, links) -> cost model
+    _probe: object = None                               # a scheduler to ask rejection_reason
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.specs)
+
+    @property
+    def gpus(self) -> int:
+        return sum(s.tp * s.pp for s in self.specs)
+
+    def describe(self) -> dict:
+        """What the config resolved to: model, device, node, GPUs, scheduler options and the cost model."""
+        cm = self.cost_model_for(self.specs[0])
+        return {"model": self.model.name, "device": self.device.name, "node": self.node.name, "gpus": self.gpus,
+                "max_model_len": self.max_model_len, "scheduler": self.config.scheduler,
+                "scheduler_options": dict(self.scheduler_kw), "watermark": self.watermark,
+                "prefix_caching": self.prefix_caching, "kv_blocks_per_replica": self.kv_blocks(self.specs[0]),
+                "block_size": self.config.block_size,
+                "cost_model": cm.describe() if hasattr(cm, "describe") else {"kind": type(cm).__name__}}
+
+    def cost_model_for(self, spec: ReplicaSpec):
+        """The cost model of a replica (shared by replicas of the same shape and links)."""
+        if self.cost_model_override is not None:
+            return self.cost_model_override
+        key = (spec.tp, spec.pp, spec.placement.tp_link(0), tuple(spec.placement.pp_link(s)
+                                                                  for s in range(spec.pp - 1)))
+        cm = self.cost_models.get(key)
+        if cm is None:
+            cm = self.cost_models[key] = build_cost_model(self.config, self.model, self.device, tp=spec.tp,
+                                                          pp=spec.pp, placement=spec.placement)
+        return cm
+
+    def kv_blocks(self, spec: ReplicaSpec) -> int:
+        """KV blocks of a replica of ``spec``'s shape (``num_kv_blocks`` overrides the computed size)."""
+        if self.config.num_kv_blocks:
+            return self.config.num_kv_blocks
+        cls = SCHEDULERS[self.config.scheduler]
+        return num_kv_blocks(self.model, self.device, tp=spec.tp, pp=spec.pp, block_size=self.config.block_size,
+                             gpu_memory_utilization=self.config.gpu_memory_utilization,
+                             max_num_batched_tokens=cls.peak_batched_tokens(self.scheduler_kw),
+                             max_num_seqs=self.scheduler_kw["max_num_seqs"])
+
+    def make_scheduler(self, spec: ReplicaSpec):
+        cls = SCHEDULERS[self.config.scheduler]
+        kv = make_block_manager(self.kv_blocks(spec), self.config.block_size, self.watermark,
+                                enable_prefix_caching=self.prefix_caching)
+        return cls(kv, **self.scheduler_kw)
+
+    def rejection_reason(self, request) -> str | None:
+        """Why the deployment can never serve ``request`` (the entry pool's first replica decides), or None."""
+        if self._probe is None:
+            self._probe = self.make_scheduler(self.specs[0])
+        return self._probe.rejection_reason(request)
+
+
+def build_cost_model(config: SimConfig, model=None, device=None, *, tp: int | None = None, pp: int | None = None,
+                     placement=None):
     """The roofline model, or the fitted one in ``config.cost_model`` (a folder made by ``servesim fit``)."""
     model = model or load_model(config.model)
-    device = device or load_device(config.device)
+    device = device or resolve_hardware(config)[0]
+    tp = config.tp if tp is None else tp
+    pp = config.pp if pp is None else pp
     if config.cost_model:
         from cost_models.fitted import load_cost_model
-        return load_cost_model(config.cost_model, model=model, device=device, tp=config.tp, pp=config.pp)
-    return RooflineCostModel(model, device, tp=config.tp, pp=config.pp)
+        return load_cost_model(config.cost_model, model=model, device=device, tp=tp, pp=pp, placement=placement)
+    return RooflineCostModel(model, device, tp=tp, pp=pp, placement=placement)
 
 
-def build_scheduler(config: SimConfig, model=None, device=None):
-    """The config's scheduling policy over a KV cache sized for the model, device and parallelism."""
-    model = model or load_model(config.model)
-    device = device or load_device(config.device)
+def build(config: SimConfig, *, cost_model=None) -> Deployment:
+    """Resolve the config into a ``Deployment`` (model, hardware, placement, scheduler options). Raises
+    SpecError/ConfigError for bad input and ValueError when the model does not fit the device."""
+    model = load_model(config.model)
+    device, node = resolve_hardware(config)
     max_len = effective_max_model_len(config, model)
-    max_batch = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE[config.scheduler]
-    if model.num_layers % config.pp:
-        raise ConfigError(f"pp: {model.name} has {model.num_layers} layers, which do not divide by pp={config.pp}")
-    if config.scheduler == "vllm" and config.max_num_batched_tokens and config.max_num_batched_tokens < max_len:
-        # vLLM without chunked prefill refuses this too (SchedulerConfig._verify_args): a prompt longer than the
-        # per-iteration token limit could never be prefilled.
-        raise ConfigError(f"max_num_batched_tokens: {config.max_num_batched_tokens} is below max_model_len "
-                          f"{max_len}; vLLM cannot prefill longer prompts (lower --max-model-len instead)")
-    if config.scheduler == "sarathi":
-        peak_tokens = config.token_budget
-    else:
-        peak_tokens = config.max_num_batched_tokens or max_len
-    blocks = num_kv_blocks(model, device, tp=config.tp, pp=config.pp, block_size=config.block_size,
-                           gpu_memory_utilization=config.gpu_memory_utilization,
-                           max_num_batched_tokens=peak_tokens, max_num_seqs=max_batch)
-    bm = BlockManager(blocks, config.block_size, config.watermark)
     cls = SCHEDULERS[config.scheduler]
-    if config.scheduler == "vllm":
-        return cls(bm, max_model_len=max_len, max_num_seqs=max_batch,
-                   max_num_batched_tokens=config.max_num_batched_tokens)
-    if config.scheduler == "sarathi":
-        return cls(bm, max_model_len=max_len, max_num_seqs=max_batch, token_budget=config.token_budget)
-    return cls(bm, max_model_len=max_len, max_batch_size=max_batch)
+    prefix = bool(config.enable_prefix_caching)
+    if prefix and not cls.supports_prefix_caching:
+        supported = ", ".join(n for n, c in SCHEDULERS.items() if c.supports_prefix_caching)
+        raise ConfigError(f"enable_prefix_caching: scheduler {config.scheduler} does not support prefix caching "
+                          f"(supported: {supported})")
+    if config.router not in ROUTERS:
+        raise ConfigError(f"router: unknown {config.router!r}; known: {', '.join(ROUTERS)}")
+    if config.disaggregated:
+        shapes = [("prefill", config.prefill_tp or config.tp, config.prefill_pp or config.pp)] * \
+            config.prefill_replicas + \
+            [("decode", config.decode_tp or config.tp, config.decode_pp or config.pp)] * config.decode_replicas
+    else:
+        shapes = [("replicas", config.tp, config.pp)] * config.replicas
+    for pool, tp, pp in shapes:
+        flag = "pp" if pool == "replicas" else f"{pool}_pp"
+        if model.num_layers % pp:
+            raise ConfigError(f"{flag}: {model.name} has {model.num_layers} layers, which do not divide by "
+                              f"pp={pp}")
+        if model.num_attention_heads % tp:
+            tflag = "tp" if pool == "replicas" else f"{pool}_tp"
+            raise ConfigError(f"{tflag}: {model.name} has {model.num_attention_heads} attention heads, which do not "
+                              f"divide by tp={tp}")
+    what = "prefill_replicas, decode_replicas" if config.disaggregated else "replicas"
+    placements = place_cluster(node, [(tp, pp) for _, tp, pp in shapes], num_nodes=config.num_nodes, what=what)
+    specs = [ReplicaSpec(pool, tp, pp, pl) for (pool, tp, pp), pl in zip(shapes, placements)]
+    kw = cls.configure(config, max_model_len=max_len, device=device)
+    watermark = cls.default_watermark if config.watermark is None else config.watermark
+    return Deployment(config, model, device, node, max_len, specs, kw, watermark, prefix, cost_model)
+
+
+def _kv_transfer(dep: Deployment) -> Transfer:
+    c, node = dep.config, dep.node
+    link = node.network or node.links["pcie"]
+    return Transfer(dep.model.kv_bytes_per_token(1, 1),
+                    c.kv_transfer_bandwidth or link.bandwidth_bytes_per_s,
+                    link.latency_s if c.kv_transfer_latency is None else c.kv_transfer_latency)
+
+
+def run_deployment(dep: Deployment, requests: list[Request], *, record_plans: bool = False, on_iteration=None,
+                   on_finish=None, until_s: float | None = None, log: IterationLog | None = None):
+    """Run ``requests`` (fresh, sorted by arrival) on a new cluster of ``dep`` and return the cluster. ``log``
+    receives the iteration rows (a new one by default; its ``scheduled_s[-1]`` is the clock in ``on_iteration``)."""
+    env = simpy.Environment()
+    if log is None:
+        log = IterationLog(plans=[] if record_plans else None)
+    pools: dict[str, list] = {}
+    for i, spec in enumerate(dep.specs):
+        pools.setdefault(spec.pool, []).append(spec)
+    cluster = Cluster(env, {}, log, _kv_transfer(dep) if dep.config.disaggregated else None, on_finish)
+    router = ROUTERS[dep.config.router]
+    index = 0
+    for name, specs in pools.items():
+        replicas = []
+        for spec in specs:
+            rep = Replica(env, dep.make_scheduler(spec), dep.cost_model_for(spec), replica_id=index, log=log,
+                          on_iteration=on_iteration, on_done=cluster.on_done)
+            rep.spec = spec
+            replicas.append(rep)
+            index += 1
+        cluster.pools[name] = Pool(name, replicas, router)
+    cluster.run(requests, until_s=until_s)
+    return cluster
 
 
 def simulate(config: SimConfig | None = None, *, requests: list[Request] | None = None, cost_model=None,
-             progress: bool = False, record_plans: bool = False, **overrides) -> SimResult:
-    """Run one replica on ``config`` (defaults + ``overrides``) and return its ``SimResult``.
+             progress: bool = False, record_plans: bool = False, on_iteration=None, on_finish=None,
+             **overrides) -> SimResult:
+    """Run the deployment of ``config`` (defaults + ``overrides``) and return its ``SimResult``.
 
     ``requests`` replaces the config's trace (they are copied, not modified); ``cost_model`` replaces the one the
-    config names. ``progress`` shows a tqdm bar of completed requests. Raises SpecError/ConfigError/TraceError
-    for bad input and ValueError when the model does not fit the device.
+    config names (for every replica). ``progress`` shows a tqdm bar of completed requests. ``on_iteration(plan,
+    start_s, duration_s)`` and ``on_finish(requests)`` are called as the run goes (the capacity search stops a
+    trial from them). Raises SpecError/ConfigError/TraceError for bad input and ValueError when the model does not
+    fit the device.
     """
     config = (config or SimConfig()).with_(**overrides)
-    model, device = load_model(config.model), load_device(config.device)
+    dep = build(config, cost_model=cost_model)
+    changes: dict = {}
     if requests is None:
-        requests = load_requests(config, model)
+        requests = load_requests(config, dep.model, changes=changes)
     else:
-        requests = [Request(r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens) for r in requests]
-    cost_model = cost_model or build_cost_model(config, model, device)
-    scheduler = build_scheduler(config, model, device)
+        requests = [r.fresh_copy() for r in requests]
 
     bar = None
-    on_finish = None
+    finish = on_finish
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(requests), unit="req", desc=f"simulate {config.scheduler}", leave=False)
-        on_finish = lambda done: bar.update(len(done))  # noqa: E731
+
+        def finish(done):
+            bar.update(len(done))
+            if on_finish is not None:
+                on_finish(done)
     try:
-        log = run_replica(requests, scheduler, cost_model, record_plans=record_plans, on_finish=on_finish)
+        cluster = run_deployment(dep, requests, record_plans=record_plans, on_iteration=on_iteration,
+                                 on_finish=finish)
     finally:
         if bar is not None:
             bar.close()
-    iterations = pd.DataFrame(log.columns(), columns=ITERATION_COLUMNS)
-    summary = summarize(requests, iterations, num_rejected=len(scheduler.rejected),
-                        num_preemptions=scheduler.num_preemptions)
-    if scheduler.rejected:
-        summary["rejected_examples"] = [f"request {r.request_id}: {r.rejected}" for r in scheduler.rejected[:5]]
-    return SimResult(config, requests, iterations, summary, log, cost_model)
+    return measure(dep, cluster, requests, changes)
+
+
+def measure(dep: Deployment, cluster: Cluster, requests: list, changes: dict | None = None) -> SimResult:
+    """The SimResult of a finished run (``changes``: what loading did to the workload)."""
+    log = cluster.log
+    iterations = iteration_table(log, replica_ids=dep.num_replicas > 1)
+    summary = summarize(requests, iterations, cluster=cluster, deployment=dep)
+    summary["workload"] = {**(changes or {}), "num_rejected": summary["requests_rejected"]}
+    first = dep.cost_model_for(dep.specs[0])
+    return SimResult(dep.config, requests, iterations, summary, log, first, dep)

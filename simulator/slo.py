@@ -13,6 +13,9 @@ Percentiles use numpy's default linear interpolation, exactly as ``simulator.met
     Inference Systems", arXiv:2407.07000, 2024, §4, and its ``metric_utils.get_request_level_deadline_miss_rate``):
     the P99 over requests of the per-request deadline-miss rate <= 0.1, i.e. 99% of requests miss at most 10% of
     their token deadlines (Etalon compares with ``<=``; we follow it). Deadlines: see ``deadline_misses``.
+``distserve`` — DistServe (Zhong et al., OSDI'24 §2, §6) goodput: P90 TTFT <= ``ttft_slo_s`` and P90 TPOT <=
+    ``tpot_slo_s`` (DistServe asks 90% of requests to meet both; this checks each at its 90th percentile, which
+    a run meeting the joint target also meets). Capacity under it per GPU is DistServe's per-GPU goodput.
 
 Errors: ``SLOError`` (a ``ValueError``) with a one-line message naming the bad field.
 """
@@ -25,16 +28,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from simulator.plan import BatchPlan
+from cost_models.plan import BatchPlan
 
-SLO_NAMES = ("sarathi", "vidur", "deadline")
+SLO_NAMES = ("sarathi", "vidur", "deadline", "distserve")
 SLO_LEVELS = ("strict", "relaxed")
-METRICS = ("tbt_s", "scheduling_delay_s", "deadline_miss_rate")
+METRICS = ("tbt_s", "scheduling_delay_s", "deadline_miss_rate", "ttft_s", "tpot_s")
+DISTSERVE_ATTAINMENT_PERCENTILE = 90.0       # DistServe (Zhong et al., OSDI'24) §6: 90% SLO attainment
 
 #: Sarathi-Serve (OSDI'24 §5, evaluation setup): P99 TBT SLO in seconds, (strict, relaxed) per model.
 PAPER_TBT_SLO_S = {
     "Mistral-7B": (0.1, 0.5),
     "Yi-34B": (0.2, 1.0),
+    "Yi-34B-200K": (0.2, 1.0),
     "Llama-2-70B": (1.0, 5.0),
     "Falcon-180B": (1.0, 5.0),
 }
@@ -77,8 +82,8 @@ class QuantileLimit:
 
     def describe(self) -> str:
         unit = "" if self.metric == "deadline_miss_rate" else " s"
-        name = {"tbt_s": "TBT", "scheduling_delay_s": "scheduling delay",
-                "deadline_miss_rate": "deadline-miss rate"}[self.metric]
+        name = {"tbt_s": "TBT", "scheduling_delay_s": "scheduling delay", "deadline_miss_rate": "deadline-miss rate",
+                "ttft_s": "TTFT", "tpot_s": "TPOT"}[self.metric]
         return f"P{self.percentile:g} {name} <= {self.max_value:g}{unit}"
 
 
@@ -131,7 +136,8 @@ def paper_tbt_slo_s(model_name: str, level: str = "strict") -> float:
 
 def make_slo(name: str = "sarathi", *, model: str = "Mistral-7B", level: str = "strict",
              tbt_slo_s: float | None = None, decode_deadline_s: float | None = None,
-             ttft_slack_s: float | None = None) -> SLO:
+             ttft_slack_s: float | None = None, ttft_slo_s: float | None = None,
+             tpot_slo_s: float | None = None) -> SLO:
     """Build a built-in SLO (see the module docstring for definitions and sources).
 
     Args:
@@ -161,6 +167,12 @@ def make_slo(name: str = "sarathi", *, model: str = "Mistral-7B", level: str = "
         return SLO("deadline", (QuantileLimit("deadline_miss_rate", DEFAULT_DEADLINE_PERCENTILE,
                                               DEFAULT_DEADLINE_MISS_RATE),),
                    "Etalon (Agrawal et al., arXiv:2407.07000, 2024) §4, fluidity-index", float(d), float(s))
+    if name == "distserve":
+        if ttft_slo_s is None or tpot_slo_s is None:
+            raise SLOError("slo distserve: needs --ttft-slo and --tpot-slo (seconds)")
+        p = DISTSERVE_ATTAINMENT_PERCENTILE
+        return SLO("distserve", (QuantileLimit("ttft_s", p, float(ttft_slo_s)), QuantileLimit("tpot_s", p, float(tpot_slo_s))),
+                   "DistServe (Zhong et al., OSDI'24) §6, per-GPU goodput")
     raise SLOError(f"slo: unknown {name!r}; known: {', '.join(SLO_NAMES)}")
 
 
@@ -255,6 +267,11 @@ def metric_samples(metric: str, requests, *, slo: SLO | None = None, cost_model=
         return tbt_gaps(requests)
     if metric == "scheduling_delay_s":
         return np.array([r.scheduled_s - r.arrival_s for r in requests if r.scheduled_s is not None], dtype=float)
+    if metric == "ttft_s":
+        return np.array([r.first_token_s - r.arrival_s for r in requests if r.first_token_s is not None], dtype=float)
+    if metric == "tpot_s":
+        return np.array([(r.completion_s - r.first_token_s) / (r.output_tokens - 1) for r in requests
+                         if r.completion_s is not None and r.output_tokens > 1], dtype=float)
     if metric == "deadline_miss_rate":
         if cost_model is None or slo is None or slo.decode_deadline_s is None:
             raise SLOError("deadline_miss_rate: needs the deadline SLO and a cost model")

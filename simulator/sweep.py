@@ -14,10 +14,10 @@ A sweep file (YAML)::
         - {trace: arxiv, max_model_len: 16384}
     search: {rel_tol: 0.025, max_trials: 20}   # capacity mode: find_capacity settings
 
-Point keys are ``SimConfig`` keys plus the SLO keys ``slo`` (sarathi/vidur/deadline), ``slo_level``
-(strict/relaxed), ``tbt_slo``, ``decode_deadline_s`` and ``ttft_slack_s`` (in ``qps`` mode an SLO is optional and
-adds ``slo_met``). Keys a scheduler ignores are dropped from its points (``token_budget`` outside Sarathi-Serve,
-``max_num_batched_tokens`` outside vLLM), so vLLM is not searched once per token budget.
+Point keys are ``SimConfig`` keys plus the SLO keys ``slo`` (sarathi/vidur/deadline/distserve), ``slo_level``
+(strict/relaxed), ``tbt_slo``, ``ttft_slo``, ``tpot_slo``, ``decode_deadline_s`` and ``ttft_slack_s`` (in ``qps`` mode an SLO is optional and
+adds ``slo_met``). Scheduler options a point's scheduler does not declare (``Scheduler.options``: e.g.
+``token_budget`` outside Sarathi-Serve) are dropped from its points, so vLLM is not searched once per token budget.
 
 Results: ``OUT/sweep.csv``, one row per point, appended (and flushed) as each point completes, keyed by
 ``point_key`` (a hash of the point, the mode and the search settings). Rerunning the same sweep into the same
@@ -47,9 +47,8 @@ from simulator.simulation import simulate
 from simulator.slo import SLO_NAMES, evaluate_slo, make_slo
 
 MODES = ("capacity", "qps")
-SLO_KEYS = ("slo", "slo_level", "tbt_slo", "decode_deadline_s", "ttft_slack_s")
+SLO_KEYS = ("slo", "slo_level", "tbt_slo", "ttft_slo", "tpot_slo", "decode_deadline_s", "ttft_slack_s")
 SEARCH_KEYS = ("rel_tol", "max_trials", "qps_start", "min_qps", "early_stop")
-ONLY_FOR = {"token_budget": ("sarathi",), "max_num_batched_tokens": ("vllm",)}
 TABLE = "sweep.csv"
 
 _DIST = ("mean", "p50", "p90", "p99", "max")
@@ -108,8 +107,7 @@ class Sweep:
             point = dict(self.base)
             for (axis, _), value in zip(axes, combo):
                 point.update(value if isinstance(value, dict) else {axis: value})
-            scheduler = point.get("scheduler", SimConfig.scheduler)
-            point = {k: v for k, v in point.items() if scheduler in ONLY_FOR.get(k, (scheduler,))}
+            point = drop_foreign_options(point)
             key = point_key(point, self.mode, self.search)
             if key in seen:
                 continue
@@ -132,6 +130,18 @@ class Sweep:
                     if k not in keys:
                         keys.append(k)
         return ["point_key"] + keys + (CAPACITY_RESULTS if self.mode == "capacity" else QPS_RESULTS)
+
+
+def drop_foreign_options(point: dict) -> dict:
+    """``point`` without the scheduler options its scheduler does not declare (see the module docstring)."""
+    from simulator.schedulers import SCHEDULERS
+
+    scheduler = point.get("scheduler", SimConfig.scheduler)
+    cls = SCHEDULERS.get(scheduler)
+    if cls is None:
+        return point
+    foreign = {k for c in SCHEDULERS.values() for k in c.options} - set(cls.options)
+    return {k: v for k, v in point.items() if k not in foreign}
 
 
 def load_sweep(path: str | Path, *, grid: dict | None = None, base: dict | None = None,
@@ -178,7 +188,8 @@ def slo_of(point: dict):
         raise SweepError(f"slo: unknown {name!r}; known: {', '.join(SLO_NAMES)}")
     return make_slo(name, model=config.model, level=keys.get("slo_level", "strict"),
                     tbt_slo_s=keys.get("tbt_slo"), decode_deadline_s=keys.get("decode_deadline_s"),
-                    ttft_slack_s=keys.get("ttft_slack_s"))
+                    ttft_slack_s=keys.get("ttft_slack_s"), ttft_slo_s=keys.get("ttft_slo"),
+                    tpot_slo_s=keys.get("tpot_slo"))
 
 
 def run_point(point: dict, mode: str, search: dict) -> tuple[dict, dict | None]:

@@ -12,7 +12,7 @@ from simulator.simulation import simulate
 from simulator.slo import make_slo
 
 # The tiny model on the CPU spec simulates 96 sharegpt requests in a few milliseconds per trial.
-TINY = SimConfig(model="tiny", device="cpu", max_model_len=8192, num_requests=96, token_budget=128)
+TINY = SimConfig(model="tiny", device="cpu", max_model_len=8192, allow_long_max_model_len=True, num_requests=96, token_budget=128)
 
 
 @pytest.mark.parametrize("slo_name, scheduler", [("sarathi", "vllm"), ("sarathi", "sarathi"), ("vidur", "orca"),
@@ -47,7 +47,7 @@ def _fake_trials(monkeypatch, threshold_qps):
     """Replace simulations by 'met iff qps <= threshold_qps'; return the list of QPS asked for."""
     asked = []
 
-    def fake(config, slo, qps, *, cost_model=None, early_stop=True):
+    def fake(config, slo, qps, *, cost_model=None, early_stop=True, deployment=None):
         asked.append(qps)
         return Trial(qps, qps <= threshold_qps, {}, False, None, 0.0, {})
 
@@ -99,7 +99,7 @@ def test_real_search_on_the_tiny_model(tmp_path):
 
 
 def test_capacity_cli(tmp_path):
-    args = ["capacity", "--model", "tiny", "--device", "cpu", "--max-model-len", "8192", "--num-requests", "96",
+    args = ["capacity", "--model", "tiny", "--device", "cpu", "--max-model-len", "8192", "--allow-long-max-model-len", "--num-requests", "96",
             "--scheduler", "vllm", "--tbt-slo", "0.05", "--qps", "1", "--out", str(tmp_path)]
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 0, out.output

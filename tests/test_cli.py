@@ -69,8 +69,9 @@ def test_simulate_writes_summary_requests_and_iterations(tmp_path):
     # the config is everything needed to rerun, with the issue's defaults
     config = SimConfig(**summary["config"])
     assert (config.model, config.device, config.scheduler, config.token_budget, config.trace, config.qps,
-            config.seed, config.num_requests) == ("Mistral-7B", "A100-80GB-SXM", "sarathi", 512, "sharegpt", 2.0,
-                                                  42, 40)
+            config.seed, config.num_requests) == ("Mistral-7B", None, "sarathi", 512, "sharegpt", None, 42, 40)
+    # ... and what the defaults resolved to
+    assert (summary["deployment"]["device"], summary["deployment"]["gpus"]) == ("A100-80GB-SXM", 1)
 
     # the issue's columns, then the per-request fluidity index (issue 5)
     assert list(requests.columns) == REQUEST_COLUMNS + FLUIDITY_COLUMNS[1:]
@@ -103,11 +104,11 @@ def test_config_file_and_flags_share_keys_and_flags_win(tmp_path):
     assert summary["config"]["scheduler"] == "orca" and summary["config"]["num_requests"] == 12
 
 
-@pytest.mark.parametrize("scheduler", ["vllm", "orca", "fastertransformer"])
+@pytest.mark.parametrize("scheduler", ["vllm", "vllm-v0", "simple-chunking", "orca", "fastertransformer"])
 def test_every_scheduler_runs_from_the_cli(tmp_path, scheduler):
     summary, _, iterations, _ = simulate_ok(tmp_path / scheduler, "--scheduler", scheduler, "--num-requests", 20)
     assert summary["requests_completed"] == 20
-    if scheduler in ("vllm", "fastertransformer"):       # never mixes prefill and decode
+    if scheduler in ("vllm-v0", "simple-chunking", "fastertransformer"):       # never mixes prefill and decode
         assert ((iterations["num_prefill_tokens"] == 0) | (iterations["num_decode_tokens"] == 0)).all()
 
 
@@ -146,19 +147,24 @@ def test_same_config_and_seed_give_byte_identical_outputs(tmp_path):
 
 # --- rejected requests ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scheduler", ["sarathi", "vllm", "orca", "fastertransformer"])
-def test_requests_longer_than_max_model_len_are_rejected_and_counted(tmp_path, scheduler):
+@pytest.mark.parametrize("scheduler", ["sarathi", "vllm", "vllm-v0", "orca", "fastertransformer"])
+def test_requests_longer_than_max_model_len_are_shrunk_or_dropped_and_counted(tmp_path, scheduler):
     trace = load_trace("sharegpt", num_requests=40, qps=2.0, seed=42)
     too_long = int(((trace["prompt_tokens"] + trace["output_tokens"]) > 1024).sum())
     assert 0 < too_long < 40
+    # shrunk like the Sarathi-Serve artifact: every request runs, and the change is said and recorded
     summary, requests, _, output = simulate_ok(tmp_path / scheduler, "--scheduler", scheduler, "--max-model-len", 1024,
                                                "--num-requests", 40)
-    assert summary["requests_rejected"] == too_long
-    assert summary["requests_completed"] == 40 - too_long
-    rejected = requests[requests["first_token_s"].isna()]
-    assert len(rejected) == too_long
-    assert ((rejected["prompt_tokens"] + rejected["output_tokens"]) > 1024).all()
-    assert "rejected" in output
+    assert summary["workload"]["num_shrunk"] == too_long and summary["workload"]["num_dropped"] == 0
+    assert summary["requests_completed"] == 40 and summary["requests_rejected"] == 0
+    assert ((requests["prompt_tokens"] + requests["output_tokens"]) <= 1024).all()
+    assert f"{too_long} requests shrunk" in output
+    # or dropped (and replaced by further draws, so the run still has 40 requests)
+    summary, requests, _, output = simulate_ok(tmp_path / f"{scheduler}-drop", "--scheduler", scheduler,
+                                               "--max-model-len", 1024, "--num-requests", 40, "--drop-long")
+    assert summary["workload"]["num_dropped"] >= too_long and summary["workload"]["num_shrunk"] == 0
+    assert summary["requests_completed"] == 40 and len(requests) == 40
+    assert "dropped" in output
 
 
 def test_request_that_cannot_fit_the_kv_cache_is_rejected_and_counted(tmp_path):
@@ -264,7 +270,7 @@ def test_device_spec_without_the_models_dtype_is_a_one_line_error(tmp_path):
 
 def test_preemptions_are_counted_consistently(tmp_path):
     # ~100 KV blocks for the tiny model; six 200-token prompts growing to 299 tokens (19 blocks each) at once
-    # under vLLM: all are admitted (13 blocks each) and decodes must preempt.
+    # under vLLM v0: all are admitted (13 blocks each) and decodes must preempt.
     tiny = load_model("tiny")
     need = tiny.weight_bytes() + activation_reserve_bytes(tiny, 4096, 128) + 100 * kv_bytes_per_block(tiny)
     device = write(tmp_path, "small.yaml", f"name: small\nmemory_bytes: {int(need / 0.9) + 1}\n"
@@ -272,7 +278,7 @@ def test_preemptions_are_counted_consistently(tmp_path):
                                            "memory_bandwidth_bytes_per_s: 1.0e11\n")
     trace = write(tmp_path, "t.csv", "prompt_tokens,output_tokens,arrival_s\n" + "200,100,0\n" * 6)
     summary, requests, iterations, _ = simulate_ok(tmp_path / "p", "--model", "tiny", "--device", device,
-                                                   "--trace", trace, "--scheduler", "vllm")
+                                                   "--trace", trace, "--scheduler", "vllm-v0")
     assert 13 < iterations["kv_blocks_total"].iloc[0] < 6 * 19       # each fits alone, not all six together
     assert summary["requests_completed"] == 6
     assert summary["num_preemptions"] > 0

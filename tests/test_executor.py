@@ -15,7 +15,7 @@ from profiler.executor import (Executor, ExecutorMemoryError, PlanStateError, Sl
                                activation_bytes, check_fits, time_call)
 from profiler.validate import last_iterations  # noqa: E402
 from simulator.kv_cache import activation_reserve_bytes, kv_bytes_per_block  # noqa: E402
-from simulator.plan import BatchPlan  # noqa: E402
+from cost_models.plan import BatchPlan  # noqa: E402
 from simulator.request import Request  # noqa: E402
 from simulator.simulation import simulate  # noqa: E402
 
@@ -42,7 +42,7 @@ def small_device(tmp_path, *, kv_blocks: int, peak_tokens: int, max_seqs: int = 
     return str(path)
 
 
-@pytest.mark.parametrize("scheduler,budget,peak", [("sarathi", 64, 64), ("vllm", 512, 4096)])
+@pytest.mark.parametrize("scheduler,budget,peak", [("sarathi", 64, 64), ("vllm-v0", 512, 4096)])
 def test_kv_lengths_follow_the_simulated_context_lengths(tmp_path, scheduler, budget, peak):
     """Replay every plan of a small simulation for real: before each iteration the executor's KV length of every
     scheduled request is the plan's context_len (what the simulator says is cached), after it context + new tokens;

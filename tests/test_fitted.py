@@ -17,7 +17,7 @@ from cost_models.lookup import IntTable, LogGrid, geometric_points, monotone
 from cost_models.roofline import RooflineCostModel
 from cost_models.specs import load_model
 from profiler.schema import COLUMNS, model_columns
-from simulator.plan import BatchPlan
+from cost_models.plan import BatchPlan
 
 TINY = load_model("tiny")
 ROOFLINE_NAMES = {"input_layernorm", "attn_pre_proj", "attn_rope", "attn_kv_cache_save", "attn_prefill",
@@ -209,7 +209,7 @@ def test_simulate_with_the_fitted_model(fitted_dir):
     from simulator.simulation import simulate
 
     config = SimConfig(model="tiny", device="cpu", cost_model=str(fitted_dir), num_requests=30, qps=5.0,
-                       max_model_len=8192)
+                       max_model_len=8192, allow_long_max_model_len=True)
     result = simulate(config)
     assert result.summary["requests_completed"] == 30
     assert isinstance(result.cost_model, FittedCostModel)

@@ -1,36 +1,46 @@
-"""Invariants of every scheduling policy over random small traces (hypothesis).
+"""Invariants of every scheduling policy over random small traces (hypothesis), on one replica or a cluster of 3,
+with 1, 2 or 4 pipeline stages.
 
 Each example draws a handful of requests (random prompt/output lengths and arrivals), a tiny KV cache (random
-block count and watermark), limits (max_model_len, batch size, token budget, max_num_batched_tokens) and a cost
-model, replays them with ``run_replica`` and checks, independently of the scheduler's own bookkeeping:
+block count and watermark), limits (max_model_len, batch size, token budget, max_num_batched_tokens), a cost
+model (``ConstantCostModel`` split over ``pp`` stages with a transfer between them) and a number of replicas behind
+round-robin routing, replays them and checks, independently of the scheduler's own bookkeeping:
 
-- every non-rejected request completes, with exactly ``output_tokens`` strictly increasing token times, and those
-  times are exactly the ends of the iterations that completed its prompt (or recomputation) and its decodes — as
-  re-derived here from the plans alone (``context_len`` must equal the tokens computed so far);
+- every non-rejected request completes, with exactly ``output_tokens`` strictly increasing token times (each output
+  token produced once), and those times are exactly the ends of the micro-batches that completed its prompt (or
+  recomputation) and its decodes — as re-derived here from the plans alone (``context_len`` must equal the tokens
+  computed so far);
+- no request is in two in-flight micro-batches, and a preempted request is never in flight;
 - a request is rejected when it cannot fit ``max_model_len`` or the KV cache, and never when it fits the cache less
-  the admission watermark (vLLM may also reject prompt + output - 1 > ``max_num_batched_tokens``, which it could
-  not re-prefill after a preemption); rejected requests are counted and never scheduled, and ``run_replica``
-  returns (no livelock);
-- KV blocks are never over capacity, every scheduled request holds blocks for its context + new tokens, and all
-  blocks are freed at the end;
-- admission is FCFS (first-scheduled times follow arrival order);
-- per policy: Sarathi-Serve iterations fit the token budget and never leave a decode out; vLLM never mixes prefill
-  and decode, prefills full prompts within ``max_num_batched_tokens`` and decodes every running request;
-  Orca and FasterTransformer never preempt; FasterTransformer prefills only when nothing else runs.
+  the admission watermark (vLLM v0 may also reject prompt + output - 1 > ``max_num_batched_tokens``, which it could
+  not re-prefill after a preemption); rejected requests are counted and never scheduled, and the run returns (no
+  livelock);
+- KV blocks are never over capacity, every scheduled request holds blocks for its context + new tokens, the block
+  manager's bookkeeping is consistent, and all blocks are freed at the end;
+- admission is FCFS per replica (first-scheduled times follow arrival order);
+- per policy: Sarathi-Serve iterations fit the token budget and never leave a decode out; vLLM v1 steps fit
+  ``max_num_batched_tokens``; vLLM v0 never mixes prefill and decode, prefills full prompts within
+  ``max_num_batched_tokens`` and decodes every running request that is not in flight; simple-chunking never mixes
+  prefill and decode and keeps prefills within its chunk size; Orca and FasterTransformer never preempt;
+  FasterTransformer prefills only when nothing else runs.
 """
 from __future__ import annotations
 
 import pytest
+import simpy
 from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 
 from cost_models.base import ConstantCostModel
+from simulator.cluster import Cluster, Pool
 from simulator.kv_cache import BlockManager
-from simulator.replica import run_replica
+from simulator.replica import IterationLog, Replica
 from simulator.request import Request
+from simulator.routers import ROUTERS
 from simulator.schedulers import SCHEDULERS
 
-POLICIES = ["vllm", "orca", "sarathi", "fastertransformer"]
+POLICIES = sorted(SCHEDULERS)
+SHAPES = [(1, 1), (2, 1), (4, 1), (1, 3), (2, 3)]      # (pp, replicas)
 
 
 def blocks(tokens, block_size):
@@ -64,59 +74,89 @@ def workloads(draw):
         "max_num_batched_tokens": draw(st.one_of(st.none(), st.integers(1, 160))),
         "fixed_s": draw(st.sampled_from([0.25, 1.0])),
         "per_token_s": draw(st.sampled_from([0.0, 0.01])),
+        "transfer_s": draw(st.sampled_from([0.0, 0.05])),
     }
 
 
 def build(policy, w):
     bm = BlockManager(w["num_blocks"], block_size=w["block_size"], watermark=w["watermark"])
     cls = SCHEDULERS[policy]
+    kw = {"max_model_len": w["max_model_len"], "max_num_seqs": w["max_batch"]}
+    if "token_budget" in cls.options:
+        kw["token_budget"] = w["token_budget"]
+    if policy in ("vllm", "vllm-v0"):
+        kw["max_num_batched_tokens"] = w["max_num_batched_tokens"] or (w["max_model_len"] if policy == "vllm-v0"
+                                                                       else 48)
     try:
-        if policy == "vllm":
-            return cls(bm, max_model_len=w["max_model_len"], max_num_seqs=w["max_batch"],
-                       max_num_batched_tokens=w["max_num_batched_tokens"])
-        if policy == "sarathi":
-            return cls(bm, max_model_len=w["max_model_len"], max_num_seqs=w["max_batch"],
-                       token_budget=w["token_budget"])
-        return cls(bm, max_model_len=w["max_model_len"], max_batch_size=w["max_batch"])
+        return cls(bm, **kw)
     except ValueError as exc:           # Orca/FT: max_model_len reservation larger than the cache
         assert policy in ("orca", "fastertransformer") and "max_model_len" in str(exc)
         reject()
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
-@given(w=workloads())
-def test_scheduler_invariants(policy, w):
-    sched = build(policy, w)
-    bm = sched.bm
+def run(policy, w, pp, num_replicas, on_iteration=None, record_plans=False, state=None):
+    """Replay the workload on ``num_replicas`` replicas of ``pp`` stages; return (requests, schedulers, log).
+    ``state`` (a dict) receives the schedulers and the log before the run, for ``on_iteration``."""
+    schedulers = [build(policy, w) for _ in range(num_replicas)]
+    env = simpy.Environment()
+    log = IterationLog(plans=[] if record_plans else None)
+    if state is not None:
+        state.update(schedulers=schedulers, log=log)
+    cost = ConstantCostModel(fixed_s=w["fixed_s"], per_token_s=w["per_token_s"], pp=pp, transfer_s=w["transfer_s"])
+    cluster = Cluster(env, {}, log)
+    replicas = [Replica(env, s, cost, replica_id=i, log=log, on_done=cluster.on_done,
+                        on_iteration=(lambda plan, start, d, i=i: on_iteration(i, plan, start, d))
+                        if on_iteration else None)
+                for i, s in enumerate(schedulers)]
+    cluster.pools["replicas"] = Pool("replicas", replicas, ROUTERS["round-robin"])
     reqs = [Request(i, a, p, o) for i, (a, p, o) in enumerate(w["requests"])]
-    by_id = {r.request_id: r for r in reqs}
+    cluster.run(reqs)
+    return reqs, schedulers, log
+
+
+@pytest.mark.parametrize("pp, num_replicas", SHAPES)
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(w=workloads())
+def test_scheduler_invariants(policy, pp, num_replicas, w):
+    build(policy, w)                      # reject configurations a policy refuses up front
+    by_id = {i: spec for i, spec in enumerate(w["requests"])}
     usable = w["num_blocks"] - int(w["watermark"] * w["num_blocks"])
     mnbt = w["max_num_batched_tokens"] or w["max_model_len"]
 
-    computed = {r.request_id: 0 for r in reqs}      # tokens in the KV cache, re-derived from the plans
-    generated = {r.request_id: 0 for r in reqs}
-    expected_times = {r.request_id: [] for r in reqs}
-    plans = []
+    computed = {i: 0 for i in by_id}      # tokens in the KV cache, re-derived from the plans
+    generated = {i: 0 for i in by_id}
+    expected_times = {i: [] for i in by_id}
+    in_flight: dict[int, float] = {}      # request id -> end of its micro-batch
+    replicas_of: dict[int, int] = {}
     preempted_total = 0
+    state = {}
 
-    def on_iteration(plan, start_s, duration_s):
+    def on_iteration(replica, plan, start_s, duration_s):
         nonlocal preempted_total
-        plans.append(plan)
+        sched, bm = state["schedulers"][replica], state["schedulers"][replica].kv
+        formed_s = state["log"].scheduled_s[-1]          # when the replica formed this micro-batch
+        end = start_s + duration_s
+        for rid in [r for r, e in in_flight.items() if e <= formed_s + 1e-9]:
+            del in_flight[rid]
         assert duration_s > 0
         assert 0 <= bm.num_used <= bm.num_blocks and bm.num_free >= 0
+        bm.check()
         ids = plan.request_ids
-        assert len(set(ids)) == len(ids), "a request appears twice in one iteration"
+        assert len(set(ids)) == len(ids), "a request appears twice in one micro-batch"
+        assert not (set(ids) & set(in_flight)), "a request in two in-flight micro-batches"
         assert all(n >= 1 for n in plan.num_new_tokens)
-        for rid in plan.preempted_ids:
-            assert rid not in ids
+        for rid in plan.preempted_ids:      # may be re-admitted in the same step, from scratch
+            assert rid not in in_flight, "preempted an in-flight request"
             computed[rid] = 0
             preempted_total += 1
         running_ids = {r.request_id for r in sched.running}
         assert set(ids) <= running_ids
         for i, (rid, new, ctx) in enumerate(plan.entries()):
-            r = by_id[rid]
-            known = r.prompt_tokens + generated[rid]
+            replicas_of.setdefault(rid, replica)
+            assert replicas_of[rid] == replica
+            prompt = by_id[rid][1]
+            known = prompt + generated[rid]
             assert ctx == computed[rid]
             assert bm.held(rid) * w["block_size"] >= ctx + new, "computing tokens the KV cache does not hold"
             if i < plan.num_decodes:
@@ -124,90 +164,101 @@ def test_scheduler_invariants(policy, w):
             else:
                 assert ctx + new <= known
         # --- per policy ---
-        if policy == "vllm":
+        idle_before = running_ids - set(in_flight)       # running and not in flight when this plan was formed
+        if policy == "vllm-v0":
             assert plan.kind in ("prefill", "decode")
             if plan.kind == "prefill":
                 assert all(c == 0 for c in plan.context_lens)
-                assert all(n == by_id[rid].prompt_tokens + generated[rid]
-                           for rid, n in zip(ids, plan.num_new_tokens))      # full prompt (+ outputs so far)
+                assert all(n == by_id[rid][1] + generated[rid] for rid, n in zip(ids, plan.num_new_tokens))
                 assert plan.num_prefill_tokens <= mnbt
             else:
-                assert set(ids) == running_ids, "vLLM decodes every running request"
+                assert set(ids) == idle_before, "vLLM v0 decodes every running request"
+            assert len(running_ids) <= w["max_batch"]
+        elif policy == "vllm":
+            assert plan.num_tokens <= (w["max_num_batched_tokens"] or 48)
+            assert len(running_ids) <= w["max_batch"]
+        elif policy == "simple-chunking":
+            assert plan.kind in ("prefill", "decode")
+            if plan.kind == "prefill":
+                assert plan.num_prefill_tokens <= w["token_budget"]
             assert len(running_ids) <= w["max_batch"]
         elif policy == "sarathi":
             assert plan.num_tokens <= w["token_budget"]
-            decoding = {r.request_id for r in sched.running if r.is_decoding}
-            assert decoding <= set(ids[:plan.num_decodes]), "an ongoing decode was left out (generation stall)"
+            decoding = {r.request_id for r in sched.running if r.is_decoding and not r.in_flight}
+            assert not decoding, "an ongoing decode was left out (generation stall)"
             assert len(running_ids) <= w["max_batch"]
         else:   # orca, fastertransformer
             assert plan.preempted_ids == ()
             assert len(running_ids) <= w["max_batch"]
             for rid, n, c in zip(ids[plan.num_decodes:], plan.num_new_tokens[plan.num_decodes:],
                                  plan.context_lens[plan.num_decodes:]):
-                assert c == 0 and n == by_id[rid].prompt_tokens                  # full prompts, never chunked
+                assert c == 0 and n == by_id[rid][1]                              # full prompts, never chunked
             assert all(bm.held(rid) == blocks(w["max_model_len"], w["block_size"]) for rid in running_ids)
             if policy == "orca":
-                decoding = {r.request_id for r in sched.running if r.is_decoding}
-                assert decoding <= set(ids[:plan.num_decodes])
+                decoding = {r.request_id for r in sched.running if r.is_decoding and not r.in_flight}
+                assert not decoding
             else:
                 assert plan.kind in ("prefill", "decode")
                 # decode-only of the whole batch, or a prefill of new prompts when nothing else runs
-                assert set(ids) == running_ids, "FasterTransformer admitted prompts while others decode"
+                assert set(ids) == idle_before, "FasterTransformer admitted prompts while others decode"
 
-        end = start_s + duration_s
         for rid, new, ctx in plan.entries():
-            r = by_id[rid]
+            in_flight[rid] = end
             computed[rid] += new
-            if computed[rid] == r.prompt_tokens + generated[rid]:
+            if computed[rid] == by_id[rid][1] + generated[rid]:
                 generated[rid] += 1
                 expected_times[rid].append(end)
 
-    run_replica(reqs, sched, ConstantCostModel(fixed_s=w["fixed_s"], per_token_s=w["per_token_s"]),
-                on_iteration=on_iteration)
 
-    rejected = {r.request_id for r in sched.rejected}
+    reqs, schedulers, log = run(policy, w, pp, num_replicas, on_iteration=on_iteration, state=state)
+
+    rejected = {r.request_id for s in schedulers for r in s.rejected}
     for r in reqs:
         total = r.prompt_tokens + r.output_tokens
         must_reject = total > w["max_model_len"] or blocks(total - 1, w["block_size"]) > w["num_blocks"]
         may_reject = (must_reject or blocks(total - 1, w["block_size"]) > usable
-                      or (policy == "vllm" and total - 1 > mnbt))
+                      or (policy == "vllm-v0" and total - 1 > mnbt))
         if must_reject:
             assert r.request_id in rejected
         if not may_reject:
             assert r.request_id not in rejected, f"request {r.request_id} fits but was rejected: {r.rejected}"
         if r.request_id in rejected:
             assert r.rejected and r.scheduled_s is None and r.token_times_s == []
-            assert all(r.request_id not in p.request_ids for p in plans)
+            assert r.request_id not in replicas_of
         else:
             assert r.completion_s is not None, "a request that fits never completed"
             assert len(r.token_times_s) == r.output_tokens
             assert all(a < b for a, b in zip(r.token_times_s, r.token_times_s[1:]))
-            assert r.token_times_s == expected_times[r.request_id]
+            assert r.token_times_s == pytest.approx(expected_times[r.request_id], abs=1e-9)
             assert r.arrival_s <= r.scheduled_s < r.first_token_s == r.token_times_s[0]
             assert r.completion_s == r.token_times_s[-1]
-    assert len(sched.rejected) == len(rejected)
-    assert not sched.waiting and not sched.running
-    assert bm.num_used == 0, "KV blocks leaked"
+    for s in schedulers:
+        assert not s.waiting and not s.running and not s.requests
+        assert s.kv.num_used == 0, "KV blocks leaked"
+        s.kv.check()
 
-    event(f"preempted: {sched.num_preemptions > 0}, rejected: {bool(rejected)}, "
+    num_preemptions = sum(s.num_preemptions for s in schedulers)
+    event(f"preempted: {num_preemptions > 0}, rejected: {bool(rejected)}, "
           f"completed: {len(reqs) - len(rejected) > 0}")
-    assert sched.num_preemptions == preempted_total == sum(r.num_preemptions for r in reqs)
+    assert num_preemptions == preempted_total == sum(r.num_preemptions for r in reqs)
     if policy in ("orca", "fastertransformer"):
-        assert sched.num_preemptions == 0
+        assert num_preemptions == 0
 
-    served = sorted((r for r in reqs if r.request_id not in rejected), key=lambda r: (r.arrival_s, r.request_id))
-    assert all(a.scheduled_s <= b.scheduled_s for a, b in zip(served, served[1:])), "admission is not FCFS"
+    for replica in range(num_replicas):
+        served = sorted((r for r in reqs if replicas_of.get(r.request_id) == replica),
+                        key=lambda r: (r.arrival_s, r.request_id))
+        assert all(a.scheduled_s <= b.scheduled_s for a, b in zip(served, served[1:])), "admission is not FCFS"
 
 
+@pytest.mark.parametrize("pp, num_replicas", [(1, 1), (2, 3)])
 @pytest.mark.parametrize("policy", POLICIES)
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(w=workloads())
-def test_same_input_gives_the_same_schedule(policy, w):
+def test_same_input_gives_the_same_schedule(policy, pp, num_replicas, w):
+    build(policy, w)
+
     def once():
-        sched = build(policy, w)
-        reqs = [Request(i, a, p, o) for i, (a, p, o) in enumerate(w["requests"])]
-        log = run_replica(reqs, sched, ConstantCostModel(fixed_s=w["fixed_s"], per_token_s=w["per_token_s"]),
-                          record_plans=True)
-        return log.plans, log.columns(), [r.token_times_s for r in reqs]
+        reqs, _, log = run(policy, w, pp, num_replicas, record_plans=True)
+        return log.plans, log.columns(replica_ids=True), [r.token_times_s for r in reqs]
 
     assert once() == once()

@@ -30,48 +30,57 @@ def test_non_positive_block_count_is_an_error():
         BlockManager(0)
 
 
-def test_watermark_applies_to_admission_only():
+class R:
+    """The least a block manager reads of a request: its id, known tokens and prompt block hashes."""
+
+    def __init__(self, request_id, num_tokens=1, block_hashes=()):
+        self.request_id, self.num_tokens, self.block_hashes = request_id, num_tokens, tuple(block_hashes)
+
+
+def test_watermark_is_a_reserve_the_caller_passes():
     bm = BlockManager(100, watermark=0.1)     # 10 blocks kept free at admission
-    assert bm.can_allocate(90 * 16)           # 100 - 90 = 10 >= 10
-    assert not bm.can_allocate(90 * 16 + 1)   # 91 blocks would leave 9
-    bm.allocate(1, 90 * 16)
+    assert bm.watermark_blocks == 10
+    r1, r2 = R(1), R(2)
+    assert not bm.allocate(r1, 90 * 16 + 1, reserve_blocks=bm.watermark_blocks)   # 91 blocks would leave 9
+    assert bm.num_free == 100 and bm.held(1) == 0                                   # nothing changed
+    assert bm.allocate(r1, 90 * 16, reserve_blocks=bm.watermark_blocks)            # 100 - 90 = 10 >= 10
     assert bm.num_free == 10 and bm.held(1) == 90
-    assert not bm.can_allocate(1)             # anything more would dip below the watermark
+    assert not bm.allocate(r2, 1, reserve_blocks=bm.watermark_blocks)              # would dip below it
     # ... but a running request may grow into the watermark, up to the last block.
-    assert bm.can_grow(1, 100 * 16)
-    assert not bm.can_grow(1, 100 * 16 + 1)
-    bm.grow(1, 100 * 16)
+    assert not bm.allocate(r1, 100 * 16 + 1)
+    assert bm.allocate(r1, 100 * 16)
     assert bm.num_free == 0 and bm.num_used == 100 and bm.utilization() == 1.0
 
 
 def test_allocate_grow_free_bookkeeping():
     bm = BlockManager(10, watermark=0.0)
-    bm.allocate(7, 17)                        # 2 blocks
+    r7, r8 = R(7), R(8)
+    assert bm.allocate(r7, 17)                # 2 blocks
     assert (bm.held(7), bm.num_free) == (2, 8)
-    bm.grow(7, 32)                            # still 2 blocks: no change
+    assert bm.allocate(r7, 32)                # still 2 blocks: no change
     assert (bm.held(7), bm.num_free) == (2, 8)
-    bm.grow(7, 33)                            # a 3rd block
+    assert bm.allocate(r7, 33)                # a 3rd block
     assert (bm.held(7), bm.num_free) == (3, 7)
-    bm.grow(7, 20)                            # never shrinks
+    assert bm.allocate(r7, 20)                # never shrinks
     assert bm.held(7) == 3
-    bm.allocate(8, 16 * 7)
+    assert bm.allocate(r8, 16 * 7)
     assert bm.num_free == 0 and bm.num_used == 10
-    bm.free(7)
+    bm.free(r7)
     assert (bm.held(7), bm.num_free) == (0, 3)
-    bm.free(7)                                # freeing twice is harmless
+    bm.free(r7)                               # freeing twice is harmless
     assert bm.num_free == 3
-    bm.free(8)
+    bm.free(r8)
     assert bm.num_free == 10 and bm.num_used == 0
+    bm.check()
 
 
-def test_over_capacity_raises_instead_of_overcommitting():
+def test_a_refused_allocation_changes_nothing():
     bm = BlockManager(4, watermark=0.0)
-    bm.allocate(1, 48)
-    with pytest.raises(RuntimeError, match="over capacity"):
-        bm.allocate(2, 17)
+    r1, r2 = R(1), R(2)
+    assert bm.allocate(r1, 48)
+    assert not bm.allocate(r2, 17)
     assert bm.num_free == 1 and bm.held(2) == 0
-    with pytest.raises(RuntimeError, match="over capacity"):
-        bm.grow(1, 16 * 5 + 1)
+    assert not bm.allocate(r1, 16 * 5 + 1)
     assert bm.num_free == 1 and bm.held(1) == 3
 
 

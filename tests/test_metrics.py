@@ -98,15 +98,20 @@ def test_summary_of_nothing_completed():
     assert s["ttft_s"]["p99"] is None and s["throughput_tokens_per_s"] == 0.0 and s["makespan_s"] == 0.0
 
 
-def test_request_advance_emits_tokens_at_the_end_of_the_iteration_that_completes_the_prompt():
+def test_request_progress_is_advanced_when_scheduled_and_tokens_emitted_when_the_micro_batch_ends():
     r = Request(0, 0.0, prompt_tokens=10, output_tokens=3)
-    assert not r.advance(6, 1.0)                       # first chunk: no token
-    assert r.remaining_tokens == 4 and not r.is_decoding
-    assert r.advance(4, 2.0)                           # prompt complete: first token
-    assert r.is_decoding and r.first_token_s == 2.0
-    assert r.advance(1, 3.0)
+    r.schedule(6, 0.0)                                 # first chunk: advanced at once, in flight
+    assert r.num_computed_tokens == 6 and r.in_flight and r.scheduled_s == 0.0
+    assert not r.complete(1.0)                         # ... no token at its end
+    assert r.remaining_tokens == 4 and not r.is_decoding and not r.in_flight
+    r.schedule(4, 1.0)
+    assert r.complete(2.0)                             # prompt complete: first token
+    assert r.is_decoding and r.first_token_s == 2.0 and r.scheduled_s == 0.0
+    r.schedule(1, 2.0)
+    assert r.complete(3.0)
     r.preempt()                                        # recompute: KV dropped, prompt + 2 outputs to redo
     assert r.num_computed_tokens == 0 and r.remaining_tokens == 12 and r.num_preemptions == 1
-    assert r.advance(12, 7.0) and r.is_finished
+    r.schedule(12, 5.0)
+    assert r.complete(7.0) and r.is_finished
     assert r.token_times_s == [2.0, 3.0, 7.0] and r.completion_s == 7.0
     assert r.max_kv_tokens == 12

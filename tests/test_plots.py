@@ -12,7 +12,7 @@ from simulator.plots import (PlotError, capacity_figure, cdf_figure, latency_fig
 from simulator.simulation import simulate
 from simulator.slo import token_times_table
 
-TINY = SimConfig(model="tiny", device="cpu", max_model_len=8192, num_requests=40, qps=2.0)
+TINY = SimConfig(model="tiny", device="cpu", max_model_len=8192, allow_long_max_model_len=True, num_requests=40, qps=2.0)
 
 
 def _capacity_table():

@@ -18,17 +18,18 @@ from simulator.metrics import requests_table, tbt_gaps
 from simulator.replica import run_replica
 from simulator.request import Request
 from simulator.schedulers import (SCHEDULERS, FasterTransformerScheduler, OrcaScheduler, SarathiScheduler,
-                                  VLLMScheduler)
+                                  SimpleChunkingScheduler, VLLMScheduler, VLLMv0Scheduler)
 from simulator.simulation import simulate
 
 
-def test_scheduler_table_names_the_four_policies():
-    assert SCHEDULERS == {"vllm": VLLMScheduler, "orca": OrcaScheduler, "sarathi": SarathiScheduler,
+def test_scheduler_table_names_the_policies():
+    assert SCHEDULERS == {"vllm": VLLMScheduler, "vllm-v0": VLLMv0Scheduler, "orca": OrcaScheduler,
+                          "sarathi": SarathiScheduler, "simple-chunking": SimpleChunkingScheduler,
                           "fastertransformer": FasterTransformerScheduler}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# vLLM: prefill-prioritizing, head-of-line admission, prefill-only or decode-only iterations
+# vLLM v0: prefill-prioritizing, head-of-line admission, prefill-only or decode-only iterations
 # ---------------------------------------------------------------------------------------------------------
 
 def test_vllm_head_of_line_token_limit_then_prefill_only_and_decode_only(make_requests, replay):
@@ -37,7 +38,7 @@ def test_vllm_head_of_line_token_limit_then_prefill_only_and_decode_only(make_re
     # t=1: r1 + r2 = 50 <= 64 -> prefill-only [r1, r2] although r0 is ready to decode (r0 stalls).
     # t=2: nothing waiting -> decode-only of all running [r0, r1, r2]; r1 and r2 finish at t=3.
     # t=3: decode [r0] -> r0's third token at t=4.
-    sched = VLLMScheduler(BlockManager(100, block_size=16, watermark=0.0), max_model_len=64)
+    sched = VLLMv0Scheduler(BlockManager(100, block_size=16, watermark=0.0), max_model_len=64)
     assert sched.max_num_batched_tokens == 64
     reqs = make_requests((0, 30, 3), (0, 40, 2), (0, 10, 2))
     out = replay(sched, reqs)
@@ -66,7 +67,7 @@ def test_vllm_watermark_blocks_admission_head_of_line(make_requests, replay):
     # t=3: r2 finished at t=3 (one output token); decode [r1] (context 96 -> 7 blocks).
     bm = BlockManager(10, block_size=16, watermark=0.1)
     assert bm.watermark_blocks == 1
-    sched = VLLMScheduler(bm, max_model_len=128, max_num_batched_tokens=512)
+    sched = VLLMv0Scheduler(bm, max_model_len=128, max_num_batched_tokens=512)
     reqs = make_requests((0, 64, 2), (0, 96, 2), (0, 16, 1))
     out = replay(sched, reqs)
     assert out.rows() == [
@@ -88,7 +89,7 @@ def test_vllm_without_watermark_admits_to_the_last_block(make_requests, replay):
     #      waiting queue); decode [r0].
     # t=2: r0 done (10 free). r1 re-prefills prompt + 1 output = 97 tokens (7 blocks), r2 fits too (3-1 >= 0).
     bm = BlockManager(10, block_size=16, watermark=0.0)
-    sched = VLLMScheduler(bm, max_model_len=128, max_num_batched_tokens=512)
+    sched = VLLMv0Scheduler(bm, max_model_len=128, max_num_batched_tokens=512)
     reqs = make_requests((0, 64, 2), (0, 96, 2), (0, 16, 1))
     out = replay(sched, reqs)
     assert out.rows() == [
@@ -104,7 +105,7 @@ def test_vllm_without_watermark_admits_to_the_last_block(make_requests, replay):
 
 def test_vllm_max_num_seqs_limits_running(make_requests, replay):
     # max_num_seqs = 2: r2 waits until r0 and r1 finish although the cache has room.
-    sched = VLLMScheduler(BlockManager(100, watermark=0.0), max_model_len=64, max_num_seqs=2)
+    sched = VLLMv0Scheduler(BlockManager(100, watermark=0.0), max_model_len=64, max_num_seqs=2)
     reqs = make_requests((0, 8, 2), (0, 8, 2), (0, 8, 2))
     out = replay(sched, reqs)
     assert out.rows() == [
@@ -126,7 +127,7 @@ def test_vllm_preempts_latest_arrival_by_recompute(make_requests, replay):
     # t=3:   r0, r1 finished -> 4 free. r2 re-prefills 17 tokens (2 blocks); r3 would make 65 > 64 -> stop.
     #        The re-prefill emits r2's second (last) token at t=4.
     # t=4:   prefill [r3] -> t=5.
-    sched = VLLMScheduler(BlockManager(4, block_size=16, watermark=0.0), max_model_len=64)
+    sched = VLLMv0Scheduler(BlockManager(4, block_size=16, watermark=0.0), max_model_len=64)
     reqs = make_requests((0, 16, 3), (0, 16, 3), (0, 16, 2), (0.5, 48, 1))
     out = replay(sched, reqs)
     assert out.rows() == [
@@ -161,7 +162,7 @@ def test_orca_admits_while_running_below_max_batch(make_requests, replay):
     # t=2: decode r0 + admit r2 (running 1 < 2) -> mixed [r0 | r2 4]. r3 arrived at 1.5, batch full again.
     # t=3: r0 finished; decode r2 + admit r3 -> mixed [r2 | r3 6]; both finish at t=4.
     bm = BlockManager(20, block_size=16, watermark=0.0)
-    sched = OrcaScheduler(bm, max_model_len=32, max_batch_size=2)
+    sched = OrcaScheduler(bm, max_model_len=32, max_num_seqs=2)
     reqs = make_requests((0, 8, 3), (0, 12, 2), (0, 4, 2), (1.5, 6, 1))
     out = replay(sched, reqs)
     assert out.rows() == [
@@ -184,7 +185,7 @@ def test_orca_reserves_max_model_len_and_never_preempts(make_requests, replay):
     # t=0: r0 (5-2=3), r1 (3-2=1) admitted; r2 needs 2 more, 1 free -> waits. t=1 decode; t=2 both done.
     # t=2: r2 admitted.
     bm = BlockManager(5, block_size=16, watermark=0.0)
-    sched = OrcaScheduler(bm, max_model_len=32, max_batch_size=16)
+    sched = OrcaScheduler(bm, max_model_len=32, max_num_seqs=16)
     reqs = make_requests((0, 4, 2), (0, 4, 2), (0, 4, 1))
     out = replay(sched, reqs)
     assert out.rows() == [
@@ -273,7 +274,7 @@ def test_fastertransformer_decodes_only_while_anything_decodes(make_requests, re
     # max_batch_size 2. t=0: prefill [r0, r1]; r1 finishes at t=1.
     # t=1, t=2: r2 and r3 (arrived 0.5) wait although the batch has room: decode-only [r0] until it finishes.
     # t=3: prefill [r2, r3]; t=4: decode [r2].
-    sched = FasterTransformerScheduler(BlockManager(20, watermark=0.0), max_model_len=32, max_batch_size=2)
+    sched = FasterTransformerScheduler(BlockManager(20, watermark=0.0), max_model_len=32, max_num_seqs=2)
     reqs = make_requests((0, 8, 3), (0, 4, 1), (0.5, 6, 2), (0.5, 5, 1))
     out = replay(sched, reqs)
     assert out.rows() == [
@@ -306,7 +307,7 @@ def _stall_case(scheduler_name):
     """
     bm = BlockManager(1000, watermark=0.0)
     if scheduler_name == "vllm":
-        sched = VLLMScheduler(bm, max_model_len=4096)
+        sched = VLLMv0Scheduler(bm, max_model_len=4096)
     else:
         sched = SarathiScheduler(bm, max_model_len=4096, token_budget=256)
     reqs = [Request(0, 0.0, 100, 50), Request(1, 0.5, 2000, 5)]
@@ -335,11 +336,11 @@ def test_prefill_prioritizing_vllm_stalls_ongoing_decodes_but_sarathi_does_not()
 
 def test_sarathi_p99_tbt_far_below_vllm_at_moderate_load_on_sharegpt():
     """300 requests of the built-in sharegpt workload at 2 QPS, Mistral-7B on A100, roofline cost model."""
-    results = {s: simulate(scheduler=s, num_requests=300, qps=2.0, seed=42) for s in ("vllm", "sarathi")}
+    results = {s: simulate(scheduler=s, num_requests=300, qps=2.0, seed=42) for s in ("vllm-v0", "sarathi")}
     for res in results.values():
         assert res.summary["requests_completed"] == 300
         assert res.summary["requests_rejected"] == 0
-    assert results["sarathi"].summary["tbt_s"]["p99"] < results["vllm"].summary["tbt_s"]["p99"] / 3
+    assert results["sarathi"].summary["tbt_s"]["p99"] < results["vllm-v0"].summary["tbt_s"]["p99"] / 3
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
@@ -362,7 +363,7 @@ def test_idle_replica_wakes_up_at_the_next_arrival(name, make_requests, replay):
 
 def test_simulate_with_given_requests_and_cost_model_leaves_inputs_untouched():
     reqs = [Request(0, 0.0, 30, 3), Request(1, 0.0, 40, 2), Request(2, 0.0, 10, 2)]
-    res = simulate(scheduler="vllm", max_num_batched_tokens=64, max_model_len=64, requests=reqs,
+    res = simulate(scheduler="vllm-v0", max_num_batched_tokens=64, max_model_len=64, requests=reqs,
                    cost_model=ConstantCostModel(fixed_s=1.0), record_plans=True)
     # the same schedule as test_vllm_head_of_line_token_limit_then_prefill_only_and_decode_only
     assert [p.request_ids for p in res.log.plans] == [(0,), (1, 2), (0, 1, 2), (0,)]

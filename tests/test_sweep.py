@@ -14,10 +14,10 @@ import simulator.sweep as sweep_module
 from simulator.cli import main
 from simulator.sweep import SweepError, Sweep, load_sweep, point_key, run_sweep
 
-BASE = {"model": "tiny", "device": "cpu", "max_model_len": 8192, "num_requests": 48, "tbt_slo": 0.05}
+BASE = {"model": "tiny", "device": "cpu", "max_model_len": 8192, "allow_long_max_model_len": True, "num_requests": 48, "tbt_slo": 0.05}
 CAPACITY_YAML = """
 mode: capacity
-base: {model: tiny, device: cpu, max_model_len: 8192, num_requests: 48, tbt_slo: 0.05}
+base: {model: tiny, device: cpu, max_model_len: 8192, allow_long_max_model_len: true, num_requests: 48, tbt_slo: 0.05}
 grid:
   scheduler: [vllm, orca, sarathi]
   token_budget: [64, 128, 256]
@@ -39,8 +39,8 @@ def test_grid_expansion_drops_irrelevant_keys_and_merges_mappings(tmp_path):
     assert len(points) == 2 * 1 + 2 * 2                     # vLLM once per workload, Sarathi once per budget
     assert [p["scheduler"] for p in points[:2]] == ["vllm", "vllm"] and "token_budget" not in points[0]
     assert points[1]["trace"] == "arxiv" and points[1]["max_model_len"] == 16384
-    assert spec.columns()[:9] == ["point_key", "model", "device", "max_model_len", "num_requests", "tbt_slo",
-                                  "scheduler", "token_budget", "trace"]
+    assert spec.columns()[:10] == ["point_key", "model", "device", "max_model_len", "allow_long_max_model_len",
+                                   "num_requests", "tbt_slo", "scheduler", "token_budget", "trace"]
 
 
 def test_point_key_is_stable_and_covers_the_search_settings():
@@ -153,7 +153,8 @@ def test_ray_backend_gives_the_same_table(tmp_path):
 
 
 def test_sweep_cli_with_flags_writes_table_and_plots(tmp_path):
-    config = _write(tmp_path, "mode: qps\nbase: {model: tiny, device: cpu, max_model_len: 8192}\n"
+    config = _write(tmp_path, "mode: qps\nbase: {model: tiny, device: cpu, max_model_len: 8192, "
+                              "allow_long_max_model_len: true}\n"
                               "grid: {scheduler: [sarathi]}\n")
     out = CliRunner().invoke(main, ["sweep", "--config", str(config), "--out", str(tmp_path / "out"), "--jobs", "1",
                                     "--grid", "qps=0.5,1.5", "--grid", "token_budget=128,256",

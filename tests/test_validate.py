@@ -21,7 +21,7 @@ from profiler.validate import (VALIDATION_COLUMNS, error_summary, kv_slots_neede
                                retime_requests, stratified_sample)
 from simulator.cli import main
 from simulator.kv_cache import activation_reserve_bytes, kv_bytes_per_block
-from simulator.plan import BatchPlan
+from cost_models.plan import BatchPlan
 from simulator.request import Request
 from simulator.simulation import simulate
 
@@ -109,7 +109,7 @@ def test_retiming_replays_preemptions():
     need = model.weight_bytes() + activation_reserve_bytes(model, 4096, 128) + 24 * kv_bytes_per_block(model)
     rng = np.random.default_rng(0)
     requests = [Request(i, 0.01 * i, int(rng.integers(20, 120)), int(rng.integers(5, 40))) for i in range(10)]
-    result = simulate(model="tiny", device="cpu", scheduler="vllm", requests=requests, record_plans=True,
+    result = simulate(model="tiny", device="cpu", scheduler="vllm-v0", requests=requests, record_plans=True,
                       gpu_memory_utilization=(need + 1000) / device.memory_bytes)
     assert result.summary["num_preemptions"] >= 1
     again = {r.request_id: r for r in retime_requests(result.requests, result.log.plans,

@@ -1,20 +1,28 @@
-"""What every scheduling policy shares: FCFS queues, the KV block manager, rejection and iteration bookkeeping.
+"""What every scheduling policy shares: requests held by id, FCFS queues, the KV block manager, rejection, and
+applying a finished micro-batch.
 
-A policy subclasses ``Scheduler`` and writes one method, ``schedule(now_s) -> BatchPlan``, reading like its paper's
-algorithm. ``finish(plan, now_s)`` then advances every scheduled request (``Request.advance``) and frees the
-blocks of finished ones. Time is always passed in; nothing here reads a clock or holds module-level state.
+A policy subclasses ``Scheduler``, declares its options (``options``: name -> default; the CLI and config take
+them from here) and writes one method, ``schedule(now_s) -> BatchPlan``, reading like its paper's algorithm. It
+builds the plan with ``make_plan``, which advances every scheduled request (``Request.schedule``: progress is
+counted when scheduled, as vLLM v1's ``_update_after_schedule``) and marks it in flight. ``update(plan, now_s)``
+applies the micro-batch once it leaves the last pipeline stage: each request in the plan is looked up by id, emits
+its token if the micro-batch computed its last known token, and is freed when done. No list aligned with a plan is
+kept. A policy must never schedule an in-flight request (``Request.in_flight``) — with pipeline parallelism a
+request is in at most one micro-batch at a time — nor preempt one.
+
+What a policy does NOT do: schedule events, read a clock or record metrics (the replica does); time is passed in.
 """
 from __future__ import annotations
 
 import bisect
 from collections import deque
 
+from cost_models.plan import BatchPlan
 from simulator.kv_cache import BlockManager
-from simulator.plan import BatchPlan
 from simulator.request import Request
 
 
-def _arrival_key(r: Request):
+def arrival_key(r: Request):
     return (r.arrival_s, r.request_id)
 
 
@@ -30,18 +38,46 @@ class Scheduler:
     """
 
     name = "base"
+    #: option name -> default; ``None`` means "derived" (documented by the policy). The factory passes these.
+    options: dict = {}
+    #: whether the policy implements prefix caching (``--enable-prefix-caching``)
+    supports_prefix_caching = False
+    #: default ``max_num_seqs`` (the batch-size cap) of the policy
+    default_max_num_seqs = 128
+    #: a prefill replica of a disaggregated cluster keeps a handed-off request's blocks until its KV is sent
+    hold_kv_after_prefill = False
+
+    #: admission watermark (fraction of the KV blocks kept free) when the config leaves it unset
+    default_watermark = 0.01
+
+    @classmethod
+    def configure(cls, config, *, max_model_len: int, device) -> dict:
+        """Constructor keywords from a ``SimConfig``: ``max_model_len``, ``max_num_seqs`` and every declared option
+        (a None config value takes the policy's default). Policies with derived defaults override this."""
+        kw = {"max_model_len": max_model_len, "max_num_seqs": config.max_num_seqs or cls.default_max_num_seqs}
+        for key, default in cls.options.items():
+            value = getattr(config, key, None)
+            kw[key] = default if value is None else value
+        return kw
+
+    @classmethod
+    def peak_batched_tokens(cls, kw: dict) -> int:
+        """Tokens of the largest forward pass the policy runs with these keywords (sizes the activation reserve)."""
+        return kw.get("token_budget") or kw.get("max_num_batched_tokens") or kw["max_model_len"]
 
     def __init__(self, block_manager: BlockManager, *, max_model_len: int, max_num_seqs: int = 128,
                  reserve_tokens: int | None = None):
-        self.bm = block_manager
+        self.kv = block_manager
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.reserve_tokens = reserve_tokens
+        self.requests: dict[int, Request] = {}    # every queued, running or preempted request, by id
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []          # kept in FCFS (arrival) order
+        self.running: list[Request] = []
         self.rejected: list[Request] = []
         self.num_preemptions = 0
-        self._scheduled: list[Request] = []       # requests of the last plan, aligned with it
+        if block_manager.prefix_caching and not self.supports_prefix_caching:
+            raise ValueError(f"--enable-prefix-caching: scheduler {self.name} does not support prefix caching")
         if reserve_tokens is not None:
             usable = block_manager.num_blocks - block_manager.watermark_blocks
             if block_manager.blocks_for(reserve_tokens) > usable:
@@ -49,14 +85,19 @@ class Scheduler:
                                  f"{block_manager.blocks_for(reserve_tokens)} KV blocks but the cache has {usable}; "
                                  f"lower max_model_len")
 
+    @property
+    def bm(self) -> BlockManager:
+        """The KV block manager (old name, kept for readability in tests)."""
+        return self.kv
+
     # --- arrivals -------------------------------------------------------------------------------------------
     def rejection_reason(self, r: Request) -> str | None:
         """Why ``r`` can never be served by this replica, or None. Policies may add their own limits."""
         if r.prompt_tokens + r.output_tokens > self.max_model_len:
             return f"prompt + output = {r.prompt_tokens + r.output_tokens} tokens > max_model_len {self.max_model_len}"
-        usable = self.bm.num_blocks - self.bm.watermark_blocks
-        if self.bm.blocks_for(r.max_kv_tokens) > usable:
-            return f"needs {self.bm.blocks_for(r.max_kv_tokens)} KV blocks at its peak, the cache has {usable}"
+        usable = self.kv.num_blocks - self.kv.watermark_blocks
+        if self.kv.blocks_for(r.max_kv_tokens) > usable:
+            return f"needs {self.kv.blocks_for(r.max_kv_tokens)} KV blocks at its peak, the cache has {usable}"
         return None
 
     def add_request(self, r: Request) -> bool:
@@ -66,59 +107,86 @@ class Scheduler:
             r.rejected = reason
             self.rejected.append(r)
             return False
+        self.requests[r.request_id] = r
         self.waiting.append(r)
         return True
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    # --- helpers for policies -------------------------------------------------------------------------------
-    def admit(self, r: Request, tokens: int) -> None:
-        """Move the waiting head ``r`` to running with blocks for ``tokens`` (or the worst-case reservation)."""
-        self.bm.allocate(r.request_id, self.reserve_tokens or tokens)
-        self.waiting.popleft()
-        bisect.insort(self.running, r, key=_arrival_key)
+    @property
+    def num_outstanding(self) -> int:
+        """Requests queued or running here."""
+        return len(self.requests)
 
-    def can_admit(self, tokens: int) -> bool:
-        return self.bm.can_allocate(self.reserve_tokens or tokens)
+    # --- helpers for policies -------------------------------------------------------------------------------
+    def prefix_hit(self, r: Request) -> tuple[int, tuple]:
+        """``(cached tokens, blocks)`` for a request about to be admitted with nothing computed yet."""
+        if r.num_computed_tokens or not self.kv.prefix_caching:
+            return 0, ()
+        return self.kv.lookup(r)
+
+    def adopt_hit(self, r: Request, cached_tokens: int) -> None:
+        """Start an admitted request at its cached length (and count the hit once, at its first admission)."""
+        if not self.kv.prefix_caching or r.num_computed_tokens:
+            return
+        r.num_computed_tokens = cached_tokens
+        if r.num_preemptions == 0:
+            r.num_cached_tokens = cached_tokens
+            self.kv.hit_tokens += cached_tokens
+            self.kv.queried_tokens += r.prompt_tokens
+
+    def admit(self, r: Request, tokens: int, *, reserve_blocks: int | None = None, hit=(0, ())) -> bool:
+        """Try to move the waiting head ``r`` to running (kept in arrival order) with blocks for ``tokens`` (or the
+        worst-case reservation), keeping ``reserve_blocks`` (default: the watermark) free; True on success."""
+        reserve = self.kv.watermark_blocks if reserve_blocks is None else reserve_blocks
+        if not self.kv.allocate(r, self.reserve_tokens or tokens, reserve_blocks=reserve, hit=hit[1]):
+            return False
+        self.adopt_hit(r, hit[0])
+        self.waiting.popleft()
+        bisect.insort(self.running, r, key=arrival_key)
+        return True
 
     def preempt(self, r: Request) -> None:
         """Recompute preemption: free ``r``'s blocks and put it at the front of the waiting queue."""
+        assert not r.in_flight, "an in-flight request cannot be preempted"
         self.running.remove(r)
-        self.bm.free(r.request_id)
+        self.kv.free(r)
         r.preempt()
         self.waiting.appendleft(r)
         self.num_preemptions += 1
 
     def make_plan(self, decodes: list[Request], prefills: list[tuple[Request, int]], now_s: float,
                   preempted: list[Request] = ()) -> BatchPlan:
-        """Build the plan (decodes first) and remember its requests for ``finish``."""
-        scheduled = decodes + [r for r, _ in prefills]
-        for r in scheduled:
-            if r.scheduled_s is None:
-                r.scheduled_s = now_s
-        self._scheduled = scheduled
-        return BatchPlan(
-            tuple(r.request_id for r in scheduled),
-            (1,) * len(decodes) + tuple(n for _, n in prefills),
-            tuple(r.num_computed_tokens for r in scheduled),
-            len(decodes),
-            tuple(r.request_id for r in preempted),
-        )
+        """Build the plan (decodes first; a 1-token entry of a decoding request counts as a decode) and advance
+        every scheduled request (``Request.schedule``)."""
+        if any(n == 1 and r.is_decoding for r, n in prefills):
+            decodes = decodes + [r for r, n in prefills if n == 1 and r.is_decoding]
+            prefills = [(r, n) for r, n in prefills if not (n == 1 and r.is_decoding)]
+        ids = tuple(r.request_id for r in decodes) + tuple(r.request_id for r, _ in prefills)
+        ctx = tuple(r.num_computed_tokens for r in decodes) + tuple(r.num_computed_tokens for r, _ in prefills)
+        new = (1,) * len(decodes) + tuple(n for _, n in prefills)
+        for r in decodes:
+            r.schedule(1, now_s)
+        for r, n in prefills:
+            r.schedule(n, now_s)
+        return BatchPlan(ids, new, ctx, len(decodes), tuple(r.request_id for r in preempted))
 
     # --- policy ---------------------------------------------------------------------------------------------
     def schedule(self, now_s: float) -> BatchPlan:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def finish(self, plan: BatchPlan, now_s: float) -> list[Request]:
-        """Apply an iteration that ended at ``now_s``; return the requests it finished."""
+    def update(self, plan: BatchPlan, now_s: float) -> list[Request]:
+        """Apply a micro-batch that left the last stage at ``now_s``; return the requests it finished here."""
         done = []
-        for r, n in zip(self._scheduled, plan.num_new_tokens):
-            if r.advance(n, now_s) and r.completion_s is not None:
-                self.bm.free(r.request_id)
+        requests = self.requests
+        for rid in plan.request_ids:
+            r = requests[rid]
+            if r.complete(now_s) and r.is_done_here:
+                if not (self.hold_kv_after_prefill and r.prefill_only and not r.is_finished):
+                    self.kv.free(r)
+                del requests[rid]
                 done.append(r)
         if done:
-            finished = set(id(r) for r in done)
-            self.running = [r for r in self.running if id(r) not in finished]
-        self._scheduled = []
+            self.running = [r for r in self.running if r.request_id in requests]
         return done

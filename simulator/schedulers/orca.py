@@ -3,10 +3,10 @@
 Iteration-level scheduling with mixed batches of full prompts and decodes:
 
 1. Every running request decodes one token.
-2. New requests are admitted FCFS with their full prompt while running < ``max_batch_size`` and KV blocks for the
+2. New requests are admitted FCFS with their full prompt while running < ``max_num_seqs`` and KV blocks for the
    full ``max_model_len`` can be reserved for each (worst-case reservation).
 
-Because memory is reserved up front, Orca never preempts.
+Because memory is reserved up front, Orca never preempts. Requests in an in-flight micro-batch are skipped.
 """
 from __future__ import annotations
 
@@ -15,16 +15,18 @@ from simulator.schedulers.base import Scheduler
 
 class OrcaScheduler(Scheduler):
     name = "orca"
+    default_max_num_seqs = 16
 
-    def __init__(self, block_manager, *, max_model_len: int, max_batch_size: int = 16):
-        super().__init__(block_manager, max_model_len=max_model_len, max_num_seqs=max_batch_size,
+    def __init__(self, block_manager, *, max_model_len: int, max_num_seqs: int = 16):
+        super().__init__(block_manager, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                          reserve_tokens=max_model_len)
 
     def schedule(self, now_s):
-        decodes = list(self.running)
+        decodes = [r for r in self.running if not r.in_flight]
         prefills = []
-        while self.waiting and len(self.running) < self.max_num_seqs and self.can_admit(0):
+        while self.waiting and len(self.running) < self.max_num_seqs:
             r = self.waiting[0]
-            self.admit(r, 0)
+            if not self.admit(r, r.num_tokens):
+                break
             prefills.append((r, r.remaining_tokens))
         return self.make_plan(decodes, prefills, now_s)

@@ -6,10 +6,12 @@ Each iteration fills a token budget (``token_budget``, 512 by default), in this 
    latest-arrived running request by recompute, as vLLM does; §4.3, Algorithm 2 lines 5-10);
 2. the next chunk of each partially-prefilled running request;
 3. new requests from the waiting queue, FCFS, while running < ``max_num_seqs`` and blocks for the whole prompt can
-   be allocated at admission.
+   be allocated at admission (above the watermark; with prefix caching the cached prefix is adopted and only the
+   rest is prefilled).
 
 Each prefill chunk is ``min(remaining prompt, budget left)``. Ongoing decodes are never paused for a prefill,
 so no generation stall happens. Admission also keeps running ≤ ``token_budget`` so all decodes always fit the budget.
+Requests in an in-flight micro-batch (pipeline parallelism) are skipped: they are neither scheduled nor preempted.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from simulator.schedulers.base import Scheduler
 
 class SarathiScheduler(Scheduler):
     name = "sarathi"
+    options = {"token_budget": 512}
+    supports_prefix_caching = True
 
     def __init__(self, block_manager, *, max_model_len: int, max_num_seqs: int = 128, token_budget: int = 512):
         super().__init__(block_manager, max_model_len=max_model_len, max_num_seqs=min(max_num_seqs, token_budget))
@@ -25,20 +29,19 @@ class SarathiScheduler(Scheduler):
 
     def schedule(self, now_s):
         decodes, partial, preempted = [], [], []
-        running = list(self.running)          # FCFS order; the tail is the latest arrival
+        running = [r for r in self.running if not r.in_flight]   # FCFS order; the tail is the latest arrival
         while running:
             r = running.pop(0)
             if not r.is_decoding:
                 partial.append(r)
                 continue
-            while not self.bm.can_grow(r.request_id, r.num_computed_tokens + 1):
+            while not self.kv.allocate(r, r.num_computed_tokens + 1):
                 victim = running.pop() if running else r   # later in FCFS order than r, so not in `partial`
                 self.preempt(victim)
                 preempted.append(victim)
                 if victim is r:
                     break
             else:
-                self.bm.grow(r.request_id, r.num_computed_tokens + 1)
                 decodes.append(r)
 
         budget = self.token_budget - len(decodes)
@@ -51,9 +54,8 @@ class SarathiScheduler(Scheduler):
             budget -= chunk
         while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
             r = self.waiting[0]
-            if not self.can_admit(r.remaining_tokens):
+            if not self.admit(r, r.num_tokens, hit=self.prefix_hit(r)):
                 break
-            self.admit(r, r.remaining_tokens)
             chunk = min(r.remaining_tokens, budget)
             prefills.append((r, chunk))
             budget -= chunk

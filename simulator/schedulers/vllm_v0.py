@@ -1,6 +1,5 @@
-"""vLLM (Kwon et al., SOSP'23), as the baseline of Sarathi-Serve (Agrawal et al., OSDI'24 §2.3, §5).
-
-Prefill-prioritizing iteration-level batching: each iteration is either prefill-only or decode-only.
+"""vLLM v0 (Kwon et al., SOSP'23), as the baseline of Sarathi-Serve (Agrawal et al., OSDI'24 §2.3, §5):
+prefill-prioritizing iteration-level batching; each iteration is either prefill-only or decode-only.
 
 1. Walk the waiting queue head-of-line and admit while the request's blocks fit above the watermark,
    Σ tokens to prefill ≤ ``max_num_batched_tokens`` and running < ``max_num_seqs``; stop at the first that fails.
@@ -9,14 +8,30 @@ Prefill-prioritizing iteration-level batching: each iteration is either prefill-
 3. Otherwise run a decode-only iteration of every running request. When a decode needs a new block and none is
    free, preempt the latest-arrived running request by recompute (free its blocks, put it at the front of the
    waiting queue); if that is the request itself, it waits.
+
+A waiting request whose KV cache is already present (the decode pool of a disaggregated cluster) is admitted
+without a prefill and joins the next decode iteration. Requests in an in-flight micro-batch are skipped.
+This is the scheduler the Sarathi-Serve paper measured; ``vllm`` is today's v1 engine.
 """
 from __future__ import annotations
 
 from simulator.schedulers.base import Scheduler
 
 
-class VLLMScheduler(Scheduler):
-    name = "vllm"
+class VLLMv0Scheduler(Scheduler):
+    name = "vllm-v0"
+    options = {"max_num_batched_tokens": None}      # None: max_model_len (vLLM v0 without chunked prefill)
+
+    @classmethod
+    def configure(cls, config, *, max_model_len: int, device) -> dict:
+        kw = super().configure(config, max_model_len=max_model_len, device=device)
+        kw["max_num_batched_tokens"] = kw["max_num_batched_tokens"] or max_model_len
+        if kw["max_num_batched_tokens"] < max_model_len:
+            # vLLM v0 without chunked prefill refuses this too (SchedulerConfig._verify_args): a prompt longer than
+            # the per-iteration token limit could never be prefilled.
+            raise ValueError(f"max_num_batched_tokens: {kw['max_num_batched_tokens']} is below max_model_len "
+                             f"{max_model_len}; vLLM v0 cannot prefill longer prompts (lower --max-model-len)")
+        return kw
 
     def __init__(self, block_manager, *, max_model_len: int, max_num_seqs: int = 128,
                  max_num_batched_tokens: int | None = None):
@@ -34,27 +49,27 @@ class VLLMScheduler(Scheduler):
         prefills, batched = [], 0
         while self.waiting:
             r = self.waiting[0]
-            n = r.remaining_tokens
-            if (batched + n > self.max_num_batched_tokens or len(self.running) >= self.max_num_seqs
-                    or not self.can_admit(n)):
+            n = 0 if r.is_decoding else r.remaining_tokens
+            if batched + n > self.max_num_batched_tokens or len(self.running) >= self.max_num_seqs:
                 break
-            self.admit(r, n)
-            prefills.append((r, n))
-            batched += n
+            if not self.admit(r, r.num_tokens):
+                break
+            if n:
+                prefills.append((r, n))
+                batched += n
         if prefills:
             return self.make_plan([], prefills, now_s)
 
         decodes, preempted = [], []
-        running = list(self.running)          # FCFS order; the tail is the latest arrival
+        running = [r for r in self.running if not r.in_flight]   # FCFS order; the tail is the latest arrival
         while running:
             r = running.pop(0)
-            while not self.bm.can_grow(r.request_id, r.num_computed_tokens + 1):
+            while not self.kv.allocate(r, r.num_computed_tokens + 1):
                 victim = running.pop() if running else r
                 self.preempt(victim)
                 preempted.append(victim)
                 if victim is r:
                     break
             else:
-                self.bm.grow(r.request_id, r.num_computed_tokens + 1)
                 decodes.append(r)
         return self.make_plan(decodes, [], now_s, preempted)

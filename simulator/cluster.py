@@ -1,0 +1,211 @@
+"""A cluster of replicas on one SimPy clock: arrivals -> router -> replicas, and prefill/decode disaggregation.
+
+**Colocated** (``--replicas N``): every arriving request is routed (``simulator.routers``) to one of N identical
+replicas, which run independently on the shared clock.
+
+**Disaggregated** (``--prefill-replicas P --decode-replicas D``; Splitwise, Patel et al., ISCA'24; DistServe, Zhong
+et al., OSDI'24): a request is routed to a prefill replica, which computes its prompt and emits its first token;
+its KV cache (``prompt tokens x kv_bytes_per_token`` of the whole model) is then sent over the prefill replica's
+outgoing link (``SharedLink``: concurrent transfers share its bandwidth equally, processor sharing, after a fixed
+latency), while the prefill replica keeps the blocks; when the transfer ends the prefill replica frees them and the
+request joins the chosen decode replica's queue with its KV present (``num_computed_tokens`` = prompt,
+one token generated), where the decode replica's scheduler admits it like any request whose next step is a decode.
+The decode replica is chosen when the prefill ends (the router over the decode pool). Simplification, stated: a
+decode replica does not reserve blocks before the transfer; a request whose KV arrived waits in its queue until
+blocks are free (as if buffered in host memory).
+
+The cluster owns nothing global: ``Cluster.run`` builds one environment per call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import simpy
+
+from simulator.replica import IterationLog, Replica
+
+
+class SharedLink:
+    """A link whose bandwidth is shared equally by the transfers in progress (processor sharing).
+
+    ``transfer(nbytes)`` returns an event that fires ``latency_s`` + the fair-share time later. Units: bytes,
+    bytes/s, seconds. Deterministic: transfers are kept in start order.
+    """
+
+    def __init__(self, env: simpy.Environment, bandwidth_bytes_per_s: float, latency_s: float, name: str = "link"):
+        self.env = env
+        self.bandwidth = float(bandwidth_bytes_per_s)
+        self.latency_s = float(latency_s)
+        self.name = name
+        self._active: dict[int, list] = {}       # key -> [remaining bytes, event]
+        self._next_key = 0
+        self._updated_s = 0.0
+        self._generation = 0
+        self.bytes_sent = 0.0
+        self.busy_s = 0.0
+
+    def transfer(self, nbytes: float) -> simpy.Event:
+        done = self.env.event()
+        start = self.env.timeout(self.latency_s)
+        start.callbacks.append(lambda _: self._start(float(nbytes), done))
+        return done
+
+    def _advance(self) -> None:
+        now = self.env.now
+        if self._active:
+            share = self.bandwidth / len(self._active) * (now - self._updated_s)
+            for entry in self._active.values():
+                entry[0] -= share
+            self.busy_s += now - self._updated_s
+        self._updated_s = now
+
+    def _start(self, nbytes: float, done: simpy.Event) -> None:
+        self._advance()
+        self.bytes_sent += nbytes
+        if nbytes <= 0:
+            done.succeed()
+            return
+        self._active[self._next_key] = [nbytes, done]
+        self._next_key += 1
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        self._generation += 1
+        if not self._active:
+            return
+        least = min(entry[0] for entry in self._active.values())
+        wait = max(0.0, least * len(self._active) / self.bandwidth)
+        timer = self.env.timeout(wait)
+        generation = self._generation
+        timer.callbacks.append(lambda _: self._on_timer(generation))
+
+    def _on_timer(self, generation: int) -> None:
+        if generation != self._generation:
+            return                               # superseded by a later start
+        self._advance()
+        eps = 1e-9 * self.bandwidth
+        for key in [k for k, e in self._active.items() if e[0] <= eps]:
+            self._active.pop(key)[1].succeed()
+        self._reschedule()
+
+
+@dataclass
+class Pool:
+    """Replicas that share a router: ``replicas`` (all of ``Replica``), the router function and its arrival count."""
+
+    name: str
+    replicas: list
+    router: object
+    seq: int = 0
+
+    def route(self, request):
+        from simulator.routers import ReplicaLoad
+
+        loads = [ReplicaLoad(i, rep.scheduler, request) for i, rep in enumerate(self.replicas)]
+        index = self.router(request, loads, self.seq)
+        self.seq += 1
+        return self.replicas[index]
+
+
+@dataclass
+class Transfer:
+    """KV hand-off settings of a disaggregated cluster: bytes per token of the whole model's KV cache and the link
+    (bandwidth bytes/s, latency s) from each prefill replica."""
+
+    kv_bytes_per_token: int
+    bandwidth_bytes_per_s: float
+    latency_s: float
+
+
+@dataclass
+class Cluster:
+    """Pools of replicas on one clock (see the module docstring). ``pools``: ``{"replicas": Pool}`` colocated, or
+    ``{"prefill": Pool, "decode": Pool}`` with ``transfer`` set when disaggregated."""
+
+    env: simpy.Environment
+    pools: dict
+    log: IterationLog
+    transfer: Transfer | None = None
+    on_finish: object = None
+    links: dict = field(default_factory=dict)
+    num_in_transfer: int = 0
+
+    @property
+    def replicas(self) -> list:
+        return [rep for pool in self.pools.values() for rep in pool.replicas]
+
+    @property
+    def disaggregated(self) -> bool:
+        return "prefill" in self.pools
+
+    def entry_pool(self) -> Pool:
+        return self.pools["prefill"] if self.disaggregated else self.pools["replicas"]
+
+    def on_done(self, replica: Replica, done: list) -> None:
+        """A replica finished requests: hand prefill-only ones on to the decode pool, report the others."""
+        finished = []
+        for r in done:
+            if r.prefill_only and not r.is_finished:
+                self._hand_off(replica, r)
+            else:
+                finished.append(r)
+        if finished and self.on_finish is not None:
+            self.on_finish(finished)
+
+    def _hand_off(self, prefill: Replica, r) -> None:
+        decode = self.pools["decode"].route(r)
+        link = self.links.get(prefill.replica_id)
+        if link is None:
+            t = self.transfer
+            link = self.links[prefill.replica_id] = SharedLink(self.env, t.bandwidth_bytes_per_s, t.latency_s,
+                                                               f"kv link of replica {prefill.replica_id}")
+        start = self.env.now
+        self.num_in_transfer += 1
+        event = link.transfer(r.num_computed_tokens * self.transfer.kv_bytes_per_token)
+
+        def arrived(_):
+            self.num_in_transfer -= 1
+            prefill.scheduler.kv.free(r)
+            r.kv_transfer_s = self.env.now - start
+            r.prefill_only = False
+            r.decode_replica_id = decode.replica_id
+            decode.add(r)
+            self._maybe_close()
+
+        event.callbacks.append(arrived)
+
+    def _maybe_close(self) -> None:
+        """Close the decode pool once nothing more can reach it: arrivals over, prefill replicas idle, no transfer."""
+        if not (self.disaggregated and self._arrivals_done and self.num_in_transfer == 0):
+            return
+        if all(rep.process.triggered for rep in self.pools["prefill"].replicas):
+            for rep in self.pools["decode"].replicas:
+                rep.close()
+
+    def run(self, requests, until_s: float | None = None) -> None:
+        """Replay ``requests`` (sorted by ``arrival_s``) to the end (or until ``until_s``)."""
+        env = self.env
+        self._arrivals_done = False
+        entry = self.entry_pool()
+        if self.disaggregated:
+            for rep in self.pools["prefill"].replicas:
+                rep.scheduler.hold_kv_after_prefill = True
+                rep.process.callbacks.append(lambda _: self._maybe_close())
+
+        def arrivals():
+            for r in requests:
+                if r.arrival_s > env.now:
+                    yield env.timeout(r.arrival_s - env.now)
+                if self.disaggregated:
+                    r.prefill_only = True
+                entry.route(r).add(r)
+            for rep in entry.replicas:
+                rep.close()
+            self._arrivals_done = True
+            self._maybe_close()
+
+        env.process(arrivals())
+        if until_s is not None:
+            env.run(until=until_s)
+            return
+        env.run(until=simpy.AllOf(env, [rep.process for rep in self.replicas]))
