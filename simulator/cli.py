@@ -135,6 +135,7 @@ def specs():
 from profiler.cli import fit as _fit, profile as _profile  # noqa: E402  (profiling and fitting, issue 3)
 from profiler.cli_validate import validate as _validate  # noqa: E402  (validation, issue 4)
 from simulator.cli_experiments import capacity, plot, regress, replicas, sweep  # noqa: E402  (issue 5)
+from simulator.observe.cli import observe  # noqa: E402  (a real vLLM engine, issue 9)
 
-for _command in (_profile, _fit, _validate, capacity, replicas, sweep, plot, regress):
+for _command in (_profile, _fit, _validate, capacity, replicas, sweep, plot, regress, observe):
     main.add_command(_command)

@@ -13,7 +13,7 @@ import click
 
 from simulator.config import SimConfig, load_config
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ImportError)
 
 
 def _click_type(key: str, f):
