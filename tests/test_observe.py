@@ -327,3 +327,58 @@ def test_prompt_token_ids_deterministic_and_prefix_sharing():
     b = prompt_token_ids(df, 1000, seed=0)
     assert b[0] == b[1][:10] == b[3][:10]
     assert b[1][:20] == b[3][:20] and b[1][16:20] != b[2][16:20]
+
+
+# ------------------------------------------------------------------------------- servesim against the real engine
+
+def test_servesim_schedules_every_step_as_the_real_vllm_did(vllm_run, tmp_path):
+    """Schedule agreement (issue 9): the observed run replayed through servesim's vllm scheduler with the
+    engine's KV size, limits and step times gives the same {request: tokens} at (at least 99% of) every step,
+    preemptions included; the latency check runs too (its error depends on the cost model, here the roofline)."""
+    from simulator.validate_observed import validate_observed
+
+    _, out, _ = vllm_run
+    report = validate_observed(out, tmp_path / "val")
+    sched = report["schedule"]
+    print(f"schedule agreement {sched['agreeing']}/{sched['steps']}; first divergence: {sched['first_divergence']}")
+    assert sched["steps"] > 50
+    assert sched["agreement"] >= 0.99, sched["first_divergence"]
+    assert report["observed_preemptions"] >= 1
+    for name in ("observed_validation.json", "agreement.csv", "observed_validation.png"):
+        assert (tmp_path / "val" / name).is_file()
+    lat = report["latency"]
+    assert set(lat) == {"ttft_s", "tbt_s", "e2e_s"} and lat["ttft_s"]["p50"]["observed"] > 0
+
+
+def _fake_observed(path, **meta_changes):
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"engine": "vllm", "vllm_version": "0.32.0", "format_version": 1, "kv_blocks_total": 9, "block_size": 128,
+            "scheduler_config": {"max_model_len": 512, "max_num_seqs": 8, "max_num_batched_tokens": 64},
+            "requests_added_s": {"0": 0.0}, **meta_changes}
+    (path / "meta.json").write_text(json.dumps(meta))
+    (path / "requests.csv").write_text("request_id,arrival_s,prompt_tokens,output_tokens\n0,0.0,10,2\n")
+    (path / "tokens.csv").write_text("request_id,token_index,time_s\n0,0,1.0\n0,1,2.0\n")
+    (path / "plans.jsonl").write_text(json.dumps({"step": 0, "start_s": 0.0, "duration_s": 1.0,
+                                                  "num_new_tokens": {"0": 10}, "context_lens": {"0": 0},
+                                                  "preempted_ids": []}) + "\n")
+    return path
+
+
+def test_observed_folder_bad_input_is_a_one_line_error(tmp_path):
+    from simulator.validate_observed import ObservedError, read_observed, schedule_agreement
+
+    good = _fake_observed(tmp_path / "good")
+    report, _ = schedule_agreement(read_observed(good))
+    assert report["agreement"] == 1.0
+    with pytest.raises(ObservedError, match="vllm_version.*0.31.1.*follows vLLM 0.32"):
+        read_observed(_fake_observed(tmp_path / "old", vllm_version="0.31.1"))
+    with pytest.raises(ObservedError, match="engine.*'sglang'"):
+        read_observed(_fake_observed(tmp_path / "sglang", engine="sglang"))
+    (_fake_observed(tmp_path / "noplans") / "plans.jsonl").unlink()
+    with pytest.raises(ObservedError, match="noplans: missing plans.jsonl"):
+        read_observed(tmp_path / "noplans")
+    (_fake_observed(tmp_path / "torn") / "plans.jsonl").write_text('{"step": 0, "start_s": 0.0, "dura')
+    with pytest.raises(ObservedError, match="plans.jsonl: line 1: malformed step"):
+        read_observed(tmp_path / "torn")
+    with pytest.raises(ObservedError, match="not a folder"):
+        read_observed(tmp_path / "nothing")

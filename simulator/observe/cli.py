@@ -38,7 +38,7 @@ def _summary(out: Path) -> str:
               help="A Hugging Face config.json, or a folder holding one (weights are dummy).")
 @click.option("--trace", default="sharegpt", show_default=True,
               help="sharegpt, arxiv, or a trace file (CSV, Azure CSV, Mooncake JSONL).")
-@click.option("--num-requests", type=int, default=64, show_default=True, help="Number of requests.")
+@click.option("--num-requests", type=int, help="Number of requests (default: 64 of a built-in workload, all of a file).")
 @click.option("--qps", type=float,
               help="Arrival rate (requests/s) of generated or re-timed traces (default 2); inf: all at 0.")
 @click.option("--retime/--no-retime", default=None, help="Re-time a file trace's arrivals to --qps.")
@@ -96,6 +96,10 @@ def observe(engine, model_path, trace, num_requests, qps, retime, seed, num_kv_b
 
     _, hf_config = resolve_model_config(model_path)
     limit = max_model_len or hf_config.get("max_position_embeddings")
+    from traces import WORKLOADS
+
+    if num_requests is None and trace in WORKLOADS:
+        num_requests = 64
     load_kwargs = dict(num_requests=num_requests, qps=DEFAULT_QPS if qps is None else qps, seed=seed)
     if retime is not None:
         load_kwargs["retime"] = retime
