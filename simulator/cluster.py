@@ -14,6 +14,10 @@ The decode replica is chosen when the prefill ends (the router over the decode p
 decode replica does not reserve blocks before the transfer; a request whose KV arrived waits in its queue until
 blocks are free (as if buffered in host memory).
 
+**Closed loop** (``--concurrency N``, as ``vllm bench serve --max-concurrency`` and static-concurrency benchmarks):
+N clients each send a request, and the next one when it completes (or is rejected); request ``i`` then arrives at
+that moment, whatever its ``arrival_s`` was (it is overwritten). The first N arrive at time 0.
+
 The cluster owns nothing global: ``Cluster.run`` builds one environment per call.
 """
 from __future__ import annotations
@@ -127,6 +131,7 @@ class Cluster:
     log: IterationLog
     transfer: Transfer | None = None
     on_finish: object = None
+    concurrency: int | None = None
     links: dict = field(default_factory=dict)
     num_in_transfer: int = 0
 
@@ -151,6 +156,9 @@ class Cluster:
                 finished.append(r)
         if finished and self.on_finish is not None:
             self.on_finish(finished)
+        if finished and self.concurrency:
+            for _ in finished:
+                self._release()
 
     def _hand_off(self, prefill: Replica, r) -> None:
         decode = self.pools["decode"].route(r)
@@ -182,6 +190,27 @@ class Cluster:
             for rep in self.pools["decode"].replicas:
                 rep.close()
 
+    def _admit(self, r) -> bool:
+        """Route an arriving request into the entry pool; False if it was rejected."""
+        if self.disaggregated:
+            r.prefill_only = True
+        return self.entry_pool().route(r).add(r)
+
+    def _release(self) -> None:
+        """Closed loop: the next client request arrives now (a rejected one frees its client at once)."""
+        while self._pending:
+            r = self._pending.pop()
+            r.arrival_s = self.env.now
+            if self._admit(r):
+                break
+            if self.on_finish is not None:
+                self.on_finish([])
+        if not self._pending and not self._arrivals_done:
+            self._arrivals_done = True
+            for rep in self.entry_pool().replicas:
+                rep.close()
+            self._maybe_close()
+
     def run(self, requests, until_s: float | None = None) -> None:
         """Replay ``requests`` (sorted by ``arrival_s``) to the end (or until ``until_s``)."""
         env = self.env
@@ -196,15 +225,18 @@ class Cluster:
             for r in requests:
                 if r.arrival_s > env.now:
                     yield env.timeout(r.arrival_s - env.now)
-                if self.disaggregated:
-                    r.prefill_only = True
-                entry.route(r).add(r)
+                self._admit(r)
             for rep in entry.replicas:
                 rep.close()
             self._arrivals_done = True
             self._maybe_close()
 
-        env.process(arrivals())
+        if self.concurrency:
+            self._pending = list(reversed(requests))       # pop() takes them in order
+            for _ in range(min(self.concurrency, len(requests))):
+                self._release()
+        else:
+            env.process(arrivals())
         if until_s is not None:
             env.run(until=until_s)
             return

@@ -39,7 +39,8 @@ _CHECKS = {
     "gpu_memory_utilization": ("unitfraction", None), "watermark": ("optfraction", None),
     "num_kv_blocks": ("optposint", None), "enable_prefix_caching": ("optbool", None),
     "cost_model": ("optstr", None), "trace": ("str", None), "num_requests": ("optposint", None),
-    "qps": ("optposfloat", None), "arrival": ("choice", ("poisson", "gamma")), "cv": ("posfloat", None),
+    "qps": ("optposfloat", None), "concurrency": ("optposint", None), "input_len": ("optposint", None),
+    "output_len": ("optposint", None), "range_ratio": ("optfraction", None), "arrival": ("choice", ("poisson", "gamma")), "cv": ("posfloat", None),
     "retime": ("bool", None), "shuffle": ("bool", None), "drop_long": ("bool", None), "shrink_long": ("bool", None), "seed": ("nonnegint", None),
 }
 
@@ -132,6 +133,10 @@ class SimConfig:
     trace: str = "sharegpt"
     num_requests: int | None = None
     qps: float | None = None
+    concurrency: int | None = None
+    input_len: int | None = None
+    output_len: int | None = None
+    range_ratio: float | None = None
     arrival: str = "poisson"
     cv: float = 1.0
     retime: bool = False
@@ -145,6 +150,15 @@ class SimConfig:
             _check_field(f.name, getattr(self, f.name))
         if (self.prefill_replicas > 0) != (self.decode_replicas > 0):
             raise ConfigError("prefill_replicas, decode_replicas: a disaggregated cluster needs both (> 0)")
+        if self.trace != "random":
+            for key in ("input_len", "output_len", "range_ratio"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"{key}: only for --trace random (the trace is {self.trace!r})")
+
+    @property
+    def workload_options(self) -> dict:
+        """Keyword options of the built-in workload (``random``'s lengths)."""
+        return {k: getattr(self, k) for k in ("input_len", "output_len", "range_ratio") if getattr(self, k) is not None}
 
     @property
     def disaggregated(self) -> bool:
@@ -203,6 +217,11 @@ HELP = {
     "trace": "Workload: sharegpt, arxiv, conversation, random, or a trace file (CSV, Azure CSV, Mooncake JSONL).",
     "num_requests": "Requests to simulate (default 2048 for built-in workloads, all of a file).",
     "qps": "Arrival rate, requests/s, of generated or re-timed traces (default 2.0).",
+    "concurrency": "Closed loop: N clients, each sending its next request when its previous one completes "
+                   "(vLLM bench's --max-concurrency); the trace's arrival times are ignored.",
+    "input_len": "random workload: prompt tokens (vLLM's --random-input-len; default 1024).",
+    "output_len": "random workload: output tokens (vLLM's --random-output-len; default 128).",
+    "range_ratio": "random workload: lengths uniform in len x [1 - r, 1 + r] (vLLM's --random-range-ratio; 0).",
     "arrival": "Arrival process.",
     "cv": "Coefficient of variation of gamma inter-arrival times.",
     "retime": "Re-time a file trace's own arrivals to --qps.",
@@ -213,7 +232,8 @@ HELP = {
 }
 
 #: extra flag names (vLLM's or earlier servesim's) for a key, documented once here
-FLAG_ALIASES = {"qps": ("--request-rate",), "max_num_seqs": ("--max-batch-size",)}
+FLAG_ALIASES = {"qps": ("--request-rate",), "max_num_seqs": ("--max-batch-size",),
+                "concurrency": ("--max-concurrency",)}
 
 
 def read_yaml_mapping(path: str | Path, error: type[ValueError], what: str) -> dict:

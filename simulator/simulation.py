@@ -128,8 +128,9 @@ def load_requests(config: SimConfig, model=None, *, changes: dict | None = None)
     num_requests = config.num_requests or (DEFAULT_NUM_REQUESTS if builtin else None)
     df = load_trace(config.trace, num_requests=num_requests, qps=config.effective_qps, seed=config.seed,
                     arrival=config.arrival, cv=config.cv, shuffle=config.shuffle, drop_long=config.drop_long,
-                    retime=True if config.retime else None, qps_explicit=config.qps is not None,
-                    max_total_tokens=effective_max_model_len(config, model))
+                    retime=True if config.retime else None,
+                    qps_explicit=config.qps is not None and not config.concurrency,
+                    max_total_tokens=effective_max_model_len(config, model), **config.workload_options)
     if changes is not None:
         changes.update(df.attrs.get("workload_changes", {}))
     hashes = None
@@ -311,7 +312,8 @@ def run_deployment(dep: Deployment, requests: list[Request], *, record_plans: bo
     pools: dict[str, list] = {}
     for i, spec in enumerate(dep.specs):
         pools.setdefault(spec.pool, []).append(spec)
-    cluster = Cluster(env, {}, log, _kv_transfer(dep) if dep.config.disaggregated else None, on_finish)
+    cluster = Cluster(env, {}, log, _kv_transfer(dep) if dep.config.disaggregated else None, on_finish,
+                      concurrency=dep.config.concurrency)
     router = ROUTERS[dep.config.router]
     index = 0
     for name, specs in pools.items():

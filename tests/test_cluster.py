@@ -160,3 +160,31 @@ def test_bad_cluster_input_is_a_one_line_error():
     assert "prefill_replicas, decode_replicas" in line and "10 GPUs" in line
     assert "--router" in _error("--router", "fastest")
     assert "decode_replicas" in _error("--prefill-replicas", 1)
+
+
+def test_closed_loop_concurrency_by_hand():
+    # 8 clients, random workload of exactly 1024 + 128 tokens, every step costs 10 ms and vLLM's 16384-token budget
+    # takes all 8 prompts at once: step 1 prefills the 8 prompts (first tokens at 10 ms), 127 decode steps follow,
+    # all 8 finish at 1.28 s and their clients send the next 8 at once. Steady state: 8 requests per 1.28 s.
+    res = simulate(concurrency=8, trace="random", input_len=1024, output_len=128, num_requests=64, scheduler="vllm",
+                   max_num_batched_tokens=16384, cost_model=ConstantCostModel(fixed_s=0.01))
+    s = res.summary
+    assert s["requests_completed"] == 64 and s["num_iterations"] == 8 * 128
+    assert s["throughput_requests_per_s"] == pytest.approx(8 / 1.28)
+    assert s["output_throughput_tokens_per_s"] == pytest.approx(8 / 0.01)
+    assert s["ttft_s"]["max"] == pytest.approx(0.01) and s["ttft_s"]["p50"] == pytest.approx(0.01)
+    assert s["makespan_s"] == pytest.approx(8 * 1.28)
+    arrivals = sorted(r.arrival_s for r in res.requests)
+    assert arrivals[:8] == [0.0] * 8 and arrivals[8:16] == pytest.approx([1.28] * 8)
+    # never more than 8 requests in the system
+    table = res.requests_table()
+    for t in np.linspace(0, 10, 41):
+        inside = ((table["arrival_s"] <= t) & (table["completion_s"] > t)).sum()
+        assert inside <= 8
+
+
+def test_random_workload_options_need_the_random_trace():
+    from simulator.config import ConfigError, SimConfig
+
+    with pytest.raises(ConfigError, match="input_len: only for --trace random"):
+        SimConfig(trace="sharegpt", input_len=100)
