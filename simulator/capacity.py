@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from simulator.config import SimConfig
-from simulator.metrics import ITERATION_COLUMNS, summarize
+from simulator.metrics import summarize
+from simulator.recorder import Recorder
 from simulator.replica import IterationLog
 from simulator.simulation import build, load_requests, run_deployment
 from simulator.slo import SLO, certain_violation_count, evaluate_slo, fluidity_of, make_slo, predicted_prefill_s
@@ -169,17 +169,15 @@ def run_trial(config: SimConfig, slo: SLO, qps: float, *, cost_model=None, early
     requests = load_requests(config, dep.model)
     cost_model = dep.cost_model_for(dep.specs[0])
     monitor = _Monitor(slo, requests, dep, cost_model, early_stop)
-    reason, cluster = None, None
+    recorder = Recorder(len(requests), on_finish=monitor.on_finish if early_stop and monitor.finish_checks else None)
+    reason = None
     try:
-        cluster = run_deployment(dep, requests, on_iteration=monitor.on_iteration, log=monitor.log,
-                                 on_finish=monitor.on_finish if early_stop and monitor.finish_checks else None)
-        iterations = pd.DataFrame(cluster.log.columns(), columns=ITERATION_COLUMNS)
+        run_deployment(dep, requests, on_iteration=monitor.on_iteration, log=monitor.log, recorder=recorder)
     except _CertainViolation as exc:
         reason = str(exc)
-        iterations = pd.DataFrame(columns=ITERATION_COLUMNS)
-    rejected = len(requests) - len(monitor.served_ids)
-    summary = summarize(requests, iterations, num_rejected=rejected,
-                        num_preemptions=sum(r.num_preemptions for r in requests))
+        recorder.close(requests)              # the part simulated: requests as far as they got
+    summary = summarize(recorder, {"num_iterations": 0, "kv_util_mean": None, "kv_util_max": None})
+    summary["requests_rejected"] = len(requests) - len(monitor.served_ids)
     flat = {f"{k}_{q}": summary[k][q] for k, q in SUMMARY_KEYS}
     flat.update({k: summary[k] for k in COUNT_KEYS})
     flat["num_iterations"] = monitor.num_iterations
@@ -211,8 +209,10 @@ class CapacityResult:
     def capacity_trial(self) -> Trial | None:
         return next((t for t in self.trials if t.qps == self.lo_qps), None)
 
-    def trials_table(self) -> pd.DataFrame:
-        """One row per trial (``Trial.row``), in the order they ran."""
+    def trials_table(self):
+        """One row per trial (``Trial.row``), in the order they ran (pandas DataFrame)."""
+        import pandas as pd
+
         return pd.DataFrame([t.row() for t in self.trials])
 
     def to_dict(self) -> dict:

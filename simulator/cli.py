@@ -95,21 +95,26 @@ def main():
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--tokens", is_flag=True, help="Also write tokens.csv, one row per output token (large).")
 @click.option("--plans", is_flag=True, help="Also write plans.jsonl, one line per micro-batch: {request: tokens}.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv",
+              help="Format of the tables (requests, iterations, tokens).")
 @user_errors
-def simulate(out, progress, tokens, plans, **flags):
+def simulate(out, progress, tokens, plans, fmt, **flags):
     """Simulate a deployment (one replica, a cluster, or prefill/decode pools) and write summary.json,
     requests.csv and iterations.csv."""
-    from simulator.simulation import simulate as run
+    from pathlib import Path
+
+    from simulator.simulation import Outputs, simulate as run
 
     config = config_from_options(**flags)
     if progress is None:
         progress = sys.stderr.isatty()
-    result = run(config, progress=progress, record_plans=plans)
-    path = result.write(out, tokens=tokens, plans=plans)
+    result = run(config, progress=progress, record_plans=plans, keep_requests=False,
+                 outputs=Outputs(Path(out), fmt, tokens))
+    path = result.write(plans=plans)
     click.echo(run_header(result))
     click.echo(summary_table(result.summary))
-    extra = (", tokens.csv" if tokens else "") + (", plans.jsonl" if plans else "")
-    click.echo(f"wrote {path}/summary.json, requests.csv, iterations.csv{extra}")
+    extra = (f", tokens.{fmt}" if tokens else "") + (", plans.jsonl" if plans else "")
+    click.echo(f"wrote {path}/summary.json, requests.{fmt}, iterations.{fmt}{extra}")
 
 
 def run_header(result) -> str:
@@ -119,7 +124,7 @@ def run_header(result) -> str:
     load = result.summary.get("load") or {}
     offered = load.get("offered_qps")
     rate = f"{offered:.3g} QPS offered" if offered else "all at once"
-    return f"{deployment_line(result.deployment)}\n{len(result.requests)} requests, {rate}"
+    return f"{deployment_line(result.deployment)}\n{result.recorder.n} requests, {rate}"
 
 
 @main.command("specs")

@@ -25,7 +25,6 @@ benchmarks. All times in seconds of simulated time.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 PERCENTILES = {"p50": 50, "p90": 90, "p99": 99}
 
@@ -47,49 +46,79 @@ def distribution(values) -> dict:
     return out
 
 
-def _opt(v):
-    return float("nan") if v is None else v
+FLUIDITY_FIELDS = ["ttft_deadline_s", "deadlines", "deadline_misses", "deadline_miss_rate", "fluidity_index"]
+NULLABLE_INTS = ("replica_id", "decode_replica_id", "deadlines", "deadline_misses")
+
+
+def request_columns(cols: dict, *, cluster: bool = False, disaggregated: bool = False,
+                    prefix_caching: bool = False, fluidity: bool = True) -> dict:
+    """The requests table as ``{column: array}`` from a recorder's per-request columns (``recorder.REQUEST_FIELDS``,
+    index = request id): REQUEST_COLUMNS, then ``num_cached_tokens`` (prefix caching), ``replica_id`` (a cluster;
+    the prefill replica when disaggregated), ``decode_replica_id``, ``kv_transfer_s`` and ``decode_queue_s``
+    (disaggregated), then Etalon's fluidity columns (``slo.FLUIDITY_COLUMNS``): the first-token deadline,
+    deadlines, misses, miss rate and fluidity index (NaN for a request without output tokens)."""
+    n = len(cols["arrival_s"])
+    arrival, first, done, sched = cols["arrival_s"], cols["first_token_s"], cols["completion_s"], cols["scheduled_s"]
+    out = cols["output_tokens"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(out > 1, (done - first) / (out - 1), np.nan)
+    table = {"request_id": np.arange(n, dtype=np.int64), "arrival_s": arrival,
+             "prompt_tokens": cols["prompt_tokens"].astype(np.int64), "output_tokens": out.astype(np.int64),
+             "scheduled_s": sched, "first_token_s": first, "completion_s": done, "ttft_s": first - arrival,
+             "scheduling_delay_s": sched - arrival, "e2e_s": done - arrival, "tpot_s": tpot,
+             "num_preemptions": cols["num_preemptions"].astype(np.int64)}
+    if prefix_caching:
+        table["num_cached_tokens"] = cols["num_cached_tokens"].astype(np.int64)
+    if cluster or disaggregated:
+        table["replica_id"] = cols["replica_id"]
+    if disaggregated:
+        table["decode_replica_id"] = cols["decode_replica_id"]
+        table["kv_transfer_s"] = cols["kv_transfer_s"]
+        table["decode_queue_s"] = cols["decode_scheduled_s"] - first - cols["kv_transfer_s"]
+    if fluidity:
+        total, missed = cols["deadlines"], cols["deadline_misses"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rate = np.where(total > 0, missed / total, np.nan)
+        table.update({"ttft_deadline_s": cols["ttft_deadline_s"], "deadlines": total, "deadline_misses": missed,
+                      "deadline_miss_rate": rate, "fluidity_index": 1.0 - rate})
+    return table
+
+
+def recorded(requests, **recorder_kw):
+    """A ``recorder.Recorder`` holding ``requests`` (finished or not), ids 0..max id."""
+    from simulator.recorder import Recorder
+
+    requests = list(requests)
+    rec = Recorder(max((r.request_id for r in requests), default=-1) + 1, **recorder_kw)
+    for r in requests:
+        rec.record(r)
+        if len(r.token_times_s) > 1:
+            gaps = np.diff(r.token_times_s)
+            rec.add_gap_arrays(gaps.tolist(), [1] * len(gaps))
+    return rec
 
 
 def requests_table(requests, *, cluster: bool = False, disaggregated: bool = False,
-                   prefix_caching: bool = False) -> pd.DataFrame:
-    """One row per request (completed, unfinished or rejected) with the REQUEST_COLUMNS; times NaN when unknown.
-    Extra columns: ``num_cached_tokens`` (prefix caching), ``replica_id`` (a cluster; the prefill replica when
-    disaggregated), ``decode_replica_id``, ``kv_transfer_s`` and ``decode_queue_s`` (disaggregated)."""
-    rows = []
-    nan = float("nan")
-    for r in requests:
-        first = _opt(r.first_token_s)
-        done = _opt(r.completion_s)
-        sched = _opt(r.scheduled_s)
-        tpot = (done - first) / (r.output_tokens - 1) if r.output_tokens > 1 else nan
-        row = [r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens, sched, first, done,
-               first - r.arrival_s, sched - r.arrival_s, done - r.arrival_s, tpot, r.num_preemptions]
-        if prefix_caching:
-            row.append(r.num_cached_tokens)
-        if cluster or disaggregated:
-            row.append(nan if r.replica_id is None else r.replica_id)
-        if disaggregated:
-            transfer = _opt(r.kv_transfer_s)
-            row += [nan if r.decode_replica_id is None else r.decode_replica_id, transfer,
-                    _opt(r.decode_scheduled_s) - first - transfer]
-        rows.append(row)
-    columns = list(REQUEST_COLUMNS)
-    if prefix_caching:
-        columns.append("num_cached_tokens")
-    if cluster or disaggregated:
-        columns.append("replica_id")
-    if disaggregated:
-        columns += ["decode_replica_id", "kv_transfer_s", "decode_queue_s"]
-    table = pd.DataFrame.from_records(rows, columns=columns)
+                   prefix_caching: bool = False):
+    """One row per request (completed, unfinished or rejected) with the REQUEST_COLUMNS (and the cluster columns,
+    see ``request_columns``); times NaN when unknown. Rows of the given requests only, in their order."""
+    import pandas as pd
+
+    requests = list(requests)
+    cols = request_columns(recorded(requests).cols, cluster=cluster, disaggregated=disaggregated,
+                           prefix_caching=prefix_caching, fluidity=False)
+    ids = np.array([r.request_id for r in requests], dtype=np.int64)
+    table = pd.DataFrame({k: np.asarray(v)[ids] for k, v in cols.items()})
     for col in ("replica_id", "decode_replica_id"):
         if col in table:
             table[col] = table[col].astype("Int64")
     return table
 
 
-def iteration_table(log, *, replica_ids: bool = False) -> pd.DataFrame:
-    """One row per micro-batch (``replica.IterationLog.columns``)."""
+def iteration_table(log, *, replica_ids: bool = False):
+    """One row per micro-batch (``replica.IterationLog.columns``), as a pandas DataFrame."""
+    import pandas as pd
+
     cols = log.columns(replica_ids=replica_ids)
     return pd.DataFrame(cols, columns=list(cols))
 
@@ -100,13 +129,14 @@ def tbt_gaps(requests) -> np.ndarray:
     return np.concatenate(gaps) if gaps else np.zeros(0)
 
 
-def load_report(table: pd.DataFrame, makespan: float) -> dict:
+def load_report(arrival_s, completion_s, makespan: float) -> dict:
     """Offered vs served rate and queue growth of a run (see the module docstring); ``overloaded`` and why."""
-    arrivals = np.sort(table["arrival_s"].to_numpy(dtype=float))
+    arrivals = np.sort(np.asarray(arrival_s, dtype=float))
     n = len(arrivals)
     span = float(arrivals[-1] - arrivals[0]) if n > 1 else 0.0
     offered = (n - 1) / span if span > 0 else None
-    done = np.sort(table["completion_s"].dropna().to_numpy(dtype=float))
+    completion_s = np.asarray(completion_s, dtype=float)
+    done = np.sort(completion_s[~np.isnan(completion_s)])
     served = len(done) / makespan if makespan > 0 else None
     in_system = np.arange(1, n + 1) - np.searchsorted(done, arrivals, side="right")
     q = n // 4
@@ -142,40 +172,38 @@ def _replica_rows(cluster, deployment, makespan: float) -> list[dict]:
     return rows
 
 
-def summarize(requests, iterations: pd.DataFrame, *, cluster=None, deployment=None,
-              num_rejected: int | None = None, num_preemptions: int | None = None) -> dict:
-    """The summary of a run: latency distributions, counts, throughput, KV-cache utilization and, for a
-    deployment, its GPUs, per-replica stage busy fractions, prefix-cache hit rate and per-pool sections."""
+def summarize(recorder, log_stats: dict, *, cluster=None, deployment=None, num_rejected: int | None = None) -> dict:
+    """The summary of a run (from its ``recorder.Recorder`` and ``IterationLog.stats()``): latency distributions,
+    counts, throughput, KV-cache utilization, load and, for a deployment, its GPUs, per-replica stage busy
+    fractions, prefix-cache hit rate and per-pool sections."""
+    from simulator.recorder import weighted_distribution
+
     disagg = deployment is not None and deployment.config.disaggregated
-    table = requests_table(requests, disaggregated=disagg)
-    done = table[table["completion_s"].notna()]
-    makespan = float(done["completion_s"].max() - table["arrival_s"].min()) if len(done) else 0.0
-    total_tokens = int(done["prompt_tokens"].sum() + done["output_tokens"].sum())
-    output_tokens = int(done["output_tokens"].sum())
-    util = (iterations["kv_blocks_used"] / iterations["kv_blocks_total"]) if len(iterations) else pd.Series(dtype=float)
+    t = request_columns(recorder.cols, disaggregated=disagg, fluidity=False)
+    done = ~np.isnan(t["completion_s"])
+    arrivals = t["arrival_s"]
+    makespan = float(t["completion_s"][done].max() - np.nanmin(arrivals)) if done.any() else 0.0
+    total_tokens = int(t["prompt_tokens"][done].sum() + t["output_tokens"][done].sum())
+    output_tokens = int(t["output_tokens"][done].sum())
     schedulers = [rep.scheduler for rep in cluster.replicas] if cluster is not None else []
-    if num_rejected is None:
-        num_rejected = sum(len(s.rejected) for s in schedulers)
-    if num_preemptions is None:
-        num_preemptions = sum(s.num_preemptions for s in schedulers)
+    gap_values, gap_counts = recorder.gaps()
     out = {
-        "ttft_s": distribution(done["ttft_s"]),
-        "tbt_s": distribution(tbt_gaps(requests)),
-        "tpot_s": distribution(done["tpot_s"]),
-        "e2e_s": distribution(done["e2e_s"]),
-        "scheduling_delay_s": distribution(table["scheduling_delay_s"]),
-        "normalized_latency_s_per_token": distribution(done["e2e_s"] / done["output_tokens"]),
-        "requests_completed": int(len(done)),
-        "requests_rejected": int(num_rejected),
-        "num_preemptions": int(num_preemptions),
+        "ttft_s": distribution(t["ttft_s"][done]),
+        "tbt_s": weighted_distribution(gap_values, gap_counts),
+        "tpot_s": distribution(t["tpot_s"][done]),
+        "e2e_s": distribution(t["e2e_s"][done]),
+        "scheduling_delay_s": distribution(t["scheduling_delay_s"]),
+        "normalized_latency_s_per_token": distribution(t["e2e_s"][done] / t["output_tokens"][done]),
+        "requests_completed": int(done.sum()),
+        "requests_rejected": int(sum(len(s.rejected) for s in schedulers) if num_rejected is None else num_rejected),
+        "num_preemptions": int(t["num_preemptions"].sum()),
         "throughput_tokens_per_s": total_tokens / makespan if makespan > 0 else 0.0,
         "output_throughput_tokens_per_s": output_tokens / makespan if makespan > 0 else 0.0,
-        "throughput_requests_per_s": len(done) / makespan if makespan > 0 else 0.0,
+        "throughput_requests_per_s": int(done.sum()) / makespan if makespan > 0 else 0.0,
         "makespan_s": makespan,
-        "num_iterations": int(len(iterations)),
-        "kv_cache_utilization": {"mean": float(util.mean()) if len(util) else None,
-                                 "max": float(util.max()) if len(util) else None},
-        "load": load_report(table, makespan) if len(table) else None,
+        "num_iterations": int(log_stats["num_iterations"]),
+        "kv_cache_utilization": {"mean": log_stats["kv_util_mean"], "max": log_stats["kv_util_max"]},
+        "load": load_report(arrivals, t["completion_s"], makespan) if len(arrivals) else None,
     }
     rejected = [r for s in schedulers for r in s.rejected]
     if rejected:
@@ -200,8 +228,8 @@ def summarize(requests, iterations: pd.DataFrame, *, cluster=None, deployment=No
             pools[name] = {"num_replicas": len(rows), "gpus": sum(r["tp"] * r["pp"] for r in rows),
                            "busy_fraction_mean": float(np.mean([np.mean(r["stage_busy_fraction"]) for r in rows]))
                            if rows else None}
-        pools["prefill"]["queueing_s"] = distribution(table["scheduling_delay_s"])
-        pools["decode"]["queueing_s"] = distribution(table["decode_queue_s"])
+        pools["prefill"]["queueing_s"] = distribution(t["scheduling_delay_s"])
+        pools["decode"]["queueing_s"] = distribution(t["decode_queue_s"])
         out["pools"] = pools
-        out["kv_transfer_s"] = distribution(table["kv_transfer_s"])
+        out["kv_transfer_s"] = distribution(t["kv_transfer_s"])
     return out

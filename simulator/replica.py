@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import simpy
 
 from cost_models.plan import BatchPlan
@@ -53,7 +54,13 @@ class IterationLog:
     stage_start_s: list = field(default_factory=list)      # per stage: list of starts
     stage_duration_s: list = field(default_factory=list)   # per stage: list of durations
     plans: list | None = None
+    sink: object = None             # an output.ChunkWriter: rows are flushed to it in chunks of CHUNK
+    replica_ids: bool = False       # write replica_id (a cluster)
+    _done: int = 0                  # rows folded into the statistics (and flushed, with a sink)
+    _util_sum: float = 0.0
+    _util_max: float | None = None
 
+    CHUNK = 65536
     BASE = ("start_s", "duration_s", "batch_size", "num_prefill_tokens", "num_decode_tokens", "kv_blocks_used",
             "kv_blocks_total")
 
@@ -72,7 +79,42 @@ class IterationLog:
         return cols
 
     def __len__(self) -> int:
-        return len(self.start_s)
+        return self._done + len(self.start_s) - (0 if self.sink is not None else self._done)
+
+    def _fold(self, upto: int) -> None:
+        """Fold rows ``[_done, upto)`` (of the lists as they are) into the statistics; flush them to the sink."""
+        lo = 0 if self.sink is not None else self._done
+        hi = upto - (self._done if self.sink is not None else 0)
+        used = np.asarray(self.kv_blocks_used[lo:hi], dtype=float)
+        if used.size:
+            util = used / np.asarray(self.kv_blocks_total[lo:hi], dtype=float)
+            self._util_sum += float(util.sum())
+            m = float(util.max())
+            self._util_max = m if self._util_max is None else max(self._util_max, m)
+        if self.sink is not None and hi > lo:
+            cols = self.columns(replica_ids=self.replica_ids)
+            self.sink.write({k: np.asarray(v[lo:hi]) for k, v in cols.items()})
+            for name in (*self.BASE, "replica_id", "scheduled_s"):
+                getattr(self, name).clear()
+            for lst in self.stage_start_s + self.stage_duration_s:
+                lst.clear()
+        self._done = upto
+
+    def maybe_flush(self) -> None:
+        """Fold (and flush) every complete chunk of CHUNK rows: statistics are chunked the same way with or
+        without a sink, so a streamed run and a kept one give identical numbers."""
+        total = len(self)
+        while total - self._done >= self.CHUNK:
+            self._fold(self._done + self.CHUNK)
+
+    def stats(self) -> dict:
+        """``num_iterations`` and the KV-cache utilization (blocks used / total after each micro-batch's
+        allocations): mean and max. Flushes every row to the sink."""
+        self.maybe_flush()
+        self._fold(len(self))
+        n = self._done
+        return {"num_iterations": n, "kv_util_mean": self._util_sum / n if n else None,
+                "kv_util_max": self._util_max}
 
 
 class Replica:
@@ -102,6 +144,7 @@ class Replica:
             self.log.stage_duration_s = [[] for _ in range(self.pp)]
         self.on_iteration = on_iteration
         self.on_done = on_done
+        self.recorder = None            # a recorder.Recorder counting TBT samples, if any
         self.stage_free_s = [0.0] * self.pp
         self.stage_busy_s = [0.0] * self.pp
         self.num_in_flight = 0
@@ -144,6 +187,8 @@ class Replica:
         if log.plans is not None:
             log.plans.append(plan)
         self.num_iterations += 1
+        if len(log.start_s) >= log.CHUNK:
+            log.maybe_flush()
         if self.on_iteration is not None:
             self.on_iteration(plan, start, duration)
 
@@ -174,8 +219,18 @@ class Replica:
         self.stage0_idle = True
         self._wake()
 
+    def _apply(self, plan: BatchPlan) -> list:
+        """Apply a finished micro-batch; its TBT samples go to the recorder."""
+        if self.recorder is None:
+            return self.scheduler.update(plan, self.env.now)
+        gaps: dict = {}
+        done = self.scheduler.update(plan, self.env.now, gaps)
+        if gaps:
+            self.recorder.add_gaps(gaps)
+        return done
+
     def _complete(self, plan: BatchPlan) -> None:
-        done = self.scheduler.update(plan, self.env.now)
+        done = self._apply(plan)
         self.num_in_flight -= 1
         if done and self.on_done is not None:
             self.on_done(self, done)
@@ -209,7 +264,7 @@ class Replica:
                     self.stage_busy_s[0] += duration
                     self._record(plan, start, duration, start)
                     yield env.timeout(duration)
-                    done = scheduler.update(plan, env.now)
+                    done = self._apply(plan)
                     if done and self.on_done is not None:
                         self.on_done(self, done)
                     continue

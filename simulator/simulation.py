@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import simpy
 
 from cost_models.roofline import RooflineCostModel
@@ -22,12 +21,14 @@ from cost_models.topology import default_node, load_node, place_cluster
 from simulator.cluster import Cluster, Pool, Transfer
 from simulator.config import DEFAULT_NUM_REQUESTS, ConfigError, SimConfig
 from simulator.kv_cache import make_block_manager, num_kv_blocks
-from simulator.metrics import iteration_table, requests_table, summarize
+from simulator.metrics import NULLABLE_INTS, iteration_table, request_columns, summarize
+from simulator.output import ChunkWriter, table_path, write_table
+from simulator.recorder import Recorder
 from simulator.replica import IterationLog, Replica
 from simulator.request import Request
 from simulator.routers import ROUTERS
 from simulator.schedulers import SCHEDULERS
-from simulator.slo import fluidity_per_request, token_times_table
+from simulator.slo import DEFAULT_DECODE_DEADLINE_S, DEFAULT_TTFT_SLACK_S, predicted_prefill_s
 
 DEFAULT_DEVICE = "A100-80GB-SXM"
 
@@ -39,46 +40,86 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def frame_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write a table to ``path`` (CSV) through a temporary file and a rename."""
+def frame_atomic(df, path: Path) -> None:
+    """Write a pandas table to ``path`` (CSV) through a temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     df.to_csv(tmp, index=False)
     os.replace(tmp, path)
 
 
 @dataclass
+class Outputs:
+    """Where a run streams what grows with its length, while it runs: ``out_dir`` and the table format; the
+    iteration rows always, the token rows if ``tokens``."""
+
+    out_dir: Path
+    fmt: str = "csv"
+    tokens: bool = False
+
+
+@dataclass
 class SimResult:
-    """The outcome of one simulation: per-request objects, the iteration table, the summary and the config."""
+    """The outcome of one simulation: its recorder (per-request rows, TBT samples), the iteration log, the
+    summary, the config and the deployment. ``requests`` holds the request objects (with token times) unless the
+    run was made with ``keep_requests=False``."""
 
     config: SimConfig
-    requests: list
-    iterations: pd.DataFrame
+    requests: list | None
     summary: dict
     log: IterationLog
+    recorder: object
     cost_model: object = None
     deployment: object = None
+    outputs: Outputs | None = None
 
-    def requests_table(self) -> pd.DataFrame:
-        """One row per request: ``metrics.REQUEST_COLUMNS`` (plus the cluster columns when there is more than one
-        replica) then the Etalon fluidity columns (``slo.FLUIDITY_COLUMNS``)."""
+    @property
+    def iterations(self):
+        """One row per micro-batch (pandas DataFrame; not available when the rows were streamed to disk)."""
+        if self.log.sink is not None:
+            raise ValueError("iterations: the rows were streamed to the output folder")
+        return iteration_table(self.log, replica_ids=self._cluster)
+
+    @property
+    def _cluster(self) -> bool:
+        return self.deployment is not None and self.deployment.num_replicas > 1
+
+    def request_columns(self) -> dict:
         dep = self.deployment
-        table = requests_table(self.requests, cluster=dep is not None and dep.num_replicas > 1,
+        return request_columns(self.recorder.cols, cluster=self._cluster,
                                disaggregated=dep is not None and dep.config.disaggregated,
-                               prefix_caching=dep is not None and dep.prefix_caching)
-        if self.cost_model is None:
-            return table
-        return table.merge(fluidity_per_request(self.requests, self.cost_model), on="request_id", how="left")
+                               prefix_caching=dep is not None and dep.prefix_caching,
+                               fluidity=self.recorder.ttft_deadline is not None)
 
-    def write(self, out_dir: str | Path, *, tokens: bool = False, plans: bool = False) -> Path:
-        """Write ``summary.json``, ``requests.csv`` and ``iterations.csv`` (and ``tokens.csv``, one row per output
-        token, if ``tokens``; ``plans.jsonl``, one line per micro-batch, if ``plans``) into ``out_dir``
-        (created). Every file goes through a temporary name and a rename."""
-        out = Path(out_dir)
+    def requests_table(self):
+        """One row per request (pandas DataFrame): ``metrics.REQUEST_COLUMNS`` (plus the cluster columns, see
+        ``metrics.request_columns``) then the Etalon fluidity columns (``slo.FLUIDITY_COLUMNS``)."""
+        import pandas as pd
+
+        table = pd.DataFrame(self.request_columns())
+        for col in NULLABLE_INTS:
+            if col in table:
+                table[col] = table[col].astype("Int64")
+        return table
+
+    def write(self, out_dir: str | Path | None = None, *, tokens: bool = False, plans: bool = False,
+              fmt: str | None = None) -> Path:
+        """Write ``summary.json``, ``requests.csv`` and ``iterations.csv`` (or ``.parquet`` with ``fmt``; and
+        ``tokens.csv``, one row per output token, if ``tokens``; ``plans.jsonl``, one line per micro-batch, if
+        ``plans``) into ``out_dir`` (created; default: the folder the run streamed to). Every file goes through a
+        temporary name and a rename."""
+        streamed = self.outputs
+        out = Path(out_dir) if out_dir is not None else streamed.out_dir
+        fmt = fmt or (streamed.fmt if streamed else "csv")
         out.mkdir(parents=True, exist_ok=True)
-        frame_atomic(self.requests_table(), out / "requests.csv")
-        frame_atomic(self.iterations, out / "iterations.csv")
-        if tokens:
-            frame_atomic(token_times_table(self.requests), out / "tokens.csv")
+        write_table(self.request_columns(), table_path(out, "requests", fmt), fmt, NULLABLE_INTS)
+        if self.log.sink is None:
+            write_table(self.log.columns(replica_ids=self._cluster), table_path(out, "iterations", fmt), fmt)
+        if tokens and not (streamed and streamed.tokens):
+            from simulator.slo import token_times_table
+            if self.requests is None:
+                raise ValueError("tokens: the run dropped token times (ask for tokens when it starts)")
+            write_table({k: v.to_numpy() for k, v in token_times_table(self.requests).items()},
+                        table_path(out, "tokens", fmt), fmt)
         if plans:
             write_atomic(out / "plans.jsonl", plans_jsonl(self.log))
         write_atomic(out / "summary.json",
@@ -302,18 +343,23 @@ def _kv_transfer(dep: Deployment) -> Transfer:
                     link.latency_s if c.kv_transfer_latency is None else c.kv_transfer_latency)
 
 
-def run_deployment(dep: Deployment, requests: list[Request], *, record_plans: bool = False, on_iteration=None,
-                   on_finish=None, until_s: float | None = None, log: IterationLog | None = None):
-    """Run ``requests`` (fresh, sorted by arrival) on a new cluster of ``dep`` and return the cluster. ``log``
-    receives the iteration rows (a new one by default; its ``scheduled_s[-1]`` is the clock in ``on_iteration``)."""
+def run_deployment(dep: Deployment, requests, *, num_requests: int | None = None, record_plans: bool = False,
+                   on_iteration=None, on_finish=None, until_s: float | None = None,
+                   log: IterationLog | None = None, recorder: Recorder | None = None):
+    """Run ``requests`` (fresh, sorted by arrival; a list, or any iterable with ``num_requests`` given) on a new
+    cluster of ``dep`` and return the cluster (``cluster.recorder`` holds what was measured). ``log`` receives the
+    iteration rows (a new one by default; its ``scheduled_s[-1]`` is the clock in ``on_iteration``)."""
     env = simpy.Environment()
     if log is None:
         log = IterationLog(plans=[] if record_plans else None)
+    if recorder is None:
+        recorder = Recorder(len(requests) if num_requests is None else num_requests, on_finish=on_finish)
     pools: dict[str, list] = {}
-    for i, spec in enumerate(dep.specs):
+    for spec in dep.specs:
         pools.setdefault(spec.pool, []).append(spec)
-    cluster = Cluster(env, {}, log, _kv_transfer(dep) if dep.config.disaggregated else None, on_finish,
+    cluster = Cluster(env, {}, log, _kv_transfer(dep) if dep.config.disaggregated else None, recorder.finish,
                       concurrency=dep.config.concurrency)
+    cluster.recorder = recorder
     router = ROUTERS[dep.config.router]
     index = 0
     for name, specs in pools.items():
@@ -322,23 +368,40 @@ def run_deployment(dep: Deployment, requests: list[Request], *, record_plans: bo
             rep = Replica(env, dep.make_scheduler(spec), dep.cost_model_for(spec), replica_id=index, log=log,
                           on_iteration=on_iteration, on_done=cluster.on_done)
             rep.spec = spec
+            rep.recorder = recorder
             replicas.append(rep)
             index += 1
         cluster.pools[name] = Pool(name, replicas, router)
     cluster.run(requests, until_s=until_s)
+    leftovers = [r for rep in cluster.replicas for r in (*rep.scheduler.rejected, *rep.scheduler.requests.values())]
+    recorder.close(sorted(leftovers, key=lambda r: r.request_id))
     return cluster
+
+
+def _token_sink(writer: ChunkWriter):
+    """A recorder ``token_sink`` writing each finished request's tokens (request_id, token_index, time_s)."""
+    import numpy as np
+
+    def sink(r):
+        n = len(r.token_times_s)
+        if n:
+            writer.write({"request_id": np.full(n, r.request_id, dtype=np.int64),
+                          "token_index": np.arange(n, dtype=np.int64), "time_s": np.asarray(r.token_times_s)})
+    return sink
 
 
 def simulate(config: SimConfig | None = None, *, requests: list[Request] | None = None, cost_model=None,
              progress: bool = False, record_plans: bool = False, on_iteration=None, on_finish=None,
-             **overrides) -> SimResult:
+             keep_requests: bool = True, outputs: Outputs | None = None, **overrides) -> SimResult:
     """Run the deployment of ``config`` (defaults + ``overrides``) and return its ``SimResult``.
 
     ``requests`` replaces the config's trace (they are copied, not modified); ``cost_model`` replaces the one the
     config names (for every replica). ``progress`` shows a tqdm bar of completed requests. ``on_iteration(plan,
     start_s, duration_s)`` and ``on_finish(requests)`` are called as the run goes (the capacity search stops a
-    trial from them). Raises SpecError/ConfigError/TraceError for bad input and ValueError when the model does not
-    fit the device.
+    trial from them). ``keep_requests=False`` drops each request's token times once it is measured (memory stays
+    bounded; ``SimResult.requests`` is then None); ``outputs`` streams the iteration (and token) rows into a folder
+    while the run goes (``SimResult.write()`` then completes it). Raises SpecError/ConfigError/TraceError for bad
+    input and ValueError when the model does not fit the device.
     """
     config = (config or SimConfig()).with_(**overrides)
     dep = build(config, cost_model=cost_model)
@@ -358,20 +421,41 @@ def simulate(config: SimConfig | None = None, *, requests: list[Request] | None 
             bar.update(len(done))
             if on_finish is not None:
                 on_finish(done)
+    first = dep.cost_model_for(dep.specs[0])
+    recorder = Recorder(len(requests), on_finish=finish, keep_requests=keep_requests,
+                        ttft_deadline=lambda p: predicted_prefill_s(first, p) + DEFAULT_TTFT_SLACK_S,
+                        decode_deadline_s=DEFAULT_DECODE_DEADLINE_S)
+    log = IterationLog(plans=[] if record_plans else None)
+    token_writer = None
+    if outputs is not None:
+        outputs.out_dir.mkdir(parents=True, exist_ok=True)
+        log.sink = ChunkWriter(table_path(outputs.out_dir, "iterations", outputs.fmt), outputs.fmt)
+        log.replica_ids = dep.num_replicas > 1
+        if outputs.tokens:
+            token_writer = ChunkWriter(table_path(outputs.out_dir, "tokens", outputs.fmt), outputs.fmt)
+            recorder.token_sink = _token_sink(token_writer)
     try:
         cluster = run_deployment(dep, requests, record_plans=record_plans, on_iteration=on_iteration,
-                                 on_finish=finish)
+                                 log=log, recorder=recorder)
     finally:
         if bar is not None:
             bar.close()
-    return measure(dep, cluster, requests, changes)
+    result = measure(dep, cluster, changes)
+    if not keep_requests:
+        result.requests = None
+    if log.sink is not None:
+        log.sink.close(empty_columns={k: [] for k in log.columns(replica_ids=log.replica_ids)})
+    if token_writer is not None:
+        token_writer.close(empty_columns={"request_id": [], "token_index": [], "time_s": []})
+    result.outputs = outputs
+    return result
 
 
-def measure(dep: Deployment, cluster: Cluster, requests: list, changes: dict | None = None) -> SimResult:
+def measure(dep: Deployment, cluster: Cluster, changes: dict | None = None) -> SimResult:
     """The SimResult of a finished run (``changes``: what loading did to the workload)."""
-    log = cluster.log
-    iterations = iteration_table(log, replica_ids=dep.num_replicas > 1)
-    summary = summarize(requests, iterations, cluster=cluster, deployment=dep)
+    log, recorder = cluster.log, cluster.recorder
+    summary = summarize(recorder, log.stats(), cluster=cluster, deployment=dep)
     summary["workload"] = {**(changes or {}), "num_rejected": summary["requests_rejected"]}
     first = dep.cost_model_for(dep.specs[0])
-    return SimResult(dep.config, requests, iterations, summary, log, first, dep)
+    kept = sorted(recorder.requests, key=lambda r: r.request_id) if recorder.keep_requests else None
+    return SimResult(dep.config, kept, summary, log, recorder, first, dep)

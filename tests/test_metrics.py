@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from simulator.metrics import ITERATION_COLUMNS, REQUEST_COLUMNS, distribution, requests_table, summarize, tbt_gaps
+from simulator.metrics import REQUEST_COLUMNS, distribution, recorded, requests_table, summarize, tbt_gaps
+from simulator.replica import IterationLog
 from simulator.request import Request
 
 
@@ -67,10 +67,9 @@ def test_distribution_percentiles():
 
 
 def test_summary_by_hand(requests):
-    iterations = pd.DataFrame({"start_s": [0.5, 1.0], "duration_s": [0.5, 0.5], "batch_size": [1, 2],
-                               "num_prefill_tokens": [10, 20], "num_decode_tokens": [0, 1],
-                               "kv_blocks_used": [2, 4], "kv_blocks_total": [10, 10]}, columns=ITERATION_COLUMNS)
-    s = summarize(requests, iterations, num_rejected=1, num_preemptions=1)
+    log = IterationLog(start_s=[0.5, 1.0], duration_s=[0.5, 0.5], batch_size=[1, 2], num_prefill_tokens=[10, 20],
+                       num_decode_tokens=[0, 1], kv_blocks_used=[2, 4], kv_blocks_total=[10, 10])
+    s = summarize(recorded(requests), log.stats(), num_rejected=1)
     for key in ("ttft_s", "tbt_s", "tpot_s", "e2e_s", "scheduling_delay_s"):
         assert set(s[key]) == {"mean", "p50", "p90", "p99", "max"}
     assert s["ttft_s"]["mean"] == pytest.approx(7 / 3) and s["ttft_s"]["p50"] == 2.0 and s["ttft_s"]["max"] == 4.0
@@ -93,7 +92,7 @@ def test_summary_by_hand(requests):
 
 def test_summary_of_nothing_completed():
     r = timeline(0, 1.0, 10, 2, rejected="too long")
-    s = summarize([r], pd.DataFrame(columns=ITERATION_COLUMNS), num_rejected=1, num_preemptions=0)
+    s = summarize(recorded([r]), IterationLog().stats(), num_rejected=1)
     assert s["requests_completed"] == 0 and s["requests_rejected"] == 1
     assert s["ttft_s"]["p99"] is None and s["throughput_tokens_per_s"] == 0.0 and s["makespan_s"] == 0.0
 

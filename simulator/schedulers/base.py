@@ -176,12 +176,19 @@ class Scheduler:
     def schedule(self, now_s: float) -> BatchPlan:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def update(self, plan: BatchPlan, now_s: float) -> list[Request]:
-        """Apply a micro-batch that left the last stage at ``now_s``; return the requests it finished here."""
+    def update(self, plan: BatchPlan, now_s: float, gaps: dict | None = None) -> list[Request]:
+        """Apply a micro-batch that left the last stage at ``now_s``; return the requests it finished here.
+
+        ``gaps`` (the engine's TBT tally, ``{gap_s: count}``) receives, for each request that emits a token and had
+        one before, the time since its previous token."""
         done = []
         requests = self.requests
         for rid in plan.request_ids:
             r = requests[rid]
+            if gaps is not None and r.token_times_s and \
+                    r.num_computed_tokens == r.prompt_tokens + r.num_generated:
+                g = now_s - r.token_times_s[-1]
+                gaps[g] = gaps.get(g, 0) + 1
             if r.complete(now_s) and r.is_done_here:
                 if not (self.hold_kv_after_prefill and r.prefill_only and not r.is_finished):
                     self.kv.free(r)

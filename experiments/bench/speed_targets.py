@@ -1,0 +1,109 @@
+"""Benchmark: the speed and memory targets of servesim, each as a whole ``servesim`` process (start-up, trace,
+simulation and outputs), wall seconds and peak resident memory (``/usr/bin/time``), best of ``--repeat``.
+
+Targets (issue 11):
+
+- ``vidur``: the run Vidur was measured on — CodeLlama-34B (hidden 8192, 48 layers, 64 heads, 8 KV heads, FFN 22016,
+  vocab 32000) on 2 x A100 with TP2, Vidur's own A100 tables imported by ``servesim fit --from-vidur`` (done once,
+  not timed), arxiv-4k lengths (``../shared/data/traces/arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv``)
+  re-timed to Poisson 1 QPS, 2000 requests, Sarathi-Serve budget 512, seed 42. Vidur on this machine: 13.7 s,
+  1.5 GB (warm). Target <= 1.4 s, <= 200 MB.
+- ``default``: ``servesim simulate`` on the defaults. Target <= 1.0 s.
+- ``million``: 1,000,000 requests of the default workload at 2 QPS. Target <= 60 s, <= 1 GB.
+- ``overload-<scheduler>``: 100,000 requests at 50 QPS (far past capacity) for vllm, sarathi, orca. Target
+  <= 10 s each, memory independent of the request count beyond the outputs.
+- ``capacity``: one capacity search (Mistral-7B, A100, sharegpt, strict SLO, Sarathi-Serve 512, 2048 requests).
+  Target <= 3 s.
+
+    python experiments/bench/speed_targets.py [--only default,capacity] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data"
+ARXIV = SHARED / "traces" / "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv"
+VIDUR = SHARED / "profiles" / "vidur"
+CODELLAMA_34B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+                 "num_hidden_layers": 48, "num_attention_heads": 64, "num_key_value_heads": 8,
+                 "intermediate_size": 22016, "vocab_size": 32000, "max_position_embeddings": 16384,
+                 "hidden_act": "silu", "rms_norm_eps": 1e-5, "torch_dtype": "float16"}
+TARGETS = {"vidur": (1.4, 200), "default": (1.0, None), "million": (60.0, 1024), "overload-vllm": (10.0, None),
+           "overload-sarathi": (10.0, None), "overload-orca": (10.0, None), "capacity": (3.0, None)}
+
+
+def servesim() -> list[str]:
+    exe = shutil.which("servesim")
+    return [exe] if exe else [sys.executable, "-m", "simulator"]
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one run of ``cmd`` under /usr/bin/time."""
+    done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    wall, rss_kb = re.findall(r"([\d.]+) (\d+)\s*$", done.stderr.strip())[-1]
+    return float(wall), int(rss_kb) / 1024
+
+
+def commands(tmp: Path) -> dict:
+    out = lambda name: ["--out", str(tmp / name)]  # noqa: E731
+    cmds = {
+        "default": [*servesim(), "simulate", *out("default")],
+        "million": [*servesim(), "simulate", "--num-requests", "1000000", "--qps", "2", *out("million")],
+        "capacity": [*servesim(), "capacity", "--scheduler", "sarathi", "--token-budget", "512", "--slo-level",
+                     "strict", "--num-requests", "2048", *out("capacity")],
+    }
+    for sched in ("vllm", "sarathi", "orca"):
+        cmds[f"overload-{sched}"] = [*servesim(), "simulate", "--scheduler", sched, "--num-requests", "100000",
+                                     "--qps", "50", *out(f"overload-{sched}")]
+    if ARXIV.exists() and VIDUR.exists():
+        model = tmp / "codellama-34b"
+        model.mkdir(exist_ok=True)
+        (model / "config.json").write_text(json.dumps(CODELLAMA_34B))
+        cmds["vidur"] = [*servesim(), "simulate", "--model", str(model), "--tp", "2", "--cost-model",
+                         str(tmp / "vidur-model"), "--trace", str(ARXIV), "--retime", "--qps", "1",
+                         "--num-requests", "2000", "--scheduler", "sarathi", "--token-budget", "512",
+                         "--seed", "42", *out("vidur")]
+    return cmds
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="comma-separated targets (default: all)")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        cmds = commands(tmp)
+        wanted = args.only.split(",") if args.only else list(TARGETS)
+        if "vidur" in wanted and "vidur" in cmds:
+            subprocess.run([*servesim(), "fit", "--from-vidur", str(VIDUR), "--model", str(tmp / "codellama-34b"),
+                            "--tp", "2", "--out", str(tmp / "vidur-model")], check=True, capture_output=True)
+        elif "vidur" in wanted:
+            print("vidur: skipped (../shared/data absent)")
+        print(f"{'target':<18} {'wall s':>8} {'peak MiB':>9}  {'target':<18} runs")
+        for name in wanted:
+            if name not in cmds:
+                continue
+            runs = [timed(cmds[name]) for _ in range(args.repeat if name != "million" else 1)]
+            wall = min(r[0] for r in runs)
+            rss = min(r[1] for r in runs)
+            t_wall, t_rss = TARGETS[name]
+            target = f"<= {t_wall:g} s" + (f", <= {t_rss} MiB" if t_rss else "")
+            print(f"{name:<18} {wall:>8.2f} {rss:>9.0f}  {target:<18} " +
+                  " ".join(f"{w:.2f}s/{m:.0f}M" for w, m in runs), flush=True)
+    print(f"(load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()

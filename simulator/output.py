@@ -1,0 +1,102 @@
+"""Writing result tables: CSV or Parquet through pyarrow (fast, no pandas needed), atomically, or in chunks.
+
+Tables are given as ``{column: numpy array}`` (float columns with NaN for unknown values become empty cells/nulls;
+``nullable`` integer columns likewise). CSV is written without quotes, one header line, floats in the shortest form
+that reads back to the same double. Every file goes through a temporary name in the same folder and a rename, so an
+interrupted run never leaves a half-written table under the final name.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+FORMATS = ("csv", "parquet")
+
+
+def _arrow_table(columns: dict, nullable_ints=()):
+    import pyarrow as pa
+
+    arrays = {}
+    for name, values in columns.items():
+        a = np.asarray(values)
+        if a.dtype.kind == "f":
+            mask = np.isnan(a)
+            if name in nullable_ints:
+                arrays[name] = pa.array(np.where(mask, 0, a).astype(np.int64), mask=mask, type=pa.int64())
+            else:
+                arrays[name] = pa.array(a, mask=mask if mask.any() else None, type=pa.float64())
+        elif a.dtype.kind == "b":
+            arrays[name] = pa.array(a, type=pa.bool_())
+        elif a.dtype.kind in "iu":
+            arrays[name] = pa.array(a.astype(np.int64), type=pa.int64())
+        else:
+            arrays[name] = pa.array(a.tolist())
+    return pa.table(arrays)
+
+
+def _write(table, path: Path, fmt: str) -> None:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    else:
+        import pyarrow.csv as pc
+
+        pc.write_csv(table, path, pc.WriteOptions(quoting_style="none", quoting_header="none"))
+
+
+def table_path(out_dir, stem: str, fmt: str = "csv") -> Path:
+    if fmt not in FORMATS:
+        raise ValueError(f"format: unknown {fmt!r}; known: {', '.join(FORMATS)}")
+    return Path(out_dir) / f"{stem}.{fmt}"
+
+
+def write_table(columns: dict, path, fmt: str = "csv", nullable_ints=()) -> Path:
+    """Write ``columns`` to ``path`` (CSV or Parquet) through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write(_arrow_table(columns, nullable_ints), tmp, fmt)
+    os.replace(tmp, path)
+    return path
+
+
+class ChunkWriter:
+    """Append tables to one CSV or Parquet file chunk by chunk (bounded memory), renamed into place on ``close``.
+
+    ``write(columns)`` appends; the schema is the first chunk's. ``close()`` finishes the file (an empty table
+    with ``columns`` names if nothing was written).
+    """
+
+    def __init__(self, path, fmt: str = "csv", nullable_ints=()):
+        self.path = Path(path)
+        self.fmt = fmt
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.nullable_ints = nullable_ints
+        self._writer = None
+        self.rows = 0
+
+    def write(self, columns: dict) -> None:
+        table = _arrow_table(columns, self.nullable_ints)
+        if self._writer is None:
+            if self.fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                self._writer = pq.ParquetWriter(self.tmp, table.schema)
+            else:
+                import pyarrow.csv as pc
+
+                self._writer = pc.CSVWriter(self.tmp, table.schema,
+                                            write_options=pc.WriteOptions(quoting_style="none",
+                                                                          quoting_header="none"))
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def close(self, empty_columns: dict | None = None) -> Path:
+        if self._writer is None:
+            write_table(empty_columns or {}, self.tmp, self.fmt, self.nullable_ints)
+        else:
+            self._writer.close()
+        os.replace(self.tmp, self.path)
+        return self.path

@@ -1,0 +1,196 @@
+"""What a run measures, collected as it goes, in memory that does not grow with the tokens simulated.
+
+``Recorder`` keeps, for a run of N requests (ids 0..N-1, as every trace has):
+
+- one row per request in compact numpy columns (``REQUEST_FIELDS``), filled when the request finishes (or at the
+  end, for requests that were rejected or left unfinished) — the request object, and its list of token times, can
+  then be dropped (``keep_requests=False``);
+- the pooled time-between-tokens samples as ``(gap, count)`` pairs: the replica counts, per micro-batch, how many of
+  its emitting requests had their previous token at the same time, so every gap of every request is kept exactly
+  (percentiles are the numpy ``linear`` percentiles of the expanded sample, ``weighted_percentile``) in a few bytes
+  per micro-batch instead of 8 bytes per token;
+- Etalon's deadline accounting per request (``slo.deadline_misses``, vectorized as ``deadline_misses_array``), from
+  its token times when it finishes.
+
+Iteration rows stay in ``replica.IterationLog`` (columnar lists); with ``stream_to`` they are flushed to the output
+table in chunks (``tables.TableWriter``), so they too stay bounded.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: per-request columns (float64 unless in INT_FIELDS); NaN where unknown
+REQUEST_FIELDS = ("arrival_s", "prompt_tokens", "output_tokens", "scheduled_s", "first_token_s", "completion_s",
+                  "num_preemptions", "num_cached_tokens", "replica_id", "decode_replica_id", "kv_transfer_s",
+                  "decode_scheduled_s", "ttft_deadline_s", "deadlines", "deadline_misses")
+INT_FIELDS = ("prompt_tokens", "output_tokens", "num_preemptions", "num_cached_tokens", "deadlines", "deadline_misses")
+
+
+def weighted_percentile(values: np.ndarray, counts: np.ndarray, percentile: float) -> float:
+    """``np.percentile(np.repeat(values, counts), percentile)`` without expanding: the same ``linear`` method, the
+    same floating-point steps (virtual index ``(n - 1) * q``, numpy's ``_lerp``). Raises ValueError when empty."""
+    counts = np.asarray(counts, dtype=np.int64)
+    keep = counts > 0
+    values, counts = np.asarray(values, dtype=float)[keep], counts[keep]
+    n = int(counts.sum())
+    if n == 0:
+        raise ValueError("weighted_percentile: no samples")
+    order = np.argsort(values, kind="stable")
+    values, cum = values[order], np.cumsum(counts[order])
+    q = np.true_divide(np.float64(percentile), 100)
+    virtual = (n - 1) * q
+    prev = int(np.floor(virtual))
+    gamma = np.float64(virtual - prev)
+    if prev >= n - 1:
+        prev, nxt, gamma = n - 1, n - 1, np.float64(0.0)
+    else:
+        nxt = prev + 1
+    a = values[np.searchsorted(cum, prev, side="right")]
+    b = values[np.searchsorted(cum, nxt, side="right")]
+    diff = np.subtract(b, a)
+    if gamma >= 0.5:
+        return float(np.subtract(b, diff * (1 - gamma)))
+    return float(np.add(a, diff * gamma))
+
+
+def weighted_distribution(values: np.ndarray, counts: np.ndarray) -> dict:
+    """``metrics.distribution`` of a weighted sample (mean, p50, p90, p99, max); all None when empty."""
+    from simulator.metrics import PERCENTILES
+
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.sum() == 0:
+        return {"mean": None, **{k: None for k in PERCENTILES}, "max": None}
+    expanded_mean = float(np.repeat(values, counts).mean()) if counts.sum() < 5_000_000 else \
+        float(np.dot(values, counts) / counts.sum())
+    out = {"mean": expanded_mean}
+    out.update({k: weighted_percentile(values, counts, q) for k, q in PERCENTILES.items()})
+    out["max"] = float(np.max(np.asarray(values)[counts > 0]))
+    return out
+
+
+def deadline_misses_array(ttft_s: float, times_s, ttft_deadline_s: float, decode_deadline_s: float) -> tuple[int, int]:
+    """Etalon's deadline accounting (``slo.deadline_misses``) of one request from its token times (seconds since
+    any origin, first token first), vectorized.
+
+    With ``y_i = (t_i - t_0) - i x D`` and the slack ``s_0`` left by the first token, token ``i`` meets its
+    deadline iff ``y_i <= R_i = max(s_0, y_1, ..., y_{i-1})`` (the slack carried forward is ``R_i - y_i``; a miss
+    resets it, which raises the threshold to ``y_i``); a late token misses ``floor((y_i - R_i) / D + 1)``
+    deadlines, ``floor((gap - slack) / D)`` in Etalon's terms. Same result as the loop up to floating-point ties.
+    """
+    d = decode_deadline_s
+    if ttft_s <= ttft_deadline_s:
+        s0, missed, total = ttft_deadline_s - ttft_s, 0, 1
+    else:
+        missed = 1 + math.floor((ttft_s - ttft_deadline_s) / d)
+        s0, total = 0.0, missed
+    t = np.asarray(times_s, dtype=float)
+    if t.size < 2:
+        return missed, total
+    y = (t[1:] - t[0]) - np.arange(1, t.size) * d
+    running = np.maximum.accumulate(np.concatenate(([s0], y[:-1])))
+    late = y > running
+    met = int(t.size - 1 - np.count_nonzero(late))
+    if late.any():
+        m = np.floor((y[late] - running[late]) / d + 1).astype(np.int64)
+        missed += int(m.sum())
+        total += int(m.sum())
+    return missed, total + met
+
+
+class Recorder:
+    """Collects a run's per-request rows, pooled TBT samples and deadline accounting (see the module docstring).
+
+    Args:
+        num_requests: requests in the run (ids 0..N-1).
+        ttft_deadline: callable prompt_tokens -> first-token deadline (s) for Etalon's accounting, or None to skip.
+        decode_deadline_s: Etalon's decode deadline D_d.
+        keep_requests: keep the finished request objects (with their token times) for the caller.
+        on_finish: called with each list of finished requests (after they are recorded).
+    """
+
+    def __init__(self, num_requests: int, *, ttft_deadline=None, decode_deadline_s: float = 0.03,
+                 keep_requests: bool = True, on_finish=None):
+        self.n = int(num_requests)
+        self.cols = {f: np.full(self.n, np.nan) for f in REQUEST_FIELDS}
+        self.recorded = np.zeros(self.n, dtype=bool)
+        self.ttft_deadline = ttft_deadline
+        self.decode_deadline_s = decode_deadline_s
+        self.keep_requests = keep_requests
+        self.on_finish = on_finish
+        self.requests: list = []          # kept finished/unfinished requests (keep_requests)
+        self._gap_values: list = []
+        self._gap_counts: list = []
+        self._deadline_cache: dict = {}
+        self.token_sink = None            # callable(request) writing its tokens (tokens.csv), or None
+
+    # --- during the run -------------------------------------------------------------------------------------
+    def add_gaps(self, gaps: dict) -> None:
+        """Count TBT samples: ``{gap_s: number of requests}`` of one micro-batch."""
+        for g, c in gaps.items():
+            self._gap_values.append(g)
+            self._gap_counts.append(c)
+
+    def add_gap_arrays(self, values, counts) -> None:
+        """Count TBT samples given as aligned sequences (fast-forward)."""
+        self._gap_values.extend(values)
+        self._gap_counts.extend(counts)
+
+    def record(self, r) -> None:
+        """Write request ``r``'s row (done once; later calls for the same id overwrite)."""
+        i = r.request_id
+        c = self.cols
+        c["arrival_s"][i] = r.arrival_s
+        c["prompt_tokens"][i] = r.prompt_tokens
+        c["output_tokens"][i] = r.output_tokens
+        for f in ("scheduled_s", "first_token_s", "completion_s", "replica_id", "decode_replica_id", "kv_transfer_s",
+                  "decode_scheduled_s"):
+            v = getattr(r, f)
+            if v is not None:
+                c[f][i] = v
+        c["num_preemptions"][i] = r.num_preemptions
+        c["num_cached_tokens"][i] = r.num_cached_tokens
+        if self.ttft_deadline is not None:
+            dl = self._deadline_cache.get(r.prompt_tokens)
+            if dl is None:
+                dl = self._deadline_cache[r.prompt_tokens] = self.ttft_deadline(r.prompt_tokens)
+            c["ttft_deadline_s"][i] = dl
+            if r.token_times_s:
+                missed, total = deadline_misses_array(r.token_times_s[0] - r.arrival_s, r.token_times_s, dl,
+                                                      self.decode_deadline_s)
+                c["deadlines"][i], c["deadline_misses"][i] = total, missed
+        self.recorded[i] = True
+
+    def finish(self, done: list) -> None:
+        """Requests finished (completed, or handed on and completed later): record them, then drop their token
+        times unless they are kept."""
+        for r in done:
+            self.record(r)
+            if self.token_sink is not None:
+                self.token_sink(r)
+        if self.on_finish is not None:
+            self.on_finish(done)
+        for r in done:
+            if self.keep_requests:
+                self.requests.append(r)
+            else:
+                r.token_times_s = []
+
+    def close(self, leftovers) -> None:
+        """The run ended: record the requests that never finished (rejected, or still running at ``until_s``)."""
+        for r in leftovers:
+            if not self.recorded[r.request_id]:
+                self.record(r)
+                if self.token_sink is not None:
+                    self.token_sink(r)
+            if self.keep_requests:
+                self.requests.append(r)
+
+    # --- after the run --------------------------------------------------------------------------------------
+    def gaps(self) -> tuple[np.ndarray, np.ndarray]:
+        """The pooled TBT sample as ``(values, counts)``."""
+        return np.asarray(self._gap_values, dtype=float), np.asarray(self._gap_counts, dtype=np.int64)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.cols[name]
