@@ -109,7 +109,9 @@ class _Monitor:
     def on_iteration(self, plan, start_s, duration_s):
         self.num_iterations += 1
         self.clock_s = max(self.clock_s, start_s + duration_s)
-        now = self.log.scheduled_s[-1]            # when the micro-batch was formed (= start_s with pp = 1)
+        # A request not scheduled when this micro-batch was formed cannot be before it starts (the next one is formed
+        # when the first stage frees, after this start), so its delay is known to exceed now - arrival.
+        now = start_s
         for check in self.delay_checks:
             lim, need, count, i = check
             limit, served = lim.max_value, self.served

@@ -22,6 +22,7 @@ The cluster owns nothing global: ``Cluster.run`` builds one environment per call
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import simpy
@@ -132,8 +133,10 @@ class Cluster:
     transfer: Transfer | None = None
     on_finish: object = None
     concurrency: int | None = None
+    fast_forward: bool = False
     links: dict = field(default_factory=dict)
     num_in_transfer: int = 0
+    next_arrival_s: float = math.inf
 
     @property
     def replicas(self) -> list:
@@ -216,6 +219,11 @@ class Cluster:
         env = self.env
         self._arrivals_done = False
         entry = self.entry_pool()
+        ff = self.fast_forward and not self.disaggregated and until_s is None
+        for rep in self.replicas:
+            rep.fast_forward = ff
+            rep.horizon = lambda: self.next_arrival_s
+            rep.stop_at_completion = bool(self.concurrency)
         if self.disaggregated:
             for rep in self.pools["prefill"].replicas:
                 rep.scheduler.hold_kv_after_prefill = True
@@ -223,9 +231,11 @@ class Cluster:
 
         def arrivals():
             for r in requests:
+                self.next_arrival_s = r.arrival_s
                 if r.arrival_s > env.now:
                     yield env.timeout(r.arrival_s - env.now)
                 self._admit(r)
+            self.next_arrival_s = math.inf
             for rep in entry.replicas:
                 rep.close()
             self._arrivals_done = True

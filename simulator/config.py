@@ -41,7 +41,7 @@ _CHECKS = {
     "cost_model": ("optstr", None), "trace": ("str", None), "num_requests": ("optposint", None),
     "qps": ("optposfloat", None), "concurrency": ("optposint", None), "input_len": ("optposint", None),
     "output_len": ("optposint", None), "range_ratio": ("optfraction", None), "arrival": ("choice", ("poisson", "gamma")), "cv": ("posfloat", None),
-    "retime": ("bool", None), "shuffle": ("bool", None), "drop_long": ("bool", None), "shrink_long": ("bool", None), "seed": ("nonnegint", None),
+    "retime": ("bool", None), "shuffle": ("bool", None), "drop_long": ("bool", None), "shrink_long": ("bool", None), "fast_forward": ("bool", None), "seed": ("nonnegint", None),
 }
 
 
@@ -143,6 +143,7 @@ class SimConfig:
     shuffle: bool = False
     drop_long: bool = False
     shrink_long: bool = False
+    fast_forward: bool = True
     seed: int = 42
 
     def __post_init__(self):
@@ -228,6 +229,7 @@ HELP = {
     "shuffle": "Seeded shuffle of a file trace's requests.",
     "drop_long": "Drop requests longer than max_model_len instead of shrinking them.",
     "shrink_long": "Accept a workload shrunk to max_model_len in a capacity search (simulate always shrinks).",
+    "fast_forward": "Advance quiet stretches of decode iterations at once (identical results; off to compare).",
     "seed": "Seed of every random choice.",
 }
 

@@ -28,17 +28,15 @@ REQUEST_FIELDS = ("arrival_s", "prompt_tokens", "output_tokens", "scheduled_s", 
 INT_FIELDS = ("prompt_tokens", "output_tokens", "num_preemptions", "num_cached_tokens", "deadlines", "deadline_misses")
 
 
-def weighted_percentile(values: np.ndarray, counts: np.ndarray, percentile: float) -> float:
-    """``np.percentile(np.repeat(values, counts), percentile)`` without expanding: the same ``linear`` method, the
-    same floating-point steps (virtual index ``(n - 1) * q``, numpy's ``_lerp``). Raises ValueError when empty."""
+def _sorted(values, counts) -> tuple[np.ndarray, np.ndarray, int]:
     counts = np.asarray(counts, dtype=np.int64)
     keep = counts > 0
     values, counts = np.asarray(values, dtype=float)[keep], counts[keep]
-    n = int(counts.sum())
-    if n == 0:
-        raise ValueError("weighted_percentile: no samples")
     order = np.argsort(values, kind="stable")
-    values, cum = values[order], np.cumsum(counts[order])
+    return values[order], counts[order], int(counts.sum())
+
+
+def _percentile_sorted(values: np.ndarray, cum: np.ndarray, n: int, percentile: float) -> float:
     q = np.true_divide(np.float64(percentile), 100)
     virtual = (n - 1) * q
     prev = int(np.floor(virtual))
@@ -55,18 +53,28 @@ def weighted_percentile(values: np.ndarray, counts: np.ndarray, percentile: floa
     return float(np.add(a, diff * gamma))
 
 
+def weighted_percentile(values: np.ndarray, counts: np.ndarray, percentile: float) -> float:
+    """``np.percentile(np.repeat(values, counts), percentile)`` without expanding: the same ``linear`` method, the
+    same floating-point steps (virtual index ``(n - 1) * q``, numpy's ``_lerp``). Raises ValueError when empty."""
+    values, counts, n = _sorted(values, counts)
+    if n == 0:
+        raise ValueError("weighted_percentile: no samples")
+    return _percentile_sorted(values, np.cumsum(counts), n, percentile)
+
+
 def weighted_distribution(values: np.ndarray, counts: np.ndarray) -> dict:
-    """``metrics.distribution`` of a weighted sample (mean, p50, p90, p99, max); all None when empty."""
+    """``metrics.distribution`` of a weighted sample (mean, p50, p90, p99, max); all None when empty. Computed on
+    the sample sorted by value, so the result depends only on the multiset (not on the order samples came in)."""
     from simulator.metrics import PERCENTILES
 
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.sum() == 0:
+    values, counts, n = _sorted(values, counts)
+    if n == 0:
         return {"mean": None, **{k: None for k in PERCENTILES}, "max": None}
-    expanded_mean = float(np.repeat(values, counts).mean()) if counts.sum() < 5_000_000 else \
-        float(np.dot(values, counts) / counts.sum())
-    out = {"mean": expanded_mean}
-    out.update({k: weighted_percentile(values, counts, q) for k, q in PERCENTILES.items()})
-    out["max"] = float(np.max(np.asarray(values)[counts > 0]))
+    mean = float(np.repeat(values, counts).mean()) if n < 5_000_000 else float(np.dot(values, counts) / n)
+    cum = np.cumsum(counts)
+    out = {"mean": mean}
+    out.update({k: _percentile_sorted(values, cum, n, q) for k, q in PERCENTILES.items()})
+    out["max"] = float(values[-1])
     return out
 
 

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import math
+
 import numpy as np
 import simpy
 
 from cost_models.plan import BatchPlan
+from simulator.fast_forward import apply_stretch, exact_delay, plan_stretch, step_plan
 
 
 class StalledError(RuntimeError):
@@ -56,6 +59,7 @@ class IterationLog:
     plans: list | None = None
     sink: object = None             # an output.ChunkWriter: rows are flushed to it in chunks of CHUNK
     replica_ids: bool = False       # write replica_id (a cluster)
+    multi: bool = False             # several replicas append: rows are ordered (``order_rows``) when the run ends
     _done: int = 0                  # rows folded into the statistics (and flushed, with a sink)
     _util_sum: float = 0.0
     _util_max: float | None = None
@@ -100,9 +104,24 @@ class IterationLog:
                 lst.clear()
         self._done = upto
 
+    def order_rows(self) -> None:
+        """Put the rows of several replicas in time order: by ``scheduled_s``, then ``replica_id`` (stable, so each
+        replica's own order stays) — the order does not depend on how the replicas' events interleaved."""
+        order = np.lexsort((np.asarray(self.replica_id), np.asarray(self.scheduled_s, dtype=float))).tolist()
+        for name in (*self.BASE, "replica_id", "scheduled_s"):
+            col = getattr(self, name)
+            col[:] = [col[i] for i in order]
+        for lst in self.stage_start_s + self.stage_duration_s:
+            lst[:] = [lst[i] for i in order]
+        if self.plans is not None:
+            self.plans[:] = [self.plans[i] for i in order]
+
     def maybe_flush(self) -> None:
         """Fold (and flush) every complete chunk of CHUNK rows: statistics are chunked the same way with or
-        without a sink, so a streamed run and a kept one give identical numbers."""
+        without a sink, so a streamed run and a kept one give identical numbers. Rows of several replicas wait
+        for the end of the run (``order_rows``)."""
+        if self.multi:
+            return
         total = len(self)
         while total - self._done >= self.CHUNK:
             self._fold(self._done + self.CHUNK)
@@ -110,6 +129,9 @@ class IterationLog:
     def stats(self) -> dict:
         """``num_iterations`` and the KV-cache utilization (blocks used / total after each micro-batch's
         allocations): mean and max. Flushes every row to the sink."""
+        if self.multi:
+            self.order_rows()
+            self.multi = False
         self.maybe_flush()
         self._fold(len(self))
         n = self._done
@@ -145,6 +167,9 @@ class Replica:
         self.on_iteration = on_iteration
         self.on_done = on_done
         self.recorder = None            # a recorder.Recorder counting TBT samples, if any
+        self.fast_forward = False       # advance quiet decode stretches at once (simulator.fast_forward)
+        self.horizon = lambda: math.inf  # time of the next external event (arrival) the replica must stop for
+        self.stop_at_completion = False  # closed loop: a completion sends the next request
         self.stage_free_s = [0.0] * self.pp
         self.stage_busy_s = [0.0] * self.pp
         self.num_in_flight = 0
@@ -252,12 +277,47 @@ class Replica:
             self._preempted = ()
         return plan
 
+    def _advance(self, durations, ends, i: int, j: int):
+        """Move the clock from the end of stretch step ``i`` (-1: its start) to the end of step ``j``."""
+        if j <= i:
+            return
+        d = exact_delay(self.env.now, ends[j])
+        if d is not None:
+            yield self.env.timeout(d)
+            return
+        for k in range(i + 1, j + 1):
+            yield self.env.timeout(durations[k])
+
+    def _stretch(self, plan: BatchPlan):
+        """Fast-forward the quiet stretch starting at ``plan`` (see ``simulator.fast_forward``); True if it ran."""
+        s = plan_stretch(self, plan, self.horizon(), self.stop_at_completion)
+        if s is None:
+            return False
+        completions = dict(apply_stretch(self, plan, s))
+        ends, durations = s["ends"].tolist(), s["durations"].tolist()
+        hook, at = self.on_iteration, -1
+        for j in range(len(ends)) if hook is not None else sorted(completions):
+            if hook is not None:
+                hook(step_plan(s, j), s["starts"][j], durations[j])
+            done = completions.get(j)
+            if done:
+                yield from self._advance(durations, ends, at, j)
+                at = j
+                if self.on_done is not None:
+                    self.on_done(self, done)
+        yield from self._advance(durations, ends, at, len(ends) - 1)
+        return True
+
     def _run(self):
         env, scheduler = self.env, self.scheduler
         if self.pp == 1:
             cm = self.cost_model
             while True:
                 plan = self._schedule()
+                if plan and self.fast_forward and self.log.plans is None and \
+                        plan.num_decodes == len(plan.request_ids):
+                    if (yield from self._stretch(plan)):
+                        continue
                 if plan:
                     start = env.now
                     duration = cm.iteration_time(plan)

@@ -357,8 +357,11 @@ def run_deployment(dep: Deployment, requests, *, num_requests: int | None = None
     pools: dict[str, list] = {}
     for spec in dep.specs:
         pools.setdefault(spec.pool, []).append(spec)
+    log.multi = dep.num_replicas > 1
+    # a hook watching the cluster's clock (the capacity search) needs the replicas' steps in time order
+    ff = dep.config.fast_forward and not (on_iteration is not None and dep.num_replicas > 1)
     cluster = Cluster(env, {}, log, _kv_transfer(dep) if dep.config.disaggregated else None, recorder.finish,
-                      concurrency=dep.config.concurrency)
+                      concurrency=dep.config.concurrency, fast_forward=ff)
     cluster.recorder = recorder
     router = ROUTERS[dep.config.router]
     index = 0

@@ -46,6 +46,9 @@ class Scheduler:
     default_max_num_seqs = 128
     #: a prefill replica of a disaggregated cluster keeps a handed-off request's blocks until its KV is sent
     hold_kv_after_prefill = False
+    #: while requests wait but cannot be admitted, the policy keeps decoding every running request until a
+    #: completion frees KV blocks or a slot (False: it may admit on another turn; see ``decode_steady``)
+    steady_with_waiting = True
 
     #: admission watermark (fraction of the KV blocks kept free) when the config leaves it unset
     default_watermark = 0.01
@@ -156,6 +159,37 @@ class Scheduler:
         self.waiting.appendleft(r)
         self.num_preemptions += 1
 
+    def decode_running(self, preempted: list, partial: list | None = None) -> list[Request]:
+        """Every running decode (not in flight), in FCFS order, gets one token; when one needs a KV block and none
+        is free, the latest-arrived running request not yet looked at is preempted by recompute — or the request
+        itself when none is left, which then waits (vLLM's rule, Kwon et al. SOSP'23 §4.5; Sarathi-Serve §4.3
+        Algorithm 2). Returns the decodes; preempted requests are appended to ``preempted``, running requests that
+        are not decoding (partial prefills) to ``partial`` (dropped if None)."""
+        decodes = []
+        running = [r for r in self.running if not r.in_flight]   # FCFS order; the tail is the latest arrival
+        allocate = self.kv.allocate
+        i, end = 0, len(running)                                 # running[i:end] are still to look at
+        while i < end:
+            r = running[i]
+            i += 1
+            if not r.is_decoding:
+                if partial is not None:
+                    partial.append(r)
+                continue
+            while not allocate(r, r.num_computed_tokens + 1):
+                if i < end:
+                    end -= 1
+                    victim = running[end]                        # later in FCFS order than r
+                else:
+                    victim = r
+                self.preempt(victim)
+                preempted.append(victim)
+                if victim is r:
+                    break
+            else:
+                decodes.append(r)
+        return decodes
+
     def make_plan(self, decodes: list[Request], prefills: list[tuple[Request, int]], now_s: float,
                   preempted: list[Request] = ()) -> BatchPlan:
         """Build the plan (decodes first; a 1-token entry of a decoding request counts as a decode) and advance
@@ -171,6 +205,20 @@ class Scheduler:
         for r, n in prefills:
             r.schedule(n, now_s)
         return BatchPlan(ids, new, ctx, len(decodes), tuple(r.request_id for r in preempted))
+
+    def decode_steady(self, plan: BatchPlan) -> str | None:
+        """Whether the steps after ``plan`` are "every running request decodes one token" as long as nothing
+        external happens (the engine then fast-forwards them, ``simulator.fast_forward``): ``"open"`` when nothing
+        waits (only an arrival ends it), ``"until-completion"`` when requests wait for KV blocks or a slot (a
+        completion may admit one), None when not (a prefill chunk, a preemption, prefix caching, a request in
+        flight or not in the plan)."""
+        if plan.preempted_ids or self.kv.prefix_caching or plan.num_decodes != len(plan.request_ids):
+            return None
+        if len(plan.request_ids) != len(self.running):
+            return None
+        if self.waiting:
+            return "until-completion" if self.steady_with_waiting else None
+        return "open"
 
     # --- policy ---------------------------------------------------------------------------------------------
     def schedule(self, now_s: float) -> BatchPlan:  # pragma: no cover - abstract

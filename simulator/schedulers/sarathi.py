@@ -28,31 +28,17 @@ class SarathiScheduler(Scheduler):
         self.token_budget = token_budget
 
     def schedule(self, now_s):
-        decodes, partial, preempted = [], [], []
-        running = [r for r in self.running if not r.in_flight]   # FCFS order; the tail is the latest arrival
-        while running:
-            r = running.pop(0)
-            if not r.is_decoding:
-                partial.append(r)
-                continue
-            while not self.kv.allocate(r, r.num_computed_tokens + 1):
-                victim = running.pop() if running else r   # later in FCFS order than r, so not in `partial`
-                self.preempt(victim)
-                preempted.append(victim)
-                if victim is r:
-                    break
-            else:
-                decodes.append(r)
-
+        partial, preempted = [], []
+        decodes = self.decode_running(preempted, partial)      # 1. every running decode (preempting if short)
         budget = self.token_budget - len(decodes)
         prefills = []
-        for r in partial:
+        for r in partial:                                      # 2. chunks of partially prefilled requests
             if budget <= 0:
                 break
             chunk = min(r.remaining_tokens, budget)
             prefills.append((r, chunk))
             budget -= chunk
-        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
+        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:     # 3. new requests
             r = self.waiting[0]
             if not self.admit(r, r.num_tokens, hit=self.prefix_hit(r)):
                 break

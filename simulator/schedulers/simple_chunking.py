@@ -23,6 +23,7 @@ from simulator.schedulers.base import Scheduler
 class SimpleChunkingScheduler(Scheduler):
     name = "simple-chunking"
     options = {"token_budget": 512}              # the artifact's chunk_size
+    steady_with_waiting = False                  # a prefill turn may admit a waiting request after a decode turn
 
     def __init__(self, block_manager, *, max_model_len: int, max_num_seqs: int = 128, token_budget: int = 512):
         super().__init__(block_manager, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
@@ -59,20 +60,8 @@ class SimpleChunkingScheduler(Scheduler):
             if prefills:
                 self.prefill_turn = False
                 return self.make_plan([], prefills, now_s)
-        decodes, preempted = [], []
-        running = [r for r in self.running if not r.in_flight]   # FCFS order; the tail is the latest arrival
-        while running:
-            r = running.pop(0)
-            if not r.is_decoding:
-                continue
-            while not self.kv.allocate(r, r.num_computed_tokens + 1):
-                victim = running.pop() if running else r
-                self.preempt(victim)
-                preempted.append(victim)
-                if victim is r:
-                    break
-            else:
-                decodes.append(r)
+        preempted = []
+        decodes = self.decode_running(preempted)
         self.prefill_turn = True
         if not decodes and not preempted:         # nothing to decode: the artifact's engine idles one empty step,
             prefills = self._prefills()            # then takes the prefill turn; take it at once

@@ -60,16 +60,6 @@ class VLLMv0Scheduler(Scheduler):
         if prefills:
             return self.make_plan([], prefills, now_s)
 
-        decodes, preempted = [], []
-        running = [r for r in self.running if not r.in_flight]   # FCFS order; the tail is the latest arrival
-        while running:
-            r = running.pop(0)
-            while not self.kv.allocate(r, r.num_computed_tokens + 1):
-                victim = running.pop() if running else r
-                self.preempt(victim)
-                preempted.append(victim)
-                if victim is r:
-                    break
-            else:
-                decodes.append(r)
+        preempted = []
+        decodes = self.decode_running(preempted)
         return self.make_plan(decodes, [], now_s, preempted)

@@ -1,0 +1,99 @@
+"""Fast-forward of quiet decode stretches (issue 11) changes nothing: every output file of a run is byte-identical
+with it on and off — for every scheduler, on one replica and clusters, with pipeline stages (not fast-forwarded,
+so trivially equal), under KV pressure (the stretch stops where growth could fail), with waiting requests (it
+stops at the first completion) and closed-loop load."""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cost_models.base import ConstantCostModel
+from simulator.cli import main
+from simulator.request import Request
+from simulator.schedulers import SCHEDULERS
+from simulator.simulation import simulate
+
+FILES = ("summary.json", "requests.csv", "iterations.csv", "tokens.csv")
+
+
+def _trace(path: Path, n: int, seed: int, qps: float) -> Path:
+    rng = np.random.default_rng(seed)
+    arrivals = np.round(np.cumsum(rng.exponential(1 / qps, n)), 6)
+    prompts = rng.integers(16, 1500, n)
+    outputs = rng.integers(1, 300, n)
+    lines = ["prompt_tokens,output_tokens,arrival_s"] + [f"{p},{o},{a}" for p, o, a in zip(prompts, outputs, arrivals)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _both(tmp_path: Path, *args) -> None:
+    for ff, name in (("--fast-forward", "on"), ("--no-fast-forward", "off")):
+        out = CliRunner().invoke(main, ["simulate", "--out", str(tmp_path / name), "--tokens", ff, *map(str, args)])
+        assert out.exit_code == 0, out.output
+    for f in FILES:
+        on, off = (tmp_path / "on" / f).read_bytes(), (tmp_path / "off" / f).read_bytes()
+        if f == "summary.json":          # the config records the option itself
+            on = on.replace(b'"fast_forward": true', b'"fast_forward": false')
+        assert on == off, f
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+@pytest.mark.parametrize("shape", ["one", "kv-pressure", "cluster", "pp2", "closed-loop"])
+def test_every_output_is_identical_with_fast_forward_on_and_off(tmp_path, scheduler, shape):
+    trace = _trace(tmp_path / "t.csv", 120, seed=zlib.crc32(f"{scheduler}-{shape}".encode()), qps=4.0)
+    args = ["--trace", trace, "--scheduler", scheduler]
+    if shape == "kv-pressure":
+        args += ["--num-kv-blocks", 1200, "--max-model-len", 2048]   # requests wait; growth runs into the cache
+    elif shape == "cluster":
+        args += ["--replicas", 3, "--router", "least-tokens"]
+    elif shape == "pp2":
+        args += ["--pp", 2]
+    elif shape == "closed-loop":
+        args += ["--concurrency", 6]
+    _both(tmp_path, *args)
+
+
+def test_fast_forward_is_used_and_counts_every_iteration(tmp_path):
+    # the default workload at 2 QPS: most iterations are quiet decode stretches
+    res_on = simulate(num_requests=300, fast_forward=True)
+    res_off = simulate(num_requests=300, fast_forward=False)
+    assert res_on.summary == res_off.summary
+    assert res_on.log.columns() == res_off.log.columns()
+    assert [r.token_times_s for r in res_on.requests] == [r.token_times_s for r in res_off.requests]
+
+
+@st.composite
+def workloads(draw):
+    n = draw(st.integers(1, 10))
+    t, reqs = 0.0, []
+    for i in range(n):
+        t += draw(st.sampled_from([0.0, 0.0, 0.3, 1.0, 5.0]))
+        reqs.append((t, draw(st.integers(1, 50)), draw(st.integers(1, 40))))
+    return {"requests": reqs, "blocks": draw(st.integers(34, 80)), "budget": draw(st.integers(4, 64)),
+            "seqs": draw(st.integers(1, 8)), "replicas": draw(st.sampled_from([1, 1, 2])),
+            "per_context": draw(st.sampled_from([0.0, 1e-4]))}
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(w=workloads())
+def test_random_small_runs_are_identical(scheduler, w):
+    reqs = [Request(i, a, p, o) for i, (a, p, o) in enumerate(w["requests"])]
+    cm = ConstantCostModel(fixed_s=0.01, per_token_s=1e-4, per_context_token_s=w["per_context"])
+    kw = dict(model="tiny", device="cpu", scheduler=scheduler, requests=reqs, cost_model=cm,
+              num_kv_blocks=w["blocks"], block_size=4, max_model_len=128, max_num_seqs=w["seqs"],
+              replicas=w["replicas"], token_budget=w["budget"],
+              max_num_batched_tokens={"vllm": max(w["budget"], 64), "vllm-v0": 128}.get(scheduler))
+    on, off = simulate(fast_forward=True, **kw), simulate(fast_forward=False, **kw)
+    assert on.summary == off.summary
+    assert on.log.columns(replica_ids=True) == off.log.columns(replica_ids=True)
+    assert [r.token_times_s for r in on.requests] == [r.token_times_s for r in off.requests]
+    assert on.request_columns().keys() == off.request_columns().keys()
+    for k, v in on.request_columns().items():
+        assert np.array_equal(v, off.request_columns()[k], equal_nan=True), k
