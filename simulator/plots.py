@@ -95,6 +95,38 @@ def _facets(table: pd.DataFrame, keys):
     return [(_label(group.iloc[0], keys), group) for _, group in table.groupby(keys, sort=False, dropna=False)]
 
 
+def _context(table: pd.DataFrame) -> str:
+    """'model on device (tp=.., pp=..)' from the sweep's constant columns (defaults where absent)."""
+    from simulator.config import SimConfig
+
+    def one(col, default):
+        if col in table and table[col].nunique(dropna=True) == 1:
+            v = table[col].dropna().iloc[0]
+            return int(v) if isinstance(v, float) and v.is_integer() else v
+        return default if col not in table else None
+
+    model, device = one("model", SimConfig.model), one("device", None) or one("node", None) or "A100-80GB-SXM"
+    tp, pp = one("tp", 1), one("pp", 1)
+    par = ", ".join(f"{k}={v}" for k, v in (("tp", tp), ("pp", pp)) if v is not None)
+    return f"{model} on {device}" + (f" ({par})" if par else "")
+
+
+def run_label(summary: dict) -> str:
+    """A legend entry for a simulate run: scheduler, its budget, and the offered load."""
+    c = summary.get("config", {})
+    label = c.get("scheduler", "?")
+    if c.get("scheduler") in ("sarathi", "simple-chunking"):
+        label += f" {c.get('token_budget')}"
+    if c.get("replicas", 1) > 1:
+        label += f" x{c['replicas']}"
+    offered = (summary.get("load") or {}).get("offered_qps")
+    if c.get("concurrency"):
+        label += f", {c['concurrency']} clients"
+    elif offered:
+        label += f" @ {offered:.3g} QPS"
+    return label
+
+
 def capacity_figure(table: pd.DataFrame):
     """Capacity vs token budget per scheduler (see the module docstring). Raises PlotError without capacities."""
     if "capacity_qps" not in table or table.empty:
@@ -109,11 +141,12 @@ def capacity_figure(table: pd.DataFrame):
         for scheduler, rows in group.groupby("scheduler", sort=False):
             color = colors.setdefault(scheduler, f"C{len(colors)}")
             has_budget = "token_budget" in rows and rows["token_budget"].notna().any()
-            if has_budget:
+            if has_budget:      # a capacity per budget tried: points, not a line that would interpolate
                 rows = rows.sort_values("token_budget")
-                ax.plot(rows["token_budget"], rows["capacity_qps"], "o-", color=color, label=scheduler)
+                ax.plot(rows["token_budget"], rows["capacity_qps"], "o", ms=6, color=color,
+                        label=f"{scheduler} (per token budget)")
             else:
-                ax.axhline(rows["capacity_qps"].max(), color=color, ls="--", label=scheduler)
+                ax.axhline(rows["capacity_qps"].max(), color=color, ls="--", label=f"{scheduler} (no budget)")
         if budgets:
             ax.set_xscale("log", base=2)
             ax.set_xticks(budgets, [f"{int(b)}" for b in budgets])
@@ -126,7 +159,8 @@ def capacity_figure(table: pd.DataFrame):
     for ax in list(axes.flat)[len(facets):]:
         ax.set_visible(False)
     slo = table["slo_description"].dropna().unique() if "slo_description" in table else []
-    fig.suptitle("Capacity under the SLO" + (f": {slo[0]}" if len(slo) == 1 else ""), fontsize=11)
+    fig.suptitle(f"{_context(table)}: capacity under the SLO" + (f" {slo[0]}" if len(slo) == 1 else ""),
+                 fontsize=11)
     return fig
 
 
@@ -149,7 +183,7 @@ def latency_figure(table: pd.DataFrame):
     if "tbt_slo" in table and table["tbt_slo"].nunique() == 1:
         axes[0, 0].axhline(table["tbt_slo"].iloc[0], color="k", ls=":", label="TBT SLO")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("Latency vs load", fontsize=11)
+    fig.suptitle(f"{_context(table)}: latency vs load", fontsize=11)
     return fig
 
 
@@ -160,9 +194,11 @@ def _cdf(ax, values, label, color):
         ax.plot(a, np.arange(1, a.size + 1) / a.size, color=color, label=label)
 
 
-def cdf_figure(runs: dict):
+def cdf_figure(runs: dict, title: str = ""):
     """CDFs of TTFT, TBT and scheduling delay. ``runs``: label -> ``(requests table, tbt gaps array)``."""
     fig, axes = _figure(3, width=4.2)
+    if title:
+        fig.suptitle(title, fontsize=11)
     for i, (label, (requests, gaps)) in enumerate(runs.items()):
         _cdf(axes[0, 0], requests["ttft_s"], label, f"C{i}")
         _cdf(axes[0, 1], gaps, label, f"C{i}")
@@ -218,7 +254,7 @@ def timeline_figure(iterations: pd.DataFrame, window_s: tuple[float, float] | No
 # --- files ----------------------------------------------------------------------------------------------------
 
 def load_run(run_dir: str | Path):
-    """``(requests table, TBT gaps, iterations table)`` of a ``servesim simulate`` folder.
+    """``(requests table, TBT gaps, iterations table, summary)`` of a ``servesim simulate`` folder.
 
     TBT gaps come from ``tokens.csv`` (request_id, token_index, time_s) when present, else the run is replayed
     from ``summary.json``'s config (the simulator is deterministic, so this reproduces the same token times).
@@ -227,6 +263,7 @@ def load_run(run_dir: str | Path):
     run = Path(run_dir)
     if not (run / "requests.csv").exists():
         raise PlotError(f"{run}: not a simulate output (no requests.csv)")
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     requests = pd.read_csv(run / "requests.csv")
     iterations = pd.read_csv(run / "iterations.csv") if (run / "iterations.csv").exists() else None
     if (run / "tokens.csv").exists():
@@ -238,10 +275,9 @@ def load_run(run_dir: str | Path):
         from simulator.metrics import tbt_gaps
         from simulator.simulation import simulate
 
-        summary = json.loads((run / "summary.json").read_text())
         config = SimConfig(**summary["config"])
         gaps = tbt_gaps(simulate(config).requests)
-    return requests, gaps, iterations
+    return requests, gaps, iterations, summary
 
 
 def _sweep_table(path: Path) -> pd.DataFrame | None:
@@ -258,7 +294,7 @@ def plot_paths(paths, out_dir: str | Path, *, window_s: tuple[float, float] | No
     ``latency_vs_qps`` (qps mode); simulate folders give ``cdfs`` (all runs overlaid, labelled by folder name)
     and ``timeline_<name>`` each. Raises PlotError for a path that is neither.
     """
-    written, runs = [], {}
+    written, runs, contexts = [], {}, set()
     for p in map(Path, paths):
         table = _sweep_table(p)
         if table is not None:
@@ -269,11 +305,16 @@ def plot_paths(paths, out_dir: str | Path, *, window_s: tuple[float, float] | No
             continue
         if not p.exists():
             raise PlotError(f"{p}: no such file or folder")
-        requests, gaps, iterations = load_run(p)
-        runs[p.name] = (requests, gaps)
+        requests, gaps, iterations, summary = load_run(p)
+        label = run_label(summary) if summary else p.name
+        while label in runs:
+            label += "'"
+        runs[label] = (requests, gaps)
+        dep = summary.get("deployment", {})
+        contexts.add(f"{dep.get('model', '?')} on {dep.get('device', '?')}")
         if iterations is not None and len(iterations):
-            written += save(timeline_figure(iterations, window_s, title=f"Batch composition: {p.name}"),
+            written += save(timeline_figure(iterations, window_s, title=f"Batch composition: {label}"),
                             out_dir, f"timeline_{p.name}")
     if runs:
-        written += save(cdf_figure(runs), out_dir, "cdfs")
+        written += save(cdf_figure(runs, title=" / ".join(sorted(contexts))), out_dir, "cdfs")
     return written

@@ -12,7 +12,8 @@ from simulator.plots import (PlotError, capacity_figure, cdf_figure, latency_fig
 from simulator.simulation import simulate
 from simulator.slo import token_times_table
 
-TINY = SimConfig(model="tiny", device="cpu", max_model_len=8192, allow_long_max_model_len=True, num_requests=40, qps=2.0)
+TINY = SimConfig(model="tiny", device="cpu", max_model_len=8192, allow_long_max_model_len=True, num_requests=40,
+                 qps=2.0)
 
 
 def _capacity_table():
@@ -26,13 +27,18 @@ def _capacity_table():
     })
 
 
-def test_capacity_figure_draws_budget_lines_and_flat_baselines():
-    fig = capacity_figure(_capacity_table())
+def test_capacity_figure_draws_budget_points_and_flat_baselines():
+    fig = capacity_figure(_capacity_table().assign(model="Mistral-7B", device="A100-80GB-SXM"))
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert list(lines["sarathi"].get_xdata()) == [512, 2048] and list(lines["sarathi"].get_ydata()) == [2.6, 1.8]
-    assert list(lines["vllm"].get_ydata()) == [1.0, 1.0] and list(lines["orca"].get_ydata()) == [0.9, 0.9]
-    assert ax.get_ylabel() == "capacity (QPS)" and "P99 TBT" in fig.get_suptitle()
+    sarathi = lines["sarathi (per token budget)"]
+    assert list(sarathi.get_xdata()) == [512, 2048] and list(sarathi.get_ydata()) == [2.6, 1.8]
+    assert sarathi.get_linestyle() == "None" and sarathi.get_marker() == "o"      # points: budgets are discrete
+    assert list(lines["vllm (no budget)"].get_ydata()) == [1.0, 1.0]
+    assert list(lines["orca (no budget)"].get_ydata()) == [0.9, 0.9]
+    title = fig.get_suptitle()
+    assert ax.get_ylabel() == "capacity (QPS)" and "P99 TBT" in title
+    assert "Mistral-7B on A100-80GB-SXM (tp=1, pp=1)" in title
 
 
 def test_capacity_figure_has_one_panel_per_other_varying_key():
@@ -74,10 +80,10 @@ def run_dir(tmp_path_factory):
 
 def test_tbt_gaps_from_tokens_csv_or_replay_agree(run_dir, tmp_path):
     out, result = run_dir
-    requests, replayed, iterations = load_run(out)                    # no tokens.csv: replays summary.json
+    requests, replayed, iterations, _ = load_run(out)                 # no tokens.csv: replays summary.json
     np.testing.assert_array_equal(np.sort(replayed), np.sort(tbt_gaps(result.requests)))
     token_times_table(result.requests).to_csv(out / "tokens.csv", index=False)
-    _, from_file, _ = load_run(out)
+    _, from_file, _, _ = load_run(out)
     np.testing.assert_allclose(np.sort(from_file), np.sort(replayed), rtol=0, atol=1e-9)
     (out / "tokens.csv").unlink()
     assert len(requests) == 40 and len(iterations) == result.summary["num_iterations"]
@@ -85,7 +91,7 @@ def test_tbt_gaps_from_tokens_csv_or_replay_agree(run_dir, tmp_path):
 
 def test_cdf_figure_is_a_cdf_per_metric(run_dir):
     out, result = run_dir
-    requests, gaps, _ = load_run(out)
+    requests, gaps, _, _ = load_run(out)
     fig = cdf_figure({"a": (requests, gaps)})
     ttft, tbt, delay = fig.axes[:3]
     y = tbt.get_lines()[0].get_ydata()
@@ -109,6 +115,10 @@ def test_plot_cli_on_run_and_sweep(run_dir, tmp_path):
     _capacity_table().to_csv(tmp_path / "sweep.csv", index=False)
     res = CliRunner().invoke(main, ["plot", str(out), str(tmp_path / "sweep.csv"), "--out", str(tmp_path / "figs")])
     assert res.exit_code == 0, res.output
+    from simulator.plots import run_label
+    import json
+    summary = json.loads((out / "summary.json").read_text())
+    assert run_label(summary).startswith("sarathi 512 @ ")                   # legends name the run, not its folder
     names = sorted(p.name for p in (tmp_path / "figs").iterdir())
     assert names == ["capacity_vs_token_budget.png", "capacity_vs_token_budget.svg", "cdfs.png", "cdfs.svg",
                      "timeline_sarathi.png", "timeline_sarathi.svg"]
