@@ -128,11 +128,42 @@ def run_header(result) -> str:
 
 
 @main.command("specs")
+@user_errors
 def specs():
-    """List the built-in models and devices."""
-    from cost_models.specs import known_devices, known_models
-    click.echo("models:  " + ", ".join(known_models()))
-    click.echo("devices: " + ", ".join(known_devices()))
+    """The built-in models (parameters, KV bytes per token, context), devices (peak FLOP/s, bandwidth, memory,
+    calibration of their cost constants) and nodes (GPUs, links)."""
+    from cost_models.roofline import default_constants
+    from cost_models.specs import known_devices, known_models, load_device, load_model
+    from cost_models.topology import known_nodes, load_node
+
+    def table(rows):
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+        last = len(widths) - 1
+        return "\n".join("  ".join(str(c).ljust(w) if i in (0, last) else str(c).rjust(w)
+                                   for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows)
+
+    rows = [("model", "params (B)", "layers", "hidden", "heads/kv", "KV bytes/token", "max_model_len", "context")]
+    for name in known_models():
+        m = load_model(name)
+        rows.append((m.name, f"{m.num_params() / 1e9:.2f}", m.num_layers, m.hidden_size,
+                     f"{m.num_attention_heads}/{m.num_kv_heads}", m.kv_bytes_per_token(), m.max_model_len,
+                     m.max_context))
+    click.echo(table(rows))
+    click.echo("")
+    rows = [("device", "fp16 TFLOP/s", "HBM GB/s", "memory GiB", "cost constants")]
+    for name in known_devices():
+        d = load_device(name)
+        status = default_constants(d.name).source
+        rows.append((d.name, f"{d.flops('float16') / 1e12:.4g}", f"{d.memory_bandwidth_bytes_per_s / 1e9:.0f}",
+                     f"{d.memory_bytes / 2**30:.0f}", status))
+    click.echo(table(rows))
+    click.echo("")
+    rows = [("node", "device", "GPUs", "NVLink group", "links (GB/s per direction)")]
+    for name in known_nodes():
+        n = load_node(name)
+        links = ", ".join(f"{k} {v.bandwidth_bytes_per_s / 1e9:.3g}" for k, v in n.links.items())
+        rows.append((n.name, n.device.name, n.gpus_per_node, n.nvlink_group, links))
+    click.echo(table(rows))
 
 
 # Commands of other parts of servesim live beside the code they drive and register here. Their modules must
