@@ -68,7 +68,28 @@ def summary_table(summary: dict) -> str:
 
 class OneLineErrors(click.Group):
     """A command group whose usage errors (unknown option, bad choice, missing value) end with one line
-    ``error: …`` naming the option and exit status 2, like every other bad input."""
+    ``error: …`` naming the option and exit status 2, like every other bad input; ``lazy_commands`` maps a command
+    name to ``"module:attribute"``, imported when the command is used (click's lazy subcommands pattern)."""
+
+    lazy_commands: dict = {}
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx, name):
+        if name in self.lazy_commands and name not in self.commands:
+            import importlib
+
+            module, attr = self.lazy_commands[name][0].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        """The command list of ``--help``, without importing the lazy commands."""
+        rows = [(name, cmd.get_short_help_str(limit=70)) for name, cmd in self.commands.items()]
+        rows += [(name, text) for name, (_, text) in self.lazy_commands.items() if name not in self.commands]
+        with formatter.section("Commands"):
+            formatter.write_dl(sorted(rows))
 
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs.pop("standalone_mode", None)
@@ -166,12 +187,18 @@ def specs():
     click.echo(table(rows))
 
 
-# Commands of other parts of servesim live beside the code they drive and register here. Their modules must
-# not import torch at import time (only inside the command), so `servesim simulate` works without torch.
-from profiler.cli import fit as _fit, profile as _profile  # noqa: E402  (profiling and fitting, issue 3)
-from profiler.cli_validate import validate as _validate  # noqa: E402  (validation, issue 4)
-from simulator.cli_experiments import capacity, plot, regress, replicas, sweep  # noqa: E402  (issue 5)
-from simulator.observe.cli import observe  # noqa: E402  (a real vLLM engine, issue 9)
-
-for _command in (_profile, _fit, _validate, capacity, replicas, sweep, plot, regress, observe):
-    main.add_command(_command)
+# Commands of other parts of servesim live beside the code they drive and are imported only when run (click's
+# lazily loaded subcommands), so `servesim --help` and `servesim simulate` import nothing they do not use. Their
+# modules must not import torch at import time (only inside the command), so they work without torch.
+LAZY_COMMANDS = {       # name -> ("module:attribute", the line `servesim --help` shows)
+    "capacity": ("simulator.cli_experiments:capacity", "Highest QPS meeting an SLO (capacity search)."),
+    "replicas": ("simulator.cli_experiments:replicas", "How many replicas serve a target QPS under an SLO."),
+    "sweep": ("simulator.cli_experiments:sweep", "A grid of capacity searches or QPS points (resumable)."),
+    "plot": ("simulator.cli_experiments:plot", "Figures from sweep tables and simulate folders."),
+    "regress": ("simulator.cli_experiments:regress", "Check the capacity baseline (CI)."),
+    "profile": ("profiler.cli:profile", "Time a layer's operators over a shape grid (torch)."),
+    "fit": ("profiler.cli:fit", "Fit per-operator cost models to a profile (or import Vidur's)."),
+    "validate": ("profiler.cli_validate:validate", "Replay simulated batches on a device; compare the times."),
+    "observe": ("simulator.observe.cli:observe", "Run the real vLLM engine on a trace and record its steps."),
+}
+main.lazy_commands = LAZY_COMMANDS

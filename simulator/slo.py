@@ -26,7 +26,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pandas as pd
 
 from cost_models.plan import BatchPlan
 
@@ -234,7 +233,7 @@ def fluidity_of(request, ttft_deadline_s: float, decode_deadline_s: float) -> tu
 
 
 def fluidity_per_request(requests, cost_model, *, decode_deadline_s: float = DEFAULT_DECODE_DEADLINE_S,
-                         ttft_slack_s: float = DEFAULT_TTFT_SLACK_S) -> pd.DataFrame:
+                         ttft_slack_s: float = DEFAULT_TTFT_SLACK_S):
     """Per-request fluidity (Etalon §4): one row per request with ``FLUIDITY_COLUMNS``.
 
     ``ttft_deadline_s`` = ``predicted_prefill_s`` + ``ttft_slack_s``; ``deadlines`` and ``deadline_misses`` come
@@ -251,6 +250,8 @@ def fluidity_per_request(requests, cost_model, *, decode_deadline_s: float = DEF
         missed, total = fluidity_of(r, deadline, decode_deadline_s)
         rate = missed / total if total else float("nan")
         rows.append((r.request_id, deadline, total, missed, rate, 1.0 - rate))
+    import pandas as pd
+
     return pd.DataFrame.from_records(rows, columns=FLUIDITY_COLUMNS)
 
 
@@ -319,7 +320,7 @@ def certain_violation_count(n: int, percentile: float) -> int:
 TOKEN_COLUMNS = ["request_id", "token_index", "time_s"]
 
 
-def token_times_table(requests) -> pd.DataFrame:
+def token_times_table(requests):
     """One row per emitted output token: ``request_id``, ``token_index`` (0 = first token), ``time_s`` (seconds
     of simulated time). TBT gaps are the per-request differences of ``time_s``; TTFT is ``time_s`` of token 0
     minus the request's arrival."""
@@ -328,4 +329,6 @@ def token_times_table(requests) -> pd.DataFrame:
     idx = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
     times = np.fromiter(itertools.chain.from_iterable(r.token_times_s for r in requests), dtype=float,
                         count=int(lens.sum()))
+    import pandas as pd
+
     return pd.DataFrame({"request_id": ids, "token_index": idx, "time_s": times}, columns=TOKEN_COLUMNS)
