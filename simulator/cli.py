@@ -196,6 +196,7 @@ LAZY_COMMANDS = {       # name -> ("module:attribute", the line `servesim --help
     "sweep": ("simulator.cli_experiments:sweep", "A grid of capacity searches or QPS points (resumable)."),
     "plot": ("simulator.cli_experiments:plot", "Figures from sweep tables and simulate folders."),
     "regress": ("simulator.cli_experiments:regress", "Check the capacity baseline (CI)."),
+    "reproduce": ("simulator.cli_experiments:reproduce", "The Sarathi-Serve paper's results beside servesim's."),
     "profile": ("profiler.cli:profile", "Time a layer's operators over a shape grid (torch)."),
     "fit": ("profiler.cli:fit", "Fit per-operator cost models to a profile (or import Vidur's)."),
     "validate": ("profiler.cli_validate:validate", "Replay simulated batches on a device; compare the times."),

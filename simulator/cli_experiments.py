@@ -155,6 +155,23 @@ def replicas(slo_flags, target_qps, max_replicas, out, **flags):
                f"capacity is {result.single_replica_capacity_qps:.4g} QPS; wrote {out}/replicas.json")
 
 
+@click.command("reproduce")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/reproduce",
+              help="Folder for the sweeps and report.md (resumable).")
+@click.option("--only", help="Comma-separated setups: mistral, yi, llama, falcon (default: all).")
+@click.option("--quick", is_flag=True, help="A small subset (64 requests per trial, Mistral-7B, sharegpt, strict).")
+@click.option("--jobs", type=int, help="Worker processes for the sweeps (default: all CPUs).")
+@user_errors
+def reproduce(out, only, quick, jobs):
+    """The Sarathi-Serve paper's capacity matrix, Table 4 and batch times beside servesim's: report.md."""
+    from simulator.reproduce import reproduce as run
+
+    path = run(out, quick=quick, setups=only.split(",") if only else None, jobs=jobs,
+               progress=lambda key: click.echo(f"{key}: done"))
+    click.echo(Path(path).read_text())
+    click.echo(f"wrote {path}")
+
+
 def _parse_assignments(items, *, lists: bool) -> dict:
     """``KEY=V`` (or ``KEY=V1,V2`` when ``lists``) strings to a dict; values parsed as YAML scalars."""
     out = {}
