@@ -1,4 +1,6 @@
-"""The what-if notebooks in experiments/notebooks run top to bottom on the built-in defaults."""
+"""The what-if notebooks in experiments/notebooks run top to bottom on the built-in defaults, and their
+conclusions hold: each ends with a cell asserting what it concludes, which fails the notebook (and this test)
+when a change to servesim makes the conclusion false."""
 from pathlib import Path
 
 import nbformat
@@ -15,7 +17,8 @@ def test_there_are_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
     assert not errors
-    assert all(cell.execution_count for cell in nb.cells if cell.cell_type == "code")
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    assert "assert " in last.source, "a notebook ends by checking its conclusion"
