@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,14 +35,15 @@ def user_errors(func):
 @click.option("--model", required=True, help="Model name (e.g. tiny, Mistral-7B), YAML spec or HF config.json.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="Where to run the kernels.")
-@click.option("--tp", type=int, default=1, show_default=True,
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
               help="Tensor-parallel degree (weights sharded on this one device).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
               help="Data type (default: the model spec's).")
 @click.option("--quick", is_flag=True, help="Small grid and short timing (CPU, CI).")
-@click.option("--threads", type=int, help="CPU threads (default 1: steadier timings on shared machines).")
-@click.option("--max-tokens", type=int, help="Largest token count of the linear operators.")
-@click.option("--max-context", type=int,
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads (default 1: steadier timings on shared machines).")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Largest token count of the linear operators.")
+@click.option("--max-context", type=click.IntRange(min=1),
               help="Largest context of the attention shapes (default: the model's, at most 2048 quick / 8192).")
 @click.option("--operators", help="Comma-separated subset of operators (default: all).")
 @click.option("--cold-cache/--warm-cache", default=True, show_default=True,
@@ -56,7 +58,7 @@ def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, o
             out, progress):
     """Time one decoder layer's operators over a shape grid into OUT/profile.csv + meta.json."""
     from cost_models.specs import load_model
-    from profiler.schema import ProfileError
+    from profiler.schema import OPERATORS, ProfileError
 
     try:
         from profiler.run import run_profile
@@ -64,9 +66,10 @@ def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, o
     except ImportError:
         raise ProfileError("profiling needs torch: pip install -e '.[profile]'") from None
     spec = load_model(model)
-    ops = [o.strip() for o in operators.split(",")] if operators else None
+    ops = [o.strip() for o in operators.split(",") if o.strip()] if operators else None
+    if operators and not ops:
+        raise ProfileError(f"--operators: no operator in {operators!r}; known: {', '.join(OPERATORS)}")
     if ops:
-        from profiler.schema import OPERATORS
         unknown = [o for o in ops if o not in OPERATORS]
         if unknown:
             raise ProfileError(f"--operators: unknown {', '.join(unknown)}; known: {', '.join(OPERATORS)}")
@@ -75,7 +78,7 @@ def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, o
     start = time.perf_counter()
     path = run_profile(spec, device=device, tp=tp, dtype=dtype, quick=quick, out_dir=out, num_threads=threads,
                        operators=ops, max_context=max_context, max_tokens=max_tokens, collectives=collectives,
-                       cold_cache=cold_cache, progress=progress)
+                       cold_cache=cold_cache, progress=progress, echo=lambda text: click.echo(text, err=True))
     meta = json.loads((Path(out) / "meta.json").read_text())
     click.echo(f"profiled {spec.name} (tp={tp}, {meta['dtype']}) on {meta['device_name']}: {meta['num_rows']} rows "
                f"in {time.perf_counter() - start:.1f} s")
@@ -87,13 +90,14 @@ def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, o
 @click.option("--from-vidur", "vidur_dir", type=click.Path(file_okay=False),
               help="Import Vidur-format tables (mlp.csv, attention.csv, ...) found under this folder.")
 @click.option("--model", help="Model of the Vidur tables (default: the profile's model).")
-@click.option("--tp", type=int, help="Tensor-parallel degree of the Vidur rows (default 1).")
+@click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel degree of the Vidur rows (default 1).")
 @click.option("--device", help="Device spec the tables were measured on (default: the profile's; "
                                 "A100-80GB-SXM for Vidur tables, cpu for CPU profiles).")
-@click.option("--cpu-overhead-ms", type=float,
+@click.option("--cpu-overhead-ms", type=click.FloatRange(min=0),
               help="Per-iteration CPU overhead, replacing the profiled cpu_overhead operator (default: the "
                    "profile's or Vidur's cpu_overhead by batch size, else the roofline's constant).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split and the trees.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the held-out split and the trees.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fitted model.")
 @click.option("--force", is_flag=True, help="Refit even if OUT holds a model of the same profile.")
 @user_errors
@@ -106,8 +110,13 @@ def fit(profile_dir, vidur_dir, model, tp, device, cpu_overhead_ms, seed, out, f
     from cost_models.specs import ModelSpec, load_device, load_model
     from profiler.schema import read_meta, read_profile
 
+    from traces.tables import ensure_dir
+
     if not profile_dir and not vidur_dir:
         raise FitError("give a profile folder (servesim profile --out DIR) or --from-vidur DIR")
+    if cpu_overhead_ms is not None and not math.isfinite(cpu_overhead_ms):
+        raise FitError(f"--cpu-overhead-ms: must be a finite number >= 0, got {cpu_overhead_ms}")
+    ensure_dir(out, error=FitError)             # an unwritable --out fails now, not after the fit
     frames, meta, spec = [], {}, None
     if profile_dir:
         frames.append(read_profile(profile_dir))

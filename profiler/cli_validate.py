@@ -5,6 +5,7 @@ without torch installed.
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import click
@@ -41,8 +42,10 @@ def _default_exec_device() -> str:
 @user_errors
 def validate(exec_device, max_iterations, warmup, repeats, threads, cpu_clock, out, progress, **flags):
     """Simulate, execute the simulated iterations on a device and print the predicted-vs-measured error."""
-    from profiler.validate import error_table, latency_table, median_error_line, run_validation
+    from profiler.validate import ValidationError, error_table, latency_table, median_error_line, run_validation
 
+    if importlib.util.find_spec("torch") is None:
+        raise ValidationError("validate executes on a device with torch: pip install -e '.[profile]'")
     config = config_from_options(**flags)
     if progress is None:
         progress = sys.stderr.isatty()

@@ -2,30 +2,36 @@
 ``DIR/meta.json``.
 
 ``run_profile(model, device="cpu", out_dir=...)`` writes ``meta.json`` first, then appends the CSV lines of each
-block of ``ROUND_BLOCK`` shapes and flushes them, so an interrupted run loses at most one block. Within a block
+block of ``ROUND_BLOCK`` shapes, flushed and fsynced, so an interrupted run loses at most one block. Within a block
 every shape is timed ``TimingConfig.rounds`` times, a round over the whole block after the other, and the round
 with the lowest median is kept: another process slowing the machine for a moment spoils one round, not the
 shape (the "lowest of repeated measurements" rule of Python's ``timeit`` documentation). Run again with the same arguments
-and it resumes: rows already in the CSV (same operator and shape columns) are skipped, a torn last line is cut
-off, and nothing is duplicated. A folder holding a profile of another model, parallelism, dtype or device is
-refused (``ProfileError``) rather than mixed.
+and it resumes: rows already in the CSV (same operator and shape columns) are skipped, and nothing is duplicated.
+The CSV goes through the shared resumable-table writer (``traces.tables.ResumableTable``): a torn last row (no
+newline, the wrong number of fields, fields that do not parse) is dropped with a note; a damaged row elsewhere
+or a CSV with other columns is an error. ``meta.json`` is always replaced atomically (temporary file and
+rename), so a kill leaves the old or the new one; one left unreadable by an older servesim is rewritten with a
+note, the rows' own model/device/dtype columns then vouching for the folder. The folder is locked while a run
+writes to it (``traces.tables.FolderLock``). A folder holding a profile of another model, parallelism, dtype or
+device is refused (``ProfileError``) rather than mixed.
 
 Torch is imported inside the functions, so importing this module stays cheap.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from profiler.grid import GridSpec, build_grid, decode_kv_lens, shape_bytes, shape_key
 from profiler.schema import (COLUMNS, META_JSON, PROFILE_CSV, TIME_COLUMNS, LayerShapes, ProfileError,
-                             model_columns)
+                             check_profile_row, model_columns)
 from profiler.timing import TimingConfig, time_operator
+from traces.tables import FolderLock, ResumableTable, ensure_dir, write_json_atomic
 
 # Shapes timed together: each is timed ``TimingConfig.rounds`` times, one round over the block after the other
 # (seconds apart), and the round with the lowest median is kept; the block's rows are then written.
@@ -84,43 +90,74 @@ def _memory_budget(device_type: str) -> int:
         return 4 << 30
 
 
+# Row columns that must match this run's for it to append to an existing profile.csv.
+_ROW_IDENTITY = ("device", "device_name", "dtype", "attention_backend", "num_threads", "model", "hidden_size",
+                 "num_attention_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size", "mlp",
+                 "norm", "tp")
+
+
+def open_profile_table(csv_path: Path) -> ResumableTable:
+    """``profile.csv`` opened for appending: created with its header, a torn last row dropped (``table.notes``);
+    ProfileError for a CSV with other columns or a damaged row."""
+    return ResumableTable(csv_path, COLUMNS, check_row=check_profile_row, error=ProfileError,
+                          owner="another program or servesim version (not this profile schema)").open()
+
+
 def _read_done(csv_path: Path) -> set:
-    """Keys of the complete rows of ``csv_path``; cuts a torn last line (a run killed mid-write) off the file."""
-    if not csv_path.exists():
-        return set()
-    data = csv_path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        csv_path.write_bytes(data)
-    done = set()
-    with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames and list(reader.fieldnames) != list(COLUMNS):
-            raise ProfileError(f"{csv_path}: columns differ from this servesim's profile schema; use another --out")
-        for row in reader:
-            done.add(shape_key(row))
-    return done
+    """Keys of the complete rows of ``csv_path``; drops a torn last line (a run killed mid-write) off the file."""
+    table = open_profile_table(csv_path)
+    table.close()
+    return {shape_key(row) for row in table.rows}
 
 
-def _check_meta(out: Path, meta: dict) -> None:
+def _old_meta(out: Path, notes: list) -> dict | None:
+    """The folder's meta.json, None when absent or unreadable (then with a note: it is rewritten)."""
     path = out / META_JSON
-    if not path.exists():
-        return
     try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path}: not valid JSON: {exc}") from None
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        notes.append(f"{path}: unreadable ({' '.join(str(exc).split())}), left by an interrupted run; rewritten, "
+                     f"the rows of {PROFILE_CSV} checked against this run instead")
+        return None
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _check_meta(out: Path, meta: dict, old: dict | None = None) -> None:
+    path = out / META_JSON
+    if old is None:
+        if not path.exists():
+            return
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(old, dict):
+        raise ProfileError(f"{path}: not a profile's meta.json (not a JSON object); use another --out")
     for key in _IDENTITY:
         if old.get(key) != meta.get(key):
             raise ProfileError(f"{path}: this folder holds a profile with {key}={old.get(key)!r}, not "
                                f"{meta.get(key)!r}; use another --out")
 
 
+def _check_rows(table: ResumableTable, constant: dict) -> None:
+    """The first row's model and device columns equal this run's (meta.json aside, the rows say what they are)."""
+    if not table.rows:
+        return
+    row = table.rows[0]
+    for key in _ROW_IDENTITY:
+        if row[key] != str(constant[key]):
+            raise ProfileError(f"{table.path}: line 2: this folder holds a profile with {key}={row[key]!r}, not "
+                               f"{str(constant[key])!r}; use another --out")
+
+
 def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = None, quick: bool = False,
                 out_dir: str | Path, num_threads: int | None = None, grid: GridSpec | None = None,
                 timing: TimingConfig | None = None, operators=None, max_context: int | None = None,
                 max_tokens: int | None = None, collectives: bool | None = None, cold_cache: bool = True,
-                progress: bool = True) -> Path:
+                progress: bool = True, echo=None) -> Path:
     """Profile one layer of ``model`` (a ModelSpec) and return the CSV path.
 
     Args:
@@ -134,12 +171,14 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
             (``profiler.collectives``); default: on CUDA when ``tp`` > 1 and that many GPUs are visible.
         cold_cache: cycle weights and KV slots through twice the last-level cache between calls, so operators
             read them from memory as inside an iteration (``profiler.ops``); False times them cached.
-    Raises ProfileError for an unavailable device, a folder holding another profile, or a shape that runs out
-    of memory (the grid runs largest first, so that happens early).
+        echo: called with each note (``"note: ..."``: a torn row dropped, a stale lock taken over); default stderr.
+    Raises ProfileError for an unavailable device, a folder holding another profile, a locked, unreadable or
+    unwritable folder, a damaged profile.csv, or a shape that runs out of memory (the grid runs largest first,
+    so that happens early).
     """
     import torch
 
-    from profiler.ops import ATTENTION_BACKEND, TORCH_DTYPES, Layer, cache_flush_bytes, operator_callable
+    from profiler.ops import TORCH_DTYPES
 
     if device not in ("cuda", "cpu"):
         raise ProfileError(f"device must be 'cuda' or 'cpu', got {device!r}")
@@ -148,6 +187,9 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
     dtype = dtype or model.dtype
     if dtype not in TORCH_DTYPES:
         raise ProfileError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+    for name, value in (("num_threads", num_threads), ("max_context", max_context), ("max_tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ProfileError(f"{name}: must be an integer >= 1, got {value!r}")
     shapes = LayerShapes.of(model, tp)
     threads = num_threads or 1
     if device == "cpu":
@@ -163,8 +205,21 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
                              min_run_time_s=timing.min_run_time_s / 2)
     dtype_bytes = torch.tensor([], dtype=TORCH_DTYPES[dtype]).element_size()
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(Path(out_dir), error=ProfileError)
+    with FolderLock(out, "profile", error=ProfileError) as lock:
+        return _run_locked(model, out, lock, device=device, tp=tp, dtype=dtype, quick=quick, threads=threads,
+                           grid=grid, timing=timing, operators=operators, collectives=collectives,
+                           cold_cache=cold_cache, progress=progress, dtype_bytes=dtype_bytes, shapes=shapes,
+                           say=echo or (lambda text: print(text, file=sys.stderr, flush=True)))
+
+
+def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, timing, operators, collectives,
+                cold_cache, progress, dtype_bytes, shapes, say) -> Path:
+    import torch
+
+    from profiler.ops import ATTENTION_BACKEND, Layer, cache_flush_bytes, operator_callable
+
+    notes = list(lock.notes)
     info = device_info(device)
     meta = {"model": model.name, "model_shape": model_columns(model, tp), "model_spec": model.to_dict(), "tp": tp,
             "dtype": dtype, **info, "attention_backend": ATTENTION_BACKEND,
@@ -173,35 +228,38 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
             "timing": timing.__dict__, "columns": list(COLUMNS), "time_unit": "s", "complete": False}
     if cold_cache:
         meta["cache_flush_bytes"] = cache_flush_bytes(device)
-    _check_meta(out, meta)
-    csv_path = out / PROFILE_CSV
-    done = _read_done(csv_path)
-    (out / META_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-
-    budget = _memory_budget(device)
-    rows = build_grid(grid, shapes, dtype_bytes, device_type=device, memory_budget_bytes=budget, operators=operators)
-    todo = [r for r in rows if shape_key(r) not in done]
+    old = _old_meta(out, notes)
+    if old is not None:
+        _check_meta(out, meta, old)
     constant = {"device": device, "device_name": info["device_name"], "torch_version": torch.__version__,
                 "dtype": dtype, "attention_backend": ATTENTION_BACKEND,
                 "num_threads": threads if device == "cpu" else 0, **model_columns(model, tp)}
-    max_slots = max([r["batch_size"] for r in rows if r["operator"] == "attn_decode"] + [16])
-    max_kv = max([r["kv_len"] for r in rows if r["operator"].startswith("attn_")] + [1])
-    layer = None
-    if todo:
-        layer = Layer(shapes, device=device, dtype=dtype, max_positions=max(max_kv, grid.max_tokens) + 1,
-                      with_vocab=any(r["operator"] in ("emb", "lm_head") for r in todo))
-        layer.ensure_kv_cache(max_slots, max_kv)
+    csv_path = out / PROFILE_CSV
+    table = open_profile_table(csv_path)
+    try:
+        notes += table.notes
+        for note in notes:
+            say(f"note: {note}")
+        _check_rows(table, constant)
+        done = {shape_key(row) for row in table.rows}
+        write_json_atomic(out / META_JSON, meta, error=ProfileError)
 
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), unit="shape", desc=f"profile {model.name} {device}", leave=False)
-    new_file = not csv_path.exists() or csv_path.stat().st_size == 0
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
-        if new_file:
-            writer.writeheader()
-            f.flush()
+        budget = _memory_budget(device)
+        rows = build_grid(grid, shapes, dtype_bytes, device_type=device, memory_budget_bytes=budget,
+                          operators=operators)
+        todo = [r for r in rows if shape_key(r) not in done]
+        max_slots = max([r["batch_size"] for r in rows if r["operator"] == "attn_decode"] + [16])
+        max_kv = max([r["kv_len"] for r in rows if r["operator"].startswith("attn_")] + [1])
+        layer = None
+        if todo:
+            layer = Layer(shapes, device=device, dtype=dtype, max_positions=max(max_kv, grid.max_tokens) + 1,
+                          with_vocab=any(r["operator"] in ("emb", "lm_head") for r in todo))
+            layer.ensure_kv_cache(max_slots, max_kv)
+
+        bar = None
+        if progress and todo:
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), unit="shape", desc=f"profile {model.name} {device}", leave=False)
         for start in range(0, len(todo), ROUND_BLOCK):
             block = todo[start:start + ROUND_BLOCK]
             best = [None] * len(block)
@@ -211,24 +269,24 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
                                       dtype_bytes, cold_cache)
                     if best[i] is None or stats.time_median_s < best[i].time_median_s:
                         best[i] = stats
-            for row, stats in zip(block, best):
-                writer.writerow({**row, **stats.to_dict(), **constant})
-            f.flush()
+            table.append_many({**row, **stats.to_dict(), **constant} for row, stats in zip(block, best))
             if bar is not None:
                 bar.update(len(block))
-    if bar is not None:
-        bar.close()
-    if collectives is None:
-        collectives = device == "cuda" and tp > 1 and torch.cuda.device_count() >= tp
-    meta["collectives"] = bool(collectives)
-    added = _profile_collectives(csv_path, done, model, tp, device, dtype, grid, timing, constant, dtype_bytes) \
-        if collectives else 0
+        if bar is not None:
+            bar.close()
+        if collectives is None:
+            collectives = device == "cuda" and tp > 1 and torch.cuda.device_count() >= tp
+        meta["collectives"] = bool(collectives)
+        added = _profile_collectives(table, done, model, tp, device, dtype, grid, timing, constant, dtype_bytes) \
+            if collectives else 0
+    finally:
+        table.close()
     meta.update(complete=True, num_rows=len(done) + len(todo) + added)
-    (out / META_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    write_json_atomic(out / META_JSON, meta, error=ProfileError)
     return csv_path
 
 
-def _profile_collectives(csv_path, done, model, tp, device, dtype, grid, timing, constant, dtype_bytes) -> int:
+def _profile_collectives(table, done, model, tp, device, dtype, grid, timing, constant, dtype_bytes) -> int:
     """Append all-reduce and send/recv rows not yet in the CSV (messages up to max_tokens activations)."""
     from profiler.collectives import message_sizes, profile_collectives
     from profiler.grid import shape_row
@@ -244,13 +302,8 @@ def _profile_collectives(csv_path, done, model, tp, device, dtype, grid, timing,
     if not todo:
         return 0
     rows = profile_collectives(tp, device=device, dtype=dtype, sizes=todo, timing=timing)
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
-        for r in rows:
-            full = {**row(r["operator"], r["message_bytes"]), **{k: r[k] for k in TIME_COLUMNS}, **constant}
-            if shape_key(full) not in done:
-                writer.writerow(full)
-                f.flush()
+    full = [{**row(r["operator"], r["message_bytes"]), **{k: r[k] for k in TIME_COLUMNS}, **constant} for r in rows]
+    table.append_many(f for f in full if shape_key(f) not in done)
     return len(rows)
 
 

@@ -6,6 +6,7 @@ as a DataFrame and raises ``ProfileError`` (a ValueError) naming the file, the r
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,6 +94,29 @@ _INT_COLUMNS = tuple(c for c in SHAPE_COLUMNS if c != "kv_pattern") + ("num_runs
                                                                        "vocab_size", "tp")
 
 
+def check_profile_row(row: dict) -> None:
+    """One ``profile.csv`` row as text (``{column: str}``): raises ValueError naming the first field that does not
+    parse (unknown operator, a shape that is no integer, a time that is not a positive finite number) — the
+    check ``profiler.run`` applies to the last row when it resumes (a row failing it there is a torn one)."""
+    if row["operator"] not in OPERATORS + COLLECTIVE_OPERATORS:
+        raise ValueError(f"operator: unknown {row['operator'][:40]!r}")
+    for col in _INT_COLUMNS:
+        try:
+            int(row[col])
+        except ValueError:
+            raise ValueError(f"{col}: not an integer: {row[col][:40]!r}") from None
+    for col in TIME_COLUMNS:
+        if col == "num_runs":
+            continue
+        try:
+            value = float(row[col])
+        except ValueError:
+            raise ValueError(f"{col}: not a number: {row[col][:40]!r}") from None
+        low_ok = value >= 0 if col == "time_std_s" else value > 0
+        if not (math.isfinite(value) and low_ok):
+            raise ValueError(f"{col}: not a positive finite number of seconds: {row[col][:40]!r}")
+
+
 def read_profile(path: str | Path) -> pd.DataFrame:
     """Rows of a profile (a folder holding ``profile.csv``, or the CSV itself), validated.
 
@@ -107,6 +131,10 @@ def read_profile(path: str | Path) -> pd.DataFrame:
         df = pd.read_csv(csv, keep_default_na=False, dtype={"kv_pattern": str})
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{csv}: not a readable CSV: {str(exc).splitlines()[0]}") from None
+    except pd.errors.EmptyDataError:
+        raise ProfileError(f"{csv}: empty file (no header)") from None
+    except OSError as exc:                                  # no permission, an I/O error
+        raise ProfileError(f"{csv}: cannot read: {exc.strerror or exc}") from None
     missing = [c for c in ("operator",) + SHAPE_COLUMNS + TIME_COLUMNS if c not in df.columns]
     if missing:
         raise ProfileError(f"{csv}: missing column(s) {', '.join(missing)}")
@@ -129,11 +157,17 @@ def read_profile(path: str | Path) -> pd.DataFrame:
 
 
 def read_meta(path: str | Path) -> dict:
-    """The ``meta.json`` of a profile folder ({} when absent). Raises ProfileError when it is not valid JSON."""
+    """The ``meta.json`` of a profile folder ({} when absent). Raises ProfileError when it is unreadable, not
+    valid JSON or not an object."""
     meta = Path(path) / META_JSON
     if not meta.is_file():
         return {}
     try:
-        return json.loads(meta.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{meta}: not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ProfileError(f"{meta}: cannot read: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{meta}: not a profile's meta.json (expected a JSON object)")
+    return data

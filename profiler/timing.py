@@ -66,6 +66,18 @@ class TimingConfig:
     sample_s: float = 1e-3
     rounds: int = 1
 
+    def __post_init__(self):
+        for name, low in (("warmup", 0), ("min_samples", 1), ("max_samples", 1), ("rounds", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"TimingConfig: {name} must be an integer >= {low}, got {value!r}")
+        if self.max_samples < self.min_samples:
+            raise ValueError(f"TimingConfig: max_samples ({self.max_samples}) < min_samples ({self.min_samples})")
+        if not (isinstance(self.min_run_time_s, (int, float)) and 0 <= self.min_run_time_s < math.inf):
+            raise ValueError(f"TimingConfig: min_run_time_s must be a finite number >= 0, got {self.min_run_time_s!r}")
+        if not (isinstance(self.sample_s, (int, float)) and 0 < self.sample_s < math.inf):
+            raise ValueError(f"TimingConfig: sample_s must be a finite number > 0, got {self.sample_s!r}")
+
     @classmethod
     def quick(cls) -> "TimingConfig":
         """Shorter measurements for ``--quick`` CPU runs (still medians of >= 7 samples)."""

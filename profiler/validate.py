@@ -37,6 +37,9 @@ reproduces the simulation's token times.
 from __future__ import annotations
 
 import json
+import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +48,7 @@ import pandas as pd
 
 from simulator.metrics import distribution
 from simulator.request import Request
+from traces.tables import FolderLock, ResumableTable, ensure_dir, write_json_atomic
 
 KINDS = ("prefill", "decode", "mixed")
 VALIDATION_COLUMNS = [
@@ -203,9 +207,12 @@ def plot_validation(table: pd.DataFrame, path: str | Path, title: str = "") -> P
         axis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")                 # atomic: a kill leaves the old figure or the new
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    return Path(path)
+    os.replace(tmp, path)
+    return path
 
 
 def retime_requests(requests, plans, durations_s) -> list[Request]:
@@ -277,22 +284,63 @@ class ValidationReport:
     settings: dict
 
 
-def _check_resume(out: Path, settings: dict) -> pd.DataFrame | None:
-    """Rows already measured in ``out`` with the same settings, None for a fresh run; ValidationError otherwise."""
+def _check_validation_row(row: dict) -> None:
+    """A ``validation.csv`` row as text: raises ValueError naming the first field that does not parse."""
+    try:
+        if int(row["iteration"]) < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"iteration: not an iteration index: {row['iteration'][:40]!r}") from None
+    if row["kind"] not in KINDS:
+        raise ValueError(f"kind: unknown {row['kind'][:40]!r}")
+    for col in ("predicted_s", "measured_s", "error_pct", "abs_error_pct"):
+        try:
+            value = float(row[col])
+        except ValueError:
+            raise ValueError(f"{col}: not a number: {row[col][:40]!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{col}: not a finite number: {row[col][:40]!r}")
+
+
+def _open_table(csv_path: Path) -> ResumableTable:
+    return ResumableTable(csv_path, VALIDATION_COLUMNS, check_row=_check_validation_row, error=ValidationError,
+                          owner="another program or servesim version (not a validation table)").open()
+
+
+def _check_resume(out: Path, settings: dict, notes: list | None = None) -> ResumableTable:
+    """``validation.csv`` opened for appending (created, torn last row dropped) after checking that ``out``
+    holds a validation with the same settings, or none; ValidationError otherwise. ``notes`` gets what was
+    repaired."""
+    notes = [] if notes is None else notes
     meta_path, csv_path = out / META_NAME, out / CSV_NAME
-    if not meta_path.exists():
-        return None
-    old = json.loads(meta_path.read_text())
-    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-    if diff:
-        k = diff[0]
-        raise ValidationError(f"{meta_path}: holds a validation with other settings ({k}: {old.get(k)!r} there, "
-                              f"{settings.get(k)!r} now); use another --out or remove that folder")
-    if not csv_path.exists() or csv_path.stat().st_size == 0:
-        return None
-    table = pd.read_csv(csv_path)
-    if list(table.columns) != VALIDATION_COLUMNS:
-        raise ValidationError(f"{csv_path}: unexpected columns; use another --out or remove that folder")
+    torn = None
+    try:
+        old = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        old = None
+    except (ValueError, UnicodeDecodeError) as exc:
+        old, torn = None, " ".join(str(exc).split())
+    except OSError as exc:
+        raise ValidationError(f"{meta_path}: cannot read: {exc.strerror or exc}") from None
+    if old is not None:
+        if not isinstance(old, dict):
+            old = {"settings": old}
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            k = diff[0]
+            raise ValidationError(f"{meta_path}: holds a validation with other settings ({k}: {old.get(k)!r} "
+                                  f"there, {settings.get(k)!r} now); use another --out or remove that folder")
+    table = _open_table(csv_path)
+    notes.extend(table.notes)
+    if old is None and table.rows:
+        table.close()
+        if torn is not None:
+            raise ValidationError(f"{meta_path}: unreadable ({torn}), so the settings of the {len(table.rows)} "
+                                  f"rows of {csv_path} are unknown; use another --out or remove that folder")
+        raise ValidationError(f"{csv_path}: holds {len(table.rows)} rows but {meta_path.name} is missing, so "
+                              f"their settings are unknown; use another --out or remove that folder")
+    if torn is not None:
+        notes.append(f"{meta_path}: unreadable, left by an interrupted run before any row; starting afresh")
     return table
 
 
@@ -330,15 +378,19 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
         cpu_clock: ``thread`` (CPU time of the executing thread when torch runs on one thread) or ``wall``;
             see ``profiler.executor.cpu_clock``.
         echo: called with progress lines (e.g. ``click.echo``); None prints nothing.
-    Returns a ValidationReport. Raises ValidationError for tp/pp > 1 or a resume with other settings,
-    ExecutorMemoryError when the model or the KV cache cannot fit the device, and the simulator's errors.
+    The folder is locked while the run writes to it; ``validation.csv`` goes through the shared resumable-table
+    writer (``traces.tables.ResumableTable``: a torn last row is dropped with a note, the table is rewritten
+    sorted by iteration at the end) and every JSON file is replaced atomically, so a run killed at any moment
+    resumes. Returns a ValidationReport. Raises ValidationError for tp/pp > 1, counts below their minimum, a
+    resume with other settings (or rows whose settings are unknown), a damaged or foreign table, a locked or
+    unwritable folder, ExecutorMemoryError when the model or the KV cache cannot fit the device, and the simulator's errors.
     """
     import torch
 
-    from cost_models.specs import load_model
-    from profiler.executor import Executor, activation_bytes, cpu_clock as clock_for
-    from simulator.simulation import simulate
-
+    for name, value, low in (("max_iterations", max_iterations, 1), ("warmup", warmup, 0), ("repeats", repeats, 1),
+                             ("threads", threads, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValidationError(f"{name}: must be an integer >= {low}, got {value!r}")
     if config.tp != 1 or config.pp != 1:
         raise ValidationError(f"validate executes one device: tp={config.tp}, pp={config.pp} is not supported "
                               f"(use tp=1, pp=1)")
@@ -350,9 +402,32 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
     settings = {"config": config.to_dict(), "exec_device": exec_device, "max_iterations": max_iterations,
                 "warmup": warmup, "repeats": repeats, "threads": threads, "cpu_clock": cpu_clock,
                 "torch": torch.__version__}
-    done_rows = _check_resume(out, settings)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+    ensure_dir(out, error=ValidationError)
+    with FolderLock(out, "validate", error=ValidationError) as lock:
+        notes = list(lock.notes)
+        table = _check_resume(out, settings, notes)
+        try:
+            for note in notes:
+                (echo or _note_to_stderr)(f"note: {note}")
+            write_json_atomic(out / META_NAME, settings, error=ValidationError)
+            return _run_locked(config, out, table, settings, exec_device=exec_device,
+                               max_iterations=max_iterations, warmup=warmup, repeats=repeats, threads=threads,
+                               cpu_clock=cpu_clock, progress=progress, say=say)
+        finally:
+            table.close()
+
+
+def _note_to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exec_device, max_iterations, warmup,
+                repeats, threads, cpu_clock, progress, say) -> ValidationReport:
+    import torch
+
+    from cost_models.specs import load_model
+    from profiler.executor import Executor, activation_bytes, cpu_clock as clock_for
+    from simulator.simulation import simulate
 
     result = simulate(config, record_plans=True, progress=progress)
     plans = result.log.plans
@@ -361,7 +436,7 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
         raise ValidationError("the simulation ran no iteration (no request was served); nothing to validate")
     every = max_iterations is None or max_iterations >= len(plans)
     indices = list(range(len(plans))) if every else stratified_sample(plans, max_iterations, config.seed)
-    done = set() if done_rows is None else set(done_rows["iteration"].astype(int))
+    done = {int(row["iteration"]) for row in table.rows}
     todo = [i for i in indices if i not in done]
 
     model = load_model(config.model)
@@ -383,22 +458,20 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), unit="it", desc="validate", leave=False)
-    csv_path = out / CSV_NAME
-    with csv_path.open("w" if done_rows is None else "a", newline="") as fh:
-        if done_rows is None:
-            fh.write(",".join(VALIDATION_COLUMNS) + "\n")
-            fh.flush()
-        for i, timing in _replay(executor, plans, todo, consecutive=every, fill=not every or bool(done),
-                                 warmup=warmup, repeats=repeats, clock=cpu_clock):
-            pd.DataFrame([validation_row(i, plans[i], float(predicted[i]), timing)],
-                         columns=VALIDATION_COLUMNS).to_csv(fh, header=False, index=False)
-            fh.flush()
-            if bar is not None:
-                bar.update(1)
+    for i, timing in _replay(executor, plans, todo, consecutive=every, fill=not every or bool(done),
+                             warmup=warmup, repeats=repeats, clock=cpu_clock):
+        table.append(validation_row(i, plans[i], float(predicted[i]), timing))
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
 
-    table = pd.read_csv(csv_path).sort_values("iteration").reset_index(drop=True)
+    # finalize: each iteration once, in order (an interrupted-and-resumed table ends as an uninterrupted one)
+    rows = {}
+    for row in table.rows:
+        rows.setdefault(int(row["iteration"]), row)
+    table.rewrite(rows[i] for i in sorted(rows))
+    table = pd.read_csv(out / CSV_NAME)
     summary = error_summary(table)
     latency = None
     if every and len(table) == len(plans):
@@ -408,9 +481,9 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
     title = (f"{model.name}: {'fitted' if config.cost_model else 'roofline'} model for {config.device} "
              f"vs measured on {exec_device}")
     plot_validation(table, out / PLOT_NAME, title=title)
-    (out / SUMMARY_NAME).write_text(json.dumps(
-        {"errors": summary, "retimed_requests": latency, "iterations_simulated": len(plans),
-         "iterations_executed": len(table), "settings": settings}, indent=2) + "\n")
+    write_json_atomic(out / SUMMARY_NAME, {"errors": summary, "retimed_requests": latency,
+                                           "iterations_simulated": len(plans), "iterations_executed": len(table),
+                                           "settings": settings}, error=ValidationError)
     return ValidationReport(table, summary, latency, out, len(plans), settings)
 
 

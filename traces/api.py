@@ -67,9 +67,12 @@ def load_trace(spec: str | Path, *, num_requests: int | None = None, qps: float 
         "num_dropped", "max_total_tokens", "examples"}`` (``traces.limits``); read attrs right after loading.
 
     Raises:
-        TraceError (a ValueError, one-line message): unknown built-in name (known ones listed), file not found,
-        empty file, missing/unrecognised columns (columns found listed), bad values (file, 1-based line with
-        the CSV header as line 1, and field named), unsorted or malformed timestamps (both lines named),
+        TraceError (a ValueError, one-line message): unknown built-in name (known ones listed), file not found
+        or unreadable (a folder, no permission), empty file, missing/unrecognised columns (columns found
+        listed), bad values (file, 1-based line with the CSV header as line 1, and field named; token counts
+        above ``MAX_TOKENS`` and arrival times beyond ``MAX_ARRIVAL_S`` included), unsorted or malformed
+        timestamps (both lines named), a ``qps`` whose generated arrivals would span more than
+        ``MAX_ARRIVAL_S``,
         malformed JSON line, bad hashes, missing ``qps`` when arrivals must be generated, an explicit ``qps``
         for a trace that keeps its own arrival times, invalid options.
 
@@ -89,7 +92,11 @@ def load_trace(spec: str | Path, *, num_requests: int | None = None, qps: float 
                              max_total_tokens=max_total_tokens, drop_long=drop_long, retime=retime,
                              hash_block_tokens=hash_block_tokens, options=workload_options)
     path = Path(spec)
-    if not path.exists() and path.suffix == "" and len(path.parts) == 1:
+    try:
+        exists = path.exists()
+    except OSError as exc:                               # e.g. a folder on the way without permission
+        raise TraceError(f"cannot read: {exc.strerror or exc}", name) from None
+    if not exists and path.suffix == "" and len(path.parts) == 1:
         known = ", ".join(sorted(WORKLOADS))
         raise TraceError(f"unknown built-in workload {name!r} (known: {known}) and no file of that name")
     if workload_options:

@@ -55,7 +55,7 @@ import pandas as pd
 
 from .limits import DROP_DRAW_FACTOR, changes_record, drop_examples, over_limit, shrink_requests
 from .prefix import mix_hash
-from .schema import HASH_COLUMN, TraceError, make_trace
+from .schema import HASH_COLUMN, MAX_TOKENS, TraceError, make_trace
 from .synthetic import _check_count, arrival_times, check_arrival_options, rng_streams
 
 _TAG_SYSTEM, _TAG_SESSION = 1, 2
@@ -82,7 +82,7 @@ class ConversationParams:
 
     def __post_init__(self):
         _check_count(self.num_system_prompts, "num_system_prompts", minimum=1)
-        _check_count(self.session_max_tokens, "session_max_tokens", minimum=2)
+        _check_count(self.session_max_tokens, "session_max_tokens", minimum=2, maximum=MAX_TOKENS)
         _check_count(self.hash_block_tokens, "hash_block_tokens", minimum=1)
         for name, low, strict in (("system_prompt_mean_tokens", 0, True), ("user_mean_tokens", 0, True),
                                   ("output_mean_tokens", 0, True), ("mean_turns", 1, False),

@@ -21,30 +21,50 @@ from collections.abc import Sequence
 import numpy as np
 
 from .prefix import full_block_hashes
+from .schema import MAX_TOKENS
 
 MAX_EXAMPLES = 3
 DROP_DRAW_FACTOR = 64   # with drop_long, built-ins generate at most this many times num_requests
 
 
 def over_limit(prompt: np.ndarray, output: np.ndarray, max_total_tokens: int | None) -> np.ndarray:
-    """Boolean mask of requests with ``prompt + output > max_total_tokens`` (all False without a limit)."""
+    """Boolean mask of requests with ``prompt + output > max_total_tokens`` (all False without a limit);
+    exact for any int64 lengths (Python integers when the int64 sum could overflow)."""
     if max_total_tokens is None:
         return np.zeros(len(prompt), dtype=bool)
-    return (np.asarray(prompt) + np.asarray(output)) > max_total_tokens
+    prompt, output = np.asarray(prompt, dtype=np.int64), np.asarray(output, dtype=np.int64)
+    if len(prompt) == 0 or (int(prompt.max()) <= MAX_TOKENS and int(output.max()) <= MAX_TOKENS):
+        return (prompt + output) > max_total_tokens
+    return np.array([a + b > max_total_tokens for a, b in zip(prompt.tolist(), output.tolist())], dtype=bool)
 
 
 def shrink_lengths(prompt: np.ndarray, output: np.ndarray, max_total_tokens: int):
     """The Sarathi-Serve shrinking rule on int64 arrays: ``(prompt, output, shrunk_mask)``.
 
     For each request with ``total = prompt + output > max_total_tokens``: ``x -> max(1, x * max // total)``
-    for both lengths, i.e. ``x - ceil((total - max) * x / total)`` in exact integer arithmetic.
+    for both lengths, i.e. ``x - ceil((total - max) * x / total)`` in exact integer arithmetic. The results
+    are exact for any int64 inputs: when ``total`` or ``x * max`` could leave int64 (lengths or the limit above
+    ``MAX_TOKENS``) the over-long requests are computed with Python integers, so nothing wraps around.
     """
     prompt, output = np.asarray(prompt, dtype=np.int64), np.asarray(output, dtype=np.int64)
-    total = prompt + output
-    over = total > max_total_tokens
-    m = np.int64(max_total_tokens)
-    new_prompt = np.where(over, np.maximum(1, prompt * m // np.maximum(total, 1)), prompt)
-    new_output = np.where(over, np.maximum(1, output * m // np.maximum(total, 1)), output)
+    m = int(max_total_tokens)
+    small = (m <= MAX_TOKENS and (len(prompt) == 0 or (
+        int(prompt.min()) >= 0 and int(output.min()) >= 0
+        and int(prompt.max()) <= MAX_TOKENS and int(output.max()) <= MAX_TOKENS)))
+    if small:                                          # every product <= 2**62: int64 is exact
+        total = prompt + output
+        over = total > m
+        mm = np.int64(m)
+        new_prompt = np.where(over, np.maximum(1, prompt * mm // np.maximum(total, 1)), prompt)
+        new_output = np.where(over, np.maximum(1, output * mm // np.maximum(total, 1)), output)
+        return new_prompt, new_output, over
+    p, o = prompt.tolist(), output.tolist()
+    over = np.array([a + b > m for a, b in zip(p, o)], dtype=bool)
+    new_prompt, new_output = prompt.copy(), output.copy()
+    for i in np.flatnonzero(over):
+        total = p[i] + o[i]
+        new_prompt[i] = max(1, p[i] * m // total)
+        new_output[i] = max(1, o[i] * m // total)
     return new_prompt, new_output, over
 
 

@@ -38,8 +38,10 @@ Prefix-block hashes (kept in the trace's ``block_hashes`` column, see ``traces.p
 
 Line numbers in errors are the physical, 1-based line numbers of the file as an editor shows them: for CSV
 the header is line 1, so the first data row is line 2; for JSON Lines the first record is line 1. Blank
-lines are skipped but still counted. Token counts must be integers >= 1; arrival times must be finite,
->= 0 and non-decreasing (an earlier time than the line before is an error naming both lines).
+lines are skipped but still counted. Token counts must be integers >= 1 and <= ``MAX_TOKENS`` (2**31 - 1);
+arrival times must be finite, >= 0, at most ``MAX_ARRIVAL_S`` (1e9 s, after unit conversion) and
+non-decreasing (an earlier time than the line before is an error naming both lines). A file that cannot be
+read (a folder, no permission, an I/O error) is a ``TraceError`` naming it and the reason.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .schema import TraceError, short_repr
+from .schema import MAX_ARRIVAL_S, MAX_TOKENS, TraceError, short_repr
 
 # CSV format -> (prompt column, output column, arrival column); the arrival column is optional except for azure
 CSV_FORMATS: dict[str, tuple[str, str, str]] = {
@@ -96,14 +98,25 @@ def read_trace_file(path: str | Path, *, hash_block_tokens: int | None = None) -
     Mooncake it can only be 512; ignored for files without hashes.
 
     Raises:
-        TraceError: file not found, empty file, unrecognised columns (the columns found are listed), a bad
+        TraceError: file not found or unreadable (a folder, no permission), empty file, unrecognised columns (the columns found are listed), a bad
             value (the message names the file, the line and the field), or a ``hash_block_tokens`` that
             contradicts the format.
     """
     path = Path(path)
     source = str(path)
-    if not path.is_file():
-        raise TraceError("file not found" if not path.exists() else "not a regular file", source)
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except OSError as exc:
+        raise TraceError(f"cannot read: {exc.strerror or exc}", source) from None
+    if not is_file:
+        raise TraceError("file not found" if not exists else "not a regular file", source)
+    try:
+        return _read_trace_file(path, source, hash_block_tokens)
+    except OSError as exc:                        # permission denied, I/O error, removed meanwhile, ...
+        raise TraceError(f"cannot read: {exc.strerror or exc}", source) from None
+
+
+def _read_trace_file(path: Path, source: str, hash_block_tokens: int | None) -> RawTrace:
     if hash_block_tokens is not None and (isinstance(hash_block_tokens, bool)
                                           or not isinstance(hash_block_tokens, (int, np.integer))
                                           or hash_block_tokens < 1):
@@ -209,7 +222,7 @@ def read_jsonl(path: str | Path) -> RawTrace:
     lines = np.asarray(lines, dtype=np.int64)
     prompt = positive_ints(df["input_length"], lines, source, "input_length")
     output = positive_ints(df["output_length"], lines, source, "output_length")
-    arrivals = arrival_seconds(df["timestamp"], lines, source, "timestamp") / 1000.0
+    arrivals = arrival_seconds(df["timestamp"], lines, source, "timestamp", unit_s=1e-3) / 1000.0
     raw = RawTrace(source, "mooncake", prompt, output, arrivals, lines)
     present = [value is not _ABSENT for value in hash_lists]
     if any(present):
@@ -291,11 +304,16 @@ def _numbers(raw: pd.Series, lines: np.ndarray, source: str, field: str) -> np.n
 
 
 def positive_ints(raw: pd.Series, lines: np.ndarray, source: str, field: str) -> np.ndarray:
-    """Token counts as int64; TraceError at the first value that is not an integer >= 1."""
+    """Token counts as int64; TraceError at the first value that is not an integer in [1, ``MAX_TOKENS``]
+    (checked before the conversion, so a huge value is named rather than wrapped around)."""
     values = _numbers(raw, lines, source, field)
     i = _first_bad((values >= 1) & (values == np.floor(values)))
     if i is not None:
         raise TraceError(f"must be an integer >= 1, got {raw.iloc[i]!r}", source, int(lines[i]), field)
+    i = _first_bad(values <= MAX_TOKENS)
+    if i is not None:
+        raise TraceError(f"{short_repr(raw.iloc[i])} tokens is more than {MAX_TOKENS} (2**31 - 1), the most a "
+                         f"request may have", source, int(lines[i]), field)
     return values.astype(np.int64)
 
 
@@ -306,14 +324,25 @@ def _check_sorted(values: np.ndarray, raw: pd.Series, lines: np.ndarray, source:
                          f"on line {int(lines[i - 1])}", source, int(lines[i]), field)
 
 
-def arrival_seconds(raw: pd.Series, lines: np.ndarray, source: str, field: str) -> np.ndarray:
-    """Numeric arrival times (file units), finite, >= 0 and non-decreasing."""
+def arrival_seconds(raw: pd.Series, lines: np.ndarray, source: str, field: str, unit_s: float = 1.0
+                    ) -> np.ndarray:
+    """Numeric arrival times (file units of ``unit_s`` seconds), finite, >= 0, at most ``MAX_ARRIVAL_S``
+    seconds and non-decreasing."""
     values = _numbers(raw, lines, source, field)
     i = _first_bad(values >= 0)
     if i is not None:
         raise TraceError(f"must be >= 0, got {raw.iloc[i]!r}", source, int(lines[i]), field)
+    _check_horizon(values * unit_s, raw, lines, source, field)
     _check_sorted(values, raw, lines, source, field)
     return values
+
+
+def _check_horizon(seconds: np.ndarray, raw: pd.Series, lines: np.ndarray, source: str, field: str) -> None:
+    i = _first_bad(seconds <= MAX_ARRIVAL_S)
+    if i is not None:
+        raise TraceError(f"arrival {short_repr(raw.iloc[i])} is {seconds[i]:.3g} s, beyond {MAX_ARRIVAL_S:g} s "
+                         f"(about 31.7 years): not a plausible arrival time (wrong unit?)", source,
+                         int(lines[i]), field)
 
 
 def _wall_clock_seconds(raw: pd.Series, lines: np.ndarray, source: str, field: str) -> np.ndarray:
@@ -330,4 +359,5 @@ def _wall_clock_seconds(raw: pd.Series, lines: np.ndarray, source: str, field: s
         raise TraceError(problem, source, int(lines[i]), field)
     seconds = (stamps - stamps.iloc[0]).dt.total_seconds().to_numpy(dtype=np.float64)
     _check_sorted(seconds, raw, lines, source, field)
+    _check_horizon(seconds, raw, lines, source, field)
     return seconds

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .schema import TraceError
+from .schema import MAX_TOKENS, TraceError
 from .synthetic import _check_count, iid_trace
 
 DEFAULT_INPUT_LEN = 1024     # vLLM RandomDataset.DEFAULT_INPUT_LEN
@@ -39,8 +39,8 @@ def length_ranges(input_len: int, output_len: int, range_ratio: float) -> tuple[
         TraceError: ``input_len``/``output_len`` not an integer >= 1, ``range_ratio`` outside ``[0, 1)``,
             or an input range reaching below 1 token.
     """
-    _check_count(input_len, "input_len", minimum=1)
-    _check_count(output_len, "output_len", minimum=1)
+    _check_count(input_len, "input_len", minimum=1, maximum=MAX_TOKENS)
+    _check_count(output_len, "output_len", minimum=1, maximum=MAX_TOKENS)
     if isinstance(range_ratio, bool) or not isinstance(range_ratio, (int, float, np.number)) \
             or not 0.0 <= range_ratio < 1.0:
         raise TraceError(f"must be a number in [0, 1) (as in vLLM), got {range_ratio!r}", "random",

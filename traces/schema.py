@@ -33,6 +33,13 @@ import pandas as pd
 COLUMNS: tuple[str, ...] = ("request_id", "arrival_s", "prompt_tokens", "output_tokens")
 HASH_COLUMN = "block_hashes"
 
+# Bounds of sane values. A token count above 2**31 - 1 is no real request, and such counts would overflow the
+# int64 arithmetic downstream (prompt + output, the shrinking rule's x * max_total, tokens x bytes of KV).
+MAX_TOKENS = 2**31 - 1
+# An arrival later than 1e9 s (about 31.7 years) is a unit mistake; at such magnitudes float64 seconds keep
+# about 0.1 microsecond, and at 1e300 nothing: every latency would read as 0.
+MAX_ARRIVAL_S = 1e9
+
 
 class TraceError(ValueError):
     """Bad trace input or bad trace options. The message is always a single line.
@@ -95,10 +102,10 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
             equals its ``request_id`` in a valid trace) and the column. Checks: a DataFrame with exactly
             the columns ``request_id, arrival_s, prompt_tokens, output_tokens`` in that order, optionally
             followed by ``block_hashes``; at least one row; integer dtypes for ids and token counts, float
-            for ``arrival_s``; ``request_id`` is 0..N-1; ``arrival_s`` finite, >= 0 and non-decreasing;
-            token counts >= 1. With ``block_hashes``: ``df.attrs["hash_block_tokens"]`` an integer >= 1,
-            object dtype, every value a tuple of Python ints (bool is not an int), at most
-            ``ceil(prompt_tokens / hash_block_tokens)`` of them.
+            for ``arrival_s``; ``request_id`` is 0..N-1; ``arrival_s`` finite, >= 0, <= ``MAX_ARRIVAL_S``
+            and non-decreasing; token counts >= 1 and <= ``MAX_TOKENS``. With ``block_hashes``:
+            ``df.attrs["hash_block_tokens"]`` an integer >= 1, object dtype, every value a tuple of Python
+            ints (bool is not an int), at most ``ceil(prompt_tokens / hash_block_tokens)`` of them.
     """
     if not isinstance(df, pd.DataFrame):
         raise TraceError(f"expected a pandas DataFrame, got {type(df).__name__}", source)
@@ -124,10 +131,12 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
     arrivals = df["arrival_s"].to_numpy()
     fail_at(np.isfinite(arrivals), "arrival_s", "must be finite")
     fail_at(arrivals >= 0, "arrival_s", "must be >= 0")
+    fail_at(arrivals <= MAX_ARRIVAL_S, "arrival_s", f"must be <= {MAX_ARRIVAL_S:g} s (about 31.7 years)")
     fail_at(np.concatenate([[True], np.diff(arrivals) >= 0]), "arrival_s",
             "must be non-decreasing (earlier than the previous row)")
     for col in ("prompt_tokens", "output_tokens"):
         fail_at(df[col].to_numpy() >= 1, col, "must be >= 1")
+        fail_at(df[col].to_numpy() <= MAX_TOKENS, col, f"must be <= {MAX_TOKENS} tokens")
     if HASH_COLUMN in df.columns:
         _validate_hashes(df, source)
     return df

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from .limits import DROP_DRAW_FACTOR, changes_record, drop_examples, over_limit, shrink_requests
-from .schema import TraceError, make_trace
+from .schema import MAX_ARRIVAL_S, TraceError, make_trace
 
 ARRIVAL_PROCESSES = ("poisson", "gamma")
 _CHUNK = 4096          # lengths are drawn this many at a time (fixed, for prefix stability)
@@ -250,13 +250,19 @@ def arrival_times(num_requests: int, qps: float, rng: np.random.Generator, *,
     """Arrival times in seconds (float64, non-decreasing) of a renewal process with mean rate ``qps``.
 
     Gaps are exponential (``"poisson"``, or ``"gamma"`` with ``cv == 1``) or gamma with shape ``1/cv**2`` and
-    scale ``cv**2/qps``. The first arrival is at the first gap; ``qps=math.inf`` gives all zeros.
+    scale ``cv**2/qps``. The first arrival is at the first gap; ``qps=math.inf`` gives all zeros. Raises
+    TraceError when the expected span ``num_requests / qps`` exceeds ``MAX_ARRIVAL_S`` (e.g. ``qps=1e-300``).
     """
     check_arrival_options(qps, arrival, cv)
     if qps is None:
         raise TraceError("qps is required to generate arrivals", field="qps")
     if math.isinf(qps):
         return np.zeros(num_requests, dtype=np.float64)
+    span = num_requests / qps if qps > 0 else math.inf
+    if not span <= MAX_ARRIVAL_S:
+        raise TraceError(f"{qps:g} requests/s: {num_requests} arrivals would span about {span:.3g} s, beyond "
+                         f"{MAX_ARRIVAL_S:g} s (about 31.7 years); at such times float64 seconds lose the "
+                         f"resolution of a latency (raise qps)", field="qps")
     if arrival == "poisson" or cv == 1:
         gaps = rng.exponential(1.0 / qps, num_requests)
     else:
@@ -376,9 +382,11 @@ def _draw_fitting(draw, num_requests: int, max_total_tokens: int, source: str):
         n = min(2 * n, DROP_DRAW_FACTOR * num_requests)
 
 
-def _check_count(value, field: str, minimum: int) -> None:
+def _check_count(value, field: str, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise TraceError(f"must be an integer >= {minimum}, got {value!r}", field=field)
+    if maximum is not None and value > maximum:
+        raise TraceError(f"must be an integer <= {maximum}, got {value!r}", field=field)
 
 
 if __name__ == "__main__":  # python -m traces.synthetic : recompute the fitted constants
