@@ -38,10 +38,13 @@ Pricing an iteration (``FittedCostModel``): per layer, the token operators at th
 (``add`` twice: after attention and after the MLP), ``attn_prefill`` summed over the prefill chunks,
 ``attn_decode`` for the decode batch, and with ``tp > 1`` the layer's all-reduces of the activations; times the
 layers of each pipeline stage (``stage_time``); plus ``emb`` on the first stage, ``lm_head`` (one row per
-sequence) on the last, ``cpu_overhead`` split between them as the roofline's (``CPU_OVERHEAD_FIRST_STAGE``), ``send_recv`` between stages (``transfer_time``). ``cpu_overhead`` is the
-profiled operator by the number of sequences (``servesim profile`` times input preparation and greedy sampling;
-Vidur's tables the engine's scheduling, input preparation, sampling and output processing), or a configured constant (``fit_profile(cpu_overhead_s=)``). Operators the profile lacks are priced
-by the roofline model (``breakdown`` keeps the roofline's names) and listed in ``FittedCostModel.fallbacks``.
+sequence) on the last, ``cpu_overhead`` split between them as the roofline's (``CPU_OVERHEAD_FIRST_STAGE``),
+``send_recv`` between stages (``transfer_time``). ``cpu_overhead`` is the profiled operator by the number of
+sequences (``servesim profile`` times input preparation and greedy sampling; Vidur's tables the engine's scheduling,
+input preparation, sampling and output processing), or a configured constant (``fit_profile(cpu_overhead_s=)``); a
+profile with neither is charged the engine overhead of ``FittedCostModel(engine=)`` (a ``cost_models.engine_overhead``
+profile; default: ``none`` for a CPU profile, else the roofline's default engine). Operators the profile lacks are
+priced by the roofline model (``breakdown`` keeps the roofline's names) and listed in ``FittedCostModel.fallbacks``.
 
 Files: ``servesim fit`` writes ``MODEL_DIR/model.json`` (readable summary) and
 ``MODEL_DIR/fitted-<profile hash>.joblib``; ``load_cost_model(MODEL_DIR, model=, device=, tp=, pp=)`` reads them.
@@ -411,10 +414,15 @@ class FittedCostModel:
     Args:
         fitted: a FittedProfile (``read_fitted``). model, device: ModelSpec/DeviceSpec or names.
         tp, pp: parallel degrees; ``tp`` must be the profile's. placement: as for ``RooflineCostModel``.
-    Raises FitError when the model's layer shapes or ``tp`` differ from the profile's.
+        engine: the engine-overhead profile (name or ``EngineProfile``, ``cost_models.engine_overhead``) charged as
+            ``cpu_overhead`` when the profile has no ``cpu_overhead`` operator and no ``cpu_overhead_s``; default
+            ``none`` for a CPU profile, else the roofline's default (``DEFAULT_ENGINE``).
+    Raises FitError when the model's layer shapes or ``tp`` differ from the profile's; EngineProfileError for an
+    unknown engine profile.
     """
 
-    def __init__(self, fitted: FittedProfile, model, device, *, tp: int = 1, pp: int = 1, placement=None):
+    def __init__(self, fitted: FittedProfile, model, device, *, tp: int = 1, pp: int = 1, placement=None,
+                 engine=None):
         from cost_models.roofline import RooflineCostModel
         from cost_models.specs import load_device, load_model
 
@@ -431,7 +439,9 @@ class FittedCostModel:
         spec_name = fitted.meta.get("device_spec")
         if spec_name and spec_name != self.device.name:
             warnings.warn(f"cost model was fitted on {spec_name}, simulating {self.device.name}", stacklevel=2)
-        self.roofline = RooflineCostModel(self.model, self.device, tp=tp, pp=pp, placement=placement)
+        if engine is None and fitted.meta.get("device") == "cpu":
+            engine = "none"                 # a CPU profile without the operator: no engine to charge for
+        self.roofline = RooflineCostModel(self.model, self.device, tp=tp, pp=pp, placement=placement, engine=engine)
         self.placement = self.roofline.placement
         self.stage_layers = self.roofline.stage_layers
         self.layers = self.model.num_layers / pp
@@ -451,7 +461,7 @@ class FittedCostModel:
                                 ({"all_reduce"} if tp > 1 and "all_reduce" not in tables else set()) |
                                 ({"send_recv"} if pp > 1 and "send_recv" not in tables else set()) |
                                 ({"cpu_overhead"} if fitted.cpu_overhead_s is None and "cpu_overhead" not in tables
-                                 and fitted.meta.get("device") != "cpu" else set()))
+                                 and self.roofline.engine.name != "none" else set()))
         self.cpu_overhead_s = fitted.cpu_overhead_s
         self._token_cache: dict[int, tuple] = {}
         self._prefill_cache: dict[tuple, float] = {}
@@ -478,25 +488,24 @@ class FittedCostModel:
             self._token_cache[T] = hit
         return hit
 
-    def _per_sequence(self, B: int) -> tuple[float, float]:
-        """(lm_head, cpu_overhead) seconds of an iteration over ``B`` sequences (cached per B)."""
+    def _per_sequence(self, B: int, T: int) -> tuple[float, float]:
+        """(lm_head, cpu_overhead) seconds of an iteration of ``T`` tokens over ``B`` sequences (cached per B; the
+        engine profile's per-token part, when it has one, added per call)."""
         hit = self._seq_cache.get(B)
-        if hit is not None:
-            return hit
-        table = self.tables.get("lm_head")
-        lm = table(B) if table is not None else self.roofline._last_stage_ops(B)["lm_head"]
-        if self.cpu_overhead_s is not None:
-            cpu = self.cpu_overhead_s
-        elif "cpu_overhead" in self.tables:
-            cpu = self.tables["cpu_overhead"](B)
-        elif self.fitted.meta.get("device") == "cpu":
-            cpu = 0.0                       # a CPU profile without the operator: no engine to charge for
-        else:
-            cpu = self.roofline._first_stage_ops(1, B)["cpu_overhead"]   # the roofline's fixed + per-sequence part
-        hit = (lm, cpu)
-        if len(self._seq_cache) < 65536:
-            self._seq_cache[B] = hit
-        return hit
+        if hit is None:
+            table = self.tables.get("lm_head")
+            lm = table(B) if table is not None else self.roofline._last_stage_ops(B)["lm_head"]
+            if self.cpu_overhead_s is not None:
+                cpu = self.cpu_overhead_s
+            elif "cpu_overhead" in self.tables:
+                cpu = self.tables["cpu_overhead"](B)
+            else:
+                cpu = None                  # the engine profile's (roofline.engine_overhead), below
+            hit = (lm, cpu)
+            if len(self._seq_cache) < 65536:
+                self._seq_cache[B] = hit
+        lm, cpu = hit
+        return lm, (self.roofline.engine_overhead(T, B) if cpu is None else cpu)
 
     def _attention(self, plan) -> tuple[float, float]:
         """Per-layer seconds of (decode attention, prefill attention)."""
@@ -528,10 +537,16 @@ class FittedCostModel:
     def describe(self) -> dict:
         """Provenance: the profile the model was fitted to, and what falls back to the roofline."""
         meta = self.fitted.meta
+        if self.cpu_overhead_s is not None:
+            engine = f"cpu_overhead_s = {self.cpu_overhead_s * 1e3:.4g} ms (configured)"
+        elif "cpu_overhead" in self.tables:
+            engine = "the profile's cpu_overhead operator"
+        else:
+            engine = f"engine profile {self.roofline.engine.describe()}"
         return {"kind": "fitted", "profile_hash": self.fitted.profile_hash[:12],
                 "profiled_device": meta.get("device_spec") or meta.get("device"), "device": self.device.name,
                 "source": meta.get("source", "servesim profile"), "roofline_fallbacks": self.fallbacks,
-                "roofline": self.roofline.describe()}
+                "engine_overhead": engine, "roofline": self.roofline.describe()}
 
     # --- CostModel protocol ------------------------------------------------------------------------------------
     def stage_time(self, plan, stage: int) -> float:
@@ -543,7 +558,7 @@ class FittedCostModel:
         _, layer_total, emb = self._token_ops(T)
         decode, prefill = self._attention(plan)
         t = self.stage_layers[stage] * (layer_total + decode + prefill + self.roofline._stage_extra(T, stage))
-        lm, cpu = self._per_sequence(len(plan.num_new_tokens))
+        lm, cpu = self._per_sequence(len(plan.num_new_tokens), T)
         if stage == 0:
             t += emb
         if stage == self.pp - 1:
@@ -567,7 +582,7 @@ class FittedCostModel:
         if self.pp == 1:
             _, layer_total, emb = self._token_ops(T)
             decode, prefill = self._attention(plan)
-            lm, cpu = self._per_sequence(len(plan.num_new_tokens))
+            lm, cpu = self._per_sequence(len(plan.num_new_tokens), T)
             return self.stage_layers[0] * (layer_total + decode + prefill) + emb + lm + cpu
         return sum(self.stage_time(plan, s) for s in range(self.pp)) + \
             sum(self.transfer_time(plan, s) for s in range(self.pp - 1))
@@ -591,18 +606,20 @@ class FittedCostModel:
         if plan.num_decodes < len(plan.num_new_tokens):
             out["attn_prefill"] = L * prefill
         out["emb"] = emb
-        out["lm_head"], out["cpu_overhead"] = self._per_sequence(len(plan.num_new_tokens))
+        out["lm_head"], out["cpu_overhead"] = self._per_sequence(len(plan.num_new_tokens), T)
         if self.pp > 1:
             out["send_recv"] = sum(self.transfer_time(plan, s) for s in range(self.pp - 1))
         return out
 
 
-def load_cost_model(path, *, model, device, tp: int = 1, pp: int = 1, placement=None) -> FittedCostModel:
-    """The FittedCostModel of a ``servesim fit`` folder for ``model``/``device`` (ModelSpec/DeviceSpec or names).
+def load_cost_model(path, *, model, device, tp: int = 1, pp: int = 1, placement=None,
+                    engine=None) -> FittedCostModel:
+    """The FittedCostModel of a ``servesim fit`` folder for ``model``/``device`` (ModelSpec/DeviceSpec or names);
+    ``engine`` as for ``FittedCostModel``.
 
     Raises FitError when the folder is missing or malformed, or was fitted for other layer shapes or ``tp``.
     """
-    return FittedCostModel(read_fitted(path), model, device, tp=tp, pp=pp, placement=placement)
+    return FittedCostModel(read_fitted(path), model, device, tp=tp, pp=pp, placement=placement, engine=engine)
 
 
 def format_report(fitted: FittedProfile) -> str:

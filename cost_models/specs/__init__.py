@@ -4,12 +4,20 @@
 a path to one of our YAML specs, or a path to a Hugging Face ``config.json`` (or a folder holding one).
 ``load_device(name_or_path)`` accepts a built-in name or alias (``A100``, ``H100``, ``a40`` …) or a YAML path.
 
-Errors: ``SpecError`` (a ``ValueError``) naming the unknown name and listing the known ones, or naming the
-file and field that is missing or malformed.
+Errors: ``SpecError`` (a ``ValueError``), one line, naming the unknown name and listing the known ones, or naming the
+file and field that is missing or malformed. Validation (``model_problem``, ``device_problem``; run on every load
+and when a spec is constructed): every size and count of a model (layers, hidden size, heads, KV heads, head_dim, FFN
+size, vocabulary, max_model_len, context_length when given) is a positive integer and the attention heads divide
+by the KV heads (grouped-query attention shares each KV head among a whole number of query heads); ``mlp``,
+``norm`` and ``dtype`` are known values; a device's memory, memory bandwidth and every peak FLOP/s are positive, its
+interconnect bandwidth positive when given (0 = not given) and its latency not negative.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +30,64 @@ DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
 
 class SpecError(ValueError):
     """A model or device spec that is unknown or malformed."""
+
+
+MODEL_POSITIVE_INTS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim",
+                       "intermediate_size", "vocab_size", "max_model_len")
+MLP_KINDS = ("gated", "plain")
+NORM_KINDS = ("rmsnorm", "layernorm")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def model_problem(values: dict, keys: dict | None = None) -> str | None:
+    """The first problem of a model's field ``values`` as ``"KEY: must be ..., got V"``, or None.
+
+    ``keys`` maps a field to the name it has in the source file (a Hugging Face config names ``num_layers``
+    ``num_hidden_layers``); the message names both then."""
+    keys = keys or {}
+
+    def name(field):
+        return f"{keys[field]} ({field})" if keys.get(field, field) != field else field
+
+    for field in MODEL_POSITIVE_INTS + ("context_length",):
+        v = values.get(field)
+        if field == "context_length" and v is None:
+            continue
+        if not (_is_int(v) and v > 0):
+            return f"{name(field)}: must be a positive integer, got {v!r}"
+    heads, kv = values["num_attention_heads"], values["num_kv_heads"]
+    if heads % kv:
+        return (f"{name('num_attention_heads')}: {heads} attention heads do not divide by "
+                f"{name('num_kv_heads')} = {kv} KV heads")
+    for field, allowed in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("dtype", tuple(DTYPE_BYTES))):
+        if field in values and values[field] not in allowed:
+            return f"{name(field)}: must be one of {', '.join(allowed)}, got {values[field]!r}"
+    return None
+
+
+def device_problem(values: dict) -> str | None:
+    """The first problem of a device's field ``values`` as ``"KEY: must be ..., got V"``, or None."""
+    for field in ("memory_bytes", "memory_bandwidth_bytes_per_s"):
+        v = values.get(field)
+        if not (_is_number(v) and v > 0):
+            return f"{field}: must be a positive number, got {v!r}"
+    for dtype, v in dict(values.get("peak_flops") or {}).items():
+        if not (_is_number(v) and v > 0):
+            return f"peak_flops.{dtype}: must be a positive number, got {v!r}"
+    v = values.get("interconnect_bandwidth_bytes_per_s", 0.0)
+    if not (_is_number(v) and v >= 0):
+        return f"interconnect_bandwidth_bytes_per_s: must be a positive number (or 0: not given), got {v!r}"
+    v = values.get("interconnect_latency_s", 0.0)
+    if not (_is_number(v) and v >= 0):
+        return f"interconnect_latency_s: must be a number >= 0, got {v!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -47,6 +113,11 @@ class ModelSpec:
     hf_id: str = ""
     parallel_attn: bool = False
     context_length: int | None = None      # the model's position limit; None: max_model_len
+
+    def __post_init__(self):
+        problem = model_problem(asdict(self))
+        if problem:
+            raise SpecError(f"model {self.name}: {problem}")
 
     @property
     def max_context(self) -> int:
@@ -115,6 +186,11 @@ class DeviceSpec:
     interconnect_latency_s: float = 0.0
     aliases: tuple = ()
 
+    def __post_init__(self):
+        problem = device_problem(asdict(self))
+        if problem:
+            raise SpecError(f"device {self.name}: {problem}")
+
     def flops(self, dtype: str) -> float:
         """Peak dense FLOP/s for ``dtype``; falls back to float16. Raises SpecError if neither is given."""
         value = self.peak_flops.get(dtype, self.peak_flops.get("float16"))
@@ -148,6 +224,14 @@ def _build(cls, data: dict, required: set, source: str):
     if missing:
         raise SpecError(f"{source}: missing field(s) {', '.join(missing)}")
     kwargs = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+    check = model_problem if cls is ModelSpec else device_problem
+    if cls is ModelSpec:
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        problem = check({**defaults, **kwargs}) if not (set(MODEL_POSITIVE_INTS) - set(kwargs)) else None
+    else:
+        problem = check(kwargs)
+    if problem:
+        raise SpecError(f"{source}: {problem}")
     try:
         return cls(**kwargs)
     except TypeError as exc:
@@ -179,40 +263,60 @@ def _from_hf_config(path: Path) -> ModelSpec:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}: not valid JSON: {exc}") from None
-    def get(*names, default=None):
+    if not isinstance(cfg, dict):
+        raise SpecError(f"{path}: expected a JSON object of fields")
+    keys: dict[str, str] = {}          # ModelSpec field -> the config key it was read from
+
+    def get(field, *names, default=None):
         for n in names:
             if n in cfg and cfg[n] is not None:
+                keys[field] = n
                 return cfg[n]
         if default is None:
             raise SpecError(f"{path}: missing field {names[0]}")
         return default
-    hidden = int(get("hidden_size", "d_model", "n_embd"))
-    heads = int(get("num_attention_heads", "n_head", "num_heads"))
-    kv_heads = int(get("num_key_value_heads", "num_kv_heads", "n_head_kv", default=heads))
+
+    hidden = get("hidden_size", "hidden_size", "d_model", "n_embd")
+    heads = get("num_attention_heads", "num_attention_heads", "n_head", "num_heads")
+    kv_heads = get("num_kv_heads", "num_key_value_heads", "num_kv_heads", "n_head_kv", default=heads)
     if cfg.get("multi_query") and "num_kv_heads" not in cfg:
         kv_heads = 1
-    ffn = get("intermediate_size", "ffn_hidden_size", "n_inner", default=4 * hidden)
+    ffn = get("intermediate_size", "intermediate_size", "ffn_hidden_size", "n_inner",
+              default=4 * hidden if _is_int(hidden) else hidden)
+    if cfg.get("head_dim"):
+        keys["head_dim"] = "head_dim"
+        head_dim = cfg["head_dim"]
+    else:      # hidden / heads, once both are valid (else the check below names the bad one)
+        head_dim = hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else hidden
     act = cfg.get("hidden_act") or cfg.get("activation_function") or cfg.get("activation")
     if act is None:   # Falcon, GPT-2, OPT, BLOOM, GPT-NeoX configs name no activation or use their own key: GELU
         act = "gelu" if cfg.get("model_type") in ("falcon", "RefinedWeb", "RefinedWebModel", "gpt2", "opt", "bloom",
                                                      "gpt_neox", "gptj") else "silu"
     act = str(act).lower()
     torch_dtype = str(cfg.get("torch_dtype", "float16")).replace("torch.", "")
-    return ModelSpec(
+    values = dict(
         name=str(cfg.get("_name_or_path") or path.parent.name or "hf-model"),
-        num_layers=int(get("num_hidden_layers", "n_layer", "num_layers")),
+        num_layers=get("num_layers", "num_hidden_layers", "n_layer", "num_layers"),
         hidden_size=hidden,
         num_attention_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
-        intermediate_size=int(ffn),
-        vocab_size=int(get("vocab_size")),
-        max_model_len=int(get("max_position_embeddings", "n_positions", "max_seq_len", default=4096)),
+        head_dim=head_dim,
+        intermediate_size=ffn,
+        vocab_size=get("vocab_size", "vocab_size"),
+        max_model_len=get("max_model_len", "max_position_embeddings", "n_positions", "max_seq_len", default=4096),
         mlp="gated" if act in ("silu", "swiglu", "swish") else "plain",
         norm="layernorm" if "layer_norm_epsilon" in cfg or "layer_norm_eps" in cfg else "rmsnorm",
         dtype=torch_dtype if torch_dtype in DTYPE_BYTES else "float16",
         parallel_attn=bool(cfg.get("parallel_attn", False)),
     )
+    for field in MODEL_POSITIVE_INTS:      # JSON writers may spell an integer 4096.0; 4096.5 stays an error
+        v = values[field]
+        if isinstance(v, float) and v.is_integer():
+            values[field] = int(v)
+    problem = model_problem(values, keys)
+    if problem:
+        raise SpecError(f"{path}: {problem}")
+    return ModelSpec(**values)
 
 
 def load_model(name_or_path: str | Path) -> ModelSpec:
