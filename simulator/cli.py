@@ -153,7 +153,7 @@ def run_header(result) -> str:
 def specs():
     """The built-in models (parameters, KV bytes per token, context), devices (peak FLOP/s, bandwidth, memory,
     calibration of their cost constants) and nodes (GPUs, links)."""
-    from cost_models.roofline import default_constants
+    from cost_models.roofline import describe_calibration
     from cost_models.specs import known_devices, known_models, load_device, load_model
     from cost_models.topology import known_nodes, load_node
 
@@ -174,7 +174,7 @@ def specs():
     rows = [("device", "fp16 TFLOP/s", "HBM GB/s", "memory GiB", "cost constants")]
     for name in known_devices():
         d = load_device(name)
-        status = default_constants(d.name).source
+        status = describe_calibration(d.name)
         rows.append((d.name, f"{d.flops('float16') / 1e12:.4g}", f"{d.memory_bandwidth_bytes_per_s / 1e9:.0f}",
                      f"{d.memory_bytes / 2**30:.0f}", status))
     click.echo(table(rows))

@@ -122,9 +122,12 @@ def deployment_line(dep) -> str:
         shape = f"tp={c.tp}, pp={c.pp}" + (f", {c.replicas} replicas, router {c.router}" if c.replicas > 1 else "")
     sched = c.scheduler + (f" budget {c.token_budget}" if "token_budget" in dep.scheduler_kw else "")
     cm = dep.describe()["cost_model"]
-    cost = {"roofline": lambda: f"roofline ({cm['constants']})",
+    cost = {"roofline": lambda: f"roofline, {cm.get('calibration_line') or cm['constants']}",
             "fitted": lambda: f"fitted to profile {cm['profile_hash']} ({cm['profiled_device']})"}.get(
         cm["kind"], lambda: cm["kind"])()
+    engine = cm.get("engine") or (cm.get("roofline") or {}).get("engine")
+    if engine:
+        cost += f"; engine overhead {engine}"
     return (f"{dep.model.name} on {dep.device.name} ({shape}; {dep.gpus} GPUs, node {dep.node.name}), "
             f"scheduler {sched}, trace {c.trace}, seed {c.seed}, cost model {cost}")
 

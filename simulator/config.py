@@ -38,7 +38,7 @@ _CHECKS = {
     "max_model_len": ("optposint", None), "allow_long_max_model_len": ("bool", None), "block_size": ("posint", None),
     "gpu_memory_utilization": ("unitfraction", None), "watermark": ("optfraction", None),
     "num_kv_blocks": ("optposint", None), "enable_prefix_caching": ("optbool", None),
-    "cost_model": ("optstr", None), "trace": ("str", None), "num_requests": ("optposint", None),
+    "cost_model": ("optstr", None), "engine": ("optstr", None), "trace": ("str", None), "num_requests": ("optposint", None),
     "qps": ("optposfloat", None), "concurrency": ("optposint", None), "input_len": ("optposint", None),
     "output_len": ("optposint", None), "range_ratio": ("optfraction", None), "arrival": ("choice", ("poisson", "gamma")), "cv": ("posfloat", None),
     "retime": ("bool", None), "shuffle": ("bool", None), "drop_long": ("bool", None), "shrink_long": ("bool", None), "fast_forward": ("bool", None), "seed": ("nonnegint", None),
@@ -130,6 +130,7 @@ class SimConfig:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool | None = None
     cost_model: str | None = None
+    engine: str | None = None
     trace: str = "sharegpt"
     num_requests: int | None = None
     qps: float | None = None
@@ -215,6 +216,8 @@ HELP = {
     "num_kv_blocks": "KV blocks per replica, overriding the computed size (vLLM's num_gpu_blocks_override).",
     "enable_prefix_caching": "Prefix caching of prompt blocks (vllm, sarathi; needs a trace with block hashes).",
     "cost_model": "Folder of a fitted cost model (servesim fit); default: the roofline model.",
+    "engine": "Engine whose per-iteration overhead is priced (vidur-vllm-2023, sarathi-serve-2024, vllm-0.32, "
+              "trtllm-1.0, none; default vidur-vllm-2023; cost_models/engine_overhead.py).",
     "trace": "Workload: sharegpt, arxiv, conversation, random, or a trace file (CSV, Azure CSV, Mooncake JSONL).",
     "num_requests": "Requests to simulate (default 2048 for built-in workloads, all of a file).",
     "qps": "Arrival rate, requests/s, of generated or re-timed traces (default 2.0).",

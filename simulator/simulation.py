@@ -294,8 +294,9 @@ def build_cost_model(config: SimConfig, model=None, device=None, *, tp: int | No
     pp = config.pp if pp is None else pp
     if config.cost_model:
         from cost_models.fitted import load_cost_model
-        return load_cost_model(config.cost_model, model=model, device=device, tp=tp, pp=pp, placement=placement)
-    return RooflineCostModel(model, device, tp=tp, pp=pp, placement=placement)
+        return load_cost_model(config.cost_model, model=model, device=device, tp=tp, pp=pp, placement=placement,
+                               engine=config.engine)
+    return RooflineCostModel(model, device, tp=tp, pp=pp, placement=placement, engine=config.engine)
 
 
 def build(config: SimConfig, *, cost_model=None) -> Deployment:
