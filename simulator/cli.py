@@ -95,17 +95,19 @@ class OneLineErrors(click.Group):
         kwargs.pop("standalone_mode", None)
         try:
             return super().main(args, prog_name, standalone_mode=False, **kwargs)
-        except click.exceptions.UsageError as exc:
+        except click.exceptions.ClickException as exc:
             click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
-            sys.exit(2)
+            sys.exit(exc.exit_code)
         except click.exceptions.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(1)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--debug", is_flag=True, envvar="SERVESIM_DEBUG",
+              help="Show the traceback of an internal error (a bug) instead of one line.")
 @click.version_option(package_name="servesim")
-def main():
+def main(debug):
     """servesim: simulate LLM serving (Orca, vLLM, Sarathi-Serve) with profiled or analytical GPU cost models."""
 
 

@@ -70,15 +70,31 @@ def config_from_options(config_path=None, **flags) -> SimConfig:
 
 
 def user_errors(func):
-    """Turn bad input into a one-line ``error: …`` with exit status 2."""
+    """Turn bad input into a one-line ``error: …`` with exit status 2, an unusable file or folder (OSError: no
+    permission, disk full, ...) into ``error: FILE: reason`` with status 2, and any other exception (a bug) into
+    ``error: internal error in servesim CMD: Type: message (rerun with --debug for the traceback)`` with status
+    1; ``servesim --debug`` (or ``SERVESIM_DEBUG=1``) lets that exception through with its traceback."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except click.exceptions.Exit:
+        except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
             raise
         except USER_ERRORS as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             click.echo(f"error: {msg}", err=True)
             sys.exit(2)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(2)
+        except Exception as exc:
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and ctx.find_root().params.get("debug"):
+                raise
+            name = f"servesim {ctx.info_name}" if ctx is not None and ctx.parent is not None else "servesim"
+            msg = " ".join(str(exc).split()) or "(no message)"
+            click.echo(f"error: internal error in {name}: {type(exc).__name__}: {msg} "
+                       f"(rerun with --debug for the traceback)", err=True)
+            sys.exit(1)
     return wrapper

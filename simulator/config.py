@@ -249,6 +249,10 @@ def read_yaml_mapping(path: str | Path, error: type[ValueError], what: str) -> d
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise error(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file (YAML expected)") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -213,7 +213,11 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+        raise SpecError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file (YAML expected)") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping of fields")
     return data
@@ -263,6 +267,10 @@ def _from_hf_config(path: Path) -> ModelSpec:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}: not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file (JSON expected)") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not isinstance(cfg, dict):
         raise SpecError(f"{path}: expected a JSON object of fields")
     keys: dict[str, str] = {}          # ModelSpec field -> the config key it was read from
