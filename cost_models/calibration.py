@@ -231,7 +231,7 @@ STATUS = {
         'errors': {},
         'measured_on': None,
         'reason': (
-                'order-of-magnitude figures; profile and fit the CPU instead: servesim profile --device cpu'
+                'order-of-magnitude figures; profile and fit the CPU instead: servesim profile --exec-device cpu'
             ),
     },
 }

@@ -47,22 +47,25 @@ profile; default: ``none`` for a CPU profile, else the roofline's default engine
 priced by the roofline model (``breakdown`` keeps the roofline's names) and listed in ``FittedCostModel.fallbacks``.
 
 Files: ``servesim fit`` writes ``MODEL_DIR/model.json`` (readable summary) and
-``MODEL_DIR/fitted-<profile hash>.joblib``; ``load_cost_model(MODEL_DIR, model=, device=, tp=, pp=)`` reads them.
+``MODEL_DIR/tables-<profile hash>.npz`` (the lookup tables as numpy arrays, all a simulation needs: loading them
+imports no scikit-learn) and ``MODEL_DIR/fitted-<profile hash>.joblib`` (the estimators);
+``load_cost_model(MODEL_DIR, model=, device=, tp=, pp=)`` reads the tables.
 Errors are ``FitError`` (a ValueError) naming the folder and the field.
+
+This module is what simulating needs (no pandas, no scikit-learn); the fitting itself (the regressor, the tables'
+grids, the cross-validation) is ``cost_models.fitting``, whose names are also reachable here for old pickles.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from cost_models.lookup import IntTable, LogGrid, geometric_points
+from cost_models.lookup import IntTable, LogGrid
 
 FIT_VERSION = 2
 MODEL_JSON = "model.json"
@@ -108,145 +111,6 @@ class Proxy:
         return sum(c * t for c, t in zip(self.coef, proxy_terms(self.op_class, *x)) if c)
 
 
-def grid_coords(op_class: str, X: np.ndarray) -> list[np.ndarray]:
-    """Grid coordinates of the rows ``X`` (columns ``CLASS_COLUMNS[op_class]``); decode (b, S, M) -> (b, S/b, bM/S)."""
-    X = np.asarray(X, dtype=float)
-    if op_class == "decode":
-        return [X[:, 0], X[:, 1] / X[:, 0], X[:, 0] * X[:, 2] / X[:, 1]]
-    return [X[:, i] for i in range(X.shape[1])]
-
-
-def tree_features(op_class: str, X: np.ndarray) -> np.ndarray:
-    """log1p of the class's features; token and sequence counts also get their alignment, log2 of the largest
-    power of two dividing them (capped at 64): GEMM and vector kernels run faster on sizes that are multiples of
-    their tile or vector width (NVIDIA, "Matrix Multiplication Background User's Guide", 2023, on dimensions that
-    are multiples of 8/16/64; MKL shows the same on CPUs), which the trees can then learn."""
-    X = np.asarray(X, dtype=float)
-    if op_class == "prefill":
-        X = np.column_stack([X[:, 0], X[:, 1], X[:, 0] * X[:, 1]])
-    features = np.log1p(X)
-    if op_class in ("token", "sequence"):
-        n = np.maximum(X[:, 0], 1).astype(np.int64)
-        features = np.column_stack([features, np.minimum(np.log2((n & -n).astype(float)), 6.0)])
-    return features
-
-
-def fit_proxy(op_class: str, X: np.ndarray, y: np.ndarray) -> Proxy:
-    """Non-negative least squares of relative error: minimise sum ((proxy(x) - y) / y)^2 over weights >= 0."""
-    from sklearn.linear_model import LinearRegression
-
-    coords = grid_coords(op_class, X)
-    terms = np.column_stack([np.broadcast_to(np.asarray(t, dtype=float), y.shape)
-                             for t in proxy_terms(op_class, *coords)])
-    scale = terms.max(axis=0)
-    scale[scale <= 0] = 1.0
-    lr = LinearRegression(positive=True, fit_intercept=False).fit(terms / scale, y, sample_weight=1.0 / y ** 2)
-    coef = lr.coef_ / scale
-    coef[0] = max(coef[0], 0.01 * float(y.min()))     # keep the proxy > 0 at every shape
-    return Proxy(op_class, coef)
-
-
-# --- the regressor ---------------------------------------------------------------------------------------------
-
-def _tree_cls(kind: str):
-    from sklearn.ensemble import ExtraTreesRegressor, RandomForestRegressor
-
-    return ExtraTreesRegressor if kind == "extra" else RandomForestRegressor
-
-
-try:
-    from sklearn.base import BaseEstimator, RegressorMixin
-except ImportError:  # pragma: no cover - scikit-learn is a core dependency
-    BaseEstimator, RegressorMixin = object, object
-
-
-class ProxyTreeRegressor(RegressorMixin, BaseEstimator):
-    """``time = proxy(x) x exp(trees(log1p features))`` (see the module docstring); a scikit-learn estimator.
-
-    ``X`` columns are ``CLASS_COLUMNS[op_class]``; ``y`` seconds (> 0).
-    """
-
-    def __init__(self, op_class: str = "token", trees: str = "extra", n_estimators: int = 40,
-                 min_samples_leaf: int = 1, random_state: int = 0):
-        self.op_class = op_class
-        self.trees = trees
-        self.n_estimators = n_estimators
-        self.min_samples_leaf = min_samples_leaf
-        self.random_state = random_state
-
-    def fit(self, X, y):
-        X, y = np.asarray(X, dtype=float), np.asarray(y, dtype=float)
-        self.proxy_ = fit_proxy(self.op_class, X, y)
-        base = np.asarray(self.proxy_(*grid_coords(self.op_class, X)), dtype=float)
-        self.trees_ = _tree_cls(self.trees)(n_estimators=self.n_estimators, min_samples_leaf=self.min_samples_leaf,
-                                            random_state=self.random_state, n_jobs=1)
-        self.trees_.fit(tree_features(self.op_class, X), np.log(y / base))
-        return self
-
-    def predict(self, X):
-        X = np.asarray(X, dtype=float)
-        base = np.asarray(self.proxy_(*grid_coords(self.op_class, X)), dtype=float)
-        return base * np.exp(self.trees_.predict(tree_features(self.op_class, X)))
-
-
-def median_ape(y_true, y_pred) -> float:
-    """Median absolute percentage error (%)."""
-    y_true, y_pred = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
-    return float(np.median(np.abs(y_pred / y_true - 1.0)) * 100.0)
-
-
-# --- lookup tables ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TableBounds:
-    """Least upper ends of the lookup tables (the profiled range is always covered too)."""
-
-    tokens: int = 16384
-    sequences: int = 1024
-    chunk: int = 16384
-    context: int = 131072
-    decode_batch: int = 256
-    kv_len: int = 65536
-    message_bytes: int = 1 << 31
-
-
-def build_table(op_class: str, estimator, X: np.ndarray, bounds: TableBounds = TableBounds()):
-    """Evaluate ``estimator`` on the class's grid (covering the profiled rows ``X`` and ``bounds``)."""
-    X = np.asarray(X, dtype=float)
-    proxy = estimator.proxy_
-    if op_class in ("token", "sequence"):
-        n = int(max(X[:, 0].max(), bounds.tokens if op_class == "token" else bounds.sequences))
-        values = estimator.predict(np.arange(1, n + 1, dtype=float)[:, None])
-        return IntTable(values, proxy)
-    if op_class == "collective":
-        axis = geometric_points(1, max(X[:, 0].max(), bounds.message_bytes), 1.25)
-        return LogGrid([axis], estimator.predict(np.asarray(axis)[:, None]), proxy)
-    if op_class == "prefill":
-        c_axis = geometric_points(1, max(X[:, 0].max(), bounds.chunk), 1.2)
-        k_axis = [0.0] + geometric_points(1, max(X[:, 1].max(), bounds.context), 1.25)
-        c, k = np.meshgrid(c_axis, k_axis, indexing="ij")
-        values = estimator.predict(np.column_stack([c.ravel(), k.ravel()])).reshape(c.shape)
-        return LogGrid([c_axis, k_axis], values, proxy)
-    if op_class == "decode":
-        b_max = max(X[:, 0].max(), bounds.decode_batch)
-        b_axis = geometric_points(1, b_max, 1.2)
-        m_axis = geometric_points(1, max(X[:, 2].max(), bounds.kv_len), 1.25)
-        u_axis = [u for u in DECODE_SPREAD if u < b_max] + [float(b_max)]
-        b, m, u = np.meshgrid(b_axis, m_axis, u_axis, indexing="ij")
-        s = b * m
-        longest = np.clip(u * s, s, b * s) / b          # S <= b x M <= b x S
-        values = estimator.predict(np.column_stack([b.ravel(), s.ravel(), longest.ravel()])).reshape(b.shape)
-        return LogGrid([b_axis, m_axis, u_axis], values, proxy)
-    raise FitError(f"unknown operator class {op_class!r}")
-
-
-def table_predict(op_class: str, table, X: np.ndarray) -> np.ndarray:
-    """Price the rows ``X`` through a table exactly as the simulator does (scalar lookups)."""
-    coords = grid_coords(op_class, X)
-    return np.array([table(*(float(c[i]) for c in coords)) if op_class != "token" and op_class != "sequence"
-                     else table(int(coords[0][i])) for i in range(len(X))])
-
-
 # --- fitting ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -280,119 +144,87 @@ class FittedProfile:
         return sorted(self.tables)
 
 
-def profile_hash(df: pd.DataFrame, settings: dict) -> str:
-    """sha256 of the profile rows (sorted, CSV) and the fit settings: the key of a fitted model."""
-    cols = ["operator", *sorted(c for c in df.columns if c != "operator")]
-    body = df[cols].sort_values(cols).to_csv(index=False).encode()
-    return hashlib.sha256(body + json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def fit_operator(op: str, X: np.ndarray, y: np.ndarray, *, seed: int = 0, bounds: TableBounds = TableBounds(),
-                 n_estimators: int = 40):
-    """Cross-validated fit of one operator: returns (final estimator, final table, OperatorReport)."""
-    from sklearn.metrics import make_scorer
-    from sklearn.model_selection import GridSearchCV, KFold, train_test_split
-
-    op_class = OPERATOR_CLASS[op]
-    grid = {"trees": ["extra", "forest"], "min_samples_leaf": [1, 3]}
-    scorer = make_scorer(median_ape, greater_is_better=False)
-
-    def search(Xs, ys):
-        if len(ys) < 6:
-            return ProxyTreeRegressor(op_class, n_estimators=n_estimators, random_state=seed).fit(Xs, ys), {}
-        cv = KFold(n_splits=3, shuffle=True, random_state=seed)
-        gs = GridSearchCV(ProxyTreeRegressor(op_class, n_estimators=n_estimators, random_state=seed), grid,
-                          scoring=scorer, cv=cv, n_jobs=1, refit=True)
-        gs.fit(Xs, ys)
-        return gs.best_estimator_, gs.best_params_
-
-    idx = np.arange(len(y))
-    med = p90 = float("nan")
-    held = 0
-    if len(y) >= 5:
-        train, test = train_test_split(idx, test_size=0.2, random_state=seed)
-        est, params = search(X[train], y[train])
-        pred = table_predict(op_class, build_table(op_class, est, X[train], bounds), X[test])
-        ape = np.abs(pred / y[test] - 1.0) * 100.0
-        med, p90, held = float(np.median(ape)), float(np.percentile(ape, 90)), len(test)
-    else:
-        params = {}
-    final = ProxyTreeRegressor(op_class, n_estimators=n_estimators, random_state=seed, **params).fit(X, y)
-    table = build_table(op_class, final, X, bounds)
-    report = OperatorReport(op, op_class, len(y), held, med, p90, params, len(y) >= MIN_ROWS_FOR_ERROR)
-    return final, table, report
-
-
-def aggregate_rows(df: pd.DataFrame, op: str) -> tuple[np.ndarray, np.ndarray]:
-    """One (shape, median seconds) per distinct shape of ``op``: duplicate rows are merged by their median."""
-    cols = list(CLASS_COLUMNS[OPERATOR_CLASS[op]])
-    sub = df[df["operator"] == op]
-    missing = [c for c in cols if c not in sub.columns]
-    if missing:
-        raise FitError(f"operator {op}: profile lacks column(s) {', '.join(missing)}")
-    g = sub.groupby(cols, as_index=False)["time_median_s"].median()
-    g = g[g["time_median_s"] > 0]
-    return g[cols].to_numpy(dtype=float), g["time_median_s"].to_numpy(dtype=float)
-
-
-def fit_profile(df: pd.DataFrame, meta: dict, *, seed: int = 0, cpu_overhead_s: float | None = None,
-                bounds: TableBounds = TableBounds(), progress=None) -> FittedProfile:
-    """Fit every known operator in the profile rows ``df`` (``profiler.schema`` columns; ``meta`` as in
-    meta.json, with ``model_shape``). ``progress(op)`` is called before each operator. Raises FitError when no
-    operator can be fitted. Unknown operator names are skipped and noted."""
-    settings = {"seed": seed, "version": FIT_VERSION, "bounds": bounds.__dict__, "cpu_overhead_s": cpu_overhead_s}
-    key = profile_hash(df, settings)
-    tables, estimators, reports, notes = {}, {}, [], []
-    for op in sorted(df["operator"].unique()):
-        if op not in OPERATOR_CLASS:
-            notes.append(f"operator {op}: unknown, not fitted")
-            continue
-        X, y = aggregate_rows(df, op)
-        if len(y) == 0:
-            notes.append(f"operator {op}: no rows with a positive time, not fitted")
-            continue
-        if progress:
-            progress(op)
-        est, table, report = fit_operator(op, X, y, seed=seed, bounds=bounds)
-        tables[op], estimators[op] = table, est
-        reports.append(report)
-    if not tables:
-        raise FitError("profile has no operator this servesim can fit; known: " + ", ".join(OPERATOR_CLASS))
-    return FittedProfile(key, dict(meta), tables, estimators, reports, cpu_overhead_s, notes)
-
-
 # --- save / load ------------------------------------------------------------------------------------------------
 
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename onto ``path`` (cost_models imports nothing of servesim, so no traces.tables)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def save_fitted(fitted: FittedProfile, out_dir: str | Path) -> Path:
-    """Write ``fitted-<hash12>.joblib`` and ``model.json`` into ``out_dir`` (created); returns the joblib path."""
+    """Write into ``out_dir`` (created): ``tables-<hash12>.npz`` (the lookup tables as plain numpy arrays: what
+    simulating needs, loaded without scikit-learn or pickles), ``fitted-<hash12>.joblib`` (the fitted estimators, to
+    inspect or refit; needs scikit-learn) and ``model.json`` (the summary naming both). Each file goes through a
+    temporary name and a rename, ``model.json`` last, so an interrupted save leaves the old set or the new one.
+    Returns the tables' path."""
     import joblib
     import sklearn
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"fitted-{fitted.profile_hash[:12]}.joblib"
-    joblib.dump(fitted, out / name, compress=3)
-    summary = {"file": name, "profile_hash": fitted.profile_hash, "fit_version": FIT_VERSION,
-               "sklearn_version": sklearn.__version__, "meta": fitted.meta, "cpu_overhead_s": fitted.cpu_overhead_s,
-               "operators": fitted.operators, "notes": fitted.notes,
+    key = fitted.profile_hash[:12]
+    tables_name, estimators_name = f"tables-{key}.npz", f"fitted-{key}.joblib"
+    arrays = {}
+    for op, table in fitted.tables.items():
+        arrays.update(table.to_arrays(f"{op}/"))
+
+    def savez(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    _write_atomic(out / tables_name, savez)
+    _write_atomic(out / estimators_name, lambda tmp: joblib.dump(fitted, tmp, compress=3))
+    summary = {"file": estimators_name, "tables": tables_name, "profile_hash": fitted.profile_hash,
+               "fit_version": FIT_VERSION, "sklearn_version": sklearn.__version__, "meta": fitted.meta,
+               "cpu_overhead_s": fitted.cpu_overhead_s, "operators": fitted.operators, "notes": fitted.notes,
+               "table_kinds": {op: {"kind": type(t).__name__, "op_class": OPERATOR_CLASS[op]}
+                               for op, t in fitted.tables.items()},
                "heldout_error": [r.__dict__ for r in fitted.reports]}
-    (out / MODEL_JSON).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return out / name
+    _write_atomic(out / MODEL_JSON, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str) + "\n"))
+    return out / tables_name
 
 
-def read_fitted(path: str | Path) -> FittedProfile:
-    """Load the FittedProfile of a ``servesim fit`` folder. Raises FitError when it is missing or unreadable."""
-    import joblib
-
-    path = Path(path)
+def _read_summary(path: Path) -> dict:
     summary_path = path / MODEL_JSON
     if not summary_path.is_file():
         raise FitError(f"{path}: no {MODEL_JSON}; make the folder with `servesim fit PROFILE_DIR --out {path}`")
     try:
         summary = json.loads(summary_path.read_text())
-        file = path / summary["file"]
+        summary["file"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise FitError(f"{summary_path}: malformed ({exc})") from None
+    except OSError as exc:
+        raise FitError(f"{summary_path}: cannot read: {exc.strerror or exc}") from None
+    return summary
+
+
+def read_fitted(path: str | Path, *, estimators: bool = False) -> FittedProfile:
+    """Load the FittedProfile of a ``servesim fit`` folder: from its numpy tables (fast; no scikit-learn), or with
+    ``estimators`` (or for a folder written before tables existed) from the joblib file. Raises FitError when it is
+    missing or unreadable."""
+    path = Path(path)
+    summary = _read_summary(path)
+    summary_path = path / MODEL_JSON
+    tables_name = summary.get("tables")
+    if tables_name and not estimators:
+        file = path / tables_name
+        if not file.is_file():
+            raise FitError(f"{summary_path}: field tables: {tables_name} not found beside it")
+        try:
+            arrays = dict(np.load(file, allow_pickle=False))
+        except (OSError, ValueError) as exc:
+            raise FitError(f"{file}: unreadable tables ({exc})") from None
+        tables = {}
+        for op, info in summary.get("table_kinds", {}).items():
+            cls = IntTable if info["kind"] == "IntTable" else LogGrid
+            tables[op] = cls.from_arrays(arrays, f"{op}/", lambda coef, c=info["op_class"]: Proxy(c, coef))
+        reports = [OperatorReport(**r) for r in summary.get("heldout_error", [])]
+        return FittedProfile(summary["profile_hash"], summary.get("meta", {}), tables, {}, reports,
+                             summary.get("cpu_overhead_s"), summary.get("notes", []))
+    import joblib
+
+    file = path / summary["file"]
     if not file.is_file():
         raise FitError(f"{summary_path}: field file: {file.name} not found beside it")
     with warnings.catch_warnings():
@@ -622,14 +454,16 @@ def load_cost_model(path, *, model, device, tp: int = 1, pp: int = 1, placement=
     return FittedCostModel(read_fitted(path), model, device, tp=tp, pp=pp, placement=placement, engine=engine)
 
 
-def format_report(fitted: FittedProfile) -> str:
-    """A table of the held-out error per operator (what ``servesim fit`` prints)."""
-    lines = [f"{'operator':<26} {'class':<10} {'rows':>5} {'held-out':>8} {'median APE':>10} {'p90 APE':>8}  model"]
-    for r in sorted(fitted.reports, key=lambda r: r.operator):
-        med = "-" if math.isnan(r.median_ape) else f"{r.median_ape:.1f}%"
-        p90 = "-" if math.isnan(r.p90_ape) else f"{r.p90_ape:.1f}%"
-        params = ", ".join(f"{k}={v}" for k, v in sorted(r.best_params.items())) or "defaults"
-        flag = "" if r.enough_samples else "  (few samples)"
-        lines.append(f"{r.operator:<26} {r.op_class:<10} {r.rows:>5} {r.heldout_rows:>8} {med:>10} {p90:>8}  "
-                     f"{params}{flag}")
-    return "\n".join(lines)
+_FITTING_NAMES = {"grid_coords", "tree_features", "fit_proxy", "ProxyTreeRegressor", "median_ape", "TableBounds",
+                  "build_table", "table_predict", "profile_hash", "fit_operator", "aggregate_rows", "fit_profile",
+                  "format_report"}
+
+
+def __getattr__(name):
+    """The fitting code moved to ``cost_models.fitting``; forward its names (joblib files saved before the move
+    pickle ``cost_models.fitted.ProxyTreeRegressor``)."""
+    if name in _FITTING_NAMES:
+        from cost_models import fitting
+
+        return getattr(fitting, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

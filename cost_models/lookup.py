@@ -83,6 +83,24 @@ class IntTable:
     def __setstate__(self, state):
         self.__dict__.update(state)
 
+    def to_arrays(self, prefix: str) -> dict:
+        """Plain numpy arrays (for ``np.savez``, no pickling): values, scale, the proxy's terms."""
+        out = {f"{prefix}values": np.asarray(self.values, dtype=float), f"{prefix}scale": np.float64(self.scale)}
+        if self.proxy is not None:
+            out[f"{prefix}proxy_coef"] = np.asarray(self.proxy.coef, dtype=float)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str, proxy_factory) -> "IntTable":
+        """The table ``to_arrays`` wrote (``proxy_factory(coef)`` rebuilds the proxy); no refitting, no sklearn."""
+        t = cls.__new__(cls)
+        t.values = arrays[f"{prefix}values"].tolist()
+        t.n = len(t.values)
+        t.scale = float(arrays[f"{prefix}scale"])
+        key = f"{prefix}proxy_coef"
+        t.proxy = proxy_factory(arrays[key].tolist()) if key in arrays else None
+        return t
+
 
 class LogGrid:
     """Seconds on the grid ``axes[0] x axes[1] x ...`` (points ascending, >= 0), interpolated multilinearly in
@@ -146,3 +164,26 @@ class LogGrid:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+
+    def to_arrays(self, prefix: str) -> dict:
+        """Plain numpy arrays (for ``np.savez``): axes, log values, strides, scale, the proxy's terms."""
+        out = {f"{prefix}logv": np.asarray(self.logv, dtype=float), f"{prefix}strides": np.asarray(self.strides),
+               f"{prefix}scale": np.float64(self.scale), f"{prefix}naxes": np.int64(len(self.axes))}
+        for d, axis in enumerate(self.axes):
+            out[f"{prefix}axis{d}"] = np.asarray(axis, dtype=float)
+        if self.proxy is not None:
+            out[f"{prefix}proxy_coef"] = np.asarray(self.proxy.coef, dtype=float)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str, proxy_factory) -> "LogGrid":
+        """The grid ``to_arrays`` wrote; the same lookups as the original (``logx`` recomputed with math.log1p)."""
+        g = cls.__new__(cls)
+        g.axes = [arrays[f"{prefix}axis{d}"].tolist() for d in range(int(arrays[f"{prefix}naxes"]))]
+        g.logx = [[math.log1p(p) for p in a] for a in g.axes]
+        g.logv = arrays[f"{prefix}logv"].tolist()
+        g.strides = [int(v) for v in arrays[f"{prefix}strides"]]
+        g.scale = float(arrays[f"{prefix}scale"])
+        key = f"{prefix}proxy_coef"
+        g.proxy = proxy_factory(arrays[key].tolist()) if key in arrays else None
+        return g

@@ -10,7 +10,7 @@ table is computed from the *written* (rounded) numbers, so a rerun writes the sa
 recomputed from its constants (``tests/test_calibration.py``).
 
 **1. GPU constants from Vidur's A100 tables** (``DATA/profiles/vidur``, microsoft/vidur, MIT; read through
-``cost_models.vidur``): per-token operators of Meta-Llama-3-8B (TP 1/2/4/8), Llama-2-7B and the legacy CodeLlama-34B
+``profiler.vidur``): per-token operators of Meta-Llama-3-8B (TP 1/2/4/8), Llama-2-7B and the legacy CodeLlama-34B
 table (TP 2), FlashAttention prefill/decode of the legacy table (CodeLlama-34B's shape, so the measured shapes are
 priced exactly, no derived rows). Which A100: Vidur's node is ``a100_pairwise_nvlink`` (NVLink bridges between pairs:
 PCIe cards, the Azure NC A100 v4 VMs the Sarathi-Serve artifact calls "A100 80GB PCIe"), so the tables most likely
@@ -82,7 +82,7 @@ from cost_models.engine_overhead import EngineProfile  # noqa: E402
 from cost_models.plan import BatchPlan  # noqa: E402
 from cost_models.roofline import RooflineConstants, RooflineCostModel  # noqa: E402
 from cost_models.specs import ModelSpec, known_devices, load_device, load_model  # noqa: E402
-from cost_models.vidur import read_vidur_profile  # noqa: E402
+from profiler.vidur import read_vidur_profile  # noqa: E402
 
 VIDUR_DEVICES = ("A100-80GB-PCIe", "A100-80GB-SXM")
 MEASURED_ON = "A100-80GB-PCIe"          # what Vidur's a100_pairwise_nvlink tables most likely measured
@@ -118,7 +118,7 @@ FIRST_ESTIMATE_REASONS = {
     "H200": ("no bf16 measurements, AIC's H200 rows are fp8 with the KV-cache dtype not recorded; H100-SXM's "
              "calibrated efficiencies on the H200 datasheet"),
     "A40": "no public measurements in ../shared/data",
-    "cpu": "order-of-magnitude figures; profile and fit the CPU instead: servesim profile --device cpu",
+    "cpu": "order-of-magnitude figures; profile and fit the CPU instead: servesim profile --exec-device cpu",
 }
 
 
@@ -198,7 +198,7 @@ def plan_set() -> list:
 
 
 #: Llama-3-8B's attention in the reference is derived from the legacy table's shape by the ratio of roofline times
-#: (``cost_models.vidur``), which read the default constants of the device passed. Pinned here — the A100-80GB-SXM
+#: (``profiler.vidur``), which read the default constants of the device passed. Pinned here — the A100-80GB-SXM
 #: calibration of commit 046f835, with which the reference was first built — so that the reference, and hence every
 #: fit, does not depend on the calibration.py being regenerated.
 REFERENCE_RATIO_DEVICE = "A100-80GB-SXM"
@@ -213,7 +213,8 @@ def reference_configs(vidur: Path):
     from unittest import mock
 
     import cost_models.roofline
-    from cost_models.fitted import FittedCostModel, fit_profile
+    from cost_models.fitted import FittedCostModel
+    from cost_models.fitting import fit_profile
 
     device = load_device(REFERENCE_RATIO_DEVICE)
     out = []
@@ -591,7 +592,8 @@ def comparison(calibrated: dict, vidur: Path, vidur_model: str | None):
 
     import cost_models.calibration
     import cost_models.engine_overhead
-    from cost_models.fitted import FittedCostModel, fit_profile, load_cost_model
+    from cost_models.fitted import FittedCostModel, load_cost_model
+    from cost_models.fitting import fit_profile
 
     importlib.reload(cost_models.calibration)
     importlib.reload(cost_models.engine_overhead)

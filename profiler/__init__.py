@@ -2,8 +2,10 @@
 
 Modules: ``ops`` (the operators in torch), ``timing`` (CUDA events / ``torch.utils.benchmark``), ``grid`` (shape
 grids), ``run`` (resumable profile runs), ``collectives`` (all-reduce and send/recv across processes), ``schema``
-(names, columns, reader), ``cli`` (``servesim profile`` and ``servesim fit``). Importing ``profiler``,
-``profiler.schema``, ``profiler.grid`` or ``profiler.cli`` does not import torch; ``profiler.ops`` does.
+(names, columns, reader), ``executor`` (runs a batch's operators, for ``servesim validate``), ``vidur`` (Vidur's
+profiling tables as profile rows). The commands are ``simulator.cli_profile`` (``servesim profile``, ``servesim
+fit``); the profiler imports nothing of ``simulator``. Importing ``profiler``,
+``profiler.schema``, ``profiler.grid`` or ``profiler.vidur`` does not import torch; ``profiler.ops`` does.
 
 Profile folder format (``servesim profile --out DIR``)
 =====================================================

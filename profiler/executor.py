@@ -1,6 +1,6 @@
 """Execute a ``BatchPlan`` for real: the model's full layer stack on ``cuda`` or ``cpu`` with a real KV cache.
 
-The validator (``profiler/validate.py``) replays a simulation's iterations through this executor and compares
+The validator (``simulator/validate.py``) replays a simulation's iterations through this executor and compares
 the measured time of each with the cost model's prediction.
 
 What one iteration computes (shapes as in vLLM's Llama/Mistral/Falcon implementations; T = tokens of the plan,

@@ -199,9 +199,9 @@ LAZY_COMMANDS = {       # name -> ("module:attribute", the line `servesim --help
     "plot": ("simulator.cli_experiments:plot", "Figures from sweep tables and simulate folders."),
     "regress": ("simulator.cli_experiments:regress", "Check the capacity baseline (CI)."),
     "reproduce": ("simulator.cli_experiments:reproduce", "The Sarathi-Serve paper's results beside servesim's."),
-    "profile": ("profiler.cli:profile", "Time a layer's operators over a shape grid (torch)."),
-    "fit": ("profiler.cli:fit", "Fit per-operator cost models to a profile (or import Vidur's)."),
-    "validate": ("profiler.cli_validate:validate", "Replay simulated batches on a device; compare the times."),
+    "profile": ("simulator.cli_profile:profile", "Time a layer's operators over a shape grid (torch)."),
+    "fit": ("simulator.cli_profile:fit", "Fit per-operator cost models to a profile (or import Vidur's)."),
+    "validate": ("simulator.cli_validate:validate", "Replay simulated batches on a device; compare the times."),
     "observe": ("simulator.observe.cli:observe", "Run the real vLLM engine on a trace and record its steps."),
 }
 main.lazy_commands = LAZY_COMMANDS

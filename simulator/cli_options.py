@@ -1,6 +1,6 @@
 """Options and error handling shared by every ``servesim`` command that runs simulations.
 
-Command modules (``simulator.cli``, ``simulator.cli_experiments``, ``profiler.cli``, ``profiler.cli_validate``)
+Command modules (``simulator.cli``, ``simulator.cli_experiments``, ``simulator.cli_profile``, ``simulator.cli_validate``)
 import from here, and only ``simulator.cli`` registers commands, so no import cycle exists whichever module a
 process imports first.
 """

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch", reason="the executor needs torch (the 'prof
 from cost_models.specs import load_model  # noqa: E402
 from profiler.executor import (Executor, ExecutorMemoryError, PlanStateError, SlotKVCache, Timing,  # noqa: E402
                                activation_bytes, check_fits, time_call)
-from profiler.validate import last_iterations  # noqa: E402
+from simulator.validate import last_iterations  # noqa: E402
 from simulator.kv_cache import activation_reserve_bytes, kv_bytes_per_block  # noqa: E402
 from cost_models.plan import BatchPlan  # noqa: E402
 from simulator.request import Request  # noqa: E402

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cost_models.fitted import (FitError, FittedCostModel, fit_profile, format_report, load_cost_model,
-                                profile_hash, read_fitted, save_fitted)
+from cost_models.fitted import FitError, FittedCostModel, load_cost_model, read_fitted, save_fitted
+from cost_models.fitting import fit_profile, format_report, profile_hash
 from cost_models.lookup import IntTable, LogGrid, geometric_points, monotone
 from cost_models.roofline import RooflineCostModel
 from cost_models.specs import load_model

@@ -335,10 +335,17 @@ def test_servesim_schedules_every_step_as_the_real_vllm_did(vllm_run, tmp_path):
     """Schedule agreement (issue 9): the observed run replayed through servesim's vllm scheduler with the
     engine's KV size, limits and step times gives the same {request: tokens} at (at least 99% of) every step,
     preemptions included; the latency check runs too (its error depends on the cost model, here the roofline)."""
-    from simulator.validate_observed import validate_observed
+    from click.testing import CliRunner
+
+    from simulator.cli import main
 
     _, out, _ = vllm_run
-    report = validate_observed(out, tmp_path / "val")
+    res = CliRunner().invoke(main, ["validate", "--observed", str(out), "--out", str(tmp_path / "val"),
+                                    "--num-requests", "5"])
+    assert res.exit_code == 0, res.output
+    assert "schedule agreement: " in res.output and "TBT" in res.output
+    assert "--num-requests ignored with --observed" in res.output          # said, not silently dropped
+    report = json.loads((tmp_path / "val" / "observed_validation.json").read_text())
     sched = report["schedule"]
     print(f"schedule agreement {sched['agreeing']}/{sched['steps']}; first divergence: {sched['first_divergence']}")
     assert sched["steps"] > 50

@@ -262,15 +262,15 @@ def test_profile_command(tmp_path):
     from simulator.cli import main
 
     out = tmp_path / "p"
-    res = CliRunner().invoke(main, ["profile", "--model", "tiny", "--device", "cpu", "--operators", "add",
+    res = CliRunner().invoke(main, ["profile", "--model", "tiny", "--exec-device", "cpu", "--operators", "add",
                                     "--max-tokens", "3", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "profiled tiny" in res.output and len(read_profile(out)) == 3
-    bad = CliRunner().invoke(main, ["profile", "--model", "tiny", "--device", "cpu", "--operators", "softmax",
+    bad = CliRunner().invoke(main, ["profile", "--model", "tiny", "--exec-device", "cpu", "--operators", "softmax",
                                     "--out", str(out)])
     assert bad.exit_code == 2 and "unknown softmax" in bad.output
     if not torch.cuda.is_available():
-        res = CliRunner().invoke(main, ["profile", "--model", "tiny", "--device", "cuda", "--out", str(out)])
+        res = CliRunner().invoke(main, ["profile", "--model", "tiny", "--exec-device", "cuda", "--out", str(out)])
         assert res.exit_code == 2 and "no CUDA device" in res.output
 
 

@@ -333,7 +333,7 @@ def test_6_counts_below_their_minimum_are_one_line_errors(tmp_path, args, needle
     config = tmp_path / "s.yaml"
     config.write_text("mode: qps\nbase: {model: tiny, device: cpu, num_requests: 4}\ngrid: {qps: [1.0]}\n")
     extra = {"sweep": ["--config", config, "--no-plot"],
-             "profile": ["--model", "tiny", "--device", "cpu", "--operators", "add", "--max-tokens", "2"],
+             "profile": ["--model", "tiny", "--exec-device", "cpu", "--operators", "add", "--max-tokens", "2"],
              "fit": [tmp_path]}[args[0]]
     code, text = _invoke(args[0], *extra, *args[1:], "--out", tmp_path / "out")
     _one_line_error(code, text, needle)
@@ -420,7 +420,7 @@ def _commands(tmp_path):
     profile.mkdir()
     (profile / "profile.csv").write_text("operator\n")
     return {"sweep": ["sweep", "--config", config, "--jobs", 1, "--no-plot"],
-            "profile": ["profile", "--model", "tiny", "--device", "cpu", "--operators", "add", "--max-tokens", 2],
+            "profile": ["profile", "--model", "tiny", "--exec-device", "cpu", "--operators", "add", "--max-tokens", 2],
             "fit": ["fit", profile],
             "validate": ["validate", "--model", "tiny", "--device", "cpu", "--num-requests", 4, "--max-iterations",
                          2, "--exec-device", "cpu"]}
@@ -497,7 +497,7 @@ def _kill_when(cmd, condition, timeout=120):
 def test_11_profile_killed_at_several_points_resumes_to_the_full_profile(tmp_path):
     from profiler.schema import read_profile
 
-    cmd = ["profile", "--model", "tiny", "--device", "cpu", "--operators", "add", "--max-tokens", 256]
+    cmd = ["profile", "--model", "tiny", "--exec-device", "cpu", "--operators", "add", "--max-tokens", 256]
     whole = tmp_path / "whole"
     code, text = _invoke(*cmd, "--out", whole)
     assert code == 0, text

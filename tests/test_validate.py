@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from cost_models.specs import load_device, load_model
-from profiler.validate import (VALIDATION_COLUMNS, error_summary, kv_slots_needed, profiled_threads,
+from simulator.validate import (VALIDATION_COLUMNS, error_summary, kv_slots_needed, profiled_threads,
                                retime_requests, stratified_sample)
 from simulator.cli import main
 from simulator.kv_cache import activation_reserve_bytes, kv_bytes_per_block
@@ -234,7 +234,7 @@ def test_profile_fit_simulate_validate_pipeline_on_cpu(tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout, time.perf_counter() - start
 
-    _, profile_s = step("profile", "--model", "tiny", "--device", "cpu", "--quick", "--out", tmp_path / "profile")
+    _, profile_s = step("profile", "--model", "tiny", "--exec-device", "cpu", "--quick", "--out", tmp_path / "profile")
     fit_text, fit_s = step("fit", tmp_path / "profile", "--out", tmp_path / "model")
     errors = re.findall(r"^(\w+)\s+\w+\s+\d+\s+(\d+)\s+(\d+\.\d)%", fit_text, re.M)
     assert len(errors) >= 10, fit_text

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cost_models.vidur import VidurError, read_vidur_profile
+from profiler.vidur import VidurError, read_vidur_profile
 from profiler.schema import COLUMNS
 
 SHARED_VIDUR = Path(__file__).resolve().parents[2] / "shared" / "data" / "profiles" / "vidur"
@@ -142,15 +142,16 @@ def test_a100_tables_for_llama3_8b():
 
 @needs_shared
 def test_fit_and_simulate_llama3_8b_on_a100_from_vidur_tables():
-    from cost_models.fitted import FittedCostModel, fit_profile
+    from cost_models.fitted import FittedCostModel
+    from cost_models.fitting import fit_profile
     from simulator.config import SimConfig
     from simulator.simulation import simulate
 
     df, meta = read_vidur_profile(SHARED_VIDUR, "Llama-3-8B", tp=1)
     small = pd.concat([g.sample(min(len(g), 150), random_state=0) for _, g in df.groupby("operator")])
-    model = FittedCostModel(fit_profile(small, meta), "Llama-3-8B", "A100")
+    model = FittedCostModel(fit_profile(small, meta), "Llama-3-8B", "A100-80GB-PCIe")
     assert {"attn_kv_cache_save", "lm_head"} == set(model.fallbacks)
-    result = simulate(SimConfig(model="Llama-3-8B", device="A100", num_requests=40, qps=2.0), cost_model=model)
+    result = simulate(SimConfig(model="Llama-3-8B", device="A100-80GB-PCIe", num_requests=40, qps=2.0), cost_model=model)
     assert result.summary["requests_completed"] == 40
     assert np.all(result.iterations["duration_s"] > 0)
     assert 5e-3 < result.summary["tbt_s"]["p50"] < 0.2

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cost_models.fitted import FittedCostModel, fit_profile, load_cost_model, save_fitted
+from cost_models.fitted import FittedCostModel, load_cost_model, save_fitted
+from cost_models.fitting import fit_profile
 from cost_models.roofline import RooflineCostModel
 from cost_models.specs import ModelSpec
 from simulator import SimConfig, simulate
@@ -46,7 +47,7 @@ def main():
         model = ModelSpec(**{k: v for k, v in meta["model_spec"].items() if k in ModelSpec.__dataclass_fields__})
         device = meta.get("device_spec") or ("cpu" if meta.get("device") == "cpu" else args.device)
     else:
-        from cost_models.vidur import read_vidur_profile
+        from profiler.vidur import read_vidur_profile
         df, meta = read_vidur_profile(args.vidur, args.model, device=args.device)
         model, device = args.model, args.device
     start = time.perf_counter()

@@ -50,7 +50,7 @@ def main():
                 "--qps", args.qps, "--max-model-len", args.max_model_len, "--max-iterations", args.max_iterations,
                 "--cpu-clock", args.cpu_clock, "--out", out / "validate"]
     if not args.roofline:
-        walls["profile"] = run("profile", ["--model", "tiny", "--device", "cpu", "--quick", "--out", out / "profile"])
+        walls["profile"] = run("profile", ["--model", "tiny", "--exec-device", "cpu", "--quick", "--out", out / "profile"])
         walls["fit"] = run("fit", [out / "profile", "--out", out / "model"])
         validate += ["--cost-model", out / "model"]
     walls["validate"] = run("validate", validate)

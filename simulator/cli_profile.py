@@ -1,11 +1,11 @@
 """``servesim profile`` and ``servesim fit`` (registered in ``simulator/cli.py``).
 
-    servesim profile --model tiny --device cpu --quick --out runs/profile-tiny
+    servesim profile --model tiny --exec-device cpu --quick --out runs/profile-tiny
     servesim fit runs/profile-tiny --out runs/model-tiny
     servesim simulate --model tiny --device cpu --cost-model runs/model-tiny --max-model-len 8192
 
-    servesim fit --from-vidur ../shared/data/profiles/vidur --model Llama-3-8B --device A100 --out runs/model-l3
-    servesim simulate --model Llama-3-8B --device A100 --cost-model runs/model-l3
+    servesim fit --from-vidur ../shared/data/profiles/vidur --model Llama-3-8B --out runs/model-l3
+    servesim simulate --model Llama-3-8B --device A100-80GB-PCIe --cost-model runs/model-l3
 
 No torch at import time: ``profile`` imports it inside the command, ``fit`` never needs it.
 """
@@ -33,8 +33,9 @@ def user_errors(func):
 
 @click.command("profile")
 @click.option("--model", required=True, help="Model name (e.g. tiny, Mistral-7B), YAML spec or HF config.json.")
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
-              help="Where to run the kernels.")
+@click.option("--exec-device", type=click.Choice(["cuda", "cpu"]), default=None,
+              help="Torch device that runs the kernels (default: cuda when available, else cpu); the device spec "
+                   "is recorded from the hardware found (servesim fit --device overrides it).")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
               help="Tensor-parallel degree (weights sharded on this one device).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
@@ -54,7 +55,7 @@ def user_errors(func):
               help="Folder for profile.csv and meta.json (an interrupted run resumes there).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @user_errors
-def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, operators, cold_cache, collectives,
+def profile(model, exec_device, tp, dtype, quick, threads, max_tokens, max_context, operators, cold_cache, collectives,
             out, progress):
     """Time one decoder layer's operators over a shape grid into OUT/profile.csv + meta.json."""
     from cost_models.specs import load_model
@@ -62,7 +63,7 @@ def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, o
 
     try:
         from profiler.run import run_profile
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         raise ProfileError("profiling needs torch: pip install -e '.[profile]'") from None
     spec = load_model(model)
@@ -75,6 +76,7 @@ def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, o
             raise ProfileError(f"--operators: unknown {', '.join(unknown)}; known: {', '.join(OPERATORS)}")
     if progress is None:
         progress = sys.stderr.isatty()
+    device = exec_device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     path = run_profile(spec, device=device, tp=tp, dtype=dtype, quick=quick, out_dir=out, num_threads=threads,
                        operators=ops, max_context=max_context, max_tokens=max_tokens, collectives=collectives,
@@ -92,7 +94,7 @@ def profile(model, device, tp, dtype, quick, threads, max_tokens, max_context, o
 @click.option("--model", help="Model of the Vidur tables (default: the profile's model).")
 @click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel degree of the Vidur rows (default 1).")
 @click.option("--device", help="Device spec the tables were measured on (default: the profile's; "
-                                "A100-80GB-SXM for Vidur tables, cpu for CPU profiles).")
+                                "A100-80GB-PCIe for Vidur tables, where Vidur measured them, cpu for CPU profiles).")
 @click.option("--cpu-overhead-ms", type=click.FloatRange(min=0),
               help="Per-iteration CPU overhead, replacing the profiled cpu_overhead operator (default: the "
                    "profile's or Vidur's cpu_overhead by batch size, else the roofline's constant).")
@@ -105,8 +107,8 @@ def fit(profile_dir, vidur_dir, model, tp, device, cpu_overhead_ms, seed, out, f
     """Fit per-operator cost models to PROFILE_DIR (servesim profile) and/or Vidur tables; print held-out error."""
     import pandas as pd
 
-    from cost_models.fitted import (FIT_VERSION, FitError, TableBounds, fit_profile, format_report,
-                                    load_cost_model, profile_hash, read_fitted, save_fitted)
+    from cost_models.fitted import FIT_VERSION, FitError, load_cost_model, read_fitted, save_fitted
+    from cost_models.fitting import TableBounds, fit_profile, format_report, profile_hash
     from cost_models.specs import ModelSpec, load_device, load_model
     from profiler.schema import read_meta, read_profile
 
@@ -128,12 +130,12 @@ def fit(profile_dir, vidur_dir, model, tp, device, cpu_overhead_ms, seed, out, f
         if model and load_model(model).name != spec.name:
             raise FitError(f"--model {model}: {profile_dir} profiles {spec.name}")
     if vidur_dir:
-        from cost_models.vidur import read_vidur_profile
+        from profiler.vidur import read_vidur_profile
         spec = load_model(model) if model else spec
         if spec is None:
             raise FitError("--from-vidur needs --model (the model whose shapes to import)")
         vidur_tp = tp or int(meta.get("tp", 1))
-        vdf, vmeta = read_vidur_profile(vidur_dir, spec, tp=vidur_tp, device=device or "A100-80GB-SXM")
+        vdf, vmeta = read_vidur_profile(vidur_dir, spec, tp=vidur_tp, device=device or "A100-80GB-PCIe")
         if frames:
             own = set(frames[0]["operator"])
             dropped = sorted(set(vdf["operator"]) & own)

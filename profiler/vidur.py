@@ -264,7 +264,7 @@ def _cpu_rows(root: Path, tp: int, notes: list) -> tuple[pd.DataFrame, list]:
     return pd.DataFrame(), []
 
 
-def read_vidur_profile(root: str | Path, model, *, tp: int = 1, device="A100-80GB-SXM"
+def read_vidur_profile(root: str | Path, model, *, tp: int = 1, device="A100-80GB-PCIe"
                        ) -> tuple[pd.DataFrame, dict]:
     """Rows (servesim profile schema, seconds) and a meta dict from the Vidur tables under ``root``.
 
