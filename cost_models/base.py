@@ -70,3 +70,13 @@ class ConstantCostModel:
 
     def iteration_time(self, plan) -> float:
         return sum(self.breakdown(plan).values())
+
+    def decode_iteration_times(self, batch, ctx_sums, ctx_maxes):
+        """``iteration_time`` of decode-only micro-batches of ``batch[j]`` sequences whose context lengths sum to
+        ``ctx_sums[j]`` (numpy arrays), bit for bit (pp = 1; see ``simulator.fast_forward``)."""
+        import numpy as np
+
+        if self.pp != 1:
+            raise ValueError("decode_iteration_times prices one stage (pp = 1)")
+        tokens = np.asarray(batch, dtype=np.int64)
+        return self.fixed_s + self.per_token_s * tokens + self.per_context_token_s * np.asarray(ctx_sums, np.int64)

@@ -419,6 +419,28 @@ class FittedCostModel:
         return sum(self.stage_time(plan, s) for s in range(self.pp)) + \
             sum(self.transfer_time(plan, s) for s in range(self.pp - 1))
 
+    def decode_iteration_times(self, batch, ctx_sums, ctx_maxes):
+        """``iteration_time`` of many decode-only micro-batches (``pp`` = 1), bit for bit: step ``j`` decodes
+        ``batch[j]`` sequences whose context lengths sum to ``ctx_sums[j]``, the longest ``ctx_maxes[j]``. Returns
+        a float64 array of seconds (the table lookups are scalar; no plan is built per step)."""
+        if self.pp != 1:
+            raise ValueError("decode_iteration_times prices one stage (pp = 1)")
+        from cost_models.plan import BatchPlan
+
+        table = self.tables.get("attn_decode")
+        L = self.stage_layers[0]
+        out = []
+        for d, s, m in zip(np.asarray(batch).tolist(), np.asarray(ctx_sums).tolist(), np.asarray(ctx_maxes).tolist()):
+            _, layer_total, emb = self._token_ops(d)
+            total = s + d
+            if table is not None:
+                decode = table(d, total / d, d * (m + 1) / total)
+            else:                   # the roofline's decode attention reads only the total context
+                decode = self.roofline._attention(BatchPlan.decodes([s] + [0] * (d - 1)))["attn_decode"]
+            lm, cpu = self._per_sequence(d, d)
+            out.append(L * (layer_total + decode + 0.0) + emb + lm + cpu)
+        return np.array(out, dtype=float)
+
     def breakdown(self, plan) -> dict[str, float]:
         """Seconds per operator for the whole micro-batch (all layers of all stages, plus once-per-iteration
         operators and ``send_recv``), roofline names; ``add`` covers both residual adds and ``all_reduce`` all of a

@@ -59,6 +59,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
+
 from cost_models.engine_overhead import EngineProfile, constants_profile, get_engine
 from cost_models.specs import DeviceSpec, load_device, load_model
 
@@ -408,6 +410,31 @@ class RooflineCostModel:
                     + sum(self._first_stage_ops(T, B).values()) + sum(self._last_stage_ops(B).values()))
         return sum(self.stage_time(plan, s) for s in range(self.pp)) + \
             sum(self.transfer_time(plan, s) for s in range(self.pp - 1))
+
+    def decode_iteration_times(self, batch, ctx_sums, ctx_maxes):
+        """``iteration_time`` of many decode-only micro-batches at once (``pp`` = 1), bit for bit: step ``j``
+        decodes ``batch[j]`` sequences whose context lengths (tokens cached before this step) sum to
+        ``ctx_sums[j]`` (``ctx_maxes``, the longest, is not needed by the roofline). Arrays of ints; returns a float64
+        array of seconds. The same floating-point operations in the same order as ``iteration_time``, so
+        ``simulator.fast_forward`` gives the step-by-step engine's times exactly."""
+        if self.pp != 1:
+            raise ValueError("decode_iteration_times prices one stage (pp = 1)")
+        d = np.asarray(batch, dtype=np.int64)
+        ctx = np.asarray(ctx_sums, dtype=np.int64) + d
+        q, kv, c = self.q, self.kv, self.c
+        flops = 4 * q * ctx
+        elems = ctx * 2 * kv + d * 2 * q
+        attn = np.maximum(flops / (self.flops * c.attn_compute_eff),
+                          elems * self.dt / (self.bw * c.attn_decode_bandwidth_eff)) + c.launch_overhead_s
+        attn = attn + c.attn_call_overhead_s
+        sizes, index = np.unique(d, return_inverse=True)
+        per_token, first, last = [], [], []
+        for T in sizes.tolist():
+            per_token.append(self._per_token_total(T))
+            first.append(sum(self._first_stage_ops(T, T).values()))
+            last.append(sum(self._last_stage_ops(T).values()))
+        per_token, first, last = (np.asarray(v, dtype=float)[index] for v in (per_token, first, last))
+        return self.stage_layers[0] * (per_token + attn) + first + last
 
 
 def layers_per_stage(num_layers: int, pp: int) -> tuple[int, ...]:

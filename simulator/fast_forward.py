@@ -61,13 +61,28 @@ def plan_stretch(replica, plan: BatchPlan, horizon_s: float, stop_at_completion:
     K_max = min(int(rem.min()) if stop_at_completion else int(rem.max()), MAX_STEPS)
     if K_max < 2:
         return None
-    # compute a window of steps, widened until the stretch ends inside it (most end at the next arrival)
+    # compute a window of steps, widened until the stretch ends inside it (most end at the next arrival): as many
+    # steps as the first one's duration fits before the horizon, plus slack
     K = min(K_max, FIRST_WINDOW)
+    if math.isfinite(horizon_s):
+        first = _durations(replica.cost_model, np.array([m0]), np.array([int(ctx0.sum())]),
+                           np.array([int(ctx0.max())]), ctx0, None, 1)[0]
+        fit = (horizon_s - replica.env.now) / first if first > 0 else K_max
+        K = int(min(K_max, max(2, math.ceil(fit * 1.25) + 2)))
     while True:
         s = _window(replica, plan, members, ctx0, rem, K, horizon_s)
         if s is None or s["K"] < K or K == K_max:
             return s
         K = min(K_max, 4 * K)
+
+
+def _durations(cm, batch, ctx_sum, ctx_max, ctx0, active, K: int) -> np.ndarray:
+    """Seconds of the stretch's first ``K`` steps (``active``: member i decodes at step j; None = all at step 0)."""
+    if hasattr(cm, "decode_iteration_times"):
+        return cm.decode_iteration_times(batch, ctx_sum, ctx_max)
+    if active is None:
+        return np.array([cm.iteration_time(BatchPlan.decodes(ctx0.tolist()))])
+    return np.array([cm.iteration_time(BatchPlan.decodes((ctx0[active[:, j]] + j).tolist())) for j in range(K)])
 
 
 def _window(replica, plan, members, ctx0, rem, K: int, horizon_s: float):
@@ -90,12 +105,7 @@ def _window(replica, plan, members, ctx0, rem, K: int, horizon_s: float):
     ctx = ctx0[:, None] + steps[None, :]
     ctx_sum = np.where(active, ctx, 0).sum(axis=0)
     ctx_max = np.where(active, ctx, -1).max(axis=0)
-    cm = replica.cost_model
-    if hasattr(cm, "decode_iteration_times"):
-        durations = cm.decode_iteration_times(batch, ctx_sum, ctx_max)
-    else:
-        durations = np.array([cm.iteration_time(BatchPlan.decodes((ctx0[active[:, j]] + j).tolist()))
-                              for j in range(K)])
+    durations = _durations(replica.cost_model, batch, ctx_sum, ctx_max, ctx0, active, K)
     now = replica.env.now
     ends = np.cumsum(np.concatenate(([now], durations)))[1:]            # sequential, as the clock adds
     starts = np.concatenate(([now], ends[:-1]))

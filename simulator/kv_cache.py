@@ -79,6 +79,9 @@ class BlockManager:
         self.watermark_blocks = int(watermark * num_blocks)
         self._free = num_blocks
         self._held: dict[int, int] = {}     # request_id -> blocks
+        #: request_id -> tokens its blocks hold (blocks x block_size): ``tokens <= capacity.get(id, 0)`` means
+        #: ``allocate(request, tokens)`` has nothing to do (the schedulers' per-decode fast check)
+        self.capacity: dict[int, int] = {}
         self.hit_tokens = 0                  # prompt tokens served from the cache (at first admission)
         self.queried_tokens = 0              # prompt tokens looked up (at first admission)
 
@@ -117,18 +120,22 @@ class BlockManager:
             return True
         if extra > self._free - reserve_blocks:
             return False
-        self._held[request.request_id] = self._held.get(request.request_id, 0) + extra
+        rid = request.request_id
+        held = self._held[rid] = self._held.get(rid, 0) + extra
+        self.capacity[rid] = held * self.block_size
         self._free -= extra
         return True
 
     def free(self, request) -> None:
         """Release every block of ``request`` (finished or preempted)."""
         self._free += self._held.pop(request.request_id, 0)
+        self.capacity.pop(request.request_id, None)
 
     def check(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent (tests)."""
         assert 0 <= self._free <= self.num_blocks
         assert sum(self._held.values()) == self.num_blocks - self._free
+        assert self.capacity == {rid: n * self.block_size for rid, n in self._held.items()}
 
 
 class PrefixCachingBlockManager(BlockManager):
@@ -203,6 +210,7 @@ class PrefixCachingBlockManager(BlockManager):
             self.ref_cnt[b] = 1
             mine.append(b)
         self._register(request, mine, tokens)
+        self.capacity[rid] = len(mine) * self.block_size
         return True
 
     def _register(self, request, mine: list, tokens: int) -> None:
@@ -218,6 +226,7 @@ class PrefixCachingBlockManager(BlockManager):
                     self.block_hash[b] = h
 
     def free(self, request) -> None:
+        self.capacity.pop(request.request_id, None)
         for b in reversed(self.blocks.pop(request.request_id, ())):
             self.ref_cnt[b] -= 1
             if self.ref_cnt[b] == 0:
@@ -233,6 +242,7 @@ class PrefixCachingBlockManager(BlockManager):
             assert (b in self.free_queue) == (self.ref_cnt[b] == 0), f"block {b} freed while referenced"
         for h, b in self.cached.items():
             assert self.block_hash[b] == h
+        assert self.capacity == {rid: len(bs) * self.block_size for rid, bs in self.blocks.items() if bs}
 
 
 def make_block_manager(num_blocks: int, block_size: int = 16, watermark: float = 0.01, *,

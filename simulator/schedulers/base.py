@@ -168,15 +168,20 @@ class Scheduler:
         decodes = []
         running = [r for r in self.running if not r.in_flight]   # FCFS order; the tail is the latest arrival
         allocate = self.kv.allocate
+        capacity = self.kv.capacity
         i, end = 0, len(running)                                 # running[i:end] are still to look at
         while i < end:
             r = running[i]
             i += 1
-            if not r.is_decoding:
+            c, g = r.num_computed_tokens, r.num_generated
+            if not (g > 0 and c == r.prompt_tokens + g - 1):    # not decoding (Request.is_decoding)
                 if partial is not None:
                     partial.append(r)
                 continue
-            while not allocate(r, r.num_computed_tokens + 1):
+            if c < capacity.get(r.request_id, 0):                # its blocks hold the new token already
+                decodes.append(r)
+                continue
+            while not allocate(r, c + 1):
                 if i < end:
                     end -= 1
                     victim = running[end]                        # later in FCFS order than r
@@ -197,11 +202,14 @@ class Scheduler:
         if any(n == 1 and r.is_decoding for r, n in prefills):
             decodes = decodes + [r for r, n in prefills if n == 1 and r.is_decoding]
             prefills = [(r, n) for r, n in prefills if not (n == 1 and r.is_decoding)]
-        ids = tuple(r.request_id for r in decodes) + tuple(r.request_id for r, _ in prefills)
-        ctx = tuple(r.num_computed_tokens for r in decodes) + tuple(r.num_computed_tokens for r, _ in prefills)
-        new = (1,) * len(decodes) + tuple(n for _, n in prefills)
-        for r in decodes:
-            r.schedule(1, now_s)
+        ids = tuple([r.request_id for r in decodes] + [r.request_id for r, _ in prefills])
+        ctx = tuple([r.num_computed_tokens for r in decodes] + [r.num_computed_tokens for r, _ in prefills])
+        new = (1,) * len(decodes) + tuple([n for _, n in prefills])
+        for r in decodes:            # Request.schedule(1, now_s), inlined: a decode was scheduled before
+            r.num_computed_tokens += 1
+            r.in_flight = True
+            if r.decode_scheduled_s is None and r.decode_replica_id is not None:
+                r.decode_scheduled_s = now_s
         for r, n in prefills:
             r.schedule(n, now_s)
         return BatchPlan(ids, new, ctx, len(decodes), tuple(r.request_id for r in preempted))
@@ -231,7 +239,23 @@ class Scheduler:
         one before, the time since its previous token."""
         done = []
         requests = self.requests
-        for rid in plan.request_ids:
+        d = plan.num_decodes
+        ids = plan.request_ids
+        for rid in ids[:d] if d else ():           # decodes: Request.complete inlined (each emits a token)
+            r = requests[rid]
+            times = r.token_times_s
+            if gaps is not None and times:
+                g = now_s - times[-1]
+                gaps[g] = gaps.get(g, 0) + 1
+            r.in_flight = False
+            n = r.num_generated = r.num_generated + 1
+            times.append(now_s)
+            if n >= r.output_tokens:
+                r.completion_s = now_s
+                self.kv.free(r)
+                del requests[rid]
+                done.append(r)
+        for rid in ids[d:] if d else ids:
             r = requests[rid]
             if gaps is not None and r.token_times_s and \
                     r.num_computed_tokens == r.prompt_tokens + r.num_generated:

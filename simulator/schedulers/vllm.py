@@ -76,31 +76,41 @@ class VLLMScheduler(Scheduler):
 
     def schedule(self, now_s):
         budget = self.max_num_batched_tokens
-        scheduled, preempted = [], []
+        decodes, scheduled, preempted = [], [], []
         kv = self.kv
+        running, capacity, max_len = self.running, kv.capacity, self.max_model_len
 
         # 1. running requests, in admission order
         i = 0
-        while i < len(self.running) and budget > 0:
-            r = self.running[i]
-            n = min(r.remaining_tokens, budget, self.max_model_len - r.num_computed_tokens - 1)
+        while i < len(running) and budget > 0:
+            r = running[i]
+            c, g = r.num_computed_tokens, r.num_generated
+            n = r.prompt_tokens + g - c                     # min(remaining tokens, budget, max_model_len - c - 1)
+            if n > budget:
+                n = budget
+            if n > max_len - c - 1:
+                n = max_len - c - 1
             if r.in_flight or n <= 0:
                 i += 1
                 continue
-            fits = True
-            while not kv.allocate(r, r.num_computed_tokens + n):
-                victim = self._victim(i)
-                if victim is None:
-                    fits = False
+            if c + n > capacity.get(r.request_id, 0):       # needs blocks
+                fits = True
+                while not kv.allocate(r, c + n):
+                    victim = self._victim(i)
+                    if victim is None:
+                        fits = False
+                        break
+                    self.preempt(victim)
+                    preempted.append(victim)
+                    if victim is r:
+                        fits = False
+                        break
+                if not fits:
                     break
-                self.preempt(victim)
-                preempted.append(victim)
-                if victim is r:
-                    fits = False
-                    break
-            if not fits:
-                break
-            scheduled.append((r, n))
+            if n == 1 and g > 0 and c == r.prompt_tokens + g - 1:     # a decode (Request.is_decoding)
+                decodes.append(r)
+            else:
+                scheduled.append((r, n))
             budget -= n
             i += 1
 
@@ -122,4 +132,4 @@ class VLLMScheduler(Scheduler):
                 self.running.append(r)
                 scheduled.append((r, n))
                 budget -= n
-        return self.make_plan([], scheduled, now_s, preempted)
+        return self.make_plan(decodes, scheduled, now_s, preempted)
