@@ -28,7 +28,6 @@ serve; the simulator's own errors otherwise.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,9 +38,10 @@ from simulator.config import SimConfig
 from simulator.metrics import summarize
 from simulator.recorder import Recorder
 from simulator.replica import IterationLog
-from simulator.simulation import build, load_requests, run_deployment
+from simulator.simulation import build, ignored_options, load_requests, run_deployment
 from simulator.slo import SLO, certain_violation_count, evaluate_slo, fluidity_of, make_slo, predicted_prefill_s
 from traces import BUILTIN_WORKLOADS
+from traces.tables import write_atomic, write_json_atomic
 
 SUMMARY_KEYS = [("ttft_s", "p50"), ("ttft_s", "p99"), ("tbt_s", "p50"), ("tbt_s", "p99"),
                 ("scheduling_delay_s", "p50"), ("scheduling_delay_s", "p99"), ("e2e_s", "p50")]
@@ -225,6 +225,7 @@ class CapacityResult:
                        "note": self.note, "rel_tol": self.rel_tol, "max_trials": self.max_trials,
                        "num_trials": len(self.trials)},
             "config": self.config.to_dict(),
+            "ignored_options": ignored_options(self.config),
             "workload": self.workload,
             "trials": [asdict(t) for t in self.trials],
         }
@@ -234,8 +235,8 @@ class CapacityResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "capacity.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        self.trials_table().to_csv(out / "trials.csv", index=False)
+        write_atomic(out / "trials.csv", self.trials_table().to_csv(index=False))
+        write_json_atomic(path, self.to_dict())
         return path
 
 

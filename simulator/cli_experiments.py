@@ -22,7 +22,7 @@ import click
 import yaml
 
 from simulator.cli_options import config_from_options, simulate_options, user_errors
-from simulator.slo import SLO_LEVELS, SLO_NAMES
+from simulator.slo import DEFAULT_DECODE_DEADLINE_S, DEFAULT_TTFT_SLACK_S, SLO_LEVELS, SLO_NAMES
 
 DEFAULT_BASELINE = Path(__file__).resolve().parent.parent / "experiments" / "baselines" / "capacity.json"
 
@@ -47,18 +47,22 @@ def trial_line(i: int, t) -> str:
 def slo_options(func):
     """The SLO flags of commands that check one (capacity, replicas); the command receives ``slo_flags``."""
     options = [
-        click.option("--slo", "slo_name", type=click.Choice(SLO_NAMES), default="sarathi",
+        click.option("--slo", "slo_name", type=click.Choice(SLO_NAMES), default="sarathi", show_default=True,
                      help="sarathi: P99 TBT and median scheduling delay <= 2 s; vidur: P99 scheduling delay <= 5 s; "
                           "deadline: Etalon fluidity (P99 deadline-miss rate <= 10%); distserve: P90 TTFT and P90 "
                           "TPOT (--ttft-slo, --tpot-slo)."),
-        click.option("--slo-level", type=click.Choice(SLO_LEVELS), default="strict",
+        click.option("--slo-level", type=click.Choice(SLO_LEVELS), default="strict", show_default=True,
                      help="The paper's strict or relaxed TBT SLO for the model (sarathi)."),
-        click.option("--tbt-slo", type=float, help="P99 TBT limit in seconds (sarathi), instead of the paper's."),
-        click.option("--ttft-slo", type=float, help="TTFT limit in seconds (distserve)."),
-        click.option("--tpot-slo", type=float, help="TPOT limit in seconds (distserve)."),
-        click.option("--decode-deadline", type=float, help="Decode deadline D_d in seconds (deadline SLO; 0.03)."),
-        click.option("--ttft-slack", type=float,
-                     help="First-token slack over predicted prefill, seconds (deadline; 0.3)."),
+        click.option("--tbt-slo", type=float, show_default="the paper's for the model and --slo-level",
+                     help="P99 TBT limit in seconds (sarathi)."),
+        click.option("--ttft-slo", type=float, show_default="none; distserve needs it",
+                     help="TTFT limit in seconds (distserve)."),
+        click.option("--tpot-slo", type=float, show_default="none; distserve needs it",
+                     help="TPOT limit in seconds (distserve)."),
+        click.option("--decode-deadline", type=float, show_default=str(DEFAULT_DECODE_DEADLINE_S),
+                     help="Decode deadline D_d in seconds (deadline SLO)."),
+        click.option("--ttft-slack", type=float, show_default=str(DEFAULT_TTFT_SLACK_S),
+                     help="First-token slack over predicted prefill, seconds (deadline SLO)."),
     ]
 
     @functools.wraps(func)
@@ -83,8 +87,9 @@ def make_slo_from(flags: dict, model: str):
 @simulate_options
 @slo_options
 @click.option("--rel-tol", type=float, default=0.025, show_default=True, help="Stop when hi/lo - 1 <= this.")
-@click.option("--max-trials", type=int, default=20, show_default=True, help="Most simulations in the search.")
-@click.option("--min-qps", type=float, help="Give up below this QPS (default: the first trial's / 64).")
+@click.option("--max-trials", type=click.IntRange(min=2), default=20, show_default=True,
+              help="Most simulations in the search.")
+@click.option("--min-qps", type=float, show_default="the first trial's QPS / 64", help="Give up below this QPS.")
 @click.option("--early-stop/--no-early-stop", default=True, show_default=True,
               help="End a trial once its SLO failure is certain (exact).")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/capacity", show_default=True,
@@ -99,6 +104,10 @@ def capacity(slo_flags, rel_tol, max_trials, min_qps, early_stop, out, **flags):
     slo = make_slo_from(slo_flags, config.model)
     dep = build(config)
     click.echo(deployment_line(dep) + f"; SLO {slo.name}: {slo.describe()}")
+    from simulator.simulation import ignored_options
+
+    for key, reason in ignored_options(config).items():
+        click.echo(f"note: --{key.replace('_', '-')} ignored: {reason}")
     counter = iter(range(1, 10**6))
     start = time.perf_counter()
     result = find_capacity(config, slo, rel_tol=rel_tol, max_trials=max_trials, min_qps=min_qps,
@@ -136,15 +145,17 @@ def deployment_line(dep) -> str:
 @simulate_options
 @slo_options
 @click.option("--target-qps", type=float, required=True, help="The arrival rate the cluster must serve.")
-@click.option("--max-replicas", type=int, default=64, help="Give up above this many replicas.")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/replicas",
+@click.option("--max-replicas", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Give up above this many replicas.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/replicas", show_default=True,
               help="Folder for replicas.json.")
 @user_errors
 def replicas(slo_flags, target_qps, max_replicas, out, **flags):
     """How many replicas meet the SLO at --target-qps: the smallest N (a single-replica capacity search, then one
     trial per candidate N at the target rate)."""
-    from simulator.simulation import build, write_atomic
+    from simulator.simulation import build
     from simulator.sizing import find_replica_count
+    from traces.tables import write_json_atomic
 
     config = config_from_options(**flags)
     slo = make_slo_from(slo_flags, config.model)
@@ -153,17 +164,17 @@ def replicas(slo_flags, target_qps, max_replicas, out, **flags):
                                 on_check=lambda n, t: click.echo(
                                     f"{n:3d} replicas at {target_qps:g} QPS: {'pass' if t.met else 'FAIL'}"))
     Path(out).mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(out) / "replicas.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    write_json_atomic(Path(out) / "replicas.json", result.to_dict())
     click.echo(f"{result.replicas} replicas ({result.gpus} GPUs) serve {target_qps:g} QPS under the SLO; one replica's "
                f"capacity is {result.single_replica_capacity_qps:.4g} QPS; wrote {out}/replicas.json")
 
 
 @click.command("reproduce")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/reproduce",
+@click.option("--out", type=click.Path(file_okay=False), default="runs/reproduce", show_default=True,
               help="Folder for the sweeps and report.md (resumable).")
-@click.option("--only", help="Comma-separated setups: mistral, yi, llama, falcon (default: all).")
+@click.option("--only", show_default="all", help="Comma-separated setups: mistral, yi, llama, falcon.")
 @click.option("--quick", is_flag=True, help="A small subset (64 requests per trial, Mistral-7B, sharegpt, strict).")
-@click.option("--jobs", type=int, help="Worker processes for the sweeps (default: all CPUs).")
+@click.option("--jobs", type=click.IntRange(min=1), show_default="all CPUs", help="Worker processes for the sweeps.")
 @user_errors
 def reproduce(out, only, quick, jobs):
     """The Sarathi-Serve paper's capacity matrix, Table 4 and batch times beside servesim's: report.md."""
@@ -191,14 +202,19 @@ def _parse_assignments(items, *, lists: bool) -> dict:
 @click.command("sweep")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="Sweep YAML (mode, base, grid, search); see simulator/sweep.py.")
-@click.option("--out", type=click.Path(file_okay=False), help="Results folder (default runs/sweep/<config name>).")
-@click.option("--grid", "grid_items", multiple=True, metavar="KEY=V1,V2", help="Add or replace a grid axis.")
-@click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE", help="Add or replace a base key.")
-@click.option("--mode", type=click.Choice(["capacity", "qps"]), help="Override the file's mode.")
+@click.option("--out", type=click.Path(file_okay=False), show_default="runs/sweep/<config name>",
+              help="Results folder.")
+@click.option("--grid", "grid_items", multiple=True, metavar="KEY=V1,V2", show_default="the file's grid",
+              help="Add or replace a grid axis.")
+@click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE", show_default="the file's base",
+              help="Add or replace a base key.")
+@click.option("--mode", type=click.Choice(["capacity", "qps"]), show_default="the file's",
+              help="Override the file's mode.")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
-@click.option("--jobs", type=int, help="Local worker processes (default: all CPUs).")
-@click.option("--ray-address", help="Ray cluster address (default: start or join a local instance).")
-@click.option("--limit", type=int, help="Run at most N of the remaining points now (resume later).")
+@click.option("--jobs", type=click.IntRange(min=1), show_default="all CPUs", help="Local worker processes.")
+@click.option("--ray-address", show_default="start or join a local instance", help="Ray cluster address.")
+@click.option("--limit", type=click.IntRange(min=1), show_default="all remaining points",
+              help="Run at most N of the remaining points now (resume later).")
 @click.option("--plot/--no-plot", default=True, show_default=True, help="Write the figures when complete.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @user_errors
@@ -229,8 +245,8 @@ def sweep(config_path, out, grid_items, set_items, mode, backend, jobs, ray_addr
 @click.command("plot")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False), default="runs/plots", show_default=True)
-@click.option("--window", nargs=2, type=float, metavar="START END",
-              help="Timeline window in simulated seconds (default: 5 s from the busiest iteration).")
+@click.option("--window", nargs=2, type=float, metavar="START END", show_default="5 s from the busiest iteration",
+              help="Timeline window in simulated seconds.")
 @user_errors
 def plot(paths, out, window):
     """Figures (PNG and SVG) from sweep tables (capacity vs token budget, latency vs QPS) and simulate folders
@@ -303,11 +319,14 @@ def compare(entries, current: list[float], tolerance: float) -> tuple[list[str],
 @click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False), default=str(DEFAULT_BASELINE),
               show_default=True, help="Capacity baseline JSON.")
 @click.option("--update", is_flag=True, help="Recompute and rewrite the baseline's capacities.")
-@click.option("--only", multiple=True, metavar="NAME", help="Check only these entries.")
-@click.option("--jobs", type=int, default=None, help="Worker processes (default: all CPUs).")
+@click.option("--only", multiple=True, metavar="NAME", show_default="all entries", help="Check only these entries.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, show_default="one per entry, at most all CPUs",
+              help="Worker processes.")
 @user_errors
 def regress(baseline_path, update, only, jobs):
     """Recompute the baseline capacities; exit 1 with a diff if any moved by more than the tolerance."""
+    from traces.tables import write_json_atomic
+
     data = read_baseline(baseline_path)
     entries = data["entries"]
     if only:
@@ -324,7 +343,7 @@ def regress(baseline_path, update, only, jobs):
         for e in data["entries"]:
             if e["name"] in by_name:
                 e["capacity_qps"] = by_name[e["name"]]
-        Path(baseline_path).write_text(json.dumps(data, indent=2) + "\n")
+        write_json_atomic(baseline_path, data)
         click.echo(f"updated {len(by_name)} capacities in {baseline_path} ({wall:.0f} s)")
         return
     lines, failed = compare(entries, current, data["tolerance"])

@@ -22,24 +22,25 @@ def _default_exec_device() -> str:
 @click.command("validate")
 @simulate_options
 @click.option("--exec-device", type=click.Choice(["cuda", "cpu"]), default=None,
-              help="Torch device that executes the batches (default: cuda when available, else cpu). "
+              show_default="cuda when available, else cpu",
+              help="Torch device that executes the batches. "
                    "--device stays the device SPEC that the cost model and KV-cache sizing use.")
 @click.option("--max-iterations", type=click.IntRange(min=1), default=None,
-              help="Execute a stratified sample of N iterations (prefill-only, decode-only, mixed); "
-                   "default: every iteration, which also re-times the requests.")
+              show_default="every iteration, which also re-times the requests",
+              help="Execute a stratified sample of N iterations (prefill-only, decode-only, mixed).")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
               help="Untimed runs of each iteration before timing.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timed runs of each iteration (the median is reported).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for torch (default: those the --cost-model was profiled with, else 1).")
+              show_default="those the --cost-model was profiled with, else 1", help="CPU threads for torch.")
 @click.option("--cpu-clock", type=click.Choice(["thread", "wall"]), default="thread", show_default=True,
               help="CPU timing: the executing thread's CPU time (with one thread; leaves out time slices other "
                    "processes take on a shared machine) or wall time.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/validate", show_default=True,
               help="Folder for validation.csv, validation.png, validation_summary.json (resumes if present).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
-@click.option("--observed", type=click.Path(file_okay=False), default=None,
+@click.option("--observed", type=click.Path(file_okay=False), default=None, show_default="none",
               help="Instead of executing batches: check servesim against a real engine's run (a `servesim observe` "
                    "folder): step-by-step schedule agreement and TTFT/TBT/E2E error, priced by --cost-model on "
                    "--device (default cpu). The workload and scheduler settings come from the observed run.")

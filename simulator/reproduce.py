@@ -21,7 +21,6 @@ the paper measured, where ``cost_models.engine_overhead`` has it).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -205,7 +204,7 @@ def render(caps, ratios, t4, batches, default=(), *, quick: bool) -> str:
 def reproduce(out_dir, *, quick: bool = False, setups=None, jobs: int | None = None, progress=None) -> Path:
     """Run the three parts (see the module docstring) into ``out_dir`` and write ``report.md`` and
     ``report.json``; return the report's path. Sweeps resume from what ``out_dir`` already holds."""
-    from simulator.simulation import write_atomic
+    from traces.tables import write_atomic, write_json_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,6 +218,6 @@ def reproduce(out_dir, *, quick: bool = False, setups=None, jobs: int | None = N
     batches, default = batch_times(), batch_times(None)
     text = render(caps, ratios, t4, batches, default, quick=quick)
     write_atomic(out / "report.md", text)
-    write_atomic(out / "report.json", json.dumps({"capacity": caps, "ratios": ratios, "table4": t4,
-                                                  "batch_times": batches}, indent=1, default=str) + "\n")
+    write_json_atomic(out / "report.json", {"capacity": caps, "ratios": ratios, "table4": t4, "batch_times": batches},
+                      indent=1, default=str)
     return out / "report.md"

@@ -237,7 +237,7 @@ def plot_validation(obs: Observed, steps: pd.DataFrame, result, path) -> Path:
 def validate_observed(observed_dir, out_dir, *, cost_model: str | None = None, device: str = "cpu") -> dict:
     """Both checks (see the module docstring); writes ``observed_validation.json``, ``agreement.csv`` and
     ``observed_validation.png`` into ``out_dir`` and returns the report."""
-    from simulator.simulation import frame_atomic, write_atomic
+    from traces.tables import write_atomic, write_json_atomic
 
     obs = read_observed(observed_dir)
     agreement, steps = schedule_agreement(obs)
@@ -250,7 +250,7 @@ def validate_observed(observed_dir, out_dir, *, cost_model: str | None = None, d
               "observed_preemptions": obs.meta.get("num_preemptions")}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    frame_atomic(steps, out / "agreement.csv")
-    write_atomic(out / "observed_validation.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_atomic(out / "agreement.csv", steps.to_csv(index=False))
+    write_json_atomic(out / "observed_validation.json", report, default=str)
     plot_validation(obs, steps, result, out / "observed_validation.png")
     return report

@@ -318,3 +318,73 @@ def test_real_azure_trace_with_its_own_arrival_times(tmp_path):
     assert requests["prompt_tokens"].tolist() == raw["ContextTokens"].tolist()
     assert summary["requests_completed"] + summary["requests_rejected"] == 2000
     assert summary["requests_completed"] > 1900
+
+
+# --- the command line itself ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, option", [
+    (["sweep", "--config", "sweep.yaml", "--jobs", 0], "--jobs"),
+    (["sweep", "--config", "sweep.yaml", "--limit", 0], "--limit"),
+    (["regress", "--jobs", 0], "--jobs"),
+    (["reproduce", "--jobs", 0], "--jobs"),
+    (["replicas", "--target-qps", 1, "--max-replicas", 0], "--max-replicas"),
+    (["capacity", "--max-trials", 0], "--max-trials"),
+    (["capacity", "--max-trials", 1], "--max-trials"),          # a search needs a bracket: two trials at least
+])
+def test_count_options_below_their_minimum_are_one_line_usage_errors(args, option):
+    assert_user_error(servesim(*args), option, "not in the range")
+
+
+SIMULATION_COMMANDS = ("simulate", "capacity", "replicas", "validate")     # the commands with ``simulate_options``
+CLI_MODULES = {"simulator.cli", "simulator.cli_experiments", "simulator.cli_profile", "simulator.cli_validate"}
+
+
+def _command(name):
+    command = main.get_command(None, name)          # imports a lazily loaded command
+    assert command is not None, name
+    return command
+
+
+@pytest.mark.parametrize("name", SIMULATION_COMMANDS)
+def test_every_config_key_is_a_flag_of_the_same_name(name):
+    by_flag = {opt: p for p in _command(name).params for opt in p.opts}
+    for key in SimConfig.keys():
+        flag = "--" + key.replace("_", "-")
+        assert flag in by_flag, (name, flag)
+        assert by_flag[flag].name == key, (name, flag, by_flag[flag].name)
+
+
+def test_every_option_shows_its_default_in_help():
+    """Each option of the commands in the CLI modules shows ``[default: ...]`` in ``--help`` (set on the option
+    itself, not inherited from the group's context) unless it is a flag, required, or ``--config``."""
+    import click
+
+    names = [n for n in main.list_commands(None) if _command(n).callback.__module__ in CLI_MODULES]
+    assert set(SIMULATION_COMMANDS) <= set(names) and {"sweep", "regress", "profile", "fit", "plot"} <= set(names)
+    missing = []
+    for name in names:
+        command = _command(name)
+        ctx = click.Context(command, info_name=name)
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.is_flag or param.required or "--config" in param.opts:
+                continue
+            record = param.get_help_record(ctx)
+            if not param.show_default or record is None or "[default: " not in record[1]:
+                missing.append(f"{name} {param.opts[0]}")
+    assert not missing, missing
+
+
+def test_simulate_parquet_with_block_size_memory_utilization_and_watermark(tmp_path):
+    out = tmp_path / "h2check"
+    result = servesim("simulate", "--block-size", 32, "--gpu-memory-utilization", 0.85, "--watermark", 0,
+                      "--format", "parquet", "--num-requests", 100, "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    requests = pd.read_parquet(out / "requests.parquet")
+    iterations = pd.read_parquet(out / "iterations.parquet")
+    assert not (out / "requests.csv").exists() and not (out / "iterations.csv").exists()
+    assert len(requests) == 100 and requests["request_id"].tolist() == list(range(100))
+    assert len(iterations) == summary["num_iterations"] > 0
+    assert summary["requests_completed"] + summary["requests_rejected"] == 100
+    config = summary["config"]
+    assert (config["block_size"], config["gpu_memory_utilization"], config["watermark"]) == (32, 0.85, 0)

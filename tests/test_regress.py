@@ -61,6 +61,8 @@ def test_update_rewrites_only_the_numbers(tmp_path):
     ok = CliRunner().invoke(main, ["regress", "--baseline", str(path), "--only", FAST, "--jobs", "1", "--update"])
     assert ok.exit_code == 0 and "updated 1 capacities" in ok.output
     after = json.loads(path.read_text())
+    assert path.read_text() == json.dumps(after, indent=2) + "\n"              # the format of the shipped file
+    assert not (tmp_path / ".capacity.json.tmp").exists()                     # written atomically, no leftovers
     assert next(e["capacity_qps"] for e in after["entries"] if e["name"] == FAST) == true_value
     assert [e["point"] for e in after["entries"]] == [e["point"] for e in data["entries"]]
 

@@ -320,9 +320,9 @@ def test_5_a_second_sweep_on_one_out_is_refused_and_a_dead_ones_lock_taken_over(
 # --- 6. counts below 1 are errors ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, needle", [
-    (["sweep", "--limit", "0"], "limit: must be an integer >= 1, got 0"),
-    (["sweep", "--limit", "-1"], "limit: must be an integer >= 1, got -1"),
-    (["sweep", "--jobs", "0"], "jobs: must be an integer >= 1, got 0"),
+    (["sweep", "--limit", "0"], "'--limit': 0 is not in the range x>=1"),
+    (["sweep", "--limit", "-1"], "'--limit': -1 is not in the range x>=1"),
+    (["sweep", "--jobs", "0"], "'--jobs': 0 is not in the range x>=1"),
     (["profile", "--threads", "0"], "'--threads': 0 is not in the range x>=1"),
     (["profile", "--max-tokens", "0"], "'--max-tokens': 0 is not in the range x>=1"),
     (["profile", "--max-context", "0"], "'--max-context': 0 is not in the range x>=1"),
