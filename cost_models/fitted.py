@@ -138,10 +138,63 @@ class FittedProfile:
     reports: list
     cpu_overhead_s: float | None = None
     notes: list = field(default_factory=list)
+    ranges: dict = field(default_factory=dict)     # {op: {dimension: largest profiled value}} (``RANGE_DIMENSIONS``)
 
     @property
     def operators(self) -> list[str]:
         return sorted(self.tables)
+
+
+#: the grid coordinates (``cost_models.fitting.grid_coords``) whose profiled maxima bound each class's shapes:
+#: token operators by tokens T, per-sequence ones by sequences B, prefill attention by chunk and context, decode
+#: attention by sequences b and mean KV length S/b (the spread axis is left out: it is bounded by the batch).
+RANGE_DIMENSIONS = {"token": ("tokens",), "sequence": ("sequences",), "prefill": ("prefill_chunk", "prefill_context"),
+                    "decode": ("decode_batch", "decode_kv_len"), "collective": ("message_bytes",)}
+
+
+def profiled_ranges(op_class: str, coords) -> dict:
+    """``{dimension: max}`` of one operator's profiled grid coordinates (``RANGE_DIMENSIONS``)."""
+    return {dim: float(np.max(c)) for dim, c in zip(RANGE_DIMENSIONS[op_class], coords)}
+
+
+class RangeTracker:
+    """Counts the micro-batches a fitted model priced and those with a shape beyond its profile (extrapolated):
+    per dimension, how many and how far (the largest value / the largest profiled one). A simulation attaches one
+    to each fitted cost model it uses (``FittedCostModel.tracker``); replicas record each micro-batch they launch
+    (``FittedCostModel.outside``) and each fast-forwarded step (``FittedCostModel.track_decodes``)."""
+
+    def __init__(self):
+        self.iterations = 0
+        self.outside = 0
+        self.by_dimension: dict = {}          # dim -> [iterations, max ratio]
+
+    def add(self, ratios: dict, count: int = 1) -> None:
+        """``count`` micro-batches priced; ``ratios`` ({dim: ratio > 1}) non-empty when they were outside."""
+        self.iterations += count
+        if ratios:
+            self.outside += count
+            for dim, r in ratios.items():
+                entry = self.by_dimension.setdefault(dim, [0, 1.0])
+                entry[0] += count
+                entry[1] = max(entry[1], r)
+
+    def report(self, limits: dict) -> dict:
+        """``{iterations, extrapolated, share, by_dimension: {dim: {iterations, max_ratio, profiled_max}}}``."""
+        return {"iterations": self.iterations, "extrapolated": self.outside,
+                "share": self.outside / self.iterations if self.iterations else 0.0,
+                "by_dimension": {d: {"iterations": n, "max_ratio": round(r, 4), "profiled_max": limits.get(d)}
+                                 for d, (n, r) in sorted(self.by_dimension.items())}}
+
+
+def describe_extrapolation(report: dict) -> str:
+    """One line of a ``RangeTracker.report``: all inside the profile, or a WARNING with the share extrapolated and
+    how far per dimension."""
+    if not report["extrapolated"]:
+        return f"fitted cost model: all {report['iterations']} micro-batches inside the profiled shapes"
+    far = ", ".join(f"{dim} up to {v['max_ratio']:.2g}x the profiled {v['profiled_max']:g} ({v['iterations']})"
+                    for dim, v in report["by_dimension"].items())
+    return (f"WARNING: fitted cost model extrapolated {report['extrapolated']} of {report['iterations']} "
+            f"micro-batches ({report['share']:.1%}) beyond the profiled shapes: {far}")
 
 
 # --- save / load ------------------------------------------------------------------------------------------------
@@ -180,7 +233,8 @@ def save_fitted(fitted: FittedProfile, out_dir: str | Path) -> Path:
                "cpu_overhead_s": fitted.cpu_overhead_s, "operators": fitted.operators, "notes": fitted.notes,
                "table_kinds": {op: {"kind": type(t).__name__, "op_class": OPERATOR_CLASS[op]}
                                for op, t in fitted.tables.items()},
-               "heldout_error": [r.__dict__ for r in fitted.reports]}
+               "heldout_error": [r.__dict__ for r in fitted.reports],
+               "profiled_range": getattr(fitted, "ranges", {})}
     _write_atomic(out / MODEL_JSON, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str) + "\n"))
     return out / tables_name
 
@@ -221,7 +275,8 @@ def read_fitted(path: str | Path, *, estimators: bool = False) -> FittedProfile:
             tables[op] = cls.from_arrays(arrays, f"{op}/", lambda coef, c=info["op_class"]: Proxy(c, coef))
         reports = [OperatorReport(**r) for r in summary.get("heldout_error", [])]
         return FittedProfile(summary["profile_hash"], summary.get("meta", {}), tables, {}, reports,
-                             summary.get("cpu_overhead_s"), summary.get("notes", []))
+                             summary.get("cpu_overhead_s"), summary.get("notes", []),
+                             summary.get("profiled_range") or {})
     import joblib
 
     file = path / summary["file"]
@@ -295,10 +350,55 @@ class FittedCostModel:
                                 ({"cpu_overhead"} if fitted.cpu_overhead_s is None and "cpu_overhead" not in tables
                                  and self.roofline.engine.name != "none" else set()))
         self.cpu_overhead_s = fitted.cpu_overhead_s
+        self.limits = self._limits(getattr(fitted, "ranges", None) or {})
+        self.tracker: RangeTracker | None = None
         self._token_cache: dict[int, tuple] = {}
         self._prefill_cache: dict[tuple, float] = {}
         self._seq_cache: dict[int, tuple] = {}
         self._act_bytes = self.model.hidden_size * self.model.dtype_bytes
+
+    # --- the profiled range -----------------------------------------------------------------------------------
+    def _limits(self, ranges: dict) -> dict:
+        """The largest profiled value per dimension over the tables this model prices with (the tightest of the
+        operators sharing a dimension); empty for a folder fitted before ranges were recorded."""
+        limits: dict = {}
+        for op in self.tables:
+            for dim, value in (ranges.get(op) or {}).items():
+                if OPERATOR_CLASS.get(op) != "collective":
+                    limits[dim] = min(limits.get(dim, value), value)
+        return limits
+
+    def outside(self, plan) -> dict:
+        """``{dimension: value / largest profiled value}`` for each dimension in which ``plan`` lies beyond the
+        profile (empty when inside, or when the folder records no ranges): tokens, sequences, each prefill chunk
+        and its context, the decode batch and its mean KV length (context + 1 per sequence)."""
+        lim = self.limits
+        if not lim:
+            return {}
+        out = {}
+        n = plan.num_new_tokens
+        d = plan.num_decodes
+
+        def check(dim, value):
+            m = lim.get(dim)
+            if m and value > m and value / m > out.get(dim, 1.0):
+                out[dim] = value / m
+        check("tokens", sum(n))
+        check("sequences", len(n))
+        if d:
+            ctx = plan.context_lens[:d]
+            check("decode_batch", d)
+            check("decode_kv_len", (sum(ctx) + d) / d)
+        for c, k in zip(n[d:], plan.context_lens[d:]):
+            check("prefill_chunk", c)
+            check("prefill_context", k)
+        return out
+
+    def range_report(self) -> dict | None:
+        """The attached tracker's report (``RangeTracker.report``), None without one or without ranges."""
+        if self.tracker is None or not self.limits:
+            return None
+        return self.tracker.report(self.limits)
 
     # operators that depend only on the token count T (cached per T): per layer, and once per iteration
     def _token_ops(self, T: int) -> tuple:
@@ -440,6 +540,26 @@ class FittedCostModel:
             lm, cpu = self._per_sequence(d, d)
             out.append(L * (layer_total + decode + 0.0) + emb + lm + cpu)
         return np.array(out, dtype=float)
+
+    def track_decodes(self, batch, ctx_sums) -> None:
+        """Record in the tracker decode-only steps of ``batch[j]`` sequences with ``ctx_sums[j]`` context (a
+        fast-forwarded stretch, counted as its steps one by one would be)."""
+        batch, ctx_sums = np.asarray(batch, dtype=float), np.asarray(ctx_sums, dtype=float)
+        lim = self.limits
+        if not lim:
+            self.tracker.add({}, len(batch))
+            return
+        values = {"tokens": batch, "sequences": batch, "decode_batch": batch,
+                  "decode_kv_len": (ctx_sums + batch) / batch}
+        ratios = {dim: values[dim] / lim[dim] for dim in values if lim.get(dim)}
+        beyond = np.zeros(len(batch), dtype=bool)
+        for r in ratios.values():
+            beyond |= r > 1
+        inside = int(len(batch) - beyond.sum())
+        if inside:
+            self.tracker.add({}, inside)
+        for j in np.flatnonzero(beyond).tolist():
+            self.tracker.add({dim: float(r[j]) for dim, r in ratios.items() if r[j] > 1})
 
     def breakdown(self, plan) -> dict[str, float]:
         """Seconds per operator for the whole micro-batch (all layers of all stages, plus once-per-iteration

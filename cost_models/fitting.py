@@ -17,7 +17,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator, RegressorMixin
 
 from cost_models.fitted import (CLASS_COLUMNS, DECODE_SPREAD, FIT_VERSION, MIN_ROWS_FOR_ERROR, OPERATOR_CLASS,
-                                FitError, FittedProfile, OperatorReport, Proxy, proxy_terms)
+                                FitError, FittedProfile, OperatorReport, Proxy, profiled_ranges, proxy_terms)
 from cost_models.lookup import IntTable, LogGrid, geometric_points
 
 
@@ -221,7 +221,7 @@ def fit_profile(df: pd.DataFrame, meta: dict, *, seed: int = 0, cpu_overhead_s: 
     operator can be fitted. Unknown operator names are skipped and noted."""
     settings = {"seed": seed, "version": FIT_VERSION, "bounds": bounds.__dict__, "cpu_overhead_s": cpu_overhead_s}
     key = profile_hash(df, settings)
-    tables, estimators, reports, notes = {}, {}, [], []
+    tables, estimators, reports, notes, ranges = {}, {}, [], [], {}
     for op in sorted(df["operator"].unique()):
         if op not in OPERATOR_CLASS:
             notes.append(f"operator {op}: unknown, not fitted")
@@ -234,10 +234,11 @@ def fit_profile(df: pd.DataFrame, meta: dict, *, seed: int = 0, cpu_overhead_s: 
             progress(op)
         est, table, report = fit_operator(op, X, y, seed=seed, bounds=bounds)
         tables[op], estimators[op] = table, est
+        ranges[op] = profiled_ranges(OPERATOR_CLASS[op], grid_coords(OPERATOR_CLASS[op], X))
         reports.append(report)
     if not tables:
         raise FitError("profile has no operator this servesim can fit; known: " + ", ".join(OPERATOR_CLASS))
-    return FittedProfile(key, dict(meta), tables, estimators, reports, cpu_overhead_s, notes)
+    return FittedProfile(key, dict(meta), tables, estimators, reports, cpu_overhead_s, notes, ranges)
 
 
 

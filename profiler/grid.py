@@ -42,15 +42,16 @@ class GridSpec:
         return cls(max_tokens=max_tokens or max_context, max_context=max_context)
 
     @classmethod
-    def quick(cls, max_context: int = 2048, max_tokens: int | None = None) -> "GridSpec":
-        """A small grid for CPUs and CI (chunks up to 512, Sarathi-Serve's default token budget): about 950 shapes,
-        some 30 s for the ``tiny`` model on one CPU thread."""
+    def quick(cls, max_context: int = 4096, max_tokens: int | None = None) -> "GridSpec":
+        """A small grid for CPUs and CI (chunks up to 512, Sarathi-Serve's default token budget; contexts up to
+        4096, the ``tiny`` model's max_model_len; decode batches up to 64), so a simulation of ``tiny`` on its
+        defaults prices no shape beyond the profile (the run header says when one does)."""
         return cls(max_tokens=max_tokens or 1024, dense_tokens=16, token_growth=1.12, max_batch=64,
                    max_context=max_context,
                    prefill_chunks=(1, 4, 16, 32, 64, 96, 128, 192, 256, 384, 512),
-                   prefill_contexts=(0, 16, 64, 128, 256, 384, 512, 768, 1024, 1536),
+                   prefill_contexts=(0, 16, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4032),
                    decode_batches=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64),
-                   decode_kv_lens=(16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048))
+                   decode_kv_lens=(16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096))
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -166,7 +166,7 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
         quick: the small grid and shorter timing (CPU/CI). grid/timing: override both.
         num_threads: CPU threads (default 1: steadier timings on shared machines); recorded on every row.
         operators: subset of operator names (default all). max_context/max_tokens: grid bounds (default: the
-            model's context length, at most 2048 with ``quick`` and 8192 otherwise).
+            model's context length, at most 4096 with ``quick`` and 8192 otherwise).
         collectives: also time all-reduce over ``tp`` workers and send/recv by message size
             (``profiler.collectives``); default: on CUDA when ``tp`` > 1 and that many GPUs are visible.
         cold_cache: cycle weights and KV slots through twice the last-level cache between calls, so operators
@@ -194,7 +194,7 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
     threads = num_threads or 1
     if device == "cpu":
         torch.set_num_threads(threads)
-    cap = 2048 if quick else 8192
+    cap = 4096 if quick else 8192
     context = min(max_context or min(model.max_model_len, cap), model.max_model_len)
     grid = grid or (GridSpec.quick(context, max_tokens) if quick else GridSpec.full(context, max_tokens))
     if timing is None:

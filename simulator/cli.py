@@ -60,6 +60,8 @@ def summary_table(summary: dict) -> str:
     if w.get("num_shrunk") or w.get("num_dropped"):
         lines.append(f"workload changed: {w.get('num_shrunk', 0)} requests shrunk and {w.get('num_dropped', 0)} "
                      f"dropped to fit max_model_len {w.get('max_total_tokens')} (e.g. {'; '.join(w.get('examples', [])[:2])})")
+    for key, reason in (summary.get("ignored_options") or {}).items():
+        lines.append(f"note: --{key.replace('_', '-')} ignored: {reason}")
     load = summary.get("load") or {}
     if load.get("overloaded"):
         lines.append(f"WARNING: overloaded: {load['reason']}; latencies grow with the trace length")
@@ -118,7 +120,7 @@ def main(debug):
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--tokens", is_flag=True, help="Also write tokens.csv, one row per output token (large).")
 @click.option("--plans", is_flag=True, help="Also write plans.jsonl, one line per micro-batch: {request: tokens}.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv",
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True,
               help="Format of the tables (requests, iterations, tokens).")
 @user_errors
 def simulate(out, progress, tokens, plans, fmt, **flags):
@@ -147,14 +149,22 @@ def run_header(result) -> str:
     load = result.summary.get("load") or {}
     offered = load.get("offered_qps")
     rate = f"{offered:.3g} QPS offered" if offered else "all at once"
-    return f"{deployment_line(result.deployment)}\n{result.recorder.n} requests, {rate}"
+    lines = [deployment_line(result.deployment), f"{result.recorder.n} requests, {rate}"]
+    ext = result.summary.get("extrapolation")
+    if ext is not None:
+        from cost_models.fitted import describe_extrapolation
+
+        lines.append(describe_extrapolation(ext))
+    return "\n".join(lines)
+
+
 
 
 @main.command("specs")
 @user_errors
 def specs():
     """The built-in models (parameters, KV bytes per token, context), devices (peak FLOP/s, bandwidth, memory,
-    calibration of their cost constants) and nodes (GPUs, links)."""
+    calibration of their cost constants), nodes (GPUs, links) and engine-overhead profiles."""
     from cost_models.roofline import describe_calibration
     from cost_models.specs import known_devices, known_models, load_device, load_model
     from cost_models.topology import known_nodes, load_node
@@ -187,6 +197,12 @@ def specs():
         links = ", ".join(f"{k} {v.bandwidth_bytes_per_s / 1e9:.3g}" for k, v in n.links.items())
         rows.append((n.name, n.device.name, n.gpus_per_node, n.nvlink_group, links))
     click.echo(table(rows))
+    click.echo("")
+    from cost_models.engine_overhead import DEFAULT_ENGINE, PROFILES
+
+    click.echo("engine profiles (--engine; per-iteration overhead beside the GPU time, default marked *):")
+    for name in sorted(PROFILES):
+        click.echo(f"{'*' if name == DEFAULT_ENGINE else ' '} {PROFILES[name].describe()}")
 
 
 # Commands of other parts of servesim live beside the code they drive and are imported only when run (click's

@@ -34,19 +34,22 @@ def user_errors(func):
 @click.command("profile")
 @click.option("--model", required=True, help="Model name (e.g. tiny, Mistral-7B), YAML spec or HF config.json.")
 @click.option("--exec-device", type=click.Choice(["cuda", "cpu"]), default=None,
-              help="Torch device that runs the kernels (default: cuda when available, else cpu); the device spec "
-                   "is recorded from the hardware found (servesim fit --device overrides it).")
+              show_default="cuda when available, else cpu",
+              help="Torch device that runs the kernels; the device spec is recorded from the hardware found "
+                   "(servesim fit --device overrides it).")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
               help="Tensor-parallel degree (weights sharded on this one device).")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
-              help="Data type (default: the model spec's).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), show_default="the model spec's",
+              help="Data type.")
 @click.option("--quick", is_flag=True, help="Small grid and short timing (CPU, CI).")
-@click.option("--threads", type=click.IntRange(min=1),
-              help="CPU threads (default 1: steadier timings on shared machines).")
-@click.option("--max-tokens", type=click.IntRange(min=1), help="Largest token count of the linear operators.")
+@click.option("--threads", type=click.IntRange(min=1), show_default="1",
+              help="CPU threads (1: steadier timings on shared machines).")
+@click.option("--max-tokens", type=click.IntRange(min=1), show_default="--max-context; 1024 with --quick",
+              help="Largest token count of the linear operators.")
 @click.option("--max-context", type=click.IntRange(min=1),
-              help="Largest context of the attention shapes (default: the model's, at most 2048 quick / 8192).")
-@click.option("--operators", help="Comma-separated subset of operators (default: all).")
+              show_default="the model's, at most 4096 with --quick, else 8192",
+              help="Largest context of the attention shapes.")
+@click.option("--operators", show_default="all", help="Comma-separated subset of operators.")
 @click.option("--cold-cache/--warm-cache", default=True, show_default=True,
               help="Cycle weights and KV through twice the last-level cache between calls (as in an iteration).")
 @click.option("--collectives/--no-collectives", default=None,
@@ -89,15 +92,17 @@ def profile(model, exec_device, tp, dtype, quick, threads, max_tokens, max_conte
 
 @click.command("fit")
 @click.argument("profile_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--from-vidur", "vidur_dir", type=click.Path(file_okay=False),
+@click.option("--from-vidur", "vidur_dir", type=click.Path(file_okay=False), show_default="none",
               help="Import Vidur-format tables (mlp.csv, attention.csv, ...) found under this folder.")
-@click.option("--model", help="Model of the Vidur tables (default: the profile's model).")
-@click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel degree of the Vidur rows (default 1).")
-@click.option("--device", help="Device spec the tables were measured on (default: the profile's; "
-                                "A100-80GB-PCIe for Vidur tables, where Vidur measured them, cpu for CPU profiles).")
+@click.option("--model", show_default="the profile's model", help="Model of the Vidur tables.")
+@click.option("--tp", type=click.IntRange(min=1), show_default="the profile's, else 1",
+              help="Tensor-parallel degree of the Vidur rows.")
+@click.option("--device", show_default="the profile's; A100-80GB-PCIe for Vidur tables, where Vidur measured them; "
+                                       "cpu for CPU profiles",
+              help="Device spec the tables were measured on.")
 @click.option("--cpu-overhead-ms", type=click.FloatRange(min=0),
-              help="Per-iteration CPU overhead, replacing the profiled cpu_overhead operator (default: the "
-                   "profile's or Vidur's cpu_overhead by batch size, else the roofline's constant).")
+              show_default="the profile's or Vidur's cpu_overhead by batch size, else the roofline's constant",
+              help="Per-iteration CPU overhead, replacing the profiled cpu_overhead operator.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the held-out split and the trees.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fitted model.")

@@ -118,7 +118,8 @@ def _window(replica, plan, members, ctx0, rem, K: int, horizon_s: float):
     finished_before = rem[:, None] <= steps[None, :]
     used = kv.num_used - np.where(finished_before, held[:, None], 0).sum(axis=0) + \
         np.where(active, extra, 0).sum(axis=0)
-    return {"members": members, "ctx0": ctx0, "rem": rem, "K": K, "batch": batch[:K], "durations": durations[:K],
+    return {"members": members, "ctx0": ctx0, "rem": rem, "K": K, "batch": batch[:K], "ctx_sum": ctx_sum[:K],
+            "durations": durations[:K],
             "starts": starts[:K], "ends": ends[:K], "used": used[:K], "active": active[:, :K]}
 
 
@@ -176,6 +177,8 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
         busy += d
     replica.stage_busy_s[0] = busy
     replica.num_iterations += K
+    if getattr(replica.cost_model, "tracker", None) is not None:
+        replica.cost_model.track_decodes(s["batch"], s["ctx_sum"])
     log.maybe_flush()
     return [(j, done_at[j]) for j in sorted(done_at)]
 

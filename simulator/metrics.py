@@ -14,11 +14,15 @@ benchmarks. All times in seconds of simulated time.
 - KV-cache utilization = blocks used / blocks in the cache, after each iteration's allocations.
 - Prefix-cache hit rate = prompt tokens served from the cache / prompt tokens, at each request's first admission.
 - Busy fraction of a pipeline stage = its compute time / makespan; bubbles are the rest.
-- Load: offered QPS = (N - 1) / (last arrival - first arrival); served QPS = completed / makespan. A run is
+- Load (over the N requests served; rejected ones are counted apart): offered QPS = (N - 1) / (last arrival -
+  first arrival); served QPS = completed / makespan. A run is
   *overloaded* when the requests in the system (arrived, not finished) keep growing over the arrivals — their mean
   over the last quarter of arrivals exceeds the mean over the second quarter by more than 3 x its square root
-  (the Poisson fluctuation of a stable queue) plus 5 — or the served rate is below 80% of the offered rate: the
-  queue then grows without bound and every latency depends on the trace length.
+  (the Poisson fluctuation of a stable queue) plus 5 — or requests complete at less than 80% of the rate they
+  arrive, both measured over their middle halves: N/2 / (time from completion N/4 to completion 3N/4) against
+  N/2 / (time from arrival N/4 to arrival 3N/4). The queue then grows without bound and every latency depends on
+  the trace length. (The whole-run served QPS is not compared: its makespan includes the first latency and the
+  drain of the last requests, which dominate short runs.)
 - Disaggregation: KV transfer time = KV arrival at the decode replica - first token; decode queueing = first
   decode scheduled - KV arrival.
 """
@@ -131,12 +135,13 @@ def tbt_gaps(requests) -> np.ndarray:
 
 def load_report(arrival_s, completion_s, makespan: float) -> dict:
     """Offered vs served rate and queue growth of a run (see the module docstring); ``overloaded`` and why."""
-    arrivals = np.sort(np.asarray(arrival_s, dtype=float))
+    completion_s = np.asarray(completion_s, dtype=float)
+    served_ = ~np.isnan(completion_s)             # the others were rejected (never fit) and are reported as such
+    arrivals = np.sort(np.asarray(arrival_s, dtype=float)[served_])
     n = len(arrivals)
     span = float(arrivals[-1] - arrivals[0]) if n > 1 else 0.0
     offered = (n - 1) / span if span > 0 else None
-    completion_s = np.asarray(completion_s, dtype=float)
-    done = np.sort(completion_s[~np.isnan(completion_s)])
+    done = np.sort(completion_s[served_])
     served = len(done) / makespan if makespan > 0 else None
     in_system = np.arange(1, n + 1) - np.searchsorted(done, arrivals, side="right")
     q = n // 4
@@ -146,8 +151,11 @@ def load_report(arrival_s, completion_s, makespan: float) -> dict:
     if second is not None and last - second > 3 * np.sqrt(second) + 5:
         reasons.append(f"requests in the system grew from {second:.1f} (second quarter of arrivals) to {last:.1f} "
                        f"(last quarter)")
-    if offered and served is not None and served < 0.8 * offered:
-        reasons.append(f"served {served:.3g} requests/s of {offered:.3g} offered")
+    if q and len(done) > 3 * q:
+        arrive_span, complete_span = float(arrivals[3 * q] - arrivals[q]), float(done[3 * q] - done[q])
+        if arrive_span > 0 and complete_span > 0 and 2 * q / complete_span < 0.8 * (2 * q / arrive_span):
+            reasons.append(f"the middle half of the requests completed at {2 * q / complete_span:.3g} requests/s, "
+                           f"arriving at {2 * q / arrive_span:.3g}")
     served = None if served is None else float(served)
     return {"offered_qps": offered, "served_qps": served, "in_system_second_quarter": second,
             "in_system_last_quarter": last, "overloaded": bool(reasons), "reason": "; ".join(reasons) or None}

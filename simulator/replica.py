@@ -57,6 +57,7 @@ class IterationLog:
     stage_start_s: list = field(default_factory=list)      # per stage: list of starts
     stage_duration_s: list = field(default_factory=list)   # per stage: list of durations
     plans: list | None = None
+    plan_times: list = field(default_factory=list)   # with plans: (start_s, duration_s, replica_id) per plan, kept
     sink: object = None             # an output.ChunkWriter: rows are flushed to it in chunks of CHUNK
     replica_ids: bool = False       # write replica_id (a cluster)
     multi: bool = False             # several replicas append: rows are ordered (``order_rows``) when the run ends
@@ -115,6 +116,7 @@ class IterationLog:
             lst[:] = [lst[i] for i in order]
         if self.plans is not None:
             self.plans[:] = [self.plans[i] for i in order]
+            self.plan_times[:] = [self.plan_times[i] for i in order]
 
     def maybe_flush(self) -> None:
         """Fold (and flush) every complete chunk of CHUNK rows: statistics are chunked the same way with or
@@ -211,6 +213,10 @@ class Replica:
         log.scheduled_s.append(now)
         if log.plans is not None:
             log.plans.append(plan)
+            log.plan_times.append((start, duration, self.replica_id))
+        tracker = getattr(self.cost_model, "tracker", None)
+        if tracker is not None:                 # a fitted model counts the shapes beyond its profile
+            tracker.add(self.cost_model.outside(plan))
         self.num_iterations += 1
         if len(log.start_s) >= log.CHUNK:
             log.maybe_flush()

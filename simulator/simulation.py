@@ -9,7 +9,6 @@ byte-identical outputs.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,22 +28,9 @@ from simulator.request import Request
 from simulator.routers import ROUTERS
 from simulator.schedulers import SCHEDULERS
 from simulator.slo import DEFAULT_DECODE_DEADLINE_S, DEFAULT_TTFT_SLACK_S, predicted_prefill_s
+from traces.tables import write_atomic, write_json_atomic
 
 DEFAULT_DEVICE = "A100-80GB-SXM"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def frame_atomic(df, path: Path) -> None:
-    """Write a pandas table to ``path`` (CSV) through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -122,8 +108,7 @@ class SimResult:
                         table_path(out, "tokens", fmt), fmt)
         if plans:
             write_atomic(out / "plans.jsonl", plans_jsonl(self.log))
-        write_atomic(out / "summary.json",
-                     json.dumps({**self.summary, "config": self.config.to_dict()}, indent=2) + "\n")
+        write_json_atomic(out / "summary.json", {**self.summary, "config": self.config.to_dict()})
         return out
 
 
@@ -133,9 +118,9 @@ def plans_jsonl(log: IterationLog) -> str:
     more than one replica ran). The format ``servesim observe`` writes for a real engine."""
     if log.plans is None:
         raise ValueError("plans: the run did not record plans (simulate(record_plans=True))")
-    many = len(set(log.replica_id)) > 1
+    many = len({rid for _, _, rid in log.plan_times}) > 1
     lines = []
-    for i, (plan, start, duration, rid) in enumerate(zip(log.plans, log.start_s, log.duration_s, log.replica_id)):
+    for i, (plan, (start, duration, rid)) in enumerate(zip(log.plans, log.plan_times)):
         row = {"step": i, "start_s": start, "duration_s": duration,
                "num_new_tokens": {str(r): n for r, n in zip(plan.request_ids, plan.num_new_tokens)},
                "context_lens": {str(r): k for r, k in zip(plan.request_ids, plan.context_lens)},
@@ -336,6 +321,33 @@ def build(config: SimConfig, *, cost_model=None) -> Deployment:
     return Deployment(config, model, device, node, max_len, specs, kw, watermark, prefix, cost_model)
 
 
+def ignored_options(config: SimConfig) -> dict:
+    """Config keys set away from their defaults that this deployment does not use, each with the reason
+    (``{key: reason}``): another scheduler's options (``Scheduler.options``: e.g. ``token_budget`` with ``vllm``),
+    ``router`` with a single replica, the pools' ``prefill_*``/``decode_*`` shapes and the KV-transfer link
+    without disaggregation, ``replicas`` with it, and ``qps`` in a closed loop (``concurrency``). ``simulate``
+    prints them as notes and records them in ``summary.json`` (``ignored_options``)."""
+    defaults = SimConfig()
+    changed = [k for k in SimConfig.keys() if getattr(config, k) != getattr(defaults, k)]
+    cls = SCHEDULERS[config.scheduler]
+    foreign = {k for c in SCHEDULERS.values() for k in c.options} - set(cls.options)
+    ignored = {}
+    for key in changed:
+        if key in foreign:
+            users = ", ".join(n for n, c in SCHEDULERS.items() if key in c.options)
+            ignored[key] = f"scheduler {config.scheduler} does not use it (only {users})"
+        elif key == "router" and config.replicas == 1 and not config.disaggregated:
+            ignored[key] = "one replica: nothing to route"
+        elif key in ("prefill_tp", "prefill_pp", "decode_tp", "decode_pp", "kv_transfer_bandwidth",
+                     "kv_transfer_latency") and not config.disaggregated:
+            ignored[key] = "only for a disaggregated cluster (--prefill-replicas and --decode-replicas)"
+        elif key == "replicas" and config.disaggregated:
+            ignored[key] = "a disaggregated cluster has --prefill-replicas and --decode-replicas instead"
+        elif key in ("qps", "arrival", "cv", "retime") and config.concurrency:
+            ignored[key] = "closed loop (--concurrency): each client sends its next request when one completes"
+    return ignored
+
+
 def _kv_transfer(dep: Deployment) -> Transfer:
     c, node = dep.config, dep.node
     link = node.network or node.links["pcie"]
@@ -438,13 +450,25 @@ def simulate(config: SimConfig | None = None, *, requests: list[Request] | None 
         if outputs.tokens:
             token_writer = ChunkWriter(table_path(outputs.out_dir, "tokens", outputs.fmt), outputs.fmt)
             recorder.token_sink = _token_sink(token_writer)
+    fitted = _fitted_models(dep)
+    tracker = None
+    if fitted:
+        from cost_models.fitted import RangeTracker
+
+        tracker = RangeTracker()
+        for cm in fitted:
+            cm.tracker = tracker
     try:
         cluster = run_deployment(dep, requests, record_plans=record_plans, on_iteration=on_iteration,
                                  log=log, recorder=recorder)
     finally:
         if bar is not None:
             bar.close()
+        for cm in fitted:
+            cm.tracker = None
     result = measure(dep, cluster, changes)
+    if tracker is not None and fitted[0].limits:
+        result.summary["extrapolation"] = tracker.report(fitted[0].limits)
     if not keep_requests:
         result.requests = None
     if log.sink is not None:
@@ -455,11 +479,22 @@ def simulate(config: SimConfig | None = None, *, requests: list[Request] | None 
     return result
 
 
+def _fitted_models(dep: Deployment) -> list:
+    """The distinct cost models of the deployment's replicas that track their profiled range (fitted ones)."""
+    models = []
+    for spec in dep.specs:
+        cm = dep.cost_model_for(spec)
+        if hasattr(cm, "tracker") and all(cm is not m for m in models):
+            models.append(cm)
+    return models
+
+
 def measure(dep: Deployment, cluster: Cluster, changes: dict | None = None) -> SimResult:
     """The SimResult of a finished run (``changes``: what loading did to the workload)."""
     log, recorder = cluster.log, cluster.recorder
     summary = summarize(recorder, log.stats(), cluster=cluster, deployment=dep)
     summary["workload"] = {**(changes or {}), "num_rejected": summary["requests_rejected"]}
+    summary["ignored_options"] = ignored_options(dep.config)
     first = dep.cost_model_for(dep.specs[0])
     kept = sorted(recorder.requests, key=lambda r: r.request_id) if recorder.keep_requests else None
     return SimResult(dep.config, kept, summary, log, recorder, first, dep)

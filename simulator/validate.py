@@ -149,11 +149,17 @@ def validation_row(index: int, plan, predicted_s: float, timing) -> dict:
 
 
 # --- results -------------------------------------------------------------------------------------------------
-def error_summary(table: pd.DataFrame) -> dict:
-    """``{"all"|kind: {"iterations", "median_abs_error_pct", "p95_abs_error_pct", "median_error_pct",
-    "median_predicted_s", "median_measured_s"}}`` over the rows of a validation table (kinds without rows omitted)."""
+def error_summary(table: pd.DataFrame, extrapolated=()) -> dict:
+    """``{"all"|kind|"extrapolated"|"inside profile": {"iterations", "median_abs_error_pct", "p95_abs_error_pct",
+    "median_error_pct", "median_predicted_s", "median_measured_s"}}`` over the rows of a validation table (groups
+    without rows omitted). ``extrapolated``: the iteration numbers whose shapes the fitted model priced beyond its
+    profile (``FittedCostModel.outside``); when any are among the rows, they and the others get their own groups."""
     out = {}
-    for name, rows in [("all", table)] + [(k, table[table["kind"] == k]) for k in KINDS]:
+    groups = [("all", table)] + [(k, table[table["kind"] == k]) for k in KINDS]
+    beyond = table["iteration"].isin(set(extrapolated)) if len(extrapolated) else None
+    if beyond is not None and beyond.any():
+        groups += [("extrapolated", table[beyond]), ("inside profile", table[~beyond])]
+    for name, rows in groups:
         if not len(rows):
             continue
         out[name] = {
@@ -431,6 +437,10 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
 
     result = simulate(config, record_plans=True, progress=progress)
     plans = result.log.plans
+    if result.summary.get("extrapolation") is not None:
+        from cost_models.fitted import describe_extrapolation
+
+        say(describe_extrapolation(result.summary["extrapolation"]))
     predicted = result.iterations["duration_s"].to_numpy()
     if not plans:
         raise ValidationError("the simulation ran no iteration (no request was served); nothing to validate")
@@ -472,7 +482,12 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
         rows.setdefault(int(row["iteration"]), row)
     table.rewrite(rows[i] for i in sorted(rows))
     table = pd.read_csv(out / CSV_NAME)
-    summary = error_summary(table)
+    outside = getattr(result.cost_model, "outside", None)
+    extrapolated = [i for i in table["iteration"].tolist() if outside is not None and outside(plans[i])]
+    summary = error_summary(table, extrapolated)
+    if extrapolated:
+        say(f"note: {len(extrapolated)} of the {len(table)} executed iterations lie beyond the fitted model's "
+            f"profiled shapes (their error is reported apart: 'extrapolated')")
     latency = None
     if every and len(table) == len(plans):
         measured = table["measured_s"].to_numpy()
