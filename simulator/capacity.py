@@ -183,6 +183,11 @@ def run_trial(config: SimConfig, slo: SLO, qps: float, *, cost_model=None, early
     flat = {f"{k}_{q}": summary[k][q] for k, q in SUMMARY_KEYS}
     flat.update({k: summary[k] for k in COUNT_KEYS})
     flat["num_iterations"] = monitor.num_iterations
+    arrivals = [r.arrival_s for r in requests]
+    span = max(arrivals) - min(arrivals) if arrivals else 0.0
+    # the trace's own request rate: equals qps for open-loop traces; lower for a multi-turn workload whose later
+    # turns follow think times rather than qps
+    flat["arrival_qps"] = (len(arrivals) - 1) / span if span > 0 else None
     if reason is not None:
         return Trial(float(qps), False, {lim.label: None for lim in slo.limits}, True, reason,
                      monitor.clock_s, flat)

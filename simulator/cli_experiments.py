@@ -118,6 +118,12 @@ def capacity(slo_flags, rel_tol, max_trials, min_qps, early_stop, out, **flags):
     click.echo(f"capacity: {result.capacity_qps:.4g} QPS{bracket}, {result.capacity_qps / dep.gpus:.4g} QPS per GPU "
                f"on {dep.gpus} GPUs; {len(result.trials)} trials in {wall:.1f} s"
                + (f"; note: {result.note}" if result.note else ""))
+    at = [t for t in result.trials if t.qps == result.capacity_qps]
+    rate = at[0].summary.get("arrival_qps") if at else None
+    if rate and abs(rate - result.capacity_qps) > 0.1 * result.capacity_qps:
+        click.echo(f"note: at {result.capacity_qps:.4g} QPS the trace's requests arrive at {rate:.4g} per second "
+                   f"(first to last arrival): its arrivals do not follow --qps alone (e.g. a multi-turn workload's "
+                   f"later turns follow think times), so compare capacities at the arrival rate")
     click.echo(f"wrote {path} and trials.csv")
 
 
