@@ -200,6 +200,10 @@ def _parse_assignments(items, *, lists: bool) -> dict:
             raise click.BadParameter(f"{item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         key = key.strip().replace("-", "_")
+        if not key:
+            raise click.BadParameter(f"{item!r}: no KEY before '='")
+        if lists and any(not v.strip() for v in value.split(",")):
+            raise click.BadParameter(f"{item!r}: an empty value in the list (write KEY=V1,V2; 'null' for the default)")
         values = [yaml.safe_load(v) for v in value.split(",")] if lists else yaml.safe_load(value)
         out[key] = values
     return out

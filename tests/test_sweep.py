@@ -169,3 +169,12 @@ def test_sweep_cli_with_flags_writes_table_and_plots(tmp_path):
 def test_sweep_cli_bad_config_is_a_one_line_error(tmp_path):
     out = CliRunner().invoke(main, ["sweep", "--config", str(_write(tmp_path, "mode: fast\n"))])
     assert out.exit_code == 2 and out.output.startswith("error: ") and "mode: unknown 'fast'" in out.output
+
+
+@pytest.mark.parametrize("item", ["qps=", "qps=1,", "=1,2"])
+def test_sweep_grid_flag_with_an_empty_value_is_an_error(tmp_path, item):
+    config = _write(tmp_path, "mode: qps\nbase: {model: tiny, device: cpu, num_requests: 8}\ngrid: {qps: [1.0]}\n")
+    out = CliRunner().invoke(main, ["sweep", "--config", str(config), "--out", str(tmp_path / "out"),
+                                    "--grid", item, "--no-plot"])
+    assert out.exit_code == 2 and out.output.startswith("error: ") and repr(item) in out.output, out.output
+    assert not (tmp_path / "out" / "sweep.csv").exists()

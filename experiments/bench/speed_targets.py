@@ -70,7 +70,9 @@ def commands(tmp: Path) -> dict:
         model = tmp / "codellama-34b"
         model.mkdir(exist_ok=True)
         (model / "config.json").write_text(json.dumps(CODELLAMA_34B))
-        cmds["vidur"] = [*servesim(), "simulate", "--model", str(model), "--tp", "2", "--cost-model",
+        # Vidur's A100 tables were measured on the PCIe card: simulate that device (no "fitted on" warning)
+        cmds["vidur"] = [*servesim(), "simulate", "--model", str(model), "--device", "A100-80GB-PCIe", "--tp", "2",
+                         "--cost-model",
                          str(tmp / "vidur-model"), "--trace", str(ARXIV), "--retime", "--qps", "1",
                          "--num-requests", "2000", "--scheduler", "sarathi", "--token-budget", "512",
                          "--seed", "42", *out("vidur")]
