@@ -412,13 +412,15 @@ def simulate(config: SimConfig | None = None, *, requests: list[Request] | None 
     """Run the deployment of ``config`` (defaults + ``overrides``) and return its ``SimResult``.
 
     ``requests`` replaces the config's trace (they are copied, not modified); ``cost_model`` replaces the one the
-    config names (for every replica). ``progress`` shows a tqdm bar of completed requests. ``on_iteration(plan,
-    start_s, duration_s)`` and ``on_finish(requests)`` are called as the run goes (the capacity search stops a
+    config names (for every replica): a cost-model object, or a ``servesim fit`` folder (as the config key).
+    ``progress`` shows a tqdm bar of completed requests. ``on_iteration(plan, start_s, duration_s)`` and ``on_finish(requests)`` are called as the run goes (the capacity search stops a
     trial from them). ``keep_requests=False`` drops each request's token times once it is measured (memory stays
     bounded; ``SimResult.requests`` is then None); ``outputs`` streams the iteration (and token) rows into a folder
     while the run goes (``SimResult.write()`` then completes it). Raises SpecError/ConfigError/TraceError for bad
     input and ValueError when the model does not fit the device.
     """
+    if isinstance(cost_model, (str, Path)):     # a fitted-model folder, as the config's cost_model key takes
+        overrides["cost_model"], cost_model = str(cost_model), None
     config = (config or SimConfig()).with_(**overrides)
     dep = build(config, cost_model=cost_model)
     changes: dict = {}

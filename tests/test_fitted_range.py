@@ -83,3 +83,13 @@ def test_simulation_records_the_share_extrapolated():
 
 def test_roofline_runs_have_no_extrapolation_section():
     assert "extrapolation" not in simulate(num_requests=20).summary
+
+
+def test_simulate_takes_a_fitted_model_folder_as_cost_model(tmp_path):
+    from cost_models.fitted import save_fitted
+
+    pytest.importorskip("joblib")
+    pytest.importorskip("sklearn")
+    save_fitted(_fitted(RANGES), tmp_path / "m")
+    r = simulate(cost_model=str(tmp_path / "m"), num_requests=10)
+    assert r.config.cost_model == str(tmp_path / "m") and r.summary["extrapolation"]["iterations"] > 0
