@@ -336,7 +336,8 @@ def test_count_options_below_their_minimum_are_one_line_usage_errors(args, optio
 
 
 SIMULATION_COMMANDS = ("simulate", "capacity", "replicas", "validate")     # the commands with ``simulate_options``
-CLI_MODULES = {"simulator.cli", "simulator.cli_experiments", "simulator.cli_profile", "simulator.cli_validate"}
+CLI_MODULES = {"simulator.cli", "simulator.cli_experiments", "simulator.cli_profile", "simulator.cli_validate",
+               "simulator.observe.cli"}
 
 
 def _command(name):

@@ -34,32 +34,33 @@ def _summary(out: Path) -> str:
 @click.command("observe")
 @click.option("--engine", type=click.Choice(["vllm"]), default="vllm", show_default=True,
               help="The serving engine to run.")
-@click.option("--model", "model_path", type=click.Path(),
+@click.option("--model", "model_path", type=click.Path(), show_default="required unless --from-bench",
               help="A Hugging Face config.json, or a folder holding one (weights are dummy).")
 @click.option("--trace", default="sharegpt", show_default=True,
               help="sharegpt, arxiv, or a trace file (CSV, Azure CSV, Mooncake JSONL).")
-@click.option("--num-requests", type=int, help="Number of requests (default: 64 of a built-in workload, all of a file).")
-@click.option("--qps", type=float,
-              help="Arrival rate (requests/s) of generated or re-timed traces (default 2); inf: all at 0.")
-@click.option("--retime/--no-retime", default=None, help="Re-time a file trace's arrivals to --qps.")
+@click.option("--num-requests", type=int, show_default="64 of a built-in workload, all of a file",
+              help="Number of requests.")
+@click.option("--qps", type=float, show_default="2",
+              help="Arrival rate (requests/s) of generated or re-timed traces; inf: all at 0.")
+@click.option("--retime/--no-retime", default=None, show_default="off", help="Re-time a file trace's arrivals to --qps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the trace, prompt ids and engine.")
-@click.option("--num-kv-blocks", type=int, help="KV cache blocks (vLLM's num_gpu_blocks_override).")
-@click.option("--max-num-batched-tokens", type=int, help="vLLM's token budget per step.")
-@click.option("--max-num-seqs", type=int, help="vLLM's most running requests.")
-@click.option("--max-model-len", type=int,
-              help="vLLM's max_model_len (default: the config's); also caps the trace's prompt + output.")
-@click.option("--block-size", type=int, help="KV block size in tokens (CPU backend default 128).")
+@click.option("--num-kv-blocks", type=int, show_default="vLLM's, from memory", help="KV cache blocks (vLLM's num_gpu_blocks_override).")
+@click.option("--max-num-batched-tokens", type=int, show_default="vLLM's", help="vLLM's token budget per step.")
+@click.option("--max-num-seqs", type=int, show_default="vLLM's", help="vLLM's most running requests.")
+@click.option("--max-model-len", type=int, show_default="the config's",
+              help="vLLM's max_model_len; also caps the trace's prompt + output.")
+@click.option("--block-size", type=int, show_default="the backend's (CPU: 128)", help="KV block size in tokens.")
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=False, show_default=True,
               help="vLLM prefix caching (vLLM's own default is on; off keeps full recompute after preemption).")
-@click.option("--enable-chunked-prefill/--no-enable-chunked-prefill", default=None,
-              help="vLLM chunked prefill (vLLM default: on).")
-@click.option("--async-scheduling/--no-async-scheduling", default=None,
-              help="vLLM async scheduling (vLLM default: on for CUDA; the CPU backend always turns it off).")
-@click.option("--enforce-eager/--no-enforce-eager", default=None,
-              help="Skip torch.compile (faster start; vLLM default: compile).")
-@click.option("--threads", type=int,
+@click.option("--enable-chunked-prefill/--no-enable-chunked-prefill", default=None, show_default="vLLM's (on)",
+              help="vLLM chunked prefill.")
+@click.option("--async-scheduling/--no-async-scheduling", default=None, show_default="vLLM's",
+              help="vLLM async scheduling (on for CUDA; the CPU backend always turns it off).")
+@click.option("--enforce-eager/--no-enforce-eager", default=None, show_default="vLLM's (compile)",
+              help="Skip torch.compile (faster start).")
+@click.option("--threads", type=int, show_default="torch's",
               help="Torch threads of the in-process engine (CPU); 1 keeps step times stable on a shared machine.")
-@click.option("--from-bench", "from_bench", type=click.Path(),
+@click.option("--from-bench", "from_bench", type=click.Path(), show_default="run the engine",
               help="Import a 'vllm bench serve --save-result --save-detailed' JSON instead of running.")
 @click.option("--out", "out_dir", default="runs/observe", show_default=True, type=click.Path(file_okay=False),
               help="Output folder.")
@@ -69,8 +70,9 @@ def observe(engine, model_path, trace, num_requests, qps, retime, seed, num_kv_b
             enforce_eager, threads, from_bench, out_dir):
     """Run the real vLLM engine on a trace and record what its scheduler did each step.
 
-    Writes OUT/{plans.jsonl,requests.csv,tokens.csv,iterations.csv,meta.json}; plans.jsonl replays with
-    simulate --plans. With --from-bench, imports a vLLM benchmark result instead (no plans: a remote server's
+    Writes OUT/{plans.jsonl,requests.csv,tokens.csv,iterations.csv,meta.json}, in the formats simulate writes
+    (plans.jsonl as simulate --plans); `servesim validate --observed OUT` compares a simulation with them step by
+    step. With --from-bench, imports a vLLM benchmark result instead (no plans: a remote server's
     schedule is not observable).
     """
     from simulator.observe.bench_import import import_vllm_bench
