@@ -26,9 +26,9 @@ def summary_table(summary: dict) -> str:
                        ("scheduling_delay_s", "scheduling delay")]:
         d = summary[key]
         rows.append((label, *(_fmt(d[k]) for k in ("mean", "p50", "p90", "p99", "max"))))
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    from simulator.output import text_table
+
+    lines = text_table(rows).split("\n")
     kv = summary.get("kv_cache_utilization", {})
     lines += [
         "",
@@ -169,11 +169,10 @@ def specs():
     from cost_models.specs import known_devices, known_models, load_device, load_model
     from cost_models.topology import known_nodes, load_node
 
+    from simulator.output import text_table
+
     def table(rows):
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-        last = len(widths) - 1
-        return "\n".join("  ".join(str(c).ljust(w) if i in (0, last) else str(c).rjust(w)
-                                   for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows)
+        return text_table(rows, left=(0, -1), rule=False)
 
     rows = [("model", "params (B)", "layers", "hidden", "heads/kv", "KV bytes/token", "max_model_len", "context")]
     for name in known_models():

@@ -100,3 +100,19 @@ class ChunkWriter:
             self._writer.close()
         os.replace(self.tmp, self.path)
         return self.path
+
+
+def text_table(rows, *, left=(0,), rule: bool = True) -> str:
+    """Rows of cells as aligned text: columns ``left`` (indices; -1 is the last) left-justified, the others
+    right-justified, two spaces apart, trailing blanks cut; with ``rule``, a line of dashes under the header.
+    The one printer of servesim's console tables (run summaries, specs, validation errors)."""
+    rows = [[str(c) for c in r] for r in rows]
+    n = len(rows[0])
+    lefts = {i % n for i in left}
+    widths = [max(len(r[i]) for r in rows) for i in range(n)]
+    lines = ["  ".join(c.ljust(w) if i in lefts else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    if rule:
+        lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+

@@ -181,10 +181,9 @@ def error_table(summary: dict) -> str:
         rows.append((name, str(s["iterations"]), f"{s['median_abs_error_pct']:.1f}%", f"{s['p95_abs_error_pct']:.1f}%",
                      f"{s['median_error_pct']:+.1f}%", f"{s['median_predicted_s'] * 1e3:.3f} ms",
                      f"{s['median_measured_s'] * 1e3:.3f} ms"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    from simulator.output import text_table
+
+    return text_table(rows)
 
 
 def plot_validation(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
