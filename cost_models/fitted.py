@@ -394,12 +394,6 @@ class FittedCostModel:
             check("prefill_context", k)
         return out
 
-    def range_report(self) -> dict | None:
-        """The attached tracker's report (``RangeTracker.report``), None without one or without ranges."""
-        if self.tracker is None or not self.limits:
-            return None
-        return self.tracker.report(self.limits)
-
     # operators that depend only on the token count T (cached per T): per layer, and once per iteration
     def _token_ops(self, T: int) -> tuple:
         """``(per-layer {op: s}, per-layer total, emb seconds)`` at ``T`` tokens (cached)."""
@@ -546,9 +540,6 @@ class FittedCostModel:
         fast-forwarded stretch, counted as its steps one by one would be)."""
         batch, ctx_sums = np.asarray(batch, dtype=float), np.asarray(ctx_sums, dtype=float)
         lim = self.limits
-        if not lim:
-            self.tracker.add({}, len(batch))
-            return
         values = {"tokens": batch, "sequences": batch, "decode_batch": batch,
                   "decode_kv_len": (ctx_sums + batch) / batch}
         ratios = {dim: values[dim] / lim[dim] for dim in values if lim.get(dim)}

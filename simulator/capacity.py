@@ -38,7 +38,7 @@ from simulator.config import SimConfig
 from simulator.metrics import summarize
 from simulator.recorder import Recorder
 from simulator.replica import IterationLog
-from simulator.simulation import build, ignored_options, load_requests, run_deployment
+from simulator.simulation import build, ignored_options, load_requests, profiled_range, run_deployment
 from simulator.slo import SLO, certain_violation_count, evaluate_slo, fluidity_of, make_slo, predicted_prefill_s
 from traces import BUILTIN_WORKLOADS
 from traces.tables import write_atomic, write_json_atomic
@@ -173,8 +173,10 @@ def run_trial(config: SimConfig, slo: SLO, qps: float, *, cost_model=None, early
     monitor = _Monitor(slo, requests, dep, cost_model, early_stop)
     recorder = Recorder(len(requests), on_finish=monitor.on_finish if early_stop and monitor.finish_checks else None)
     reason = None
+    extrapolation: dict = {}
     try:
-        run_deployment(dep, requests, on_iteration=monitor.on_iteration, log=monitor.log, recorder=recorder)
+        with profiled_range(dep) as extrapolation:
+            run_deployment(dep, requests, on_iteration=monitor.on_iteration, log=monitor.log, recorder=recorder)
     except _CertainViolation as exc:
         reason = str(exc)
         recorder.close(requests)              # the part simulated: requests as far as they got
@@ -188,6 +190,8 @@ def run_trial(config: SimConfig, slo: SLO, qps: float, *, cost_model=None, early
     # the trace's own request rate: equals qps for open-loop traces; lower for a multi-turn workload whose later
     # turns follow think times rather than qps
     flat["arrival_qps"] = (len(arrivals) - 1) / span if span > 0 else None
+    # a fitted model's micro-batches priced beyond its profile (None: not a fitted model, or stopped early)
+    flat["extrapolated_share"] = extrapolation.get("share")
     if reason is not None:
         return Trial(float(qps), False, {lim.label: None for lim in slo.limits}, True, reason,
                      monitor.clock_s, flat)

@@ -120,6 +120,10 @@ def capacity(slo_flags, rel_tol, max_trials, min_qps, early_stop, out, **flags):
                + (f"; note: {result.note}" if result.note else ""))
     at = [t for t in result.trials if t.qps == result.capacity_qps]
     rate = at[0].summary.get("arrival_qps") if at else None
+    beyond = at[0].summary.get("extrapolated_share") if at else None
+    if beyond:
+        click.echo(f"WARNING: at {result.capacity_qps:.4g} QPS the fitted cost model priced {beyond:.1%} of the "
+                   f"micro-batches beyond its profiled shapes (run simulate at that QPS for the dimensions)")
     if rate and abs(rate - result.capacity_qps) > 0.1 * result.capacity_qps:
         click.echo(f"note: at {result.capacity_qps:.4g} QPS the trace's requests arrive at {rate:.4g} per second "
                    f"(first to last arrival): its arrivals do not follow --qps alone (e.g. a multi-turn workload's "

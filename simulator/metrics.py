@@ -136,12 +136,12 @@ def tbt_gaps(requests) -> np.ndarray:
 def load_report(arrival_s, completion_s, makespan: float) -> dict:
     """Offered vs served rate and queue growth of a run (see the module docstring); ``overloaded`` and why."""
     completion_s = np.asarray(completion_s, dtype=float)
-    served_ = ~np.isnan(completion_s)             # the others were rejected (never fit) and are reported as such
-    arrivals = np.sort(np.asarray(arrival_s, dtype=float)[served_])
+    kept = ~np.isnan(completion_s)             # the others were rejected (never fit) and are reported as such
+    arrivals = np.sort(np.asarray(arrival_s, dtype=float)[kept])
     n = len(arrivals)
     span = float(arrivals[-1] - arrivals[0]) if n > 1 else 0.0
     offered = (n - 1) / span if span > 0 else None
-    done = np.sort(completion_s[served_])
+    done = np.sort(completion_s[kept])
     served = len(done) / makespan if makespan > 0 else None
     in_system = np.arange(1, n + 1) - np.searchsorted(done, arrivals, side="right")
     q = n // 4
@@ -153,7 +153,7 @@ def load_report(arrival_s, completion_s, makespan: float) -> dict:
                        f"(last quarter)")
     if q and len(done) > 3 * q:
         arrive_span, complete_span = float(arrivals[3 * q] - arrivals[q]), float(done[3 * q] - done[q])
-        if arrive_span > 0 and complete_span > 0 and 2 * q / complete_span < 0.8 * (2 * q / arrive_span):
+        if 0 < arrive_span < 0.8 * complete_span:            # completion rate < 80% of the arrival rate
             reasons.append(f"the middle half of the requests completed at {2 * q / complete_span:.3g} requests/s, "
                            f"arriving at {2 * q / arrive_span:.3g}")
     served = None if served is None else float(served)

@@ -9,6 +9,7 @@ byte-identical outputs.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from simulator.recorder import Recorder
 from simulator.replica import IterationLog, Replica
 from simulator.request import Request
 from simulator.routers import ROUTERS
-from simulator.schedulers import SCHEDULERS
+from simulator.schedulers import SCHEDULERS, foreign_options
 from simulator.slo import DEFAULT_DECODE_DEADLINE_S, DEFAULT_TTFT_SLACK_S, predicted_prefill_s
 from traces.tables import write_atomic, write_json_atomic
 
@@ -329,8 +330,7 @@ def ignored_options(config: SimConfig) -> dict:
     prints them as notes and records them in ``summary.json`` (``ignored_options``)."""
     defaults = SimConfig()
     changed = [k for k in SimConfig.keys() if getattr(config, k) != getattr(defaults, k)]
-    cls = SCHEDULERS[config.scheduler]
-    foreign = {k for c in SCHEDULERS.values() for k in c.options} - set(cls.options)
+    foreign = foreign_options(config.scheduler)
     ignored = {}
     for key in changed:
         if key in foreign:
@@ -452,25 +452,16 @@ def simulate(config: SimConfig | None = None, *, requests: list[Request] | None 
         if outputs.tokens:
             token_writer = ChunkWriter(table_path(outputs.out_dir, "tokens", outputs.fmt), outputs.fmt)
             recorder.token_sink = _token_sink(token_writer)
-    fitted = _fitted_models(dep)
-    tracker = None
-    if fitted:
-        from cost_models.fitted import RangeTracker
-
-        tracker = RangeTracker()
-        for cm in fitted:
-            cm.tracker = tracker
     try:
-        cluster = run_deployment(dep, requests, record_plans=record_plans, on_iteration=on_iteration,
-                                 log=log, recorder=recorder)
+        with profiled_range(dep) as extrapolation:
+            cluster = run_deployment(dep, requests, record_plans=record_plans, on_iteration=on_iteration,
+                                     log=log, recorder=recorder)
     finally:
         if bar is not None:
             bar.close()
-        for cm in fitted:
-            cm.tracker = None
     result = measure(dep, cluster, changes)
-    if tracker is not None and fitted[0].limits:
-        result.summary["extrapolation"] = tracker.report(fitted[0].limits)
+    if extrapolation:
+        result.summary["extrapolation"] = extrapolation
     if not keep_requests:
         result.requests = None
     if log.sink is not None:
@@ -481,14 +472,32 @@ def simulate(config: SimConfig | None = None, *, requests: list[Request] | None 
     return result
 
 
-def _fitted_models(dep: Deployment) -> list:
-    """The distinct cost models of the deployment's replicas that track their profiled range (fitted ones)."""
-    models = []
+@contextmanager
+def profiled_range(dep: Deployment):
+    """Count, while the block runs, the micro-batches the deployment's fitted cost models price beyond their
+    profile: yields a dict that is filled on exit with ``RangeTracker.report`` (``{iterations, extrapolated,
+    share, by_dimension}``), and stays empty for cost models that record no profiled range (the roofline).
+    The trackers are detached on exit, so a cost model shared by later runs starts afresh."""
+    fitted = []
     for spec in dep.specs:
         cm = dep.cost_model_for(spec)
-        if hasattr(cm, "tracker") and all(cm is not m for m in models):
-            models.append(cm)
-    return models
+        if getattr(cm, "limits", None) and all(cm is not m for m in fitted):
+            fitted.append(cm)
+    report: dict = {}
+    if not fitted:
+        yield report
+        return
+    from cost_models.fitted import RangeTracker
+
+    tracker = RangeTracker()
+    for cm in fitted:
+        cm.tracker = tracker
+    try:
+        yield report
+    finally:
+        for cm in fitted:
+            cm.tracker = None
+    report.update(tracker.report(fitted[0].limits))
 
 
 def measure(dep: Deployment, cluster: Cluster, changes: dict | None = None) -> SimResult:

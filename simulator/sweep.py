@@ -164,13 +164,12 @@ def _search_problem(key: str, value) -> str | None:
 
 def drop_foreign_options(point: dict) -> dict:
     """``point`` without the scheduler options its scheduler does not declare (see the module docstring)."""
-    from simulator.schedulers import SCHEDULERS
+    from simulator.schedulers import SCHEDULERS, foreign_options
 
     scheduler = point.get("scheduler", SimConfig.scheduler)
-    cls = SCHEDULERS.get(scheduler)
-    if cls is None:
+    if scheduler not in SCHEDULERS:
         return point
-    foreign = {k for c in SCHEDULERS.values() for k in c.options} - set(cls.options)
+    foreign = foreign_options(scheduler)
     return {k: v for k, v in point.items() if k not in foreign}
 
 

@@ -93,3 +93,16 @@ def test_simulate_takes_a_fitted_model_folder_as_cost_model(tmp_path):
     save_fitted(_fitted(RANGES), tmp_path / "m")
     r = simulate(cost_model=str(tmp_path / "m"), num_requests=10)
     assert r.config.cost_model == str(tmp_path / "m") and r.summary["extrapolation"]["iterations"] > 0
+
+
+def test_capacity_trials_record_the_share_extrapolated():
+    from simulator.capacity import run_trial
+    from simulator.config import SimConfig
+    from simulator.slo import make_slo
+
+    cm = FittedCostModel(_fitted(RANGES), "Mistral-7B", "A100-80GB-PCIe")
+    config = SimConfig(num_requests=60, scheduler="sarathi", token_budget=2048)
+    trial = run_trial(config, make_slo("vidur"), 4.0, cost_model=cm, early_stop=False)
+    assert 0 < trial.summary["extrapolated_share"] < 1 and cm.tracker is None
+    roofline = run_trial(config, make_slo("vidur"), 4.0, early_stop=False)
+    assert roofline.summary["extrapolated_share"] is None

@@ -29,5 +29,14 @@ SCHEDULERS = {
     "fastertransformer": FasterTransformerScheduler,
 }
 
-__all__ = ["SCHEDULERS", "Scheduler", "VLLMScheduler", "VLLMv0Scheduler", "SarathiScheduler",
+
+
+def foreign_options(scheduler: str) -> set[str]:
+    """Options other schedulers declare (``Scheduler.options``) that ``scheduler`` does not use, e.g.
+    ``token_budget`` for ``vllm``. KeyError for an unknown scheduler."""
+    own = SCHEDULERS[scheduler].options
+    return {k for c in SCHEDULERS.values() for k in c.options} - set(own)
+
+
+__all__ = ["SCHEDULERS", "foreign_options", "Scheduler", "VLLMScheduler", "VLLMv0Scheduler", "SarathiScheduler",
            "SimpleChunkingScheduler", "OrcaScheduler", "FasterTransformerScheduler"]
