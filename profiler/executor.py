@@ -396,29 +396,10 @@ class Executor:
 
     # --- one iteration -------------------------------------------------------------------------------------
     def _inputs(self, plan) -> dict:
-        """Token ids, positions, KV-cache slots and attention metadata of ``plan`` as device tensors."""
-        from profiler.ops import decode_metadata, prefill_metadata
+        """Token ids, positions, KV-cache slots and attention metadata of ``plan`` (``profiler.ops.iteration_inputs``)."""
+        from profiler.ops import iteration_inputs
 
-        m, dev, d = self.model, self.device, plan.num_decodes
-        pos = np.concatenate([np.arange(k, k + n, dtype=np.int64) for _, n, k in plan.entries()])
-        rids = np.repeat(np.asarray(plan.request_ids, dtype=np.int64), plan.num_new_tokens)
-        slot_of = self.kv.slot_of
-        slots = np.repeat(np.asarray([slot_of[rid] for rid in plan.request_ids], dtype=np.int64),
-                          plan.num_new_tokens)
-        to_dev = lambda a: torch.from_numpy(a).to(dev, non_blocking=True)  # noqa: E731
-        out = {"token_ids": to_dev((rids * 7919 + pos * 104729 + 12345) % m.vocab_size),
-               "positions": to_dev(pos), "slots": to_dev(slots),
-               "last": to_dev(np.cumsum(plan.num_new_tokens) - 1), "decode": None, "chunks": []}
-        if d:
-            dec_slots = slots[:d]                               # a permutation of 0 .. d-1 (see prepare)
-            by_slot = np.empty(d, dtype=np.int64)
-            by_slot[dec_slots] = np.asarray(plan.context_lens[:d]) + 1
-            ordered = np.array_equal(dec_slots, np.arange(d))
-            out["decode"] = (decode_metadata(by_slot.tolist(), dev),
-                             None if ordered else to_dev(np.argsort(dec_slots)), None if ordered else to_dev(dec_slots))
-        for rid, n, k in list(plan.entries())[d:]:
-            out["chunks"].append(prefill_metadata(n, k, slot_of[rid], dev))
-        return out
+        return iteration_inputs(plan, self.kv.slot_of, self.model.vocab_size, self.device)
 
     def _attention(self, q, layer: int, inputs: dict, d: int):
         """Attention of all ``T`` queries ``[T, Hq x dh]`` against the KV cache; returns ``[T, Hq x dh]``."""

@@ -23,9 +23,12 @@ Building blocks (usable by the profiler and by a plan executor):
   calls read different copies of the weights and different KV-cache slots, cycling through at least twice the
   last-level cache (``cache_flush_bytes``), so each call reads them from memory as one iteration of a real model
   does (every weight and every cached key is read once per iteration, and the LM head or the other layers evict
-  them in between). Activations are not rotated: a real operator's input was just written by the one before.
-  Repeating an operator on the same weights instead keeps them cached: on the tiny model on a CPU that made a
-  1-token projection 3-4x and a small-batch LM head 1.3x faster than inside an iteration.
+  them in between). Repeating an operator on the same weights instead keeps them cached: on the tiny model on a
+  CPU that made a 1-token projection 3-4x and a small-batch LM head 1.3x faster than inside an iteration.
+  Activations are not rotated, but on a CPU the profiler also flushes the core's private caches before each timed
+  call (``private_cache_flush_bytes``, ``profiler.timing``): inside an iteration an operator's input was written
+  before the previous GEMM streamed its weights through those caches, so norms, adds, RoPE and the activation
+  function read it from the shared cache (2-4x slower than back-to-back repeats on the tiny model).
 
 Attention semantics: a prefill chunk of ``c`` new tokens of a sequence with ``k`` tokens already cached attends to
 all ``k + c`` keys with a causal mask aligned to the bottom-right (token ``i`` of the chunk sees keys ``0..k+i``),
@@ -40,6 +43,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +53,28 @@ ATTENTION_BACKEND = "torch_sdpa"
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 _HAS_GQA = _TORCH_VERSION >= (2, 5)
+
+
+def private_cache_flush_bytes() -> int:
+    """Twice the largest cache of CPU 0 that it does not share with another CPU (its L2 on current x86 and Arm
+    servers), from sysfs (``shared_cpu_list``); 4 MiB when unknown. Writing this many bytes evicts a core's
+    private caches; see ``profiler.timing`` (``flush_bytes``)."""
+    size = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(base.glob("index*")) if base.is_dir() else []:
+        try:
+            text = (index / "size").read_text().strip().upper()
+            shared = (index / "shared_cpu_list").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if shared not in ("0", ""):
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            size = max(size, int(text.rstrip("KMG") or 0) * mult)
+        except ValueError:
+            continue
+    return 2 * size if size else 4 << 20
 
 
 def cache_flush_bytes(device) -> int:
@@ -292,6 +318,37 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return _sdpa(qh, k, v, attn_mask=meta.mask).view(b, -1)
 
 
+def iteration_inputs(plan, slot_of, vocab_size: int, device="cpu") -> dict:
+    """The host-side input preparation of one iteration, as a serving engine's ``prepare_inputs`` does it: token
+    ids, positions, KV-cache slots and the index of each entry's last token (``[T]`` / ``[B]`` int64 tensors moved
+    to ``device``), the decode attention metadata of the first ``plan.num_decodes`` entries (with the permutations
+    to and from slot order when their slots are not ``0 .. d-1``) and one ``prefill_metadata`` per prefill chunk.
+
+    ``plan``: a ``cost_models.plan.BatchPlan`` (decodes first); ``slot_of``: request id -> KV-cache slot (the
+    decodes' slots must be a permutation of ``0 .. d-1``). Token ids are a fixed function of request and position
+    (the weights are random, so their values do not matter). Used by ``profiler.executor.Executor`` and timed as
+    the ``cpu_overhead`` operator.
+    """
+    dev, d = device, plan.num_decodes
+    pos = np.concatenate([np.arange(k, k + n, dtype=np.int64) for _, n, k in plan.entries()])
+    rids = np.repeat(np.asarray(plan.request_ids, dtype=np.int64), plan.num_new_tokens)
+    slots = np.repeat(np.asarray([slot_of[rid] for rid in plan.request_ids], dtype=np.int64), plan.num_new_tokens)
+    to_dev = lambda a: torch.from_numpy(a).to(dev, non_blocking=True)  # noqa: E731
+    out = {"token_ids": to_dev((rids * 7919 + pos * 104729 + 12345) % vocab_size),
+           "positions": to_dev(pos), "slots": to_dev(slots),
+           "last": to_dev(np.cumsum(plan.num_new_tokens) - 1), "decode": None, "chunks": []}
+    if d:
+        dec_slots = slots[:d]
+        by_slot = np.empty(d, dtype=np.int64)
+        by_slot[dec_slots] = np.asarray(plan.context_lens[:d]) + 1
+        ordered = np.array_equal(dec_slots, np.arange(d))
+        out["decode"] = (decode_metadata(by_slot.tolist(), dev),
+                         None if ordered else to_dev(np.argsort(dec_slots)), None if ordered else to_dev(dec_slots))
+    for rid, n, k in list(plan.entries())[d:]:
+        out["chunks"].append(prefill_metadata(n, k, slot_of[rid], dev))
+    return out
+
+
 # --- profiling closures ------------------------------------------------------------------------------------------
 
 # The matrix multiplications: operator -> (width of its input rows, the Layer weight it multiplies by).
@@ -311,11 +368,11 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
     Shapes: token operators, ``lm_head`` and ``cpu_overhead`` take ``num_tokens`` (rows; for the last two the
     sequences B of the iteration), ``attn_prefill`` a ``chunk_size`` with ``context_len`` cached tokens,
     ``attn_decode`` a list ``kv_lens``; ``cold`` rotates weights and KV slots (module docstring; the KV cache
-    must then hold spare slots, e.g. ``ensure_kv_cache``). ``cpu_overhead`` is what an engine does per iteration
-    outside the layers,
-    as Vidur's ``prepare_inputs`` and ``sampler`` (Agrawal et al., MLSys 2024, §4.3): token positions and KV-cache
-    slots built from Python lists and moved to the device, the decode attention metadata of B sequences of unequal
-    lengths (``decode_metadata``), and greedy sampling (argmax over ``[B, vocab/tp]`` logits).
+    must then hold spare slots, e.g. ``ensure_kv_cache``). ``lm_head`` is the final norm of the B sequences' last
+    tokens and their projection to ``vocab/tp`` logits. ``cpu_overhead`` is what an engine does per iteration
+    outside the layers, as Vidur's ``prepare_inputs`` and ``sampler`` (Agrawal et al., MLSys 2024, §4.3): the
+    executor's own input preparation (``iteration_inputs``) for B decodes of unequal lengths, and greedy sampling
+    (argmax over ``[B, vocab/tp]`` logits).
     Raises ValueError for an unknown operator name.
     """
     s, dev, dt = layer.shapes, layer.device, layer.dtype
@@ -341,6 +398,11 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
         spare = layer.k_cache.shape[0] // slots_per_call
         return [i * slots_per_call for i in range(max(1, min(spare, math.ceil(flush / max(region_bytes, 1)))))]
 
+    if name == "lm_head":                   # the final norm of each sequence's last token, then the projection
+        x = rand(T, s.hidden_size)
+        last = torch.arange(T, device=dev)
+        w = weights("w_lm_head")
+        return lambda: layer.norm(x.index_select(0, last)) @ w()
     if name in GEMM_INPUTS:
         width, attr = GEMM_INPUTS[name]
         x = rand(T, getattr(s, width))
@@ -372,13 +434,14 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
         table = weights("emb")
         return lambda: F.embedding(ids, table())
     if name == "cpu_overhead":
+        from cost_models.plan import BatchPlan
+
         logits = rand(T, s.vocab_size)
-        context = [16 + (997 * i) % 1009 for i in range(T)]      # unequal lengths, fixed
+        plan = BatchPlan.decodes([16 + (997 * i) % 1009 for i in range(T)])    # unequal lengths, fixed
+        slot_of = {rid: rid for rid in plan.request_ids}
 
         def host_work():
-            torch.tensor(context, device=dev)                       # positions
-            torch.tensor(list(range(T)), device=dev)                # KV-cache slots
-            decode_metadata([c + 1 for c in context], dev)
+            iteration_inputs(plan, slot_of, s.vocab_size, dev)
             return logits.argmax(dim=-1)
         return host_work
     if name == "attn_prefill":

@@ -2,10 +2,12 @@
 ``DIR/meta.json``.
 
 ``run_profile(model, device="cpu", out_dir=...)`` writes ``meta.json`` first, then appends the CSV lines of each
-block of ``ROUND_BLOCK`` shapes, flushed and fsynced, so an interrupted run loses at most one block. Within a block
-every shape is timed ``TimingConfig.rounds`` times, a round over the whole block after the other, and the round
-with the lowest median is kept: another process slowing the machine for a moment spoils one round, not the
-shape (the "lowest of repeated measurements" rule of Python's ``timeit`` documentation). Run again with the same arguments
+block of ``ROUND_BLOCK`` shapes once all its rounds are done, flushed and fsynced. Every shape of a block is timed
+``TimingConfig.rounds`` times (2 on a CPU), each round of the block at least ``ROUND_GAP_S`` seconds after its
+previous one, interleaved with later blocks (``profiler.timing.spaced_rounds``), and the round with the lowest
+median is kept: a spell of a slower machine spoils one round, not the shape (the "lowest of repeated
+measurements" rule of Python's ``timeit`` documentation). An interrupted run loses the blocks whose rounds were
+not finished (about ``ROUND_GAP_S`` seconds of measuring). Run again with the same arguments
 and it resumes: rows already in the CSV (same operator and shape columns) are skipped, and nothing is duplicated.
 The CSV goes through the shared resumable-table writer (``traces.tables.ResumableTable``): a torn last row (no
 newline, the wrong number of fields, fields that do not parse) is dropped with a note; a damaged row elsewhere
@@ -30,15 +32,16 @@ from pathlib import Path
 from profiler.grid import GridSpec, build_grid, decode_kv_lens, shape_bytes, shape_key
 from profiler.schema import (COLUMNS, META_JSON, PROFILE_CSV, TIME_COLUMNS, LayerShapes, ProfileError,
                              check_profile_row, model_columns)
-from profiler.timing import TimingConfig, time_operator
+from profiler.timing import TimingConfig, spaced_rounds, time_operator
 from traces.tables import FolderLock, ResumableTable, ensure_dir, write_json_atomic
 
 # Shapes timed together: each is timed ``TimingConfig.rounds`` times, one round over the block after the other
 # (seconds apart), and the round with the lowest median is kept; the block's rows are then written.
 ROUND_BLOCK = 48
+ROUND_GAP_S = 20.0       # seconds between two rounds of a block (profiler.timing.spaced_rounds)
 # meta.json fields that must match for a run to resume into an existing folder.
 _IDENTITY = ("model_shape", "tp", "dtype", "device", "device_name", "attention_backend", "num_threads",
-             "cold_cache")
+             "cold_cache", "private_cache_flush_bytes")
 
 
 def device_info(device_type: str) -> dict:
@@ -170,11 +173,12 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
         collectives: also time all-reduce over ``tp`` workers and send/recv by message size
             (``profiler.collectives``); default: on CUDA when ``tp`` > 1 and that many GPUs are visible.
         cold_cache: cycle weights and KV slots through twice the last-level cache between calls, so operators
-            read them from memory as inside an iteration (``profiler.ops``); False times them cached.
+            read them from memory as inside an iteration, and on a CPU flush the core's private caches before each
+            timed call (``profiler.ops``, ``profiler.timing``); False times them cached.
         echo: called with each note (``"note: ..."``: a torn row dropped, a stale lock taken over); default stderr.
     Raises ProfileError for an unavailable device, a folder holding another profile, a locked, unreadable or
-    unwritable folder, a damaged profile.csv, or a shape that runs out of memory (the grid runs largest first,
-    so that happens early).
+    unwritable folder, a damaged profile.csv, or a shape that runs out of memory (the largest shapes run first,
+    so that happens early; see ``_measuring_order``).
     """
     import torch
 
@@ -217,7 +221,8 @@ def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, ti
                 cold_cache, progress, dtype_bytes, shapes, say) -> Path:
     import torch
 
-    from profiler.ops import ATTENTION_BACKEND, Layer, cache_flush_bytes, operator_callable
+    from profiler.ops import ATTENTION_BACKEND, Layer, cache_flush_bytes, operator_callable, \
+        private_cache_flush_bytes
 
     notes = list(lock.notes)
     info = device_info(device)
@@ -228,6 +233,8 @@ def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, ti
             "timing": timing.__dict__, "columns": list(COLUMNS), "time_unit": "s", "complete": False}
     if cold_cache:
         meta["cache_flush_bytes"] = cache_flush_bytes(device)
+        if device == "cpu":
+            meta["private_cache_flush_bytes"] = private_cache_flush_bytes()
     old = _old_meta(out, notes)
     if old is not None:
         _check_meta(out, meta, old)
@@ -247,7 +254,7 @@ def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, ti
         budget = _memory_budget(device)
         rows = build_grid(grid, shapes, dtype_bytes, device_type=device, memory_budget_bytes=budget,
                           operators=operators)
-        todo = [r for r in rows if shape_key(r) not in done]
+        todo = _measuring_order([r for r in rows if shape_key(r) not in done])
         max_slots = max([r["batch_size"] for r in rows if r["operator"] == "attn_decode"] + [16])
         max_kv = max([r["kv_len"] for r in rows if r["operator"].startswith("attn_")] + [1])
         layer = None
@@ -260,15 +267,13 @@ def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, ti
         if progress and todo:
             from tqdm import tqdm
             bar = tqdm(total=len(todo), unit="shape", desc=f"profile {model.name} {device}", leave=False)
-        for start in range(0, len(todo), ROUND_BLOCK):
-            block = todo[start:start + ROUND_BLOCK]
-            best = [None] * len(block)
-            for _ in range(max(1, timing.rounds)):
-                for i, row in enumerate(block):
-                    stats = _time_row(layer, row, device, timing, threads, operator_callable, shapes,
-                                      dtype_bytes, cold_cache)
-                    if best[i] is None or stats.time_median_s < best[i].time_median_s:
-                        best[i] = stats
+        def time_block(block):
+            return [_time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes,
+                              cold_cache) for row in block]
+
+        blocks = [todo[start:start + ROUND_BLOCK] for start in range(0, len(todo), ROUND_BLOCK)]
+        for block, rounds in spaced_rounds(blocks, time_block, max(1, timing.rounds), gap_s=ROUND_GAP_S):
+            best = [min(per_row, key=lambda stats: stats.time_median_s) for per_row in zip(*rounds)]
             table.append_many({**row, **stats.to_dict(), **constant} for row, stats in zip(block, best))
             if bar is not None:
                 bar.update(len(block))
@@ -307,8 +312,22 @@ def _profile_collectives(table, done, model, tp, device, dtype, grid, timing, co
     return len(rows)
 
 
+def _measuring_order(todo: list[dict]) -> list[dict]:
+    """The largest ``ROUND_BLOCK`` shapes first (an out-of-memory shape fails early), then the rest in a fixed
+    random order (seed 0): on a shared machine a core can run 1.3-1.6x slower for tens of seconds, and measured
+    in grid order such a spell would slow a whole run of neighbouring shapes, which the fit cannot tell from the
+    operator's cost; shuffled, it slows scattered shapes that their neighbours outvote."""
+    import random
+
+    head, tail = todo[:ROUND_BLOCK], todo[ROUND_BLOCK:]
+    random.Random(0).shuffle(tail)
+    return head + tail
+
+
 def _time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes, cold_cache):
     import torch
+
+    from profiler.ops import private_cache_flush_bytes
 
     kv_lens = None
     if row["operator"] == "attn_decode":
@@ -318,7 +337,8 @@ def _time_row(layer, row, device, timing, threads, operator_callable, shapes, dt
             fn = operator_callable(layer, row["operator"], num_tokens=row["num_tokens"],
                                    chunk_size=row["chunk_size"], context_len=row["context_len"], kv_lens=kv_lens,
                                    cold=cold_cache)
-            return time_operator(fn, device, timing, num_threads=threads)
+            flush = private_cache_flush_bytes() if cold_cache and device == "cpu" else 0
+            return time_operator(fn, device, timing, num_threads=threads, flush_bytes=flush)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(exc):
             raise

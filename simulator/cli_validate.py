@@ -32,6 +32,10 @@ def _default_exec_device() -> str:
               help="Untimed runs of each iteration before timing.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timed runs of each iteration (the median is reported).")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              show_default="2 for a sample on a CPU, else 1",
+              help="Measure each sampled iteration N times, 20 s apart, keeping the lowest median: a shared machine "
+                   "runs slower in spells, as the CPU profiler's two rounds allow for.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               show_default="those the --cost-model was profiled with, else 1", help="CPU threads for torch.")
 @click.option("--cpu-clock", type=click.Choice(["thread", "wall"]), default="thread", show_default=True,
@@ -45,7 +49,8 @@ def _default_exec_device() -> str:
                    "folder): step-by-step schedule agreement and TTFT/TBT/E2E error, priced by --cost-model on "
                    "--device (default cpu). The workload and scheduler settings come from the observed run.")
 @user_errors
-def validate(exec_device, max_iterations, warmup, repeats, threads, cpu_clock, out, progress, observed, **flags):
+def validate(exec_device, max_iterations, warmup, repeats, rounds, threads, cpu_clock, out, progress, observed,
+             **flags):
     """Simulate, execute the simulated iterations on a device and print the predicted-vs-measured error
     (or, with --observed, compare servesim with a real vLLM run)."""
     if observed:
@@ -59,7 +64,7 @@ def validate(exec_device, max_iterations, warmup, repeats, threads, cpu_clock, o
         progress = sys.stderr.isatty()
     exec_device = exec_device or _default_exec_device()
     report = run_validation(config, out_dir=out, exec_device=exec_device, max_iterations=max_iterations,
-                            warmup=warmup, repeats=repeats, threads=threads, cpu_clock=cpu_clock,
+                            warmup=warmup, repeats=repeats, rounds=rounds, threads=threads, cpu_clock=cpu_clock,
                             progress=progress, echo=click.echo)
     c = config
     click.echo(f"{c.model}: cost model {c.cost_model or 'roofline'} for device {c.device}, scheduler {c.scheduler}, "

@@ -27,7 +27,11 @@ Two ways to bring each iteration's requests to the KV lengths the plan says:
 Sampling (``stratified_sample``): the quota is split evenly over the batch kinds present (prefill-only,
 decode-only, mixed; a kind with fewer iterations gives its surplus to the others); within a kind the
 iterations are sorted by size (new tokens + cached tokens read) and cut into as many equal bins as its quota,
-one iteration drawn per bin with the seed, so small and large batches of each kind are covered.
+one iteration drawn per bin with the seed, so small and large batches of each kind are covered. The sample is
+executed in a seeded random order: on a shared machine a core can run 1.3-1.6x slower for tens of seconds, and in
+iteration order such a spell would slow a run of consecutive chunks of one prompt, all of one kind and size;
+shuffled, it slows scattered iterations that the medians per kind outvote. On a CPU each sampled iteration is
+also measured in two rounds at least 20 s apart and the lower median kept (``rounds``), as the profiler does.
 
 Re-timing (``retime_requests``): the same plans in the same order; iteration ``i`` starts when iteration ``i-1``
 ends or when the last of its requests arrives, whichever is later, and lasts the given duration; requests
@@ -350,7 +354,8 @@ def _check_resume(out: Path, settings: dict, notes: list | None = None) -> Resum
 
 
 def _replay(executor, plans, todo, *, consecutive: bool, fill: bool, warmup: int, repeats: int, clock: str):
-    """Yield ``(index, Timing)`` for each of ``plans[todo]`` (ascending), keeping the executor's KV state:
+    """Yield ``(index, Timing)`` for each of ``plans[todo]`` (in that order; ascending when ``consecutive``),
+    keeping the executor's KV state:
     ``consecutive`` frees each request after its last plan; otherwise all requests not in the next plan are
     freed first. ``fill`` lets the executor set context lengths it does not hold (see ``Executor.prepare``)."""
     last = last_iterations(plans)
@@ -369,8 +374,8 @@ def _replay(executor, plans, todo, *, consecutive: bool, fill: bool, warmup: int
 
 
 def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max_iterations: int | None = None,
-                   warmup: int = 2, repeats: int = 5, threads: int | None = None, cpu_clock: str = "thread",
-                   progress: bool = False, echo=None) -> ValidationReport:
+                   warmup: int = 2, repeats: int = 5, rounds: int | None = None, threads: int | None = None,
+                   cpu_clock: str = "thread", progress: bool = False, echo=None) -> ValidationReport:
     """Simulate ``config`` (a ``SimConfig``), execute its iterations on ``exec_device`` and compare.
 
     Args:
@@ -378,6 +383,10 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
             ``config.device`` (the device *spec* the cost model and the KV-cache sizing of the simulation use).
         max_iterations: execute a stratified sample of this many iterations; None executes every iteration.
         warmup, repeats: untimed and timed runs per iteration (``profiler.executor.time_call``).
+        rounds: times each sampled iteration is measured, each round at least ``ROUND_GAP_S`` seconds after the
+            previous one, keeping the round with the lowest median (``profiler.timing.spaced_rounds``, as the CPU
+            profiler does); None means 2 for a sample on a CPU, else 1. Replaying every iteration in order
+            times each once (a note says so when ``rounds`` > 1).
         threads: CPU threads for torch; None means the thread count the cost model was profiled with
             (``profiled_threads``), else 1 (the profiler's default). Recorded in the meta file.
         cpu_clock: ``thread`` (CPU time of the executing thread when torch runs on one thread) or ``wall``;
@@ -393,7 +402,7 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
     import torch
 
     for name, value, low in (("max_iterations", max_iterations, 1), ("warmup", warmup, 0), ("repeats", repeats, 1),
-                             ("threads", threads, 1)):
+                             ("rounds", rounds, 1), ("threads", threads, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ValidationError(f"{name}: must be an integer >= {low}, got {value!r}")
     if config.tp != 1 or config.pp != 1:
@@ -404,8 +413,10 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
     say = echo or (lambda *_: None)
     out = Path(out_dir)
     threads = int(threads or profiled_threads(config.cost_model) or 1)
+    if rounds is None:
+        rounds = 2 if max_iterations is not None and torch.device(exec_device).type == "cpu" else 1
     settings = {"config": config.to_dict(), "exec_device": exec_device, "max_iterations": max_iterations,
-                "warmup": warmup, "repeats": repeats, "threads": threads, "cpu_clock": cpu_clock,
+                "warmup": warmup, "repeats": repeats, "rounds": rounds, "threads": threads, "cpu_clock": cpu_clock,
                 "torch": torch.__version__}
     ensure_dir(out, error=ValidationError)
     with FolderLock(out, "validate", error=ValidationError) as lock:
@@ -416,8 +427,8 @@ def run_validation(config, *, out_dir: str | Path, exec_device: str = "cpu", max
                 (echo or _note_to_stderr)(f"note: {note}")
             write_json_atomic(out / META_NAME, settings, error=ValidationError)
             return _run_locked(config, out, table, settings, exec_device=exec_device,
-                               max_iterations=max_iterations, warmup=warmup, repeats=repeats, threads=threads,
-                               cpu_clock=cpu_clock, progress=progress, say=say)
+                               max_iterations=max_iterations, warmup=warmup, repeats=repeats, rounds=rounds,
+                               threads=threads, cpu_clock=cpu_clock, progress=progress, say=say)
         finally:
             table.close()
 
@@ -427,11 +438,13 @@ def _note_to_stderr(text: str) -> None:
 
 
 def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exec_device, max_iterations, warmup,
-                repeats, threads, cpu_clock, progress, say) -> ValidationReport:
+                repeats, rounds, threads, cpu_clock, progress, say) -> ValidationReport:
     import torch
 
     from cost_models.specs import load_model
     from profiler.executor import Executor, activation_bytes, cpu_clock as clock_for
+    from profiler.run import ROUND_GAP_S
+    from profiler.timing import spaced_rounds
     from simulator.simulation import simulate
 
     result = simulate(config, record_plans=True, progress=progress)
@@ -447,6 +460,8 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
     indices = list(range(len(plans))) if every else stratified_sample(plans, max_iterations, config.seed)
     done = {int(row["iteration"]) for row in table.rows}
     todo = [i for i in indices if i not in done]
+    if not every:       # see the module docstring (Sampling): slow spells fall on scattered iterations
+        np.random.default_rng(config.seed).shuffle(todo)
 
     model = load_model(config.model)
     slots, capacity = kv_slots_needed(plans, indices, consecutive=every)
@@ -459,7 +474,8 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
         f"{'' if every else ', stratified sample'}) of {model.name} on {exec_device} "
         f"(torch {torch.__version__}, {threads} threads, "
         f"{'CUDA events' if device_type == 'cuda' else clock_for(cpu_clock) + ' clock'}, "
-        f"{warmup} warm-up + {repeats} timed runs each; KV cache "
+        f"{warmup} warm-up + {repeats} timed runs each"
+        f"{f', in {rounds} rounds {ROUND_GAP_S:.0f} s apart' if rounds > 1 and not every else ''}; KV cache "
         f"{slots} requests x {capacity} tokens, {executor.memory['kv_bytes'] / 2 ** 20:.0f} MiB)"
         + (f"; resuming after {len(done)} done" if done else ""))
 
@@ -467,8 +483,19 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), unit="it", desc="validate", leave=False)
-    for i, timing in _replay(executor, plans, todo, consecutive=every, fill=not every or bool(done),
-                             warmup=warmup, repeats=repeats, clock=cpu_clock):
+    if every and rounds > 1:
+        say(f"note: --rounds {rounds} applies to a sample (--max-iterations); replaying every iteration in order "
+            f"times each once")
+    if every:
+        timed = _replay(executor, plans, todo, consecutive=True, fill=bool(done), warmup=warmup, repeats=repeats,
+                        clock=cpu_clock)
+    else:
+        def measure(i):
+            return next(_replay(executor, plans, [i], consecutive=False, fill=True, warmup=warmup,
+                                repeats=repeats, clock=cpu_clock))[1]
+        timed = ((i, min(results, key=lambda t: t.median_s))
+                 for i, results in spaced_rounds(todo, measure, rounds, gap_s=ROUND_GAP_S))
+    for i, timing in timed:
         table.append(validation_row(i, plans[i], float(predicted[i]), timing))
         if bar is not None:
             bar.update(1)

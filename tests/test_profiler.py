@@ -322,7 +322,7 @@ def test_each_shape_keeps_its_fastest_round(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_time(fn, device, config, num_threads=None):
+    def fake_time(fn, device, config, num_threads=None, flush_bytes=0):
         calls.append(1)
         slow = len(calls) % 2 == 1                     # every other measurement hit a busy machine
         t = 2e-3 if slow else 1e-3
@@ -334,3 +334,63 @@ def test_each_shape_keeps_its_fastest_round(tmp_path, monkeypatch):
                     timing=TimingConfig(warmup=0, min_samples=2, rounds=2))
     df = read_profile(tmp_path)
     assert len(df) == 5 and len(calls) == 10 and set(df["time_median_s"]) == {1e-3}
+
+
+# --- noise: spaced rounds, cache flushes --------------------------------------------------------------------------
+
+def test_spaced_rounds_by_hand():
+    """Items a, b, c, d; each measurement takes 4 s of a fake clock; a round starts at least 10 s after the item's
+    previous round ended. a (0-4), b (4-8), c (8-12): a is not due at 12 (8 s after), so d runs (12-16); then a is
+    due (16 >= 4 + 10), b at 20, c at 24, d at 28. Yields come in first-round order with every round's result;
+    with one round, items pass straight through."""
+    from profiler.timing import spaced_rounds
+
+    now = [0.0]
+    calls = []
+
+    def measure(item):
+        calls.append((item, now[0]))
+        now[0] += 4.0
+        return f"{item}{sum(1 for c in calls if c[0] == item)}"
+
+    got = list(spaced_rounds("abcd", measure, 2, gap_s=10.0, clock=lambda: now[0]))
+    assert got == [("a", ["a1", "a2"]), ("b", ["b1", "b2"]), ("c", ["c1", "c2"]), ("d", ["d1", "d2"])]
+    assert calls == [("a", 0.0), ("b", 4.0), ("c", 8.0), ("d", 12.0), ("a", 16.0), ("b", 20.0), ("c", 24.0),
+                     ("d", 28.0)]
+    now[0] = 0.0
+    calls.clear()
+    assert [item for item, _ in spaced_rounds("ab", measure, 3, gap_s=100.0, clock=lambda: now[0])] == ["a", "b"]
+    assert [c[0] for c in calls] == ["a", "b", "a", "b", "a", "b"]     # never due: finished at the end, in turn
+    assert list(spaced_rounds("xy", measure, 1)) == [("x", ["x1"]), ("y", ["y1"])]
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
+        list(spaced_rounds("a", measure, 0))
+
+
+def test_flushed_cpu_timing_times_single_calls():
+    from profiler.ops import private_cache_flush_bytes
+    from profiler.timing import TimingConfig, time_operator
+
+    calls = []
+    config = TimingConfig(warmup=1, min_samples=5, max_samples=5, min_run_time_s=0.0)
+    stats = time_operator(lambda: calls.append(1), "cpu", config, num_threads=1, flush_bytes=1 << 16)
+    assert stats.num_runs == 5 and len(calls) == 1 + 5       # one warm-up, then one call per sample
+    assert private_cache_flush_bytes() >= 1 << 16
+    with pytest.raises(ValueError, match="flush_bytes must be an integer >= 0"):
+        time_operator(lambda: None, "cpu", config, flush_bytes=-1)
+
+
+def test_lm_head_and_cpu_overhead_do_what_an_iteration_does(layer):
+    """lm_head: the final norm of the B last tokens, then the projection; cpu_overhead: the executor's own input
+    preparation (profiler.ops.iteration_inputs) for B decodes and the argmax over their logits."""
+    from profiler.ops import iteration_inputs, operator_callable
+    from cost_models.plan import BatchPlan
+
+    out = operator_callable(layer, "lm_head", num_tokens=3)()
+    assert out.shape == (3, layer.shapes.vocab_size)
+    assert operator_callable(layer, "cpu_overhead", num_tokens=4)().shape == (4,)
+    plan = BatchPlan.from_entries([(7, 1, 5), (9, 1, 2), (4, 3, 6)], num_decodes=2)
+    inputs = iteration_inputs(plan, {7: 1, 9: 0, 4: 2}, layer.shapes.vocab_size)
+    assert inputs["positions"].tolist() == [5, 2, 6, 7, 8] and inputs["slots"].tolist() == [1, 0, 2, 2, 2]
+    assert inputs["last"].tolist() == [0, 1, 4] and len(inputs["chunks"]) == 1
+    meta, to_slot_order, to_plan_order = inputs["decode"]
+    assert meta.batch_size == 2 and meta.max_kv_len == 6 and to_slot_order.tolist() == [1, 0]

@@ -221,11 +221,13 @@ def test_profile_fit_simulate_validate_pipeline_on_cpu(tmp_path):
 
     - issue 3: profile -> fit -> simulate in a bounded time (see below); the held-out median absolute percentage
       error ``servesim fit`` prints, over the operators with enough held-out rows (>= 5), has its median under
-      12% and no operator at 30% or more. A per-operator 10% bound measured the CI machine's timing noise, not
+      15% and no operator at 40% or more. A per-operator 10% bound measured the CI machine's timing noise, not
       the fit: with 11 held-out rows per operator, the same profile folder fits identically twice while two
       quick profiles on an idle 2-core VM gave per-operator errors from 2.4% to 18.3%, and 25.1% for one
       operator with another test running on the second core (timing noise of microsecond-scale elementwise
-      kernels sharing the last-level cache; the held-out rows carry it too);
+      kernels sharing the last-level cache; the held-out rows carry it too). Since the CPU profiler flushes the
+      core's caches before each single timed call (issue 10), microsecond kernels are noisier still: median 9.1%
+      over the operators, 22.7% for ``add``, on an idle VM;
     - issue 4: profile -> fit -> validate in a bounded time (the bench prints it: 164 s here); the printed
       median absolute percentage error stays under a loose bound (CPU timing on a shared machine is noisy; the goal of 15% is reported by
       experiments/bench/validate_pipeline.py, not asserted here).
@@ -245,8 +247,8 @@ def test_profile_fit_simulate_validate_pipeline_on_cpu(tmp_path):
     errors = re.findall(r"^(\w+)\s+\w+\s+\d+\s+(\d+)\s+(\d+\.\d)%", fit_text, re.M)
     assert len(errors) >= 10, fit_text
     held_out_apes = [float(ape) for _, held_out, ape in errors if int(held_out) >= 5]
-    assert statistics.median(held_out_apes) < 12.0, fit_text
-    too_high = [(op, float(ape)) for op, held_out, ape in errors if int(held_out) >= 5 and float(ape) >= 30.0]
+    assert statistics.median(held_out_apes) < 15.0, fit_text
+    too_high = [(op, float(ape)) for op, held_out, ape in errors if int(held_out) >= 5 and float(ape) >= 40.0]
     assert not too_high, fit_text
     sim_text, simulate_s = step("simulate", "--model", "tiny", "--device", "cpu", "--cost-model", tmp_path / "model",
                                 "--num-requests", 200, "--qps", 1, "--out", tmp_path / "sim")
