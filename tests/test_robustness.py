@@ -533,7 +533,8 @@ def test_11_profile_killed_at_several_points_resumes_to_the_full_profile(tmp_pat
 @needs_torch
 def test_11_validate_killed_or_torn_resumes(tmp_path):
     cmd = ["validate", "--model", "tiny", "--device", "cpu", "--num-requests", 30, "--qps", 8, "--max-model-len",
-           2048, "--max-iterations", 24, "--warmup", 0, "--repeats", 2, "--threads", 1, "--exec-device", "cpu"]
+           2048, "--max-iterations", 24, "--warmup", 0, "--repeats", 2, "--rounds", 1, "--threads", 1,
+           "--exec-device", "cpu"]      # one round: a row is written as soon as its iteration is timed
     out = tmp_path / "val"
 
     def rows():
