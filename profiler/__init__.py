@@ -34,12 +34,13 @@ kv_pattern            ``attn_decode``: ``uniform`` (all sequences ``kv_len``) or
                       ceil(kv_len*(i+1)/b)); see ``profiler.grid.decode_kv_lens`` (else empty)
 message_bytes         collectives: message size in bytes (else 0)
 num_workers           collectives: GPUs taking part (else 0)
-time_min_s            minimum over samples, seconds (CPU runs time each shape in 2 rounds and keep the one
-                      with the lower median; all ``time_*``/``num_runs`` describe that round)
+time_min_s            minimum over samples, seconds (CPU runs time each shape in 2 rounds at least 20 s apart
+                      and keep the one with the lower median; all ``time_*``/``num_runs`` describe that round)
 time_median_s         median over samples, seconds (what ``servesim fit`` fits)
 time_mean_s           mean over samples, seconds
 time_std_s            population standard deviation over samples, seconds
-num_runs              operator calls timed (CPU: samples x calls per sample; 0 = unknown, e.g. Vidur imports)
+num_runs              operator calls timed (CPU: samples x calls per sample, one call per sample when the cold
+                      cache flushes before each call; 0 = unknown, e.g. Vidur imports)
 device                ``cuda`` or ``cpu``
 device_name           ``torch.cuda.get_device_name()`` or the CPU model name
 torch_version         ``torch.__version__``
