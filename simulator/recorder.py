@@ -30,11 +30,19 @@ INT_FIELDS = ("prompt_tokens", "output_tokens", "num_preemptions", "num_cached_t
 
 
 def _sorted(values, counts) -> tuple[np.ndarray, np.ndarray, int]:
+    """The sample's values sorted (stable), their counts, and the number of samples; zero counts dropped. New
+    arrays; the inputs (possibly views of the recorder's pool) are not modified. One index array and one sorted
+    copy of each column at a time: a million-request run pools some 19 million pairs (150 MB a column)."""
     counts = np.asarray(counts, dtype=np.int64)
-    keep = counts > 0
-    values, counts = np.asarray(values, dtype=float)[keep], counts[keep]
+    values = np.asarray(values, dtype=float)
+    if not (counts > 0).all():
+        keep = counts > 0
+        values, counts = values[keep], counts[keep]
     order = np.argsort(values, kind="stable")
-    return values[order], counts[order], int(counts.sum())
+    values = values[order]
+    counts = counts[order]
+    del order
+    return values, counts, int(counts.sum())
 
 
 def _percentile_sorted(values: np.ndarray, cum: np.ndarray, n: int, percentile: float) -> float:
@@ -200,9 +208,13 @@ class Recorder:
 
     # --- after the run --------------------------------------------------------------------------------------
     def gaps(self) -> tuple[np.ndarray, np.ndarray]:
-        """The pooled TBT sample as ``(values, counts)``."""
-        return (np.frombuffer(self._gap_values, dtype=float).copy(),
-                np.frombuffer(self._gap_counts, dtype=np.int64).copy())
+        """The pooled TBT sample as ``(values, counts)``: read-only views of the pool, not copies (while a view
+        is alive, adding gaps raises BufferError; the run is over when this is called)."""
+        values = np.frombuffer(self._gap_values, dtype=float) if self._gap_values else np.empty(0)
+        counts = np.frombuffer(self._gap_counts, dtype=np.int64) if self._gap_counts else np.empty(0, np.int64)
+        values.flags.writeable = False
+        counts.flags.writeable = False
+        return values, counts
 
     def column(self, name: str) -> np.ndarray:
         return self.cols[name]
