@@ -55,25 +55,27 @@ _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split("."
 _HAS_GQA = _TORCH_VERSION >= (2, 5)
 
 
-def private_cache_flush_bytes() -> int:
-    """Twice the largest cache of CPU 0 that it does not share with another CPU (its L2 on current x86 and Arm
-    servers), from sysfs (``shared_cpu_list``); 4 MiB when unknown. Writing this many bytes evicts a core's
-    private caches; see ``profiler.timing`` (``flush_bytes``)."""
-    size = 0
+def _cpu0_caches() -> list[tuple[int, int, str]]:
+    """``(level, bytes, shared_cpu_list)`` of each cache of CPU 0, from sysfs; [] when unreadable."""
+    caches = []
     base = Path("/sys/devices/system/cpu/cpu0/cache")
     for index in sorted(base.glob("index*")) if base.is_dir() else []:
         try:
             text = (index / "size").read_text().strip().upper()
+            level = int((index / "level").read_text())
             shared = (index / "shared_cpu_list").read_text().strip()
+            size = int(text.rstrip("KMG") or 0) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
         except (OSError, ValueError):
             continue
-        if shared not in ("0", ""):
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        try:
-            size = max(size, int(text.rstrip("KMG") or 0) * mult)
-        except ValueError:
-            continue
+        caches.append((level, size, shared))
+    return caches
+
+
+def private_cache_flush_bytes() -> int:
+    """Twice the largest cache of CPU 0 that it does not share with another CPU (its L2 on current x86 and Arm
+    servers), from sysfs (``shared_cpu_list``); 4 MiB when unknown. Writing this many bytes evicts a core's
+    private caches; see ``profiler.timing`` (``flush_bytes``)."""
+    size = max((b for _, b, shared in _cpu0_caches() if shared in ("0", "")), default=0)
     return 2 * size if size else 4 << 20
 
 
@@ -81,20 +83,10 @@ def cache_flush_bytes(device) -> int:
     """Twice the last-level cache of ``device``: CUDA L2 (``get_device_properties().L2_cache_size``), else the
     CPU's L3 from sysfs; 64 MiB when unknown. Data cycled through this many bytes is read from memory."""
     device = torch.device(device)
-    size = 0
     if device.type == "cuda":
         size = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
     else:
-        base = Path("/sys/devices/system/cpu/cpu0/cache")
-        for index in sorted(base.glob("index*")) if base.is_dir() else []:
-            try:
-                text = (index / "size").read_text().strip().upper()
-                level = int((index / "level").read_text())
-            except (OSError, ValueError):
-                continue
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-            if level >= 2:
-                size = max(size, int(text.rstrip("KMG") or 0) * mult)
+        size = max((b for level, b, _ in _cpu0_caches() if level >= 2), default=0)
     return 2 * size if size else 64 << 20
 
 

@@ -3,11 +3,11 @@
 
 ``run_profile(model, device="cpu", out_dir=...)`` writes ``meta.json`` first, then appends the CSV lines of each
 block of ``ROUND_BLOCK`` shapes once all its rounds are done, flushed and fsynced. Every shape of a block is timed
-``TimingConfig.rounds`` times (2 on a CPU), each round of the block at least ``ROUND_GAP_S`` seconds after its
-previous one, interleaved with later blocks (``profiler.timing.spaced_rounds``), and the round with the lowest
-median is kept: a spell of a slower machine spoils one round, not the shape (the "lowest of repeated
+``TimingConfig.rounds`` times (2 on a CPU), each round of the block at least ``profiler.timing.ROUND_GAP_S`` (20 s)
+after its previous one, interleaved with later blocks (``profiler.timing.spaced_rounds``), and the round with the
+lowest median is kept: a spell of a slower machine spoils one round, not the shape (the "lowest of repeated
 measurements" rule of Python's ``timeit`` documentation). An interrupted run loses the blocks whose rounds were
-not finished (about ``ROUND_GAP_S`` seconds of measuring). Run again with the same arguments
+not finished (about 20 s of measuring). Run again with the same arguments
 and it resumes: rows already in the CSV (same operator and shape columns) are skipped, and nothing is duplicated.
 The CSV goes through the shared resumable-table writer (``traces.tables.ResumableTable``): a torn last row (no
 newline, the wrong number of fields, fields that do not parse) is dropped with a note; a damaged row elsewhere
@@ -35,10 +35,9 @@ from profiler.schema import (COLUMNS, META_JSON, PROFILE_CSV, TIME_COLUMNS, Laye
 from profiler.timing import TimingConfig, spaced_rounds, time_operator
 from traces.tables import FolderLock, ResumableTable, ensure_dir, write_json_atomic
 
-# Shapes timed together: each is timed ``TimingConfig.rounds`` times, one round over the block after the other
-# (seconds apart), and the round with the lowest median is kept; the block's rows are then written.
+# Shapes timed together: each is timed ``TimingConfig.rounds`` times, the rounds of a block 20 s apart
+# (``profiler.timing.spaced_rounds``), and the round with the lowest median is kept; the block's rows are then written.
 ROUND_BLOCK = 48
-ROUND_GAP_S = 20.0       # seconds between two rounds of a block (profiler.timing.spaced_rounds)
 # meta.json fields that must match for a run to resume into an existing folder.
 _IDENTITY = ("model_shape", "tp", "dtype", "device", "device_name", "attention_backend", "num_threads",
              "cold_cache", "private_cache_flush_bytes")
@@ -267,12 +266,14 @@ def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, ti
         if progress and todo:
             from tqdm import tqdm
             bar = tqdm(total=len(todo), unit="shape", desc=f"profile {model.name} {device}", leave=False)
+        flush = meta.get("private_cache_flush_bytes") or 0
+
         def time_block(block):
             return [_time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes,
-                              cold_cache) for row in block]
+                              cold_cache, flush) for row in block]
 
         blocks = [todo[start:start + ROUND_BLOCK] for start in range(0, len(todo), ROUND_BLOCK)]
-        for block, rounds in spaced_rounds(blocks, time_block, max(1, timing.rounds), gap_s=ROUND_GAP_S):
+        for block, rounds in spaced_rounds(blocks, time_block, max(1, timing.rounds)):
             best = [min(per_row, key=lambda stats: stats.time_median_s) for per_row in zip(*rounds)]
             table.append_many({**row, **stats.to_dict(), **constant} for row, stats in zip(block, best))
             if bar is not None:
@@ -324,10 +325,8 @@ def _measuring_order(todo: list[dict]) -> list[dict]:
     return head + tail
 
 
-def _time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes, cold_cache):
+def _time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes, cold_cache, flush_bytes):
     import torch
-
-    from profiler.ops import private_cache_flush_bytes
 
     kv_lens = None
     if row["operator"] == "attn_decode":
@@ -337,8 +336,7 @@ def _time_row(layer, row, device, timing, threads, operator_callable, shapes, dt
             fn = operator_callable(layer, row["operator"], num_tokens=row["num_tokens"],
                                    chunk_size=row["chunk_size"], context_len=row["context_len"], kv_lens=kv_lens,
                                    cold=cold_cache)
-            flush = private_cache_flush_bytes() if cold_cache and device == "cpu" else 0
-            return time_operator(fn, device, timing, num_threads=threads, flush_bytes=flush)
+            return time_operator(fn, device, timing, num_threads=threads, flush_bytes=flush_bytes)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(exc):
             raise

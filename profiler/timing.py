@@ -178,7 +178,11 @@ def _time_flushed(fn, config: TimingConfig, clock, scratch) -> TimingStats:
     return TimingStats.from_samples(samples)
 
 
-def spaced_rounds(items, measure, rounds: int, *, gap_s: float = 20.0, clock=time.monotonic):
+#: seconds between two rounds of the same item (profile blocks, sampled validation iterations)
+ROUND_GAP_S = 20.0
+
+
+def spaced_rounds(items, measure, rounds: int, *, gap_s: float = ROUND_GAP_S, clock=time.monotonic):
     """Measure each of ``items`` ``rounds`` times, each round of an item at least ``gap_s`` seconds after its
     previous one, interleaved with the first rounds of later items, and yield ``(item, results)`` (the list of its
     ``rounds`` results, in order) as soon as an item's last round is done; items still waiting at the end are

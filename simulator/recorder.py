@@ -39,9 +39,7 @@ def _sorted(values, counts) -> tuple[np.ndarray, np.ndarray, int]:
         keep = counts > 0
         values, counts = values[keep], counts[keep]
     order = np.argsort(values, kind="stable")
-    values = values[order]
-    counts = counts[order]
-    del order
+    values, counts = values[order], counts[order]
     return values, counts, int(counts.sum())
 
 

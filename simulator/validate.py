@@ -443,8 +443,7 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
 
     from cost_models.specs import load_model
     from profiler.executor import Executor, activation_bytes, cpu_clock as clock_for
-    from profiler.run import ROUND_GAP_S
-    from profiler.timing import spaced_rounds
+    from profiler.timing import ROUND_GAP_S, spaced_rounds
     from simulator.simulation import simulate
 
     result = simulate(config, record_plans=True, progress=progress)
@@ -494,7 +493,7 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
             return next(_replay(executor, plans, [i], consecutive=False, fill=True, warmup=warmup,
                                 repeats=repeats, clock=cpu_clock))[1]
         timed = ((i, min(results, key=lambda t: t.median_s))
-                 for i, results in spaced_rounds(todo, measure, rounds, gap_s=ROUND_GAP_S))
+                 for i, results in spaced_rounds(todo, measure, rounds))
     for i, timing in timed:
         table.append(validation_row(i, plans[i], float(predicted[i]), timing))
         if bar is not None:
