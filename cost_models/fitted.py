@@ -535,6 +535,33 @@ class FittedCostModel:
             out.append(L * (layer_total + decode + 0.0) + emb + lm + cpu)
         return np.array(out, dtype=float)
 
+    def chunk_iteration_times(self, batch, ctx_sums, ctx_maxes, chunks, chunk_ctx):
+        """``iteration_time`` of many micro-batches of decodes and one prefill chunk (``pp`` = 1), bit for bit: step
+        ``j`` decodes ``batch[j]`` sequences (0 allowed) whose context lengths sum to ``ctx_sums[j]``, the longest
+        ``ctx_maxes[j]``, and prefills ``chunks[j]`` tokens after ``chunk_ctx[j]`` cached ones. Returns a float64
+        array of seconds (scalar table lookups; no plan is built per step)."""
+        if self.pp != 1:
+            raise ValueError("chunk_iteration_times prices one stage (pp = 1)")
+        from cost_models.plan import BatchPlan
+
+        table = self.tables.get("attn_decode")
+        L = self.stage_layers[0]
+        out = []
+        for d, s, m, n, k in zip(*(np.asarray(v).tolist() for v in (batch, ctx_sums, ctx_maxes, chunks, chunk_ctx))):
+            T = d + n
+            _, layer_total, emb = self._token_ops(T)
+            decode = 0.0
+            if d:
+                total = s + d
+                if table is not None:
+                    decode = table(d, total / d, d * (m + 1) / total)
+                else:
+                    decode = self.roofline._attention(BatchPlan.decodes([s] + [0] * (d - 1)))["attn_decode"]
+            _, prefill = self._attention(BatchPlan.prefill(n, k))
+            lm, cpu = self._per_sequence(d + 1, T)
+            out.append(L * (layer_total + decode + prefill) + emb + lm + cpu)
+        return np.array(out, dtype=float)
+
     def track_decodes(self, batch, ctx_sums) -> None:
         """Record in the tracker decode-only steps of ``batch[j]`` sequences with ``ctx_sums[j]`` context (a
         fast-forwarded stretch, counted as its steps one by one would be)."""

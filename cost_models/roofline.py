@@ -236,6 +236,9 @@ class RooflineCostModel:
         self.pp_links = [self.placement.pp_link(s) for s in range(pp - 1)]
         self._linear_cache: dict[int, dict[str, float]] = {}
         self._linear_total: dict[int, float] = {}
+        self._first_cache: dict[tuple, float] = {}
+        self._last_cache: dict[int, float] = {}
+        self._decode_table = None               # 3 x n: per-token total, first and last stage terms at T = B = d
 
     # --- roofline helpers ---------------------------------------------------------------------------------
     def _op(self, flops: float, elements: float, compute_eff: float, bw_eff: float) -> float:
@@ -295,20 +298,29 @@ class RooflineCostModel:
 
     def _attention(self, plan) -> dict[str, float]:
         """Per-layer seconds of decode and prefill attention of ``plan``."""
-        q, kv, c = self.q, self.kv, self.c
         out = {}
         d = plan.num_decodes
         if d:
-            ctx = sum(plan.context_lens[:d]) + d
-            out["attn_decode"] = (self._op(4 * q * ctx, ctx * 2 * kv + d * 2 * q, c.attn_compute_eff,
-                                           c.attn_decode_bandwidth_eff) + c.attn_call_overhead_s)
+            out["attn_decode"] = self._decode_attention(d, sum(plan.context_lens[:d]))
         if d < len(plan.num_new_tokens):
-            flops = elems = 0.0
-            for n, k in zip(plan.num_new_tokens[d:], plan.context_lens[d:]):
-                flops += 4 * q * n * (k + (n + 1) / 2)
-                elems += 2 * n * q + (k + n) * 2 * kv
-            out["attn_prefill"] = self._op(flops, elems, c.attn_compute_eff, c.bandwidth_eff) + c.attn_call_overhead_s
+            out["attn_prefill"] = self._prefill_attention(plan.num_new_tokens[d:], plan.context_lens[d:])
         return out
+
+    def _decode_attention(self, d: int, ctx_sum: int) -> float:
+        """Per-layer seconds of the decode attention of ``d`` sequences with ``ctx_sum`` cached tokens in all."""
+        q, kv, c = self.q, self.kv, self.c
+        ctx = ctx_sum + d
+        return self._op(4 * q * ctx, ctx * 2 * kv + d * 2 * q, c.attn_compute_eff,
+                        c.attn_decode_bandwidth_eff) + c.attn_call_overhead_s
+
+    def _prefill_attention(self, chunks, contexts) -> float:
+        """Per-layer seconds of the prefill attention of chunks of ``chunks`` tokens after ``contexts`` cached."""
+        q, kv, c = self.q, self.kv, self.c
+        flops = elems = 0.0
+        for n, k in zip(chunks, contexts):
+            flops += 4 * q * n * (k + (n + 1) / 2)
+            elems += 2 * n * q + (k + n) * 2 * kv
+        return self._op(flops, elems, c.attn_compute_eff, c.bandwidth_eff) + c.attn_call_overhead_s
 
     def engine_overhead(self, T: int, B: int) -> float:
         """Seconds of engine overhead of an iteration of ``T`` tokens over ``B`` sequences (``self.engine``'s
@@ -427,14 +439,50 @@ class RooflineCostModel:
         attn = np.maximum(flops / (self.flops * c.attn_compute_eff),
                           elems * self.dt / (self.bw * c.attn_decode_bandwidth_eff)) + c.launch_overhead_s
         attn = attn + c.attn_call_overhead_s
-        sizes, index = np.unique(d, return_inverse=True)
-        per_token, first, last = [], [], []
-        for T in sizes.tolist():
-            per_token.append(self._per_token_total(T))
-            first.append(sum(self._first_stage_ops(T, T).values()))
-            last.append(sum(self._last_stage_ops(T).values()))
-        per_token, first, last = (np.asarray(v, dtype=float)[index] for v in (per_token, first, last))
+        per_token, first, last = self._decode_terms(d)
         return self.stage_layers[0] * (per_token + attn) + first + last
+
+    def chunk_iteration_times(self, batch, ctx_sums, ctx_maxes, chunks, chunk_ctx):
+        """``iteration_time`` of micro-batches of decodes and one prefill chunk (``pp`` = 1), bit for bit: step ``j``
+        decodes ``batch[j]`` sequences (0 allowed) whose context lengths sum to ``ctx_sums[j]`` and prefills
+        ``chunks[j]`` tokens after ``chunk_ctx[j]`` cached ones (``ctx_maxes`` is not needed). Returns a float64
+        array of seconds: the operations of ``iteration_time``, step by step without building plans (a stretch has
+        a handful of chunk steps)."""
+        if self.pp != 1:
+            raise ValueError("chunk_iteration_times prices one stage (pp = 1)")
+        L = self.stage_layers[0]
+        out = []
+        for d, s, n, k in zip(*(np.asarray(v).tolist() for v in (batch, ctx_sums, chunks, chunk_ctx))):
+            T, B = d + n, d + 1
+            attn = self._decode_attention(d, s) if d else 0     # as sum() of the attention dict adds them
+            attn += self._prefill_attention((n,), (k,))
+            first, last = self._fixed_terms(T, B)
+            out.append(L * (self._per_token_total(T) + attn) + first + last)
+        return np.array(out, dtype=float)
+
+    def _fixed_terms(self, T: int, B: int) -> tuple[float, float]:
+        """The first stage's once-per-iteration seconds at ``(T, B)`` and the last stage's at ``B`` (cached), as
+        ``iteration_time`` adds them."""
+        first = self._first_cache.get((T, B))
+        if first is None:
+            first = sum(self._first_stage_ops(T, B).values())
+            if len(self._first_cache) < 65536:
+                self._first_cache[(T, B)] = first
+        last = self._last_cache.get(B)
+        if last is None:
+            last = self._last_cache[B] = sum(self._last_stage_ops(B).values())
+        return first, last
+
+    def _decode_terms(self, batch: np.ndarray) -> tuple:
+        """Arrays of ``_per_token_total(d)`` and ``_fixed_terms(d, d)`` at the decode batch sizes ``batch``, read
+        from a table indexed by the batch size (filled with the scalar values, grown on demand)."""
+        tab = self._decode_table
+        top = int(batch.max()) if len(batch) else 0
+        if tab is None or tab.shape[1] <= top:
+            n = max(top + 1, 64, 0 if tab is None else 2 * tab.shape[1])
+            tab = self._decode_table = np.array([(self._per_token_total(T), *self._fixed_terms(T, T))
+                                                 for T in range(n)]).T
+        return tab[0][batch], tab[1][batch], tab[2][batch]
 
 
 def layers_per_stage(num_layers: int, pp: int) -> tuple[int, ...]:

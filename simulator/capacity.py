@@ -125,6 +125,8 @@ class _Monitor:
                 raise _CertainViolation(f"{lim.describe()} violated for certain at t={now:.1f} s: "
                                         f"{count} of {len(served)} requests already above")
 
+    on_iteration.reads_plan = False       # only the times: fast-forwarded steps need not build their plans
+
     def on_finish(self, done):
         for check in self.finish_checks:
             lim, need, count = check

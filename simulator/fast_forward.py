@@ -1,11 +1,13 @@
-"""Fast-forward of quiet stretches: many decode iterations of one replica computed at once, with results identical
-to the step-by-step engine.
+"""Fast-forward of quiet stretches: many iterations of one replica computed at once, with results identical to the
+step-by-step engine.
 
-A *quiet stretch* starts at a decode-only micro-batch that every running request is in (``Scheduler.decode_steady``
-says whether the policy would keep scheduling exactly "every running request decodes one token" while nothing
-external happens). Its steps ``j = 0, 1, ...`` are then known in advance: step ``j`` decodes the requests that
-still have tokens to emit (request ``i`` emits at steps ``0 .. rem_i - 1`` and finishes at step ``rem_i - 1``),
-each with context ``ctx0_i + j``. The stretch ends before the first of:
+A *quiet stretch* starts at a micro-batch that every running request is in, after which the policy would keep
+scheduling the same shape of step while nothing external happens (``Scheduler.decode_steady``): every running
+decode gets one token, and the one partial prefill, if any (the plan's last entry; the policy says how many tokens
+a step holds, ``Scheduler.steady_prefill_budget``), gets its next chunk, ``min(remaining, budget - decodes)``. Its
+steps ``j = 0, 1, ...`` are then known in advance: decode member ``i`` emits at steps ``0 .. rem_i - 1`` (context
+``ctx0_i + j``) and finishes at step ``rem_i - 1``; the prefill computes its chunks, emits its first token at the
+end of its last chunk (step ``s``) and decodes from step ``s + 1`` on. The stretch ends before the first of:
 
 - a step that would end at or after the next arrival (``horizon_s``): at the arrival, the router reads the loads
   and the scheduler its queue as they are step by step — the step in flight then runs as usual;
@@ -13,22 +15,25 @@ each with context ``ctx0_i + j``. The stretch ends before the first of:
   is closed-loop (a completion sends the next request);
 - a step whose KV growth could fail: all members' extra blocks up to that step, frees ignored, must fit in the free
   blocks at the start (so no preemption can happen);
-- ``MAX_STEPS`` steps, or the last member's last token.
+- a step in which the prefill would get no token; ``MAX_STEPS`` steps, or the last member's last token.
 
-Each step's duration is the cost model's ``iteration_time`` of that decode batch — the vectorized
-``decode_iteration_times`` where the cost model has one (the same floating-point operations in the same order),
-else ``iteration_time`` per step — and times accumulate as the event loop's clock does (``now + duration``). Token
-times, TBT samples (``(gap, count)`` per step, in the order the step-by-step engine counts them), iteration rows, KV
-blocks, stage busy time and completions are then applied in bulk. A test compares every output with fast-forward
-on and off (``tests/test_fast_forward.py``).
+Each step's duration is the cost model's ``iteration_time`` of that batch: the plan's own for step 0, one call per
+further step with a prefill chunk (a handful), and for the decode-only steps the vectorized
+``decode_iteration_times`` (the same floating-point operations in the same order), else ``iteration_time`` per
+step; times accumulate as the event loop's clock does (``now + duration``). Token times, TBT samples (``(gap,
+count)`` per step), iteration rows, KV blocks, stage busy time and completions (in the order the step-by-step
+engine reports them) are then applied in bulk. A test compares every output with fast-forward on and off
+(``tests/test_fast_forward.py``).
 
 Not fast-forwarded (the step-by-step engine runs instead): pipeline parallelism (several micro-batches in flight),
-prefix caching (eviction order), disaggregated clusters (KV transfers arrive at times not known in advance), runs
-recording their plans, and runs stopped at a given time.
+prefix caching (eviction order), disaggregated clusters (KV transfers arrive at times not known in advance), a
+prefill that recomputes a preempted request's outputs, runs recording their plans, and runs stopped at a given
+time.
 """
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 
 import numpy as np
 
@@ -36,14 +41,17 @@ from cost_models.plan import BatchPlan
 
 MAX_STEPS = 4096
 FIRST_WINDOW = 32
+NEVER = 1 << 40          # the step of an event that does not happen in the stretch
 
 
 def _blocks(tokens: np.ndarray, block_size: int) -> np.ndarray:
     return -(-tokens // block_size)
 
 
-def plan_stretch(replica, plan: BatchPlan, horizon_s: float, stop_at_completion: bool):
-    """The quiet stretch starting with ``plan`` (already scheduled at ``env.now``), or None when it is one step.
+def plan_stretch(replica, plan: BatchPlan, horizon_s: float, stop_at_completion: bool,
+                 first_s: float | None = None):
+    """The quiet stretch starting with ``plan`` (already scheduled at ``env.now``; ``first_s``: its
+    ``iteration_time`` if known), or None when it is one step.
 
     Returns a dict with the members, their steps and the per-step arrays (see ``apply_stretch``).
     """
@@ -53,90 +61,212 @@ def plan_stretch(replica, plan: BatchPlan, horizon_s: float, stop_at_completion:
         return None
     if mode == "until-completion":
         stop_at_completion = True
-    kv = sched.kv
+    now = replica.env.now
+    if first_s is None:
+        first_s = replica.cost_model.iteration_time(plan)
+    if now + first_s >= horizon_s:           # the next arrival comes during step 0
+        return None
+    d0 = plan.num_decodes
     members = [sched.requests[rid] for rid in plan.request_ids]
-    m0 = len(members)
-    ctx0 = np.fromiter(plan.context_lens, dtype=np.int64, count=m0)
-    rem = np.fromiter((r.output_tokens - r.num_generated for r in members), dtype=np.int64, count=m0)
-    K_max = min(int(rem.min()) if stop_at_completion else int(rem.max()), MAX_STEPS)
+    rem = [r.output_tokens - r.num_generated for r in members[:d0]]
+    lasts = [n - 1 for n in rem]                                    # the step of each member's last token
+    st = {"members": members, "d0": d0, "rem": rem, "first_s": first_s, "prefill": None}
+    k_cap = MAX_STEPS
+    if d0 < len(members):
+        pre = _prefill_steps(sched, plan, members[-1], rem, full_only=mode == "full-budget")
+        if pre is None:
+            return None
+        st["prefill"] = pre
+        lasts.append(pre["last"])
+        if pre["end"] is None or mode == "full-budget":   # the stretch ends with its chunks (a request waiting
+            k_cap = len(pre["chunks"])                      # could be admitted in the step after the last one)
+    k_end = (min(lasts) if stop_at_completion else max(lasts)) + 1
+    K_max = min(k_end, k_cap)
     if K_max < 2:
         return None
     # compute a window of steps, widened until the stretch ends inside it (most end at the next arrival): as many
     # steps as the first one's duration fits before the horizon, plus slack
     K = min(K_max, FIRST_WINDOW)
     if math.isfinite(horizon_s):
-        first = _durations(replica.cost_model, np.array([m0]), np.array([int(ctx0.sum())]),
-                           np.array([int(ctx0.max())]), ctx0, None, 1)[0]
-        fit = (horizon_s - replica.env.now) / first if first > 0 else K_max
-        K = int(min(K_max, max(2, math.ceil(fit * 1.25) + 2)))
+        # (only the steps up to the horizon are priced, so a generous window costs little)
+        fit = (horizon_s - now) / first_s if first_s > 0 else K_max     # a chunk step outlasts a decode step
+        K = int(min(K_max, max(64, math.ceil(fit * 4) + 8)))
     while True:
-        s = _window(replica, plan, members, ctx0, rem, K, horizon_s)
+        s = _window(replica, plan, st, K, horizon_s)
         if s is None or s["K"] < K or K == K_max:
             return s
         K = min(K_max, 4 * K)
 
 
-def _durations(cm, batch, ctx_sum, ctx_max, ctx0, active, K: int) -> np.ndarray:
-    """Seconds of the stretch's first ``K`` steps (``active``: member i decodes at step j; None = all at step 0)."""
+def _prefill_steps(sched, plan: BatchPlan, p, rem: list, full_only: bool) -> dict | None:
+    """The chunks the partial prefill ``p`` (the plan's last entry) gets at steps 0, 1, ... while every decode of
+    ``rem`` (tokens each still emits) keeps decoding, and what it does once its prompt is in; ``full_only``
+    (requests wait): only the steps whose chunk fills the budget (a step with tokens over would admit one). None
+    when the policy does not schedule such steps or ``p`` recomputes outputs (its last token would be scheduled as
+    a decode)."""
+    budget = sched.steady_prefill_budget(plan)
+    if budget is None or p.num_generated:
+        return None
+    chunks, ctx = [plan.num_new_tokens[-1]], [plan.context_lens[-1]]
+    c = p.num_computed_tokens
+    left = p.prompt_tokens - c
+    srt, n_dec = sorted(rem), len(rem)
+    j = 0
+    while left > 0 and j + 1 < MAX_STEPS:
+        j += 1
+        room = budget - (n_dec - bisect_right(srt, j))              # decodes at step j: rem_i > j
+        n = min(left, room)
+        if n <= 0 or (full_only and n < room):
+            break
+        chunks.append(n)
+        ctx.append(c)
+        c += n
+        left -= n
+    end = len(chunks) - 1 if left == 0 else None                     # the step of its first token
+    ndec = p.output_tokens - 1                                       # decode steps after it
+    pos = sched.running.index(p)             # where it decodes among the others (running order)
+    return {"chunks": chunks, "ctx": ctx, "end": end, "ndec": ndec, "pos": pos,
+            "last": NEVER if end is None else end + ndec}
+
+
+def _durations(cm, batch, ctx_sum, ctx_max, plans) -> np.ndarray:
+    """Seconds of decode-only steps (``plans()``: their plans, built only for a cost model without the vectorized
+    ``decode_iteration_times``)."""
     if hasattr(cm, "decode_iteration_times"):
         return cm.decode_iteration_times(batch, ctx_sum, ctx_max)
-    if active is None:
-        return np.array([cm.iteration_time(BatchPlan.decodes(ctx0.tolist()))])
-    return np.array([cm.iteration_time(BatchPlan.decodes((ctx0[active[:, j]] + j).tolist())) for j in range(K)])
+    return np.array([cm.iteration_time(p) for p in plans()], dtype=float)
 
 
-def _window(replica, plan, members, ctx0, rem, K: int, horizon_s: float):
-    """The first ``K`` steps of the stretch, cut where it must end (KV growth, horizon); None if under 2 steps."""
+def _window(replica, plan: BatchPlan, st: dict, K: int, horizon_s: float):
+    """The first ``K`` steps of the stretch, cut where it must end (KV growth, horizon); None if under 2 steps.
+
+    Per-step arrays are built from the members' sorted decode counts and their KV block events (the steps at which
+    a member's growth needs a new block), so the work is linear in members + steps."""
     kv = replica.scheduler.kv
-    m0 = len(members)
+    members, d0, pre = st["members"], st["d0"], st["prefill"]
     bs = kv.block_size
-    held = np.fromiter((kv.held(rid) for rid in plan.request_ids), dtype=np.int64, count=m0)
+    held_of = kv._held
     steps = np.arange(K, dtype=np.int64)
-    last = np.minimum(steps[None, :], rem[:, None] - 1)                  # a finished member stays at its last
-    extra = np.maximum(_blocks(ctx0[:, None] + last + 1, bs) - held[:, None], 0)
-    fits = extra.sum(axis=0) <= kv.num_free
+    # the decode members: decodes and context per step from their decode counts sorted
+    rem = np.array(st["rem"], dtype=np.int64)
+    ctx0 = np.array(plan.context_lens[:d0], dtype=np.int64)
+    held = np.array([held_of.get(rid, 0) for rid in plan.request_ids[:d0]], dtype=np.int64)
+    order = np.argsort(rem, kind="stable")
+    rs, cs = rem[order], ctx0[order]
+    idx = np.searchsorted(rs, steps, side="right")                 # members [idx:] of the sorted still decode
+    batch = d0 - idx
+    prefix = np.concatenate(([0], np.cumsum(cs)))
+    ctx_sum = (prefix[-1] - prefix[idx]) + steps * batch
+    sufmax = np.concatenate((np.maximum.accumulate(cs[::-1])[::-1], [-1])) if d0 else np.array([-1])
+    ctx_max = np.where(batch > 0, sufmax[idx] + steps, -1)
+    # their KV growth: member i needs a new block at steps f_i, f_i + bs, ... up to its last step
+    last = rem - 1
+    first_new = held * bs - ctx0                                   # ctx0 + j + 1 tokens outgrow held blocks
+    stop = np.minimum(last, K - 1)
+    n_new = np.where(first_new <= stop, (stop - first_new) // bs + 1, 0)
+    total = int(n_new.sum())
+    if total:
+        offsets = np.repeat(np.cumsum(n_new) - n_new, n_new)
+        at = np.repeat(first_new, n_new) + bs * (np.arange(total) - offsets)
+        grow = np.bincount(at, minlength=K)[:K]
+    else:
+        grow = np.zeros(K, dtype=np.int64)
+    freed_at, freed = last + 1, held + n_new                       # blocks back when a member finishes
+    n_pre = 0                                                       # steps 0 .. n_pre - 1 hold a prefill chunk
+    if pre is not None:                      # the prefill member: chunks, then (maybe) decodes
+        p = members[-1]
+        n_pre = min(len(pre["chunks"]), K)
+        p_last = pre["last"]
+        p_tokens = np.empty(K, dtype=np.int64)
+        p_tokens[:n_pre] = np.add(pre["ctx"][:n_pre], pre["chunks"][:n_pre])
+        if n_pre < K:                        # its prompt is in: decodes from step end + 1
+            start = pre["end"] + 1
+            rel = np.minimum(steps[n_pre:], p_last) - start
+            p_tokens[n_pre:] = p.prompt_tokens + rel + 1
+            dec = steps[n_pre:] <= p_last
+            batch = batch.copy()
+            batch[n_pre:] += dec
+            p_ctx = p.prompt_tokens + (steps[n_pre:] - start)
+            ctx_sum[n_pre:] += np.where(dec, p_ctx, 0)
+            ctx_max[n_pre:] = np.where(dec, np.maximum(ctx_max[n_pre:], p_ctx), ctx_max[n_pre:])
+        p_held = held_of.get(p.request_id, 0)
+        p_new = np.maximum(_blocks(p_tokens, bs) - p_held, 0)
+        grow = grow + p_new
+        grow[1:] -= p_new[:-1]                  # its new blocks per step
+        if p_last < K - 1:
+            freed_at = np.append(freed_at, p_last + 1)
+            freed = np.append(freed, p_held + p_new[p_last])
+    extra = np.cumsum(grow)                  # blocks taken by step j, frees ignored
+    fits = extra <= kv.num_free
     if not fits.all():
         K = int(np.argmin(fits))
         if K < 2:
             return None
-        extra, steps = extra[:, :K], steps[:K]
-    active = rem[:, None] > steps[None, :]                                # member i decodes at step j
-    batch = active.sum(axis=0)
-    ctx = ctx0[:, None] + steps[None, :]
-    ctx_sum = np.where(active, ctx, 0).sum(axis=0)
-    ctx_max = np.where(active, ctx, -1).max(axis=0)
-    durations = _durations(replica.cost_model, batch, ctx_sum, ctx_max, ctx0, active, K)
-    now = replica.env.now
-    ends = np.cumsum(np.concatenate(([now], durations)))[1:]            # sequential, as the clock adds
-    starts = np.concatenate(([now], ends[:-1]))
-    late = ends >= horizon_s              # a router reading loads at the arrival must find the step-by-step state
-    if late.any():
-        K = int(np.argmax(late))
+        n_pre = min(n_pre, K)
+    batch, ctx_sum, ctx_max = batch[:K], ctx_sum[:K], ctx_max[:K]
+    s = {"members": members, "d0": d0, "rem": st["rem"], "prefill": pre, "n_pre": n_pre, "plans": [plan]}
+    # durations, priced up to the step that reaches the horizon (the rest of the window is never run)
+    cm = replica.cost_model
+    durations = [st["first_s"]]
+    if n_pre > 1:                            # steps with a chunk
+        if hasattr(cm, "chunk_iteration_times"):
+            durations += cm.chunk_iteration_times(batch[1:n_pre], ctx_sum[1:n_pre], ctx_max[1:n_pre],
+                                                  pre["chunks"][1:n_pre], pre["ctx"][1:n_pre]).tolist()
+        else:
+            durations += [cm.iteration_time(step_plan(s, j)) for j in range(1, n_pre)]
+    ends, t = [], replica.env.now
+    for d in durations:
+        t += d                               # sequential, as the clock adds
+        ends.append(t)
+    j = len(durations)
+    while j < K and t < horizon_s:           # decode-only steps, in blocks sized to reach the horizon
+        size = K - j
+        if math.isfinite(horizon_s) and durations[-1] > 0:
+            size = min(size, max(8, math.ceil((horizon_s - t) / durations[-1] * 1.25) + 2))
+        lo = j
+        block = _durations(cm, batch[lo:lo + size], ctx_sum[lo:lo + size], ctx_max[lo:lo + size],
+                           lambda: [step_plan(s, i) for i in range(lo, lo + size)]).tolist()
+        for d in block:
+            t += d
+            ends.append(t)
+        durations += block
+        j += size
+    if t >= horizon_s:                       # a router reading loads at the arrival must find the step-by-step state
+        K = next(i for i, e in enumerate(ends) if e >= horizon_s)
         if K < 2:
             return None
+    now = replica.env.now
+    ends, durations = np.array(ends[:K]), np.array(durations[:K])
+    n_pre = min(n_pre, K)
+    starts = np.concatenate(([now], ends[:K - 1]))
     # blocks in use when step j is recorded: its allocations done, members finished before it freed
-    finished_before = rem[:, None] <= steps[None, :]
-    used = kv.num_used - np.where(finished_before, held[:, None], 0).sum(axis=0) + \
-        np.where(active, extra, 0).sum(axis=0)
-    return {"members": members, "ctx0": ctx0, "rem": rem, "K": K, "batch": batch[:K], "ctx_sum": ctx_sum[:K],
-            "durations": durations[:K],
-            "starts": starts[:K], "ends": ends[:K], "used": used[:K], "active": active[:, :K]}
+    keep = freed_at < K
+    released = np.cumsum(np.bincount(freed_at[keep], weights=freed[keep], minlength=K)[:K]).astype(np.int64)
+    used = kv.num_used + extra[:K] - released
+    prefill_tokens = np.zeros(K, dtype=np.int64)
+    if n_pre:
+        prefill_tokens[:n_pre] = pre["chunks"][:n_pre]
+    s.update({"K": K, "n_pre": n_pre, "batch": batch[:K], "ctx_sum": ctx_sum[:K], "durations": durations[:K],
+              "starts": starts, "ends": ends[:K], "used": used, "prefill_tokens": prefill_tokens})
+    return s
 
 
 def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
     """Apply a planned stretch to the replica's requests, KV cache, log and recorder; return the completions as
     ``[(step, [requests])]`` in step order (the caller reports them at the end of their step)."""
     sched, kv, log = replica.scheduler, replica.scheduler.kv, replica.log
-    K, members, rem, ctx0 = s["K"], s["members"], s["rem"], s["ctx0"]
+    K, members, d0, pre = s["K"], s["members"], s["d0"], s["prefill"]
+    n_pre = s["n_pre"]
     ends = s["ends"].tolist()
     starts, durations = s["starts"].tolist(), s["durations"].tolist()
     batch, used = s["batch"].tolist(), s["used"].tolist()
+    end = pre["end"] if pre is not None and pre["end"] is not None and pre["end"] < K else None
     # TBT samples: step 0 groups members by their previous token; later steps all came from the step before
     recorder = replica.recorder
     if recorder is not None:
         gaps: dict = {}
         e0 = ends[0]
-        for r in members:
+        for r in members[:d0]:
             if r.token_times_s:
                 g = e0 - r.token_times_s[-1]
                 gaps[g] = gaps.get(g, 0) + 1
@@ -144,17 +274,43 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
         recorder.add_gap_arrays([ends[j] - ends[j - 1] for j in range(1, K)], batch[1:])
     # requests
     done_at: dict[int, list] = {}
-    emitted = np.minimum(rem, K).tolist()
-    for r, n, c in zip(members, emitted, ctx0.tolist()):
+    ctx0 = plan.context_lens
+    for r, rem, c in zip(members[:d0], s["rem"], ctx0):
+        n = rem if rem < K else K
         r.token_times_s.extend(ends[:n])
         r.num_generated += n
         r.num_computed_tokens = c + n
         r.in_flight = False
-        if r.num_generated >= r.output_tokens:
+        if n == rem:
             r.completion_s = ends[n - 1]
             done_at.setdefault(n - 1, []).append(r)
         else:
             kv.allocate(r, c + n)
+    if pre is not None:
+        p = members[-1]
+        p.in_flight = False
+        if end is None:                      # still prefilling after the stretch
+            p.num_computed_tokens = pre["ctx"][K - 1] + pre["chunks"][K - 1]
+            kv.allocate(p, p.num_computed_tokens)
+        else:
+            n = 1 + min(pre["ndec"], K - 1 - end)
+            p.token_times_s.extend(ends[end:end + n])
+            p.num_generated += n
+            p.num_computed_tokens = p.prompt_tokens + n - 1
+            if p.first_token_s is None:
+                p.first_token_s = ends[end]
+            if p.num_generated >= p.output_tokens:
+                step = end + n - 1
+                p.completion_s = ends[step]
+                finishing = done_at.setdefault(step, [])
+                if step == end:              # finished by its prefill: reported after the step's decodes
+                    finishing.append(p)
+                else:                        # a decode: in running order among the others
+                    before = set(id(r) for r in members[:pre["pos"]])
+                    i = sum(1 for r in finishing if id(r) in before)
+                    finishing.insert(i, p)
+            else:
+                kv.allocate(p, p.num_computed_tokens)
     for j in sorted(done_at):
         for r in done_at[j]:
             kv.free(r)
@@ -165,9 +321,14 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
     rid = replica.replica_id
     log.start_s.extend(starts)
     log.duration_s.extend(durations)
-    log.batch_size.extend(batch)
+    if n_pre:
+        log.batch_size.extend([b + 1 for b in batch[:n_pre]])
+        log.batch_size.extend(batch[n_pre:])
+        log.num_prefill_tokens.extend(s["prefill_tokens"].tolist())
+    else:
+        log.batch_size.extend(batch)
+        log.num_prefill_tokens.extend([0] * K)
     log.num_decode_tokens.extend(batch)
-    log.num_prefill_tokens.extend([0] * K)
     log.kv_blocks_used.extend(used)
     log.kv_blocks_total.extend([kv.num_blocks] * K)
     log.replica_id.extend([rid] * K)
@@ -177,17 +338,35 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
         busy += d
     replica.stage_busy_s[0] = busy
     replica.num_iterations += K
-    if getattr(replica.cost_model, "tracker", None) is not None:
-        replica.cost_model.track_decodes(s["batch"], s["ctx_sum"])
+    cm = replica.cost_model
+    if getattr(cm, "tracker", None) is not None:
+        for j in range(n_pre):
+            cm.tracker.add(cm.outside(step_plan(s, j)))
+        cm.track_decodes(s["batch"][n_pre:], s["ctx_sum"][n_pre:])
     log.maybe_flush()
     return [(j, done_at[j]) for j in sorted(done_at)]
 
 
 def step_plan(s: dict, j: int) -> BatchPlan:
-    """The plan of stretch step ``j`` (for ``on_iteration`` hooks)."""
-    active = s["active"][:, j]
-    ids = [r.request_id for r, a in zip(s["members"], active) if a]
-    return BatchPlan(tuple(ids), (1,) * len(ids), tuple((s["ctx0"][active] + j).tolist()), len(ids))
+    """The plan of stretch step ``j`` (for ``on_iteration`` hooks, range tracking, and cost models without the
+    vectorized pricing)."""
+    plans = s["plans"]
+    if j < len(plans):
+        return plans[j]
+    members, d0, pre, plan = s["members"], s["d0"], s["prefill"], plans[0]
+    ids = [members[i].request_id for i, n in enumerate(s["rem"]) if n > j]
+    ctxs = [c + j for c, n in zip(plan.context_lens[:d0], s["rem"]) if n > j]
+    if pre is None:
+        return BatchPlan(tuple(ids), (1,) * len(ids), tuple(ctxs), len(ids))
+    p = members[-1]
+    if j < s["n_pre"]:                       # a chunk step: the decodes, then the chunk
+        return BatchPlan(tuple(ids) + (p.request_id,), (1,) * len(ids) + (pre["chunks"][j],),
+                         tuple(ctxs) + (pre["ctx"][j],), len(ids))
+    if pre["end"] is not None and j <= pre["last"]:     # the prefill now decodes, in running order
+        k = sum(1 for i in range(pre["pos"]) if s["rem"][i] > j)
+        ids.insert(k, p.request_id)
+        ctxs.insert(k, p.prompt_tokens + j - pre["end"] - 1)
+    return BatchPlan(tuple(ids), (1,) * len(ids), tuple(ctxs), len(ids))
 
 
 def exact_delay(now: float, end: float) -> float | None:

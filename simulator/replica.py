@@ -150,7 +150,8 @@ class Replica:
         cost_model: prices ``stage_time``/``transfer_time``/``iteration_time`` of a plan (``cost_model.pp`` stages).
         replica_id: index in the cluster (for outputs).
         log: where iteration rows go (shared by the replicas of a cluster, or the replica's own).
-        on_iteration: ``on_iteration(plan, start_s, duration_s)`` after each micro-batch is priced.
+        on_iteration: ``on_iteration(plan, start_s, duration_s)`` after each micro-batch is priced (a hook with
+            ``reads_plan = False`` gets None for the plan of a fast-forwarded step, which is then not built).
         on_done: ``on_done(replica, requests)`` with the requests each micro-batch finished here.
     Raises StalledError from the process if the scheduler can make no progress (instead of looping forever).
     """
@@ -294,17 +295,20 @@ class Replica:
         for k in range(i + 1, j + 1):
             yield self.env.timeout(durations[k])
 
-    def _stretch(self, plan: BatchPlan):
-        """Fast-forward the quiet stretch starting at ``plan`` (see ``simulator.fast_forward``); True if it ran."""
-        s = plan_stretch(self, plan, self.horizon(), self.stop_at_completion)
+    def _stretch(self, plan: BatchPlan, first_s: float):
+        """Fast-forward the quiet stretch starting at ``plan`` (``first_s``: its duration; see
+        ``simulator.fast_forward``); True if it ran."""
+        s = plan_stretch(self, plan, self.horizon(), self.stop_at_completion, first_s)
         if s is None:
             return False
         completions = dict(apply_stretch(self, plan, s))
         ends, durations = s["ends"].tolist(), s["durations"].tolist()
         hook, at = self.on_iteration, -1
+        if hook is not None:
+            starts, plans = s["starts"].tolist(), getattr(hook, "reads_plan", True)
         for j in range(len(ends)) if hook is not None else sorted(completions):
             if hook is not None:
-                hook(step_plan(s, j), s["starts"][j], durations[j])
+                hook(step_plan(s, j) if plans else None, starts[j], durations[j])
             done = completions.get(j)
             if done:
                 yield from self._advance(durations, ends, at, j)
@@ -320,13 +324,12 @@ class Replica:
             cm = self.cost_model
             while True:
                 plan = self._schedule()
-                if plan and self.fast_forward and self.log.plans is None and \
-                        plan.num_decodes == len(plan.request_ids):
-                    if (yield from self._stretch(plan)):
-                        continue
                 if plan:
-                    start = env.now
                     duration = cm.iteration_time(plan)
+                    if self.fast_forward and self.log.plans is None and \
+                            (yield from self._stretch(plan, duration)):
+                        continue
+                    start = env.now
                     self.stage_busy_s[0] += duration
                     self._record(plan, start, duration, start)
                     yield env.timeout(duration)

@@ -44,7 +44,7 @@ def _both(tmp_path: Path, *args) -> None:
 
 
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
-@pytest.mark.parametrize("shape", ["one", "kv-pressure", "cluster", "pp2", "closed-loop"])
+@pytest.mark.parametrize("shape", ["one", "kv-pressure", "cluster", "pp2", "closed-loop", "chunked"])
 def test_every_output_is_identical_with_fast_forward_on_and_off(tmp_path, scheduler, shape):
     trace = _trace(tmp_path / "t.csv", 120, seed=zlib.crc32(f"{scheduler}-{shape}".encode()), qps=4.0)
     args = ["--trace", trace, "--scheduler", scheduler]
@@ -56,6 +56,9 @@ def test_every_output_is_identical_with_fast_forward_on_and_off(tmp_path, schedu
         args += ["--pp", 2]
     elif shape == "closed-loop":
         args += ["--concurrency", 6]
+    elif shape == "chunked":                 # prompts of many chunks: stretches with a prefill in them
+        args += ["--token-budget", 96, "--qps", 8, "--retime"]
+        args += ["--max-num-batched-tokens", 160] if scheduler == "vllm" else []
     _both(tmp_path, *args)
 
 
@@ -66,6 +69,32 @@ def test_fast_forward_is_used_and_counts_every_iteration(tmp_path):
     assert res_on.summary == res_off.summary
     assert res_on.log.columns() == res_off.log.columns()
     assert [r.token_times_s for r in res_on.requests] == [r.token_times_s for r in res_off.requests]
+
+
+@pytest.mark.parametrize("scheduler,queue", [("sarathi", False), ("sarathi", True), ("vllm", False),
+                                             ("vllm", True)])
+def test_stretches_carry_prefill_chunks(monkeypatch, scheduler, queue):
+    # the steps after an admission (the new prompt's chunks beside every decode) are fast-forwarded too, with
+    # requests waiting (only while the chunks fill the budget) or not
+    import simulator.replica as replica
+
+    seen = []
+
+    def spy(rep, plan, s):
+        seen.append((s["n_pre"], s["K"]))
+        return apply_stretch(rep, plan, s)
+
+    apply_stretch = replica.apply_stretch
+    monkeypatch.setattr(replica, "apply_stretch", spy)
+    kw = dict(num_requests=300, scheduler=scheduler, qps=3.0 if queue else 1.0)
+    if scheduler == "vllm":
+        kw["max_num_batched_tokens"] = 512
+    on = simulate(fast_forward=True, **kw)
+    with_chunks = [k for n_pre, k in seen if n_pre > 1]
+    assert len(with_chunks) > 50 and max(with_chunks) > 10
+    off = simulate(fast_forward=False, **kw)
+    assert on.summary["ttft_s"] == off.summary["ttft_s"] and on.log.columns() == off.log.columns()
+    assert [r.token_times_s for r in on.requests] == [r.token_times_s for r in off.requests]
 
 
 @st.composite

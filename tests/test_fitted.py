@@ -265,3 +265,29 @@ def test_fit_command_prints_heldout_error_and_reuses_the_model(tmp_path):
     assert again.exit_code == 0 and "already holds the model of this profile" in again.output
     none = CliRunner().invoke(main, ["fit", "--out", str(out)])
     assert none.exit_code == 2 and "give a profile folder" in none.output
+
+
+def test_vectorized_pricing_equals_iteration_time_bit_for_bit(model):
+    # fast-forward prices whole stretches at once (simulator.fast_forward): each step must cost exactly what the
+    # step-by-step engine's iteration_time of its plan costs
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        ctx = rng.integers(0, 3000, rng.integers(1, 40)).tolist()
+        assert model.decode_iteration_times([len(ctx)], [sum(ctx)], [max(ctx)])[0] == \
+            model.iteration_time(decodes(*ctx))
+        ctx = ctx[:rng.integers(0, len(ctx) + 1)]
+        n, k = int(rng.integers(1, 600)), int(rng.integers(0, 4000))
+        got = model.chunk_iteration_times([len(ctx)], [sum(ctx)], [max(ctx, default=-1)], [n], [k])[0]
+        assert got == model.iteration_time(mixed(ctx, [(n, k)]))
+
+
+def test_fast_forward_identical_with_a_fitted_model(fitted_dir):
+    # the fitted model's vectorized pricing inside stretches (decodes, and prefill chunks beside them)
+    from simulator.simulation import simulate
+
+    kw = dict(model="tiny", device="cpu", cost_model=str(fitted_dir), num_requests=150, qps=20.0,
+              trace="random", input_len=700, output_len=60, range_ratio=0.5, token_budget=128)
+    on, off = simulate(fast_forward=True, **kw), simulate(fast_forward=False, **kw)
+    assert on.summary["tbt_s"] == off.summary["tbt_s"] and on.summary["extrapolation"] == off.summary["extrapolation"]
+    assert on.log.columns() == off.log.columns()
+    assert [r.token_times_s for r in on.requests] == [r.token_times_s for r in off.requests]

@@ -215,18 +215,29 @@ class Scheduler:
         return BatchPlan(ids, new, ctx, len(decodes), tuple(r.request_id for r in preempted))
 
     def decode_steady(self, plan: BatchPlan) -> str | None:
-        """Whether the steps after ``plan`` are "every running request decodes one token" as long as nothing
-        external happens (the engine then fast-forwards them, ``simulator.fast_forward``): ``"open"`` when nothing
-        waits (only an arrival ends it), ``"until-completion"`` when requests wait for KV blocks or a slot (a
-        completion may admit one), None when not (a prefill chunk, a preemption, prefix caching, a request in
-        flight or not in the plan)."""
-        if plan.preempted_ids or self.kv.prefix_caching or plan.num_decodes != len(plan.request_ids):
+        """Whether the steps after ``plan`` repeat its shape as long as nothing external happens — every running
+        request decodes one token, and the one partial prefill, if any (the plan's last entry, see
+        ``steady_prefill_budget``), gets its next chunk — so that the engine may fast-forward them
+        (``simulator.fast_forward``): ``"open"`` when nothing waits (only an arrival ends it),
+        ``"until-completion"`` when decodes alone run and requests wait for KV blocks or a slot (a completion may
+        admit one), ``"full-budget"`` when a prefill runs and requests wait (none can be admitted while the chunks
+        fill the budget: the stretch ends before the step whose chunk leaves tokens over), None when not (a
+        preemption, prefix caching, a request in flight or not in the plan, more than one prefill)."""
+        if plan.preempted_ids or self.kv.prefix_caching or len(plan.request_ids) != len(self.running):
             return None
-        if len(plan.request_ids) != len(self.running):
-            return None
+        prefills = len(plan.request_ids) - plan.num_decodes
+        if prefills:
+            return None if prefills > 1 else "full-budget" if self.waiting else "open"
         if self.waiting:
             return "until-completion" if self.steady_with_waiting else None
         return "open"
+
+    def steady_prefill_budget(self, plan: BatchPlan) -> int | None:
+        """Tokens per step when the steps after ``plan`` (all running requests in it, nothing waiting) give every
+        decode one token and the plan's one partial prefill ``min(remaining, budget - decodes)`` tokens (blocks
+        allocated as ``allocate(request, computed + chunk)`` would); None when the policy's steps are not of
+        that form (the default: fast-forward then covers decode-only stretches)."""
+        return None
 
     # --- policy ---------------------------------------------------------------------------------------------
     def schedule(self, now_s: float) -> BatchPlan:  # pragma: no cover - abstract

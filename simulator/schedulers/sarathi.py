@@ -46,3 +46,8 @@ class SarathiScheduler(Scheduler):
             prefills.append((r, chunk))
             budget -= chunk
         return self.make_plan(decodes, prefills, now_s, preempted)
+
+    def steady_prefill_budget(self, plan):
+        """With one partial prefill and nothing waiting, each step is every decode plus the chunk
+        ``min(remaining, token_budget - decodes)`` (its prompt's blocks were allocated at admission)."""
+        return self.token_budget

@@ -133,3 +133,14 @@ class VLLMScheduler(Scheduler):
                 scheduled.append((r, n))
                 budget -= n
         return self.make_plan(decodes, scheduled, now_s, preempted)
+
+    def steady_prefill_budget(self, plan):
+        """With the partial prefill last in ``running`` and nothing waiting, each step serves the decodes before
+        it, then gives it ``min(remaining, max_num_batched_tokens - decodes)`` tokens (the ``max_model_len - 1``
+        cap never binds a prompt: an admitted request has prompt + output <= max_model_len) and allocates its
+        slots; None otherwise."""
+        if not self.running or self.running[-1].request_id != plan.request_ids[-1]:
+            return None
+        if len(self.running) > self.max_num_batched_tokens:      # the decodes alone could exhaust the budget
+            return None
+        return self.max_num_batched_tokens
