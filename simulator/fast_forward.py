@@ -66,14 +66,19 @@ def plan_stretch(replica, plan: BatchPlan, horizon_s: float, stop_at_completion:
         first_s = replica.cost_model.iteration_time(plan)
     if now + first_s >= horizon_s:           # the next arrival comes during step 0
         return None
-    d0 = plan.num_decodes
-    members = [sched.requests[rid] for rid in plan.request_ids]
-    rem = [r.output_tokens - r.num_generated for r in members[:d0]]
+    # the decode members, in running order: the plan's decodes and its prefills that finish in it (they emit at
+    # the end of step 0 and decode from step 1 on); the partial prefill, if any, is the plan's last entry
+    q = sched.requests[plan.request_ids[-1]] if plan.num_decodes < len(plan.request_ids) else None
+    if q is not None and q.remaining_tokens == 0:
+        q = None
+    regular = [r for r in sched.running if r is not q]
+    rem = [r.output_tokens - r.num_generated for r in regular]     # tokens each still emits, step 0's included
     lasts = [n - 1 for n in rem]                                    # the step of each member's last token
-    st = {"members": members, "d0": d0, "rem": rem, "first_s": first_s, "prefill": None}
+    st = {"regular": regular, "q": q, "rem": rem, "ctx0": [r.num_computed_tokens - 1 for r in regular],
+          "first_s": first_s, "prefill": None}
     k_cap = MAX_STEPS
-    if d0 < len(members):
-        pre = _prefill_steps(sched, plan, members[-1], rem, full_only=mode == "full-budget")
+    if q is not None:
+        pre = _prefill_steps(sched, plan, q, rem, full_only=mode == "full-budget")
         if pre is None:
             return None
         st["prefill"] = pre
@@ -143,14 +148,16 @@ def _window(replica, plan: BatchPlan, st: dict, K: int, horizon_s: float):
     Per-step arrays are built from the members' sorted decode counts and their KV block events (the steps at which
     a member's growth needs a new block), so the work is linear in members + steps."""
     kv = replica.scheduler.kv
-    members, d0, pre = st["members"], st["d0"], st["prefill"]
+    regular, pre = st["regular"], st["prefill"]
+    d0 = len(regular)
     bs = kv.block_size
     held_of = kv._held
     steps = np.arange(K, dtype=np.int64)
-    # the decode members: decodes and context per step from their decode counts sorted
+    # the decode members: decodes and context per step from their decode counts sorted (at step 0 the plan's
+    # own rows are recorded, so a member that prefilled in it may count as a decode there)
     rem = np.array(st["rem"], dtype=np.int64)
-    ctx0 = np.array(plan.context_lens[:d0], dtype=np.int64)
-    held = np.array([held_of.get(rid, 0) for rid in plan.request_ids[:d0]], dtype=np.int64)
+    ctx0 = np.array(st["ctx0"], dtype=np.int64)
+    held = np.array([held_of.get(r.request_id, 0) for r in regular], dtype=np.int64)
     order = np.argsort(rem, kind="stable")
     rs, cs = rem[order], ctx0[order]
     idx = np.searchsorted(rs, steps, side="right")                 # members [idx:] of the sorted still decode
@@ -174,7 +181,7 @@ def _window(replica, plan: BatchPlan, st: dict, K: int, horizon_s: float):
     freed_at, freed = last + 1, held + n_new                       # blocks back when a member finishes
     n_pre = 0                                                       # steps 0 .. n_pre - 1 hold a prefill chunk
     if pre is not None:                      # the prefill member: chunks, then (maybe) decodes
-        p = members[-1]
+        p = st["q"]
         n_pre = min(len(pre["chunks"]), K)
         p_last = pre["last"]
         p_tokens = np.empty(K, dtype=np.int64)
@@ -204,7 +211,8 @@ def _window(replica, plan: BatchPlan, st: dict, K: int, horizon_s: float):
             return None
         n_pre = min(n_pre, K)
     batch, ctx_sum, ctx_max = batch[:K], ctx_sum[:K], ctx_max[:K]
-    s = {"members": members, "d0": d0, "rem": st["rem"], "prefill": pre, "n_pre": n_pre, "plans": [plan]}
+    s = {"regular": regular, "q": st["q"], "rem": st["rem"], "ctx0": st["ctx0"], "prefill": pre, "n_pre": n_pre,
+         "plans": [plan]}
     # durations, priced up to the step that reaches the horizon (the rest of the window is never run)
     cm = replica.cost_model
     durations = [st["first_s"]]
@@ -253,9 +261,10 @@ def _window(replica, plan: BatchPlan, st: dict, K: int, horizon_s: float):
 
 def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
     """Apply a planned stretch to the replica's requests, KV cache, log and recorder; return the completions as
-    ``[(step, [requests])]`` in step order (the caller reports them at the end of their step)."""
+    ``[(step, [requests])]`` in step order and, within a step, in the order the step-by-step engine reports them
+    (the caller reports them at the end of their step)."""
     sched, kv, log = replica.scheduler, replica.scheduler.kv, replica.log
-    K, members, d0, pre = s["K"], s["members"], s["d0"], s["prefill"]
+    K, regular, q, pre = s["K"], s["regular"], s["q"], s["prefill"]
     n_pre = s["n_pre"]
     ends = s["ends"].tolist()
     starts, durations = s["starts"].tolist(), s["durations"].tolist()
@@ -266,7 +275,7 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
     if recorder is not None:
         gaps: dict = {}
         e0 = ends[0]
-        for r in members[:d0]:
+        for r in regular:
             if r.token_times_s:
                 g = e0 - r.token_times_s[-1]
                 gaps[g] = gaps.get(g, 0) + 1
@@ -274,61 +283,65 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
         recorder.add_gap_arrays([ends[j] - ends[j - 1] for j in range(1, K)], batch[1:])
     # requests
     done_at: dict[int, list] = {}
-    ctx0 = plan.context_lens
-    for r, rem, c in zip(members[:d0], s["rem"], ctx0):
+    for r, rem, c in zip(regular, s["rem"], s["ctx0"]):
         n = rem if rem < K else K
         r.token_times_s.extend(ends[:n])
         r.num_generated += n
         r.num_computed_tokens = c + n
         r.in_flight = False
+        if r.first_token_s is None:          # it prefilled in step 0
+            r.first_token_s = ends[0]
         if n == rem:
             r.completion_s = ends[n - 1]
             done_at.setdefault(n - 1, []).append(r)
         else:
             kv.allocate(r, c + n)
-    if pre is not None:
-        p = members[-1]
-        p.in_flight = False
+    if 0 in done_at and len(done_at[0]) > 1 and plan.num_decodes < len(plan.request_ids):
+        index = {rid: i for i, rid in enumerate(plan.request_ids)}    # step 0 reports in plan order
+        done_at[0].sort(key=lambda r: index[r.request_id])
+    if q is not None:
+        q.in_flight = False
         if end is None:                      # still prefilling after the stretch
-            p.num_computed_tokens = pre["ctx"][K - 1] + pre["chunks"][K - 1]
-            kv.allocate(p, p.num_computed_tokens)
+            q.num_computed_tokens = pre["ctx"][K - 1] + pre["chunks"][K - 1]
+            kv.allocate(q, q.num_computed_tokens)
         else:
             n = 1 + min(pre["ndec"], K - 1 - end)
-            p.token_times_s.extend(ends[end:end + n])
-            p.num_generated += n
-            p.num_computed_tokens = p.prompt_tokens + n - 1
-            if p.first_token_s is None:
-                p.first_token_s = ends[end]
-            if p.num_generated >= p.output_tokens:
+            q.token_times_s.extend(ends[end:end + n])
+            q.num_generated += n
+            q.num_computed_tokens = q.prompt_tokens + n - 1
+            if q.first_token_s is None:
+                q.first_token_s = ends[end]
+            if q.num_generated >= q.output_tokens:
                 step = end + n - 1
-                p.completion_s = ends[step]
+                q.completion_s = ends[step]
                 finishing = done_at.setdefault(step, [])
                 if step == end:              # finished by its prefill: reported after the step's decodes
-                    finishing.append(p)
+                    finishing.append(q)
                 else:                        # a decode: in running order among the others
-                    before = set(id(r) for r in members[:pre["pos"]])
-                    i = sum(1 for r in finishing if id(r) in before)
-                    finishing.insert(i, p)
+                    before = set(id(r) for r in regular[:pre["pos"]])
+                    finishing.insert(sum(1 for r in finishing if id(r) in before), q)
             else:
-                kv.allocate(p, p.num_computed_tokens)
+                kv.allocate(q, q.num_computed_tokens)
     for j in sorted(done_at):
         for r in done_at[j]:
             kv.free(r)
             del sched.requests[r.request_id]
     if done_at:
         sched.running = [r for r in sched.running if r.request_id in sched.requests]
-    # iteration rows, busy time
+    # iteration rows (step 0's are the plan's), busy time
     rid = replica.replica_id
     log.start_s.extend(starts)
     log.duration_s.extend(durations)
-    if n_pre:
-        log.batch_size.extend([b + 1 for b in batch[:n_pre]])
+    log.batch_size.append(len(plan.request_ids))
+    log.num_decode_tokens.append(plan.num_decodes)
+    log.num_prefill_tokens.append(plan.num_prefill_tokens)
+    if n_pre > 1:
+        log.batch_size.extend([b + 1 for b in batch[1:n_pre]])
         log.batch_size.extend(batch[n_pre:])
-        log.num_prefill_tokens.extend(s["prefill_tokens"].tolist())
     else:
-        log.batch_size.extend(batch)
-        log.num_prefill_tokens.extend([0] * K)
-    log.num_decode_tokens.extend(batch)
+        log.batch_size.extend(batch[1:])
+    log.num_prefill_tokens.extend(s["prefill_tokens"][1:].tolist())
+    log.num_decode_tokens.extend(batch[1:])
     log.kv_blocks_used.extend(used)
     log.kv_blocks_total.extend([kv.num_blocks] * K)
     log.replica_id.extend([rid] * K)
@@ -340,9 +353,9 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
     replica.num_iterations += K
     cm = replica.cost_model
     if getattr(cm, "tracker", None) is not None:
-        for j in range(n_pre):
+        for j in range(max(n_pre, 1)):
             cm.tracker.add(cm.outside(step_plan(s, j)))
-        cm.track_decodes(s["batch"][n_pre:], s["ctx_sum"][n_pre:])
+        cm.track_decodes(s["batch"][max(n_pre, 1):], s["ctx_sum"][max(n_pre, 1):])
     log.maybe_flush()
     return [(j, done_at[j]) for j in sorted(done_at)]
 
@@ -353,19 +366,18 @@ def step_plan(s: dict, j: int) -> BatchPlan:
     plans = s["plans"]
     if j < len(plans):
         return plans[j]
-    members, d0, pre, plan = s["members"], s["d0"], s["prefill"], plans[0]
-    ids = [members[i].request_id for i, n in enumerate(s["rem"]) if n > j]
-    ctxs = [c + j for c, n in zip(plan.context_lens[:d0], s["rem"]) if n > j]
-    if pre is None:
+    regular, q, pre, rem = s["regular"], s["q"], s["prefill"], s["rem"]
+    ids = [r.request_id for r, n in zip(regular, rem) if n > j]
+    ctxs = [c + j for c, n in zip(s["ctx0"], rem) if n > j]
+    if q is None:
         return BatchPlan(tuple(ids), (1,) * len(ids), tuple(ctxs), len(ids))
-    p = members[-1]
     if j < s["n_pre"]:                       # a chunk step: the decodes, then the chunk
-        return BatchPlan(tuple(ids) + (p.request_id,), (1,) * len(ids) + (pre["chunks"][j],),
+        return BatchPlan(tuple(ids) + (q.request_id,), (1,) * len(ids) + (pre["chunks"][j],),
                          tuple(ctxs) + (pre["ctx"][j],), len(ids))
     if pre["end"] is not None and j <= pre["last"]:     # the prefill now decodes, in running order
-        k = sum(1 for i in range(pre["pos"]) if s["rem"][i] > j)
-        ids.insert(k, p.request_id)
-        ctxs.insert(k, p.prompt_tokens + j - pre["end"] - 1)
+        k = sum(1 for n in rem[:pre["pos"]] if n > j)
+        ids.insert(k, q.request_id)
+        ctxs.insert(k, q.prompt_tokens + j - pre["end"] - 1)
     return BatchPlan(tuple(ids), (1,) * len(ids), tuple(ctxs), len(ids))
 
 

@@ -50,6 +50,14 @@ class Scheduler:
     #: completion frees KV blocks or a slot (False: it may admit on another turn; see ``decode_steady``)
     steady_with_waiting = True
 
+    #: after a step whose prefills all finish (nothing waiting), the policy runs decode-only steps until an arrival
+    #: (False for a policy whose state, e.g. a turn, changes step by step; see ``decode_steady``)
+    steady_after_prefill = False
+    #: while requests wait, nothing is admitted until a completion frees a slot or blocks, whatever the step (a
+    #: policy that reserves blocks up front and admits when slots free: after a prefill step, the stretch then
+    #: runs until the first completion instead of not at all)
+    waits_for_completion = False
+
     #: admission watermark (fraction of the KV blocks kept free) when the config leaves it unset
     default_watermark = 0.01
 
@@ -215,21 +223,33 @@ class Scheduler:
         return BatchPlan(ids, new, ctx, len(decodes), tuple(r.request_id for r in preempted))
 
     def decode_steady(self, plan: BatchPlan) -> str | None:
-        """Whether the steps after ``plan`` repeat its shape as long as nothing external happens — every running
-        request decodes one token, and the one partial prefill, if any (the plan's last entry, see
-        ``steady_prefill_budget``), gets its next chunk — so that the engine may fast-forward them
-        (``simulator.fast_forward``): ``"open"`` when nothing waits (only an arrival ends it),
-        ``"until-completion"`` when decodes alone run and requests wait for KV blocks or a slot (a completion may
-        admit one), ``"full-budget"`` when a prefill runs and requests wait (none can be admitted while the chunks
-        fill the budget: the stretch ends before the step whose chunk leaves tokens over), None when not (a
-        preemption, prefix caching, a request in flight or not in the plan, more than one prefill)."""
+        """Whether the steps after ``plan`` take one steady shape as long as nothing external happens, so that the
+        engine may fast-forward them (``simulator.fast_forward``): every running request decodes one token (the
+        plan's prefills that finish in it decode from the next step on), and the one partial prefill left, if any
+        (the plan's last entry, see ``steady_prefill_budget``), gets its next chunk. Returns ``"open"`` when
+        nothing waits (only an arrival ends it), ``"until-completion"`` when the plan is all decodes and requests
+        wait for KV blocks or a slot (a completion may admit one), ``"full-budget"`` when a prefill goes on and
+        requests wait (none can be admitted while its chunks fill the budget: the stretch ends before the step
+        whose chunk leaves tokens over), None when not (a preemption, prefix caching, a request in flight or not
+        in the plan, more than one partial prefill, finished prefills while requests wait unless the policy
+        ``waits_for_completion``, or a policy that is not ``steady_after_prefill``)."""
         if plan.preempted_ids or self.kv.prefix_caching or len(plan.request_ids) != len(self.running):
             return None
-        prefills = len(plan.request_ids) - plan.num_decodes
-        if prefills:
-            return None if prefills > 1 else "full-budget" if self.waiting else "open"
+        d, ids = plan.num_decodes, plan.request_ids
+        if d == len(ids):
+            if self.waiting:
+                return "until-completion" if self.steady_with_waiting else None
+            return "open"
+        requests = self.requests
+        partial = [rid for rid in ids[d:] if requests[rid].remaining_tokens > 0]
+        if partial:
+            if len(partial) > 1 or partial[0] != ids[-1]:
+                return None
+            return "full-budget" if self.waiting else "open"
+        if not self.steady_after_prefill:
+            return None
         if self.waiting:
-            return "until-completion" if self.steady_with_waiting else None
+            return "until-completion" if self.waits_for_completion else None
         return "open"
 
     def steady_prefill_budget(self, plan: BatchPlan) -> int | None:

@@ -16,6 +16,8 @@ from simulator.schedulers.base import Scheduler
 class OrcaScheduler(Scheduler):
     name = "orca"
     default_max_num_seqs = 16
+    steady_after_prefill = True                     # stateless: decodes follow a finished prefill
+    waits_for_completion = True                     # KV reserved up front: only a completion admits
 
     def __init__(self, block_manager, *, max_model_len: int, max_num_seqs: int = 16):
         super().__init__(block_manager, max_model_len=max_model_len, max_num_seqs=max_num_seqs,

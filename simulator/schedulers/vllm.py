@@ -49,6 +49,7 @@ class VLLMScheduler(Scheduler):
     name = "vllm"
     options = {"max_num_batched_tokens": None, "scheduler_reserve_full_isl": True}   # None: default_limits
     supports_prefix_caching = True
+    steady_after_prefill = True                     # stateless: decodes follow a finished prefill
     default_max_num_seqs = None                     # default_limits(device)
 
     default_watermark = 0.0                         # vllm/config/scheduler.py: watermark = 0.0

@@ -21,6 +21,7 @@ from simulator.schedulers.base import Scheduler
 class VLLMv0Scheduler(Scheduler):
     name = "vllm-v0"
     options = {"max_num_batched_tokens": None}      # None: max_model_len (vLLM v0 without chunked prefill)
+    steady_after_prefill = True                     # stateless: decodes follow a finished prefill
 
     @classmethod
     def configure(cls, config, *, max_model_len: int, device) -> dict:
