@@ -279,10 +279,12 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
             if r.token_times_s:
                 g = e0 - r.token_times_s[-1]
                 gaps[g] = gaps.get(g, 0) + 1
+        s["gap_mark"] = (len(recorder._gap_values), len(gaps))     # for rollback_stretch
         recorder.add_gaps(gaps)
         recorder.add_gap_arrays([ends[j] - ends[j - 1] for j in range(1, K)], batch[1:])
     # requests
     done_at: dict[int, list] = {}
+    s["first_set"] = first_set = []          # members whose first token the stretch emitted
     for r, rem, c in zip(regular, s["rem"], s["ctx0"]):
         n = rem if rem < K else K
         r.token_times_s.extend(ends[:n])
@@ -291,6 +293,7 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
         r.in_flight = False
         if r.first_token_s is None:          # it prefilled in step 0
             r.first_token_s = ends[0]
+            first_set.append(r)
         if n == rem:
             r.completion_s = ends[n - 1]
             done_at.setdefault(n - 1, []).append(r)
@@ -311,6 +314,7 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
             q.num_computed_tokens = q.prompt_tokens + n - 1
             if q.first_token_s is None:
                 q.first_token_s = ends[end]
+                first_set.append(q)
             if q.num_generated >= q.output_tokens:
                 step = end + n - 1
                 q.completion_s = ends[step]
@@ -358,6 +362,38 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
         cm.track_decodes(s["batch"][max(n_pre, 1):], s["ctx_sum"][max(n_pre, 1):])
     log.maybe_flush()
     return [(j, done_at[j]) for j in sorted(done_at)]
+
+
+def rollback_stretch(replica, s: dict, upto: int) -> None:
+    """Undo what an applied stretch did after step ``upto`` (-1: after scheduling step 0) to its requests' tokens,
+    first-token and completion times and to the recorder's TBT samples, so that a run stopped there (an
+    ``on_iteration`` hook or a completion callback raised) reports what the step-by-step engine would have
+    measured. The scheduler and KV cache are left as they are: the run does not go on."""
+    K = s["K"]
+    for r, rem in zip(s["regular"], s["rem"]):
+        n, keep = min(rem, K), max(0, min(rem, upto + 1))
+        if n > keep:
+            del r.token_times_s[len(r.token_times_s) - (n - keep):]
+            r.num_generated -= n - keep
+            r.num_computed_tokens -= n - keep
+            r.completion_s = None
+    q, pre = s["q"], s["prefill"]
+    if q is not None and pre["end"] is not None and pre["end"] < K:
+        n = 1 + min(pre["ndec"], K - 1 - pre["end"])
+        keep = 0 if upto < pre["end"] else 1 + min(pre["ndec"], upto - pre["end"])
+        if n > keep:
+            del q.token_times_s[len(q.token_times_s) - (n - keep):]
+            q.num_generated -= n - keep
+            q.completion_s = None
+    for r in s["first_set"]:
+        if not r.token_times_s:
+            r.first_token_s = None
+    recorder = replica.recorder
+    if recorder is not None:
+        base, step0 = s["gap_mark"]
+        keep = base if upto < 0 else base + step0 + upto
+        del recorder._gap_values[keep:]
+        del recorder._gap_counts[keep:]
 
 
 def step_plan(s: dict, j: int) -> BatchPlan:

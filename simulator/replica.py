@@ -29,7 +29,7 @@ import numpy as np
 import simpy
 
 from cost_models.plan import BatchPlan
-from simulator.fast_forward import apply_stretch, exact_delay, plan_stretch, step_plan
+from simulator.fast_forward import apply_stretch, exact_delay, plan_stretch, rollback_stretch, step_plan
 
 
 class StalledError(RuntimeError):
@@ -308,13 +308,21 @@ class Replica:
             starts, plans = s["starts"].tolist(), getattr(hook, "reads_plan", True)
         for j in range(len(ends)) if hook is not None else sorted(completions):
             if hook is not None:
-                hook(step_plan(s, j) if plans else None, starts[j], durations[j])
+                try:
+                    hook(step_plan(s, j) if plans else None, starts[j], durations[j])
+                except BaseException:        # the run stops at step j's launch: steps before it are done
+                    rollback_stretch(self, s, j - 1)
+                    raise
             done = completions.get(j)
             if done:
                 yield from self._advance(durations, ends, at, j)
                 at = j
                 if self.on_done is not None:
-                    self.on_done(self, done)
+                    try:
+                        self.on_done(self, done)
+                    except BaseException:    # the run stops as step j's completions are reported
+                        rollback_stretch(self, s, j)
+                        raise
         yield from self._advance(durations, ends, at, len(ends) - 1)
         return True
 

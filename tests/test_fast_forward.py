@@ -126,3 +126,18 @@ def test_random_small_runs_are_identical(scheduler, w):
     assert on.request_columns().keys() == off.request_columns().keys()
     for k, v in on.request_columns().items():
         assert np.array_equal(v, off.request_columns()[k], equal_nan=True), k
+
+
+def test_capacity_search_is_identical_with_fast_forward_on_and_off(tmp_path):
+    # trials stopped early (an SLO violated for certain) report the part simulated: a stretch cut by the stop
+    # must leave exactly what the step-by-step engine had measured (simulator.fast_forward.rollback_stretch)
+    outs = {}
+    for ff in ("--fast-forward", "--no-fast-forward"):
+        out = CliRunner().invoke(main, ["capacity", "--num-requests", 400, "--slo-level", "strict",
+                                        "--scheduler", "sarathi", ff, "--out", str(tmp_path / ff)])
+        assert out.exit_code == 0, out.output
+        outs[ff] = [(tmp_path / ff / f).read_bytes() for f in ("capacity.json", "trials.csv")]
+    on, off = outs["--fast-forward"], outs["--no-fast-forward"]
+    assert b"stopped early" in on[0] or b'"stopped_early": true' in on[0]
+    assert on[0].replace(b'"fast_forward": true', b'"fast_forward": false') == off[0]
+    assert on[1] == off[1]
