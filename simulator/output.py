@@ -24,16 +24,33 @@ def _arrow_table(columns: dict, nullable_ints=()):
         if a.dtype.kind == "f":
             mask = np.isnan(a)
             if name in nullable_ints:
-                arrays[name] = pa.array(np.where(mask, 0, a).astype(np.int64), mask=mask, type=pa.int64())
+                arrays[name] = _from_numpy(pa, np.where(mask, 0, a).astype(np.int64), pa.int64(), ~mask)
             else:
-                arrays[name] = pa.array(a, mask=mask if mask.any() else None, type=pa.float64())
+                arrays[name] = _from_numpy(pa, a.astype(np.float64, copy=False), pa.float64(),
+                                           ~mask if mask.any() else None)
         elif a.dtype.kind == "b":
-            arrays[name] = pa.array(a, type=pa.bool_())
+            arrays[name] = pa.Array.from_buffers(pa.bool_(), len(a), [None, pa.py_buffer(_bitmap(a))])
         elif a.dtype.kind in "iu":
-            arrays[name] = pa.array(a.astype(np.int64), type=pa.int64())
+            arrays[name] = _from_numpy(pa, a.astype(np.int64), pa.int64())
         else:
-            arrays[name] = pa.array(a.tolist())
+            arrays[name] = pa.array(a.tolist())       # let pyarrow infer the type (it may import pandas)
     return pa.table(arrays)
+
+
+def _from_numpy(pa, values: np.ndarray, arrow_type, valid: np.ndarray | None = None):
+    """An Arrow array over the 1-D numpy ``values`` (already of ``arrow_type``'s width), null where ``valid`` is
+    False. Built from the buffers because ``pa.array`` on a numpy array imports pandas (to ask whether the
+    values are a pandas Categorical), which costs about half a second; the array is the same."""
+    values = np.ascontiguousarray(values)
+    validity, nulls = None, 0
+    if valid is not None:
+        validity, nulls = pa.py_buffer(_bitmap(valid)), len(valid) - int(np.count_nonzero(valid))
+    return pa.Array.from_buffers(arrow_type, len(values), [validity, pa.py_buffer(values)], null_count=nulls)
+
+
+def _bitmap(flags: np.ndarray) -> np.ndarray:
+    """Arrow's bit-packed form of a boolean array (least significant bit first)."""
+    return np.packbits(flags.astype(bool, copy=False), bitorder="little")
 
 
 def _write(table, path: Path, fmt: str) -> None:

@@ -12,6 +12,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import simpy
 
@@ -30,6 +31,9 @@ from simulator.routers import ROUTERS
 from simulator.schedulers import SCHEDULERS, foreign_options
 from simulator.slo import DEFAULT_DECODE_DEADLINE_S, DEFAULT_TTFT_SLACK_S, predicted_prefill_s
 from traces.tables import write_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_DEVICE = "A100-80GB-SXM"
 
@@ -147,33 +151,41 @@ def load_requests(config: SimConfig, model=None, *, changes: dict | None = None)
     """The config's trace as Requests (generated or loaded; see ``traces.load_trace``), limited to the effective
     ``max_model_len`` like the Sarathi-Serve artifact (shrunk, or dropped with ``drop_long``). ``changes`` (a
     dict) receives the trace's ``workload_changes`` (requests shrunk and dropped). With prefix caching, trace
-    block hashes are mapped onto the KV block size (``traces.prefix.block_hashes_for``)."""
-    from traces import WORKLOADS, load_trace
+    block hashes are mapped onto the KV block size (``traces.prefix.block_hashes_for``). The built-in i.i.d.
+    workloads are loaded as numpy columns (``traces.load_columns``), without pandas."""
+    from traces import WORKLOADS, load_columns
 
     model = model or load_model(config.model)
     builtin = config.trace in WORKLOADS
     num_requests = config.num_requests or (DEFAULT_NUM_REQUESTS if builtin else None)
-    df = load_trace(config.trace, num_requests=num_requests, qps=config.effective_qps, seed=config.seed,
-                    arrival=config.arrival, cv=config.cv, shuffle=config.shuffle, drop_long=config.drop_long,
-                    retime=True if config.retime else None,
-                    qps_explicit=config.qps is not None and not config.concurrency,
-                    max_total_tokens=effective_max_model_len(config, model), **config.workload_options)
+    trace = load_columns(config.trace, num_requests=num_requests, qps=config.effective_qps, seed=config.seed,
+                         arrival=config.arrival, cv=config.cv, shuffle=config.shuffle, drop_long=config.drop_long,
+                         retime=True if config.retime else None,
+                         qps_explicit=config.qps is not None and not config.concurrency,
+                         max_total_tokens=effective_max_model_len(config, model), **config.workload_options)
     if changes is not None:
-        changes.update(df.attrs.get("workload_changes", {}))
+        changes.update(trace.attrs.get("workload_changes", {}))
+    prompts = trace.prompt_tokens.tolist()
     hashes = None
-    if config.enable_prefix_caching and "block_hashes" in df:
+    if config.enable_prefix_caching and trace.block_hashes is not None:
         from traces.prefix import block_hashes_for
 
-        H = df.attrs["hash_block_tokens"]
-        hashes = [block_hashes_for(h, H, int(p), config.block_size)
-                  for h, p in zip(df["block_hashes"], df["prompt_tokens"])]
-    return requests_from_frame(df, hashes)
+        H = trace.hash_block_tokens
+        hashes = [block_hashes_for(h, H, p, config.block_size) for h, p in zip(trace.block_hashes, prompts)]
+    return _requests(range(len(trace)), trace.arrival_s.tolist(), prompts, trace.output_tokens.tolist(), hashes)
 
 
 def requests_from_frame(df: pd.DataFrame, block_hashes=None) -> list[Request]:
     """Requests from a trace table with columns request_id, arrival_s, prompt_tokens, output_tokens (and the
     prefix-cache keys of each request's prompt blocks, if given)."""
-    rows = zip(df["request_id"], df["arrival_s"], df["prompt_tokens"], df["output_tokens"])
+    return _requests(*(df[c].tolist() for c in ("request_id", "arrival_s", "prompt_tokens", "output_tokens")),
+                     block_hashes)
+
+
+def _requests(ids, arrivals, prompts, outputs, block_hashes=None) -> list[Request]:
+    """Requests from aligned sequences: ids, arrival times (s), prompt and output lengths (tokens) and, if
+    given, each request's prompt-block prefix-cache keys."""
+    rows = zip(ids, arrivals, prompts, outputs)
     if block_hashes is None:
         return [Request(int(i), float(a), int(p), int(o)) for i, a, p, o in rows]
     return [Request(int(i), float(a), int(p), int(o), h) for (i, a, p, o), h in zip(rows, block_hashes)]

@@ -51,10 +51,25 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     ("simulator", ("torch", "sklearn", "profiler")),
     ("cost_models.fitted", ("torch", "sklearn", "pandas")),
     ("cost_models.roofline", ("torch", "sklearn", "pandas")),
-    ("simulator.simulation", ("torch", "sklearn", "profiler")),
+    ("simulator.simulation", ("torch", "sklearn", "profiler", "pandas")),
+    ("simulator.cli", ("pandas", "pyarrow")),
+    ("traces", ("pandas", "pyarrow")),
 ])
 def test_simulating_imports_neither_torch_nor_the_fitting_code(module, forbidden):
     code = (f"import sys, {module}\n"
             f"print(','.join(m for m in {forbidden!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "", f"importing {module} loaded {out.stdout.strip()}"
+
+
+def test_simulating_a_builtin_workload_never_imports_pandas(tmp_path):
+    """``load_columns`` generates sharegpt without pandas and the tables are written through pyarrow's buffers
+    (``simulator.output``), so a default run never pays pandas' import (about half a second)."""
+    code = ("import sys\nfrom simulator.cli import main\n"
+            f"try:\n    main(['simulate', '--num-requests', '20', '--out', {str(tmp_path / 'out')!r}])\n"
+            "except SystemExit:\n    pass\n"
+            "print('loaded:', ','.join(m for m in ('pandas',) if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert (tmp_path / "out" / "requests.csv").exists(), out.stdout + out.stderr
+    last = out.stdout.splitlines()[-1]
+    assert last == "loaded: ", f"simulate {last}"

@@ -301,3 +301,102 @@ def test_qps_explicit_with_own_arrivals_is_an_error(tmp_path):
     q = write(tmp_path, "untimed.csv", "prompt_tokens,output_tokens\n10,5\n")
     assert len(load_trace(q, qps=3.0, qps_explicit=True, seed=0)) == 1                 # qps is used
     assert len(load_trace("sharegpt", num_requests=3, qps=3.0, qps_explicit=True)) == 3
+
+
+# ------------------------------------------------------------------------------------------------------
+# load_columns / TraceColumns: the same trace as numpy columns
+# ------------------------------------------------------------------------------------------------------
+
+def assert_same_trace(df: pd.DataFrame, expected: pd.DataFrame):
+    pd.testing.assert_frame_equal(df, expected, check_exact=True)
+    assert df.attrs == expected.attrs and list(df.attrs) == list(expected.attrs)
+
+
+@pytest.mark.parametrize("spec, kwargs", [
+    ("sharegpt", dict(num_requests=300, qps=2.0)),
+    ("sharegpt", dict(num_requests=300, qps=2.0, max_total_tokens=2048)),
+    ("arxiv", dict(num_requests=200, qps=1.0, max_total_tokens=4096, drop_long=True)),
+    ("random", dict(num_requests=200, qps=math.inf, input_len=300, output_len=20, range_ratio=0.5)),
+    ("conversation", dict(num_requests=200, qps=2.0, max_total_tokens=2000)),
+])
+def test_load_columns_is_load_trace_as_columns(spec, kwargs):
+    from traces import TraceColumns, load_columns
+
+    cols = load_columns(spec, seed=3, **kwargs)
+    df = load_trace(spec, seed=3, **kwargs)
+    assert isinstance(cols, TraceColumns) and len(cols) == len(df)
+    assert cols.arrival_s.dtype == np.float64 and cols.prompt_tokens.dtype == cols.output_tokens.dtype == np.int64
+    assert_same_trace(cols.frame(), df)
+    assert_same_trace(TraceColumns.from_frame(df).frame(), df)
+    assert (cols.block_hashes is not None) == (spec == "conversation")
+    assert cols.hash_block_tokens == df.attrs.get("hash_block_tokens")
+    assert cols.attrs["workload_changes"] == df.attrs["workload_changes"]
+
+
+def test_load_columns_reads_files_like_load_trace(tmp_path):
+    from traces import load_columns
+
+    path = write(tmp_path, "t.csv", "arrival_s,prompt_tokens,output_tokens,block_hashes\n"
+                                    "0.5,40,3,1 2 3\n1.0,9000,10,\n1.0,17,2,7;8\n")
+    for kwargs in (dict(), dict(max_total_tokens=4096), dict(max_total_tokens=4096, drop_long=True)):
+        assert_same_trace(load_columns(path, **kwargs).frame(), load_trace(path, **kwargs))
+    with pytest.raises(TraceError, match="num_requests=5 but the trace has only 3"):
+        load_columns(path, num_requests=5)
+
+
+def test_load_columns_takes_the_arguments_of_load_trace():
+    import inspect
+
+    from traces import load_columns
+
+    ours, theirs = inspect.signature(load_columns), inspect.signature(load_trace)
+    assert list(ours.parameters.values()) == list(theirs.parameters.values())
+
+
+def test_make_trace_is_make_columns_as_a_frame():
+    from traces.schema import make_columns, make_trace
+
+    arrivals, prompt, output = [2.0, 1.0, 1.0], [5, 6, 7], [1, 2, 3]
+    hashes = [[1], (2, 3), []]
+    df = make_trace(arrivals, prompt, output, hashes, 4)
+    cols = make_columns(arrivals, prompt, output, hashes, 4)
+    assert df["prompt_tokens"].tolist() == cols.prompt_tokens.tolist() == [6, 7, 5]
+    assert df["block_hashes"].tolist() == cols.block_hashes == [(2, 3), (), (1,)]
+    assert_same_trace(cols.frame(), df)
+    assert list(df.columns) == [*COLUMNS, "block_hashes"] and df.attrs == {"hash_block_tokens": 4}
+    assert make_trace([1.0], [2], [3]).dtypes.tolist() == [np.int64, np.float64, np.int64, np.int64]
+
+
+def test_trace_columns_validate_like_validate_trace():
+    from traces import TraceColumns
+    from traces.schema import make_columns
+
+    good = make_columns([0.0, 1.0, 2.0], [4, 5, 6], [1, 1, 1])
+    assert good.validate("x") is good
+
+    def messages(**change):
+        import dataclasses
+
+        cols = dataclasses.replace(good, **change)
+        errors = []
+        for check in (lambda: cols.validate("t"), lambda: validate_trace(cols.frame(), "t")):
+            with pytest.raises(TraceError) as e:
+                check()
+            errors.append(str(e.value))
+        return errors
+
+    for change in (dict(arrival_s=np.array([0.0, -1.0, 2.0])), dict(arrival_s=np.array([0.0, 2.0, 1.0])),
+                   dict(arrival_s=np.array([0.0, np.nan, 1.0])), dict(prompt_tokens=np.array([4, 0, 6])),
+                   dict(output_tokens=np.array([1, 1, 2**31])),
+                   dict(block_hashes=[(1,), (True,), ()], attrs={"hash_block_tokens": 4}),
+                   dict(block_hashes=[(1, 2, 3), (), ()], attrs={"hash_block_tokens": 2}),
+                   dict(block_hashes=[(), (), ()], attrs={"hash_block_tokens": 0})):
+        ours, theirs = messages(**change)
+        assert ours == theirs, change
+    assert messages(prompt_tokens=np.array([4, 0, 6]))[0] == "t: row 1: prompt_tokens: must be >= 1, got np.int64(0)"
+    with pytest.raises(TraceError, match="no requests"):
+        make_columns([], [], []).validate("t")
+    with pytest.raises(TraceError, match="prompt_tokens: must be a numpy array of shape"):
+        TraceColumns(np.zeros(2), np.ones(3, dtype=np.int64), np.ones(2, dtype=np.int64)).validate("t")
+    with pytest.raises(TraceError, match="arrival_s: dtype must be float"):
+        TraceColumns(np.zeros(2, dtype=np.int64), np.ones(2, dtype=np.int64), np.ones(2, dtype=np.int64)).validate()

@@ -1,16 +1,21 @@
-"""``load_trace``: the single entry point the CLI calls, for built-in workloads and trace files alike."""
+"""``load_trace``: the single entry point the CLI calls, for built-in workloads and trace files alike, and
+``load_columns``, the same trace as numpy columns (``TraceColumns``), which for the i.i.d. built-ins
+(sharegpt, arxiv, random) never imports pandas."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from .limits import changes_record, drop_examples, over_limit, shrink_requests
 from .loaders import RawTrace, read_trace_file
-from .schema import TraceError, make_trace, validate_trace
+from .schema import TraceColumns, TraceError, make_columns, validate_trace
 from .synthetic import _check_count, arrival_times, check_arrival_options, rng_streams
-from .workloads import WORKLOADS, generate_workload
+from .workloads import WORKLOADS, checked_workload
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def load_trace(spec: str | Path, *, num_requests: int | None = None, qps: float | None = None, seed: int = 0,
@@ -80,6 +85,23 @@ def load_trace(spec: str | Path, *, num_requests: int | None = None, qps: float 
     ``TraceRequestLengthGenerator`` for the shrinking rule; vLLM's ``RandomDataset`` for random; Azure LLM
     inference trace 2023; Mooncake traces (FAST'25).
     """
+    return load_columns(spec, num_requests=num_requests, qps=qps, seed=seed, arrival=arrival, cv=cv,
+                        max_total_tokens=max_total_tokens, shuffle=shuffle, drop_long=drop_long, retime=retime,
+                        qps_explicit=qps_explicit, hash_block_tokens=hash_block_tokens,
+                        **workload_options).frame()
+
+
+def load_columns(spec: str | Path, *, num_requests: int | None = None, qps: float | None = None, seed: int = 0,
+                 arrival: str = "poisson", cv: float = 1.0, max_total_tokens: int | None = None,
+                 shuffle: bool = False, drop_long: bool = False, retime: bool | None = None,
+                 qps_explicit: bool = False, hash_block_tokens: int | None = None,
+                 **workload_options) -> TraceColumns:
+    """``load_trace`` as ``TraceColumns``: the same arguments, checks and errors, the same trace
+    (``load_trace(...)`` is ``load_columns(...).frame()``).
+
+    The sharegpt, arxiv and random workloads are generated as columns without importing pandas; trace files
+    and the ``conversation`` workload are read or built with pandas and converted.
+    """
     check_arrival_options(qps, arrival, cv)
     if num_requests is not None:
         _check_count(num_requests, "num_requests", minimum=1)
@@ -109,20 +131,23 @@ def load_trace(spec: str | Path, *, num_requests: int | None = None, qps: float 
 
 
 def _load_builtin(name: str, num_requests: int | None, *, qps, seed, arrival, cv, max_total_tokens, drop_long,
-                  retime, hash_block_tokens, options: dict) -> pd.DataFrame:
+                  retime, hash_block_tokens, options: dict) -> TraceColumns:
     if num_requests is None:
         raise TraceError("num_requests is required for a built-in workload", name, field="num_requests")
     if retime is False:
         raise TraceError("a built-in workload has no arrival times to keep (retime=False)", name, field="retime")
     if hash_block_tokens is not None and "hash_block_tokens" in WORKLOADS[name].options:
         options = {"hash_block_tokens": hash_block_tokens, **options}
-    df = generate_workload(name, num_requests, qps=qps, seed=seed, arrival=arrival, cv=cv,
-                           max_total_tokens=max_total_tokens, drop_long=drop_long, **options)
-    return validate_trace(df, name)
+    workload = checked_workload(name, options)
+    kwargs = dict(qps=qps, seed=seed, arrival=arrival, cv=cv, max_total_tokens=max_total_tokens,
+                  drop_long=drop_long, **options)
+    if workload.columns is not None:
+        return workload.columns(num_requests, **kwargs).validate(name)
+    return TraceColumns.from_frame(validate_trace(workload.generate(num_requests, **kwargs), name))
 
 
 def _load_file(path: Path, num_requests: int | None, *, qps, seed, arrival, cv, max_total_tokens, shuffle,
-               drop_long, retime, qps_explicit, hash_block_tokens) -> pd.DataFrame:
+               drop_long, retime, qps_explicit, hash_block_tokens) -> TraceColumns:
     streams = rng_streams(seed)
     raw = read_trace_file(path, hash_block_tokens=hash_block_tokens)
     keeps_arrivals = raw.arrival_s is not None and not retime
@@ -155,10 +180,10 @@ def _load_file(path: Path, num_requests: int | None, *, qps, seed, arrival, cv, 
             reason = "retime=True" if retime else f"the trace ({raw.format} format) has no arrival times"
             raise TraceError(f"required because {reason}; pass qps", raw.source, field="qps")
         arrivals = arrival_times(len(prompt), qps, streams.arrivals, arrival=arrival, cv=cv)
-    df = make_trace(arrivals, prompt, output, hashes, raw.hash_block_tokens)
-    df.attrs["workload_changes"] = changes_record(len(raw), num_shrunk, num_dropped, max_total_tokens,
-                                                  examples + shrunk_examples)
-    return validate_trace(df, raw.source)
+    columns = make_columns(arrivals, prompt, output, hashes, raw.hash_block_tokens)
+    columns.attrs["workload_changes"] = changes_record(len(raw), num_shrunk, num_dropped, max_total_tokens,
+                                                       examples + shrunk_examples)
+    return columns.validate(raw.source)
 
 
 def _drop_over_long(raw: RawTrace, max_total_tokens: int | None, drop_long: bool):

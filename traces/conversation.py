@@ -49,14 +49,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from .limits import DROP_DRAW_FACTOR, changes_record, drop_examples, over_limit, shrink_requests
 from .prefix import mix_hash
 from .schema import HASH_COLUMN, MAX_TOKENS, TraceError, make_trace
 from .synthetic import _check_count, arrival_times, check_arrival_options, rng_streams
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _TAG_SYSTEM, _TAG_SESSION = 1, 2
 _MAX_REJECTED = 1000       # redrawn sessions allowed beyond 10 per accepted one before giving up
@@ -120,6 +123,8 @@ def sample_sessions(num_requests: int, seed: int, params: ConversationParams = C
     Raises:
         TraceError: bad seed or parameters, or (almost) no session whose first turn fits.
     """
+    import pandas as pd
+
     _check_count(num_requests, "num_requests", minimum=1)
     rng = rng_streams(seed).lengths
     p = params
@@ -172,6 +177,8 @@ def _stream_hashes(seed: int, session: int, system: int, system_tokens: int, max
 def _timed_sessions(num_requests: int, qps: float, seed: int, arrival: str, cv: float,
                     params: ConversationParams) -> pd.DataFrame:
     """``sample_sessions`` plus an ``arrival_s`` column, sorted by arrival (stable), index reset."""
+    import pandas as pd
+
     sessions = sample_sessions(num_requests, seed, params)
     num_sessions = int(sessions["session"].iloc[-1]) + 1
     arrivals_rng = rng_streams(seed).arrivals

@@ -49,11 +49,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from .schema import MAX_ARRIVAL_S, MAX_TOKENS, TraceError, short_repr
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # CSV format -> (prompt column, output column, arrival column); the arrival column is optional except for azure
 CSV_FORMATS: dict[str, tuple[str, str, str]] = {
@@ -151,6 +154,8 @@ def detect_format(path: str | Path) -> str:
 
 
 def _read_csv(path: Path, source: str, **kwargs) -> pd.DataFrame:
+    import pandas as pd
+
     try:
         return pd.read_csv(path, dtype=str, skip_blank_lines=False, **kwargs)
     except pd.errors.EmptyDataError:
@@ -218,6 +223,8 @@ def read_jsonl(path: str | Path) -> RawTrace:
             lines.append(lineno)
     if not rows:
         raise TraceError("empty file", source)
+    import pandas as pd
+
     df = pd.DataFrame(rows, columns=list(MOONCAKE_KEYS), dtype=object)
     lines = np.asarray(lines, dtype=np.int64)
     prompt = positive_ints(df["input_length"], lines, source, "input_length")
@@ -263,6 +270,8 @@ _INTEGER = re.compile(r"[+-]?\d+")
 
 def _csv_hashes(text, prompt_tokens: int, hash_block_tokens: int, source: str, line: int) -> tuple[int, ...]:
     """One CSV ``block_hashes`` cell: integers separated by spaces and/or ``;``; empty means none."""
+    import pandas as pd
+
     if text is None or pd.isna(text):
         return ()
     parts = [part for part in _HASH_SEPARATORS.split(str(text).strip()) if part]
@@ -292,6 +301,8 @@ def _first_bad(ok: np.ndarray) -> int | None:
 
 def _numbers(raw: pd.Series, lines: np.ndarray, source: str, field: str) -> np.ndarray:
     """Finite float64 values; TraceError at the first missing, non-numeric or non-finite value."""
+    import pandas as pd
+
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     if raw.dtype == object:                                          # JSON true/false are not numbers
         values = np.where(raw.map(type).eq(bool).to_numpy(), np.nan, values)
@@ -347,6 +358,8 @@ def _check_horizon(seconds: np.ndarray, raw: pd.Series, lines: np.ndarray, sourc
 
 def _wall_clock_seconds(raw: pd.Series, lines: np.ndarray, source: str, field: str) -> np.ndarray:
     """Wall-clock timestamps -> seconds since the first row; TraceError at a malformed or unsorted one."""
+    import pandas as pd
+
     try:
         stamps = pd.to_datetime(raw.str.strip(), format="ISO8601", errors="coerce")
     except (ValueError, TypeError) as exc:                          # e.g. mixed time zones

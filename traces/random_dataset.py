@@ -20,12 +20,15 @@ stream (``traces.synthetic.arrival_times``), not vLLM's.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from .schema import MAX_TOKENS, TraceError
-from .synthetic import _check_count, iid_trace
+from .schema import MAX_TOKENS, TraceColumns, TraceError
+from .synthetic import _check_count, iid_columns
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_INPUT_LEN = 1024     # vLLM RandomDataset.DEFAULT_INPUT_LEN
 DEFAULT_OUTPUT_LEN = 128     # vLLM RandomDataset.DEFAULT_OUTPUT_LEN
@@ -93,10 +96,20 @@ def generate_random(num_requests: int, *, qps: float, seed: int, arrival: str = 
     Raises:
         TraceError: invalid lengths, range ratio, arrival options or seed.
     """
+    return generate_random_columns(num_requests, qps=qps, seed=seed, arrival=arrival, cv=cv,
+                                   max_total_tokens=max_total_tokens, drop_long=drop_long, input_len=input_len,
+                                   output_len=output_len, range_ratio=range_ratio).frame()
+
+
+def generate_random_columns(num_requests: int, *, qps: float, seed: int, arrival: str = "poisson",
+                            cv: float = 1.0, max_total_tokens: int | None = None, drop_long: bool = False,
+                            input_len: int = DEFAULT_INPUT_LEN, output_len: int = DEFAULT_OUTPUT_LEN,
+                            range_ratio: float = DEFAULT_RANGE_RATIO) -> TraceColumns:
+    """``generate_random`` as ``TraceColumns`` (same arguments, same trace, no pandas)."""
     length_ranges(input_len, output_len, range_ratio)            # validate before anything is drawn
 
     def draw(n: int):
         return random_lengths(n, seed, input_len=input_len, output_len=output_len, range_ratio=range_ratio)
 
-    return iid_trace(draw, num_requests, qps=qps, seed=seed, arrival=arrival, cv=cv,
-                     max_total_tokens=max_total_tokens, drop_long=drop_long, source="random")
+    return iid_columns(draw, num_requests, qps=qps, seed=seed, arrival=arrival, cv=cv,
+                       max_total_tokens=max_total_tokens, drop_long=drop_long, source="random")

@@ -1,7 +1,8 @@
 """The trace schema every generator and loader returns, and the one error type for bad input.
 
 A trace is a ``pandas.DataFrame`` with these columns, in this order, sorted by arrival (``COLUMNS`` are
-required; ``block_hashes`` is present only when the source has prefix-block hashes):
+required; ``block_hashes`` is present only when the source has prefix-block hashes), or the same data as
+aligned numpy arrays in a ``TraceColumns`` (``traces.load_columns``; no pandas needed):
 
 ========================  =========  ==============================================================
 column                    dtype      meaning
@@ -24,11 +25,20 @@ right after ``load_trace``):
 * ``"workload_changes"``: what loading changed, set by ``traces.load_trace`` and the built-in generators
   (``traces.limits.changes_record``): ``{"num_requests_in", "num_shrunk", "num_dropped",
   "max_total_tokens", "examples"}``.
+
+``TraceColumns.attrs`` holds the same keys; ``TraceColumns.frame()`` and ``TraceColumns.from_frame(df)``
+convert between the two forms exactly.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 COLUMNS: tuple[str, ...] = ("request_id", "arrival_s", "prompt_tokens", "output_tokens")
 HASH_COLUMN = "block_hashes"
@@ -70,28 +80,112 @@ class TraceError(ValueError):
         return (type(self), (self.problem, self.source, self.line, self.field, self.unit))
 
 
-def make_trace(arrival_s, prompt_tokens, output_tokens, block_hashes=None,
-               hash_block_tokens: int | None = None) -> pd.DataFrame:
+@dataclasses.dataclass(frozen=True, eq=False)
+class TraceColumns:
+    """A trace as aligned numpy columns, sorted by arrival: the DataFrame schema above without pandas.
+
+    Row ``i`` is request ``i`` (the ``request_id`` column is implicitly ``0..N-1``).
+
+    Attributes:
+        arrival_s: float64 array of shape ``(N,)``, arrival times in seconds, non-decreasing.
+        prompt_tokens: int64 array of shape ``(N,)``, prompt lengths in tokens (>= 1).
+        output_tokens: int64 array of shape ``(N,)``, output lengths in tokens (>= 1).
+        block_hashes: None, or a list of ``N`` tuples of Python ints (the ``block_hashes`` column), each hash
+            covering ``attrs["hash_block_tokens"]`` prompt tokens.
+        attrs: the DataFrame's ``attrs``: ``"hash_block_tokens"`` (exactly when there are hashes) and
+            ``"workload_changes"`` (``traces.limits.changes_record``) when the trace was loaded.
+    """
+
+    arrival_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    block_hashes: list[tuple[int, ...]] | None = None
+    attrs: dict = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+    @property
+    def hash_block_tokens(self) -> int | None:
+        """Tokens covered by each block hash, or None without hashes."""
+        return self.attrs.get("hash_block_tokens")
+
+    def frame(self) -> pd.DataFrame:
+        """The trace as a DataFrame (``request_id, arrival_s, prompt_tokens, output_tokens[, block_hashes]``,
+        int64/float64/int64/int64[/object]) with a copy of ``attrs`` as its ``attrs``."""
+        import pandas as pd
+
+        df = pd.DataFrame({
+            "request_id": np.arange(len(self), dtype=np.int64),
+            "arrival_s": self.arrival_s,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+        })
+        if self.block_hashes is not None:
+            df[HASH_COLUMN] = pd.Series(self.block_hashes, dtype=object)
+        df.attrs.update(copy.deepcopy(self.attrs))
+        return df
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame) -> TraceColumns:
+        """The columns of a valid trace DataFrame (``validate_trace``; its ``request_id`` is not kept, being
+        ``0..N-1``), with a copy of its ``attrs``."""
+        hashes = df[HASH_COLUMN].tolist() if HASH_COLUMN in df.columns else None
+        return cls(df["arrival_s"].to_numpy(dtype=np.float64), df["prompt_tokens"].to_numpy(dtype=np.int64),
+                   df["output_tokens"].to_numpy(dtype=np.int64), hashes, copy.deepcopy(df.attrs))
+
+    def validate(self, source: str = "trace") -> TraceColumns:
+        """The checks of ``validate_trace`` on the columns (same messages); return self unchanged.
+
+        Raises:
+            TraceError: columns of other shapes or dtypes, no rows, or a bad value (see ``validate_trace``).
+        """
+        n = len(self)
+        for name in ("arrival_s", "prompt_tokens", "output_tokens"):
+            a = getattr(self, name)
+            if not isinstance(a, np.ndarray) or a.shape != (n,):
+                raise TraceError(f"must be a numpy array of shape ({n},), got {short_repr(a)}", source, field=name)
+        if n == 0:
+            raise TraceError("trace has no requests", source)
+        for name in ("prompt_tokens", "output_tokens"):
+            if getattr(self, name).dtype.kind not in "iu":
+                raise TraceError(f"dtype must be integer, got {getattr(self, name).dtype}", source, field=name)
+        if self.arrival_s.dtype.kind != "f":
+            raise TraceError(f"dtype must be float, got {self.arrival_s.dtype}", source, field="arrival_s")
+        check_values(self.arrival_s, self.prompt_tokens, self.output_tokens, source)
+        if self.block_hashes is not None:
+            if not isinstance(self.block_hashes, list) or len(self.block_hashes) != n:
+                raise TraceError(f"must be a list of {n} tuples, got {short_repr(self.block_hashes)}", source,
+                                 field=HASH_COLUMN)
+            check_hashes(self.block_hashes, self.prompt_tokens.tolist(), self.hash_block_tokens, source)
+        return self
+
+
+def make_columns(arrival_s, prompt_tokens, output_tokens, block_hashes=None,
+                 hash_block_tokens: int | None = None) -> TraceColumns:
     """Assemble a trace from aligned arrays that are already in arrival order (stable-sorted here anyway).
 
-    ``block_hashes`` (optional): one sequence of ints per request; it becomes the ``block_hashes`` column
-    (tuples) and ``hash_block_tokens`` is stored in ``df.attrs["hash_block_tokens"]`` (required with it).
+    ``block_hashes`` (optional): one sequence of ints per request; it becomes ``block_hashes`` (tuples) and
+    ``hash_block_tokens`` is stored in ``attrs["hash_block_tokens"]`` (required with it).
     """
     arrival_s = np.asarray(arrival_s, dtype=np.float64)
     order = np.argsort(arrival_s, kind="stable")
-    df = pd.DataFrame({
-        "request_id": np.arange(len(arrival_s), dtype=np.int64),
-        "arrival_s": arrival_s[order],
-        "prompt_tokens": np.asarray(prompt_tokens, dtype=np.int64)[order],
-        "output_tokens": np.asarray(output_tokens, dtype=np.int64)[order],
-    })
+    hashes, attrs = None, {}
     if block_hashes is not None:
         if hash_block_tokens is None:
             raise TraceError("required with block_hashes", field="hash_block_tokens")
-        hashes = list(block_hashes)
-        df[HASH_COLUMN] = pd.Series([tuple(hashes[i]) for i in order], dtype=object)
-        df.attrs["hash_block_tokens"] = int(hash_block_tokens)
-    return df
+        given = list(block_hashes)
+        hashes = [tuple(given[i]) for i in order]
+        attrs["hash_block_tokens"] = int(hash_block_tokens)
+    return TraceColumns(arrival_s[order], np.asarray(prompt_tokens, dtype=np.int64)[order],
+                        np.asarray(output_tokens, dtype=np.int64)[order], hashes, attrs)
+
+
+def make_trace(arrival_s, prompt_tokens, output_tokens, block_hashes=None,
+               hash_block_tokens: int | None = None) -> pd.DataFrame:
+    """``make_columns(...)`` as a DataFrame: the ``block_hashes`` column (tuples) when hashes are given and
+    ``df.attrs["hash_block_tokens"]`` with them."""
+    return make_columns(arrival_s, prompt_tokens, output_tokens, block_hashes, hash_block_tokens).frame()
 
 
 def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
@@ -107,6 +201,8 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
             ``df.attrs["hash_block_tokens"]`` an integer >= 1, object dtype, every value a tuple of Python
             ints (bool is not an int), at most ``ceil(prompt_tokens / hash_block_tokens)`` of them.
     """
+    import pandas as pd
+
     if not isinstance(df, pd.DataFrame):
         raise TraceError(f"expected a pandas DataFrame, got {type(df).__name__}", source)
     found = list(df.columns)
@@ -120,26 +216,43 @@ def validate_trace(df: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
             raise TraceError(f"dtype must be integer, got {df[col].dtype}", source, field=col)
     if not pd.api.types.is_float_dtype(df["arrival_s"].dtype):
         raise TraceError(f"dtype must be float, got {df['arrival_s'].dtype}", source, field="arrival_s")
-
-    def fail_at(mask_ok: np.ndarray, col: str, problem: str):
-        if not mask_ok.all():
-            i = int(np.argmin(mask_ok))
-            value = df[col].iloc[i]
-            raise TraceError(f"{problem}, got {value!r}", source, i, col, unit="row")
-
-    fail_at(df["request_id"].to_numpy() == np.arange(len(df)), "request_id", "must equal the row position 0..N-1")
-    arrivals = df["arrival_s"].to_numpy()
-    fail_at(np.isfinite(arrivals), "arrival_s", "must be finite")
-    fail_at(arrivals >= 0, "arrival_s", "must be >= 0")
-    fail_at(arrivals <= MAX_ARRIVAL_S, "arrival_s", f"must be <= {MAX_ARRIVAL_S:g} s (about 31.7 years)")
-    fail_at(np.concatenate([[True], np.diff(arrivals) >= 0]), "arrival_s",
-            "must be non-decreasing (earlier than the previous row)")
-    for col in ("prompt_tokens", "output_tokens"):
-        fail_at(df[col].to_numpy() >= 1, col, "must be >= 1")
-        fail_at(df[col].to_numpy() <= MAX_TOKENS, col, f"must be <= {MAX_TOKENS} tokens")
+    check_values(df["arrival_s"].to_numpy(), df["prompt_tokens"].to_numpy(), df["output_tokens"].to_numpy(),
+                 source, request_id=df["request_id"].to_numpy())
     if HASH_COLUMN in df.columns:
-        _validate_hashes(df, source)
+        h = df.attrs.get("hash_block_tokens")
+        _check_hash_block_tokens(h, source)
+        if df[HASH_COLUMN].dtype != object:
+            raise TraceError(f"dtype must be object (tuples of ints), got {df[HASH_COLUMN].dtype}", source,
+                             field=HASH_COLUMN)
+        check_hashes(df[HASH_COLUMN].tolist(), df["prompt_tokens"].tolist(), h, source)
     return df
+
+
+def check_values(arrival_s: np.ndarray, prompt_tokens: np.ndarray, output_tokens: np.ndarray, source: str,
+                 request_id: np.ndarray | None = None) -> None:
+    """The value checks of a trace's aligned columns (arrays of shape ``(N,)``), shared by ``validate_trace``
+    and ``TraceColumns.validate``: ``request_id`` (if given) is ``0..N-1``; ``arrival_s`` (seconds) finite,
+    >= 0, <= ``MAX_ARRIVAL_S`` and non-decreasing; token counts >= 1 and <= ``MAX_TOKENS``.
+
+    Raises:
+        TraceError: naming ``source``, the first offending ``row <i>`` (0-based), the column and its value.
+    """
+    def fail_at(values: np.ndarray, ok: np.ndarray, col: str, problem: str):
+        if not ok.all():
+            i = int(np.argmin(ok))
+            raise TraceError(f"{problem}, got {values[i]!r}", source, i, col, unit="row")
+
+    if request_id is not None:
+        fail_at(request_id, request_id == np.arange(len(request_id)), "request_id",
+                "must equal the row position 0..N-1")
+    fail_at(arrival_s, np.isfinite(arrival_s), "arrival_s", "must be finite")
+    fail_at(arrival_s, arrival_s >= 0, "arrival_s", "must be >= 0")
+    fail_at(arrival_s, arrival_s <= MAX_ARRIVAL_S, "arrival_s", f"must be <= {MAX_ARRIVAL_S:g} s (about 31.7 years)")
+    fail_at(arrival_s, np.concatenate([[True], np.diff(arrival_s) >= 0]), "arrival_s",
+            "must be non-decreasing (earlier than the previous row)")
+    for col, values in (("prompt_tokens", prompt_tokens), ("output_tokens", output_tokens)):
+        fail_at(values, values >= 1, col, "must be >= 1")
+        fail_at(values, values <= MAX_TOKENS, col, f"must be <= {MAX_TOKENS} tokens")
 
 
 def _is_int(x) -> bool:
@@ -152,17 +265,18 @@ def short_repr(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _validate_hashes(df: pd.DataFrame, source: str) -> None:
-    """The ``block_hashes`` checks of ``validate_trace``."""
-    h = df.attrs.get("hash_block_tokens")
+def _check_hash_block_tokens(h, source: str) -> None:
     if not _is_int(h) or h < 1:
         raise TraceError(f"df.attrs['hash_block_tokens'] must be an integer >= 1 with a {HASH_COLUMN!r} column, "
                          f"got {h!r}", source, field="hash_block_tokens")
-    col = df[HASH_COLUMN]
-    if col.dtype != object:
-        raise TraceError(f"dtype must be object (tuples of ints), got {col.dtype}", source, field=HASH_COLUMN)
-    prompts = df["prompt_tokens"].tolist()
-    for i, value in enumerate(col.tolist()):
+
+
+def check_hashes(hashes: list, prompts: list[int], h, source: str) -> None:
+    """The ``block_hashes`` checks of ``validate_trace`` on the hashes and prompt lengths (lists of ``N``):
+    ``h`` (tokens per hash) an integer >= 1, every value a tuple of Python ints (bool is not an int), at most
+    ``ceil(prompt / h)`` of them."""
+    _check_hash_block_tokens(h, source)
+    for i, value in enumerate(hashes):
         if type(value) is not tuple or not set(map(type, value)) <= {int}:     # bool's type is bool, not int
             raise TraceError(f"must be a tuple of Python ints, got {short_repr(value)}", source, i, HASH_COLUMN,
                              unit="row")

@@ -44,11 +44,15 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from .limits import DROP_DRAW_FACTOR, changes_record, drop_examples, over_limit, shrink_requests
-from .schema import MAX_ARRIVAL_S, TraceError, make_trace
+from .schema import MAX_ARRIVAL_S, TraceColumns, TraceError, make_columns
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ARRIVAL_PROCESSES = ("poisson", "gamma")
 _CHUNK = 4096          # lengths are drawn this many at a time (fixed, for prefix stability)
@@ -307,17 +311,32 @@ def generate(name: str, num_requests: int, *, qps: float, seed: int, arrival: st
     Raises:
         TraceError: unknown name (the message lists the known ones) or invalid options.
     """
+    return generate_columns(name, num_requests, qps=qps, seed=seed, arrival=arrival, cv=cv,
+                            max_total_tokens=max_total_tokens, drop_long=drop_long).frame()
+
+
+def generate_columns(name: str, num_requests: int, *, qps: float, seed: int, arrival: str = "poisson",
+                     cv: float = 1.0, max_total_tokens: int | None = None, drop_long: bool = False
+                     ) -> TraceColumns:
+    """``generate`` as ``TraceColumns`` (same arguments, same trace, no pandas)."""
     workload = get_workload(name)
 
     def draw(n: int):
         return sample_lengths(workload, n, rng_streams(seed).lengths)
 
-    return iid_trace(draw, num_requests, qps=qps, seed=seed, arrival=arrival, cv=cv,
-                     max_total_tokens=max_total_tokens, drop_long=drop_long, source=name)
+    return iid_columns(draw, num_requests, qps=qps, seed=seed, arrival=arrival, cv=cv,
+                       max_total_tokens=max_total_tokens, drop_long=drop_long, source=name)
 
 
 def iid_trace(draw, num_requests: int, *, qps: float, seed: int, arrival: str, cv: float,
               max_total_tokens: int | None, drop_long: bool, source: str) -> pd.DataFrame:
+    """``iid_columns`` as a trace DataFrame (same arguments)."""
+    return iid_columns(draw, num_requests, qps=qps, seed=seed, arrival=arrival, cv=cv,
+                       max_total_tokens=max_total_tokens, drop_long=drop_long, source=source).frame()
+
+
+def iid_columns(draw, num_requests: int, *, qps: float, seed: int, arrival: str, cv: float,
+                max_total_tokens: int | None, drop_long: bool, source: str) -> TraceColumns:
     """A trace of i.i.d. requests: lengths from ``draw``, arrivals from the seed's arrival stream.
 
     ``draw(n)`` must return ``n`` (prompt, output) int64 pairs deterministically (the same ``n`` gives the
@@ -326,6 +345,9 @@ def iid_trace(draw, num_requests: int, *, qps: float, seed: int, arrival: str, c
     sizes double from ``num_requests`` up to 64 times it, so ``num_requests_in`` counts the draws up to the
     last one kept); arrivals are generated for the kept requests, so the arrival times equal those of the
     shrinking variant. ``attrs["workload_changes"]`` records it (``traces.limits``).
+
+    Returns:
+        ``TraceColumns`` (``traces.schema``) with ``attrs["workload_changes"]``.
 
     Raises:
         TraceError: no qps, invalid options, or (``drop_long``) fewer than ``num_requests`` fitting requests
@@ -348,9 +370,9 @@ def iid_trace(draw, num_requests: int, *, qps: float, seed: int, arrival: str, c
                                                                   labels)
         changes = changes_record(num_requests, num_shrunk, 0, max_total_tokens, examples)
     arrivals = arrival_times(num_requests, qps, streams.arrivals, arrival=arrival, cv=cv)
-    df = make_trace(arrivals, prompt, output)
-    df.attrs["workload_changes"] = changes
-    return df
+    columns = make_columns(arrivals, prompt, output)
+    columns.attrs["workload_changes"] = changes
+    return columns
 
 
 class LazyLabels:
