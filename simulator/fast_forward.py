@@ -3,32 +3,35 @@ step-by-step engine.
 
 A *quiet stretch* starts at a micro-batch that every running request is in, after which the policy would keep
 scheduling the same shape of step while nothing external happens (``Scheduler.decode_steady``): every running
-decode gets one token, and the one partial prefill, if any (the plan's last entry; the policy says how many tokens
-a step holds, ``Scheduler.steady_prefill_budget``), gets its next chunk, ``min(remaining, budget - decodes)``. Its
-steps ``j = 0, 1, ...`` are then known in advance: decode member ``i`` emits at steps ``0 .. rem_i - 1`` (context
+decode gets one token (a prefill that finishes in the micro-batch decodes from the next step on), and the one
+partial prefill left, if any (the plan's last entry; the policy says how many tokens a step holds,
+``Scheduler.steady_prefill_budget``), gets its next chunk, ``min(remaining, budget - decodes)``. Its steps
+``j = 0, 1, ...`` are then known in advance: decode member ``i`` emits at steps ``0 .. rem_i - 1`` (context
 ``ctx0_i + j``) and finishes at step ``rem_i - 1``; the prefill computes its chunks, emits its first token at the
 end of its last chunk (step ``s``) and decodes from step ``s + 1`` on. The stretch ends before the first of:
 
 - a step that would end at or after the next arrival (``horizon_s``): at the arrival, the router reads the loads
   and the scheduler its queue as they are step by step — the step in flight then runs as usual;
 - the first completion, when requests are waiting (freed KV blocks or a freed slot could admit one) or the load
-  is closed-loop (a completion sends the next request);
+  is closed-loop (a completion sends the next request); with a prefill going on while requests wait, the step
+  whose chunk leaves budget over (it would admit one);
 - a step whose KV growth could fail: all members' extra blocks up to that step, frees ignored, must fit in the free
   blocks at the start (so no preemption can happen);
 - a step in which the prefill would get no token; ``MAX_STEPS`` steps, or the last member's last token.
 
-Each step's duration is the cost model's ``iteration_time`` of that batch: the plan's own for step 0, one call per
-further step with a prefill chunk (a handful), and for the decode-only steps the vectorized
-``decode_iteration_times`` (the same floating-point operations in the same order), else ``iteration_time`` per
-step; times accumulate as the event loop's clock does (``now + duration``). Token times, TBT samples (``(gap,
-count)`` per step), iteration rows, KV blocks, stage busy time and completions (in the order the step-by-step
-engine reports them) are then applied in bulk. A test compares every output with fast-forward on and off
-(``tests/test_fast_forward.py``).
+Each step's duration is the cost model's ``iteration_time`` of that batch: the plan's own for step 0, then the
+vectorized ``chunk_iteration_times`` and ``decode_iteration_times`` where the cost model has them (the same
+floating-point operations in the same order), else ``iteration_time`` of each step's plan; times accumulate as
+the event loop's clock does (``now + duration``), and steps are priced only up to the horizon. Token times, TBT
+samples (``(gap, count)`` per step), iteration rows, KV blocks, stage busy time and completions (in the order
+the step-by-step engine reports them) are then applied in bulk. When a hook or a completion callback stops the
+run inside a stretch, ``rollback_stretch`` takes back what the steps after the stop did to the requests and the
+TBT samples. A test compares every output with fast-forward on and off (``tests/test_fast_forward.py``).
 
 Not fast-forwarded (the step-by-step engine runs instead): pipeline parallelism (several micro-batches in flight),
 prefix caching (eviction order), disaggregated clusters (KV transfers arrive at times not known in advance), a
-prefill that recomputes a preempted request's outputs, runs recording their plans, and runs stopped at a given
-time.
+partial prefill that recomputes a preempted request's outputs, runs recording their plans, and runs stopped at a
+given time.
 """
 from __future__ import annotations
 
@@ -285,9 +288,11 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
     # requests
     done_at: dict[int, list] = {}
     s["first_set"] = first_set = []          # members whose first token the stretch emitted
+    capacity, allocate = kv.capacity, kv.allocate
+    emitted = ends if K <= min(s["rem"], default=K) else None     # all emit every step: one list for all
     for r, rem, c in zip(regular, s["rem"], s["ctx0"]):
         n = rem if rem < K else K
-        r.token_times_s.extend(ends[:n])
+        r.token_times_s.extend(emitted if emitted is not None else ends[:n])
         r.num_generated += n
         r.num_computed_tokens = c + n
         r.in_flight = False
@@ -297,8 +302,8 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
         if n == rem:
             r.completion_s = ends[n - 1]
             done_at.setdefault(n - 1, []).append(r)
-        else:
-            kv.allocate(r, c + n)
+        elif c + n > capacity.get(r.request_id, 0):   # its growth needs blocks
+            allocate(r, c + n)
     if 0 in done_at and len(done_at[0]) > 1 and plan.num_decodes < len(plan.request_ids):
         index = {rid: i for i, rid in enumerate(plan.request_ids)}    # step 0 reports in plan order
         done_at[0].sort(key=lambda r: index[r.request_id])
@@ -368,7 +373,7 @@ def rollback_stretch(replica, s: dict, upto: int) -> None:
     """Undo what an applied stretch did after step ``upto`` (-1: after scheduling step 0) to its requests' tokens,
     first-token and completion times and to the recorder's TBT samples, so that a run stopped there (an
     ``on_iteration`` hook or a completion callback raised) reports what the step-by-step engine would have
-    measured. The scheduler and KV cache are left as they are: the run does not go on."""
+    measured. The scheduler, the KV cache and the iteration rows are left as they are: the run does not go on."""
     K = s["K"]
     for r, rem in zip(s["regular"], s["rem"]):
         n, keep = min(rem, K), max(0, min(rem, upto + 1))
