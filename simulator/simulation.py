@@ -153,6 +153,14 @@ def load_requests(config: SimConfig, model=None, *, changes: dict | None = None)
     dict) receives the trace's ``workload_changes`` (requests shrunk and dropped). With prefix caching, trace
     block hashes are mapped onto the KV block size (``traces.prefix.block_hashes_for``). The built-in i.i.d.
     workloads are loaded as numpy columns (``traces.load_columns``), without pandas."""
+    n, stream = stream_requests(config, model, changes=changes, chunk=None)
+    return list(stream)
+
+
+def stream_requests(config: SimConfig, model=None, *, changes: dict | None = None, chunk: int | None = 4096):
+    """``(number of requests, iterator of Requests)`` of the config's trace, as ``load_requests`` gives them but
+    created ``chunk`` at a time while the iterator is consumed (None: all at once), so that a long run holds only
+    the requests that arrived and did not finish (the trace's numpy columns stay, 24 bytes a request)."""
     from traces import WORKLOADS, load_columns
 
     model = model or load_model(config.model)
@@ -165,14 +173,22 @@ def load_requests(config: SimConfig, model=None, *, changes: dict | None = None)
                          max_total_tokens=effective_max_model_len(config, model), **config.workload_options)
     if changes is not None:
         changes.update(trace.attrs.get("workload_changes", {}))
-    prompts = trace.prompt_tokens.tolist()
     hashes = None
     if config.enable_prefix_caching and trace.block_hashes is not None:
         from traces.prefix import block_hashes_for
 
         H = trace.hash_block_tokens
-        hashes = [block_hashes_for(h, H, p, config.block_size) for h, p in zip(trace.block_hashes, prompts)]
-    return _requests(range(len(trace)), trace.arrival_s.tolist(), prompts, trace.output_tokens.tolist(), hashes)
+        hashes = [block_hashes_for(h, H, p, config.block_size)
+                  for h, p in zip(trace.block_hashes, trace.prompt_tokens.tolist())]
+    n = len(trace)
+    step = chunk or max(n, 1)
+
+    def requests():
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            yield from _requests(range(lo, hi), trace.arrival_s[lo:hi].tolist(), trace.prompt_tokens[lo:hi].tolist(),
+                                 trace.output_tokens[lo:hi].tolist(), None if hashes is None else hashes[lo:hi])
+    return n, requests()
 
 
 def requests_from_frame(df: pd.DataFrame, block_hashes=None) -> list[Request]:
@@ -436,23 +452,27 @@ def simulate(config: SimConfig | None = None, *, requests: list[Request] | None 
     config = (config or SimConfig()).with_(**overrides)
     dep = build(config, cost_model=cost_model)
     changes: dict = {}
-    if requests is None:
-        requests = load_requests(config, dep.model, changes=changes)
-    else:
+    if requests is not None:
         requests = [r.fresh_copy() for r in requests]
+        num_requests = len(requests)
+    elif keep_requests or config.concurrency:     # a closed loop takes them from a list
+        requests = load_requests(config, dep.model, changes=changes)
+        num_requests = len(requests)
+    else:                                         # created as they arrive, dropped once measured
+        num_requests, requests = stream_requests(config, dep.model, changes=changes)
 
     bar = None
     finish = on_finish
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(requests), unit="req", desc=f"simulate {config.scheduler}", leave=False)
+        bar = tqdm(total=num_requests, unit="req", desc=f"simulate {config.scheduler}", leave=False)
 
         def finish(done):
             bar.update(len(done))
             if on_finish is not None:
                 on_finish(done)
     first = dep.cost_model_for(dep.specs[0])
-    recorder = Recorder(len(requests), on_finish=finish, keep_requests=keep_requests,
+    recorder = Recorder(num_requests, on_finish=finish, keep_requests=keep_requests,
                         ttft_deadline=lambda p: predicted_prefill_s(first, p) + DEFAULT_TTFT_SLACK_S,
                         decode_deadline_s=DEFAULT_DECODE_DEADLINE_S)
     log = IterationLog(plans=[] if record_plans else None)
@@ -466,8 +486,8 @@ def simulate(config: SimConfig | None = None, *, requests: list[Request] | None 
             recorder.token_sink = _token_sink(token_writer)
     try:
         with profiled_range(dep) as extrapolation:
-            cluster = run_deployment(dep, requests, record_plans=record_plans, on_iteration=on_iteration,
-                                     log=log, recorder=recorder)
+            cluster = run_deployment(dep, requests, num_requests=num_requests, record_plans=record_plans,
+                                     on_iteration=on_iteration, log=log, recorder=recorder)
     finally:
         if bar is not None:
             bar.close()

@@ -114,3 +114,27 @@ def test_request_progress_is_advanced_when_scheduled_and_tokens_emitted_when_the
     assert r.complete(7.0) and r.is_finished
     assert r.token_times_s == [2.0, 3.0, 7.0] and r.completion_s == 7.0
     assert r.max_kv_tokens == 12
+
+
+def test_requests_streamed_at_arrival_give_the_same_run():
+    # keep_requests=False (the CLI) creates requests chunk by chunk as they arrive and drops them once measured
+    import gc
+
+    from simulator.config import SimConfig
+    from simulator.request import Request
+    from simulator.simulation import load_requests, simulate, stream_requests
+
+    def live() -> int:
+        gc.collect()
+        return sum(isinstance(o, Request) for o in gc.get_objects())
+
+    config = SimConfig().with_(num_requests=300, qps=4.0)
+    before = live()
+    n, stream = stream_requests(config, chunk=64)
+    first = next(stream)
+    assert n == 300 and live() - before <= 64
+    fields = lambda rs: [(r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens) for r in rs]  # noqa: E731
+    assert fields([first, *stream]) == fields(load_requests(config))
+    kept, streamed = simulate(config), simulate(config, keep_requests=False)
+    assert kept.summary == streamed.summary and streamed.requests is None
+    assert kept.request_columns().keys() == streamed.request_columns().keys()
