@@ -33,13 +33,15 @@ def _sorted(values, counts) -> tuple[np.ndarray, np.ndarray, int]:
     """The sample's values sorted (stable), their counts, and the number of samples; zero counts dropped. New
     arrays; the inputs (possibly views of the recorder's pool) are not modified. One index array and one sorted
     copy of each column at a time: a million-request run pools some 19 million pairs (150 MB a column)."""
-    counts = np.asarray(counts, dtype=np.int64)
+    counts = np.asarray(counts)
     values = np.asarray(values, dtype=float)
     if not (counts > 0).all():
         keep = counts > 0
         values, counts = values[keep], counts[keep]
     order = np.argsort(values, kind="stable")
-    values, counts = values[order], counts[order]
+    counts = counts[order].astype(np.int64, copy=False)
+    values = values[order]
+    del order
     return values, counts, int(counts.sum())
 
 
@@ -135,10 +137,10 @@ class Recorder:
         self.keep_requests = keep_requests
         self.on_finish = on_finish
         self.requests: list = []          # kept finished/unfinished requests (keep_requests)
-        # typed arrays (8 bytes a sample) rather than lists of Python floats (32): a million-request run pools
-        # some 19 million (gap, count) pairs
+        # typed arrays (8 + 4 bytes a sample) rather than lists of Python floats (32): a million-request run pools
+        # some 19 million (gap, count) pairs; a count is at most a micro-batch's requests
         self._gap_values = array("d")
-        self._gap_counts = array("q")
+        self._gap_counts = array("i")
         self._deadline_cache: dict = {}
         self.token_sink = None            # callable(request) writing its tokens (tokens.csv), or None
 
@@ -206,10 +208,10 @@ class Recorder:
 
     # --- after the run --------------------------------------------------------------------------------------
     def gaps(self) -> tuple[np.ndarray, np.ndarray]:
-        """The pooled TBT sample as ``(values, counts)``: read-only views of the pool, not copies (while a view
-        is alive, adding gaps raises BufferError; the run is over when this is called)."""
+        """The pooled TBT sample as ``(values, counts)`` (float64 seconds, int32): read-only views of the pool,
+        not copies (while a view is alive, adding gaps raises BufferError; the run is over when this is called)."""
         values = np.frombuffer(self._gap_values, dtype=float) if self._gap_values else np.empty(0)
-        counts = np.frombuffer(self._gap_counts, dtype=np.int64) if self._gap_counts else np.empty(0, np.int64)
+        counts = np.frombuffer(self._gap_counts, dtype=np.int32) if self._gap_counts else np.empty(0, np.int32)
         values.flags.writeable = False
         counts.flags.writeable = False
         return values, counts
