@@ -87,6 +87,10 @@ def weighted_distribution(values: np.ndarray, counts: np.ndarray) -> dict:
     return out
 
 
+_TOKEN_INDEX = np.arange(1, 1 << 16, dtype=float)     # 1, 2, ... (a constant: token indices of the deadlines)
+_TOKEN_INDEX.flags.writeable = False
+
+
 def deadline_misses_array(ttft_s: float, times_s, ttft_deadline_s: float, decode_deadline_s: float) -> tuple[int, int]:
     """Etalon's deadline accounting (``slo.deadline_misses``) of one request from its token times (seconds since
     any origin, first token first), vectorized.
@@ -102,18 +106,23 @@ def deadline_misses_array(ttft_s: float, times_s, ttft_deadline_s: float, decode
     else:
         missed = 1 + math.floor((ttft_s - ttft_deadline_s) / d)
         s0, total = 0.0, missed
-    t = np.asarray(times_s, dtype=float)
-    if t.size < 2:
+    n = len(times_s)
+    if n < 2:
         return missed, total
-    y = (t[1:] - t[0]) - np.arange(1, t.size) * d
-    running = np.maximum.accumulate(np.concatenate(([s0], y[:-1])))
+    t = np.array(times_s, dtype=float)
+    y = t[1:] - t[0]
+    y -= (_TOKEN_INDEX[:n - 1] if n <= len(_TOKEN_INDEX) else np.arange(1, n, dtype=float)) * d
+    running = np.empty(n - 1)                 # R_i: s_0, then the running maximum of y_1 .. y_{i-1}
+    running[0] = s0
+    running[1:] = y[:-1]
+    np.maximum.accumulate(running, out=running)
     late = y > running
-    met = int(t.size - 1 - np.count_nonzero(late))
-    if late.any():
-        m = np.floor((y[late] - running[late]) / d + 1).astype(np.int64)
-        missed += int(m.sum())
-        total += int(m.sum())
-    return missed, total + met
+    k = int(np.count_nonzero(late))
+    if k:
+        m = int(np.floor((y[late] - running[late]) / d + 1).sum())
+        missed += m
+        total += m
+    return missed, total + (n - 1 - k)
 
 
 class Recorder:

@@ -120,3 +120,16 @@ def test_certain_violation_count_is_exact_for_numpy_percentiles():
 def test_token_times_table_lists_every_token():
     table = token_times_table([_request(3, 0.0, [1.0, 1.5]), _request(4, 0.0, [])])
     assert table.to_dict("list") == {"request_id": [3, 3], "token_index": [0, 1], "time_s": [1.0, 1.5]}
+
+
+def test_vectorized_deadline_accounting_equals_the_loop():
+    # the recorder's per-request accounting (vectorized) against Etalon's loop, on dyadic timelines (exact sums)
+    from simulator.recorder import deadline_misses_array
+
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        gaps = (rng.integers(0, 64, int(rng.integers(0, 60))) / 32).tolist()
+        ttft, ttft_deadline = int(rng.integers(0, 64)) / 16, int(rng.integers(0, 64)) / 16
+        times = np.concatenate(([ttft], ttft + np.cumsum(gaps))).tolist()
+        assert deadline_misses_array(ttft, times, ttft_deadline, 0.5) == \
+            deadline_misses(ttft, gaps, ttft_deadline_s=ttft_deadline, decode_deadline_s=0.5)
