@@ -460,3 +460,44 @@ def test_real_sharegpt_stats_csv_matches_published_table():
     assert np.quantile(df["prompt_tokens"], 0.9) == w.prompt_p90
     assert np.median(df["output_tokens"]) == w.output_median
     assert np.quantile(df["output_tokens"], 0.9) == w.output_p90
+
+
+@pytest.mark.parametrize("text,plain", [
+    ("num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n3772,54,3826,69.85\n2015,156,2171,12.9\n",
+     True),
+    ("prompt_tokens,output_tokens\r\n12,3\r\n007,1\r\n", True),
+    ("\ufeffprompt_tokens , output_tokens\n5,6\n", True),
+    ("prompt_tokens,output_tokens\n5,6\n\n7,8\n", False),            # a blank line: pandas reads it
+    ("prompt_tokens,output_tokens\n5, 6\n", False),                   # a space: pandas reads it
+    ("prompt_tokens,output_tokens,arrival_s\n5,6,0.25\n", False),     # arrival times: pandas reads them
+])
+def test_plain_csv_reader_gives_the_pandas_readers_trace(tmp_path, monkeypatch, text, plain):
+    # the standard-library reader of the common case (no pandas import) and the pandas reader agree
+    from traces import loaders
+
+    path = tmp_path / "t.csv"
+    path.write_text(text, encoding="utf-8")
+    fmt = loaders.detect_format(path)
+    assert (loaders._read_plain_csv(path, str(path), fmt) is not None) == plain
+    fast = loaders.read_csv(path, fmt)
+    monkeypatch.setattr(loaders, "_read_plain_csv", lambda *a: None)
+    slow = loaders.read_csv(path, fmt)
+    for field in ("source", "format"):
+        assert getattr(fast, field) == getattr(slow, field)
+    for field in ("prompt_tokens", "output_tokens", "lines"):
+        assert getattr(fast, field).tolist() == getattr(slow, field).tolist()
+        assert getattr(fast, field).dtype == getattr(slow, field).dtype
+    assert (fast.arrival_s is None) == (slow.arrival_s is None)
+
+
+def test_a_plain_csv_trace_loads_without_pandas(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.csv"
+    path.write_text("num_prefill_tokens,num_decode_tokens\n100,10\n200,20\n")
+    code = ("import sys; from traces import load_columns; "
+            f"t = load_columns({str(path)!r}, qps=1.0, retime=True); "
+            "assert t.prompt_tokens.tolist() == [100, 200]; print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

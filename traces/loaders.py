@@ -45,6 +45,7 @@ read (a folder, no permission, an I/O error) is a ``TraceError`` naming it and t
 """
 from __future__ import annotations
 
+import csv
 import json
 import re
 from dataclasses import dataclass
@@ -144,6 +145,10 @@ def detect_format(path: str | Path) -> str:
         raise TraceError("empty file", source)
     if path.suffix.lower() in (".jsonl", ".json") or head.lstrip().startswith(b"{"):
         return "mooncake"
+    header = _plain_header(head)
+    for fmt, (prompt_col, output_col, _) in CSV_FORMATS.items():
+        if header and prompt_col in header and output_col in header:
+            return fmt
     header = _read_csv(path, source, nrows=0).columns.str.strip()
     for fmt, (prompt_col, output_col, _) in CSV_FORMATS.items():
         if prompt_col in header and output_col in header:
@@ -165,11 +170,62 @@ def _read_csv(path: Path, source: str, **kwargs) -> pd.DataFrame:
         raise TraceError(f"malformed CSV ({exc})", source, int(match.group(1)) if match else None) from None
 
 
+def _plain_header(head: bytes) -> list[str] | None:
+    """The stripped column names of a CSV's first line read by the standard library, or None if it is not
+    plain (then pandas reads it)."""
+    try:
+        line = head.decode("utf-8-sig").splitlines()[0]
+        names = [c.strip() for c in next(csv.reader([line]))]
+    except (UnicodeDecodeError, IndexError, StopIteration, csv.Error):
+        return None
+    return names if names and all(names) and len(set(names)) == len(names) else None
+
+
+def _read_plain_csv(path: Path, source: str, fmt: str) -> RawTrace | None:
+    """The common CSV trace read with the standard library, no pandas: a Sarathi-Serve/Vidur or plain CSV
+    without arrival times or block hashes, every row as long as the header and its token counts plain decimal
+    integers in ``[1, MAX_TOKENS]``. None for anything else, which ``read_csv`` then reads with pandas (and
+    names the line and field of a bad value): the same trace either way."""
+    prompt_col, output_col, arrival_col = CSV_FORMATS[fmt]
+    if fmt not in ("sarathi", "csv"):
+        return None
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            rows = csv.reader(f)
+            header = [c.strip() for c in next(rows)]
+            if len(set(header)) != len(header) or arrival_col in header or CSV_HASH_COLUMN in header or \
+                    prompt_col not in header or output_col not in header:
+                return None
+            width, p, o = len(header), header.index(prompt_col), header.index(output_col)
+            prompts, outputs = [], []
+            for row in rows:
+                if len(row) != width:
+                    return None
+                prompts.append(row[p])
+                outputs.append(row[o])
+        except (UnicodeDecodeError, StopIteration, csv.Error):
+            return None
+    if not prompts:
+        return None
+    counts = []
+    for column in (prompts, outputs):
+        if not all(v.isascii() and v.isdigit() for v in column):
+            return None
+        values = np.array([int(v) for v in column], dtype=np.int64)
+        if values.min() < 1 or values.max() > MAX_TOKENS:
+            return None
+        counts.append(values)
+    return RawTrace(source, fmt, counts[0], counts[1], None, np.arange(len(prompts), dtype=np.int64) + 2)
+
+
 def read_csv(path: str | Path, fmt: str, *, hash_block_tokens: int | None = None) -> RawTrace:
     """Read a CSV trace of format ``fmt`` (``"azure"``, ``"sarathi"`` or ``"csv"``); a plain CSV's
     ``block_hashes`` column covers ``hash_block_tokens`` tokens per hash (default 16)."""
     path = Path(path)
     source = str(path)
+    plain = _read_plain_csv(path, source, fmt)
+    if plain is not None:
+        return plain
     prompt_col, output_col, arrival_col = CSV_FORMATS[fmt]
     df = _read_csv(path, source)
     df.columns = df.columns.str.strip()
