@@ -135,28 +135,29 @@ class LogGrid:
 
     def _interp(self, xs) -> float:
         base = 0
-        corners = [(0, 1.0)]
-        for d, x in enumerate(xs):
-            axis, lx = self.axes[d], self.logx[d]
+        offsets, weights = [0], [1.0]           # the cell's corners and their weights, axis after axis
+        for x, axis, lx, stride in zip(xs, self.axes, self.logx, self.strides):
             n = len(axis)
             if n == 1 or x <= axis[0]:
-                i, w = 0, 0.0
-            elif x >= axis[-1]:
+                continue                        # the first point, weight 1
+            if x >= axis[-1]:
                 i, w = n - 2, 1.0
             else:
                 i = bisect_right(axis, x) - 1
                 w = (math.log1p(x) - lx[i]) / (lx[i + 1] - lx[i])
-            stride = self.strides[d]
             base += i * stride
-            if n > 1 and w > 0.0:
-                corners = [(o, cw * (1.0 - w)) for o, cw in corners] + [(o + stride, cw * w) for o, cw in corners]
+            if w > 0.0:
+                offsets = offsets + [o + stride for o in offsets]
+                weights = [c * (1.0 - w) for c in weights] + [c * w for c in weights]
         logv = self.logv
-        return math.exp(sum(cw * logv[base + o] for o, cw in corners if cw))
+        return math.exp(sum([c * logv[base + o] for o, c in zip(offsets, weights) if c]))
 
     def __call__(self, *x) -> float:
         value = self._interp(x)
-        if self.proxy is not None and any(xi > a[-1] for xi, a in zip(x, self.axes)):
-            value = max(value, self.scale * self.proxy(*x))
+        if self.proxy is not None:
+            for xi, a in zip(x, self.axes):
+                if xi > a[-1]:
+                    return max(value, self.scale * self.proxy(*x))
         return value
 
     def __getstate__(self):
