@@ -138,3 +138,23 @@ def test_requests_streamed_at_arrival_give_the_same_run():
     kept, streamed = simulate(config), simulate(config, keep_requests=False)
     assert kept.summary == streamed.summary and streamed.requests is None
     assert kept.request_columns().keys() == streamed.request_columns().keys()
+
+
+@pytest.mark.parametrize("chunk", [3, 1 << 20])
+def test_pooled_tbt_summary_equals_the_expanded_sample(monkeypatch, chunk):
+    # the recorder keeps TBT samples as (gap, count) pairs and summarizes them by chunks without expanding
+    from simulator import recorder
+    from simulator.metrics import PERCENTILES
+
+    monkeypatch.setattr(recorder, "_CHUNK", chunk)
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        values = np.round(rng.uniform(0, 0.1, int(rng.integers(1, 200))), 3)      # ties on purpose
+        counts = rng.integers(0, 6, len(values)).astype(np.int32)
+        counts[0] = max(counts[0], 1)
+        sample = np.sort(np.repeat(values, counts))          # the mean is summed in value order
+        got = recorder.weighted_distribution(values, counts)
+        assert got["mean"] == float(sample.mean()) and got["max"] == float(sample.max())
+        for key, q in PERCENTILES.items():
+            assert got[key] == float(np.percentile(sample, q))
+            assert recorder.weighted_percentile(values, counts, q) == float(np.percentile(sample, q))
