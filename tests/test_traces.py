@@ -470,6 +470,7 @@ def test_real_sharegpt_stats_csv_matches_published_table():
     ("prompt_tokens,output_tokens\n5,6\n\n7,8\n", False),            # a blank line: pandas reads it
     ("prompt_tokens,output_tokens\n5, 6\n", False),                   # a space: pandas reads it
     ("prompt_tokens,output_tokens,arrival_s\n5,6,0.25\n", False),     # arrival times: pandas reads them
+    ("prompt_tokens,output_tokens\n5,6\n2147483647,1\n", True),       # MAX_TOKENS
 ])
 def test_plain_csv_reader_gives_the_pandas_readers_trace(tmp_path, monkeypatch, text, plain):
     # the standard-library reader of the common case (no pandas import) and the pandas reader agree

@@ -209,7 +209,7 @@ def _read_plain_csv(path: Path, source: str, fmt: str) -> RawTrace | None:
         return None
     counts = []
     for column in (prompts, outputs):
-        if not all(v.isascii() and v.isdigit() for v in column):
+        if not all(v.isascii() and v.isdigit() and len(v) <= 10 for v in column):   # MAX_TOKENS has 10 digits
             return None
         values = np.array([int(v) for v in column], dtype=np.int64)
         if values.min() < 1 or values.max() > MAX_TOKENS:
