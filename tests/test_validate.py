@@ -250,8 +250,10 @@ def test_profile_fit_simulate_validate_pipeline_on_cpu(tmp_path):
     assert statistics.median(held_out_apes) < 15.0, fit_text
     too_high = [(op, float(ape)) for op, held_out, ape in errors if int(held_out) >= 5 and float(ape) >= 40.0]
     assert not too_high, fit_text
+    # 0.5 QPS, as the README's pipeline: at 1 QPS a slow spell of this shared VM during profiling made the fitted
+    # model overloaded (0.59 requests/s served), and its batches outgrew the profiled 64 sequences
     sim_text, simulate_s = step("simulate", "--model", "tiny", "--device", "cpu", "--cost-model", tmp_path / "model",
-                                "--num-requests", 200, "--qps", 1, "--out", tmp_path / "sim")
+                                "--num-requests", 200, "--qps", 0.5, "--out", tmp_path / "sim")
     assert "requests completed 200" in sim_text, sim_text
     # the quick grid covers tiny's contexts (max_model_len 4096) and Sarathi-Serve's default batch and budget
     assert re.search(r"fitted cost model: all \d+ micro-batches inside the profiled shapes", sim_text), sim_text
