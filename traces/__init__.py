@@ -7,8 +7,8 @@ arrival, plus an optional ``block_hashes`` column (a tuple of ints per request, 
 records what the ``max_total_tokens`` limit changed (see ``traces.schema``, ``traces.limits``). Bad input
 raises ``TraceError`` (a ``ValueError``) with a one-line message naming the file, the line and the field.
 ``load_columns`` gives the same trace as numpy arrays (``TraceColumns``; ``.frame()`` is ``load_trace``'s
-DataFrame); it imports pandas only for trace files and the ``conversation`` workload, and importing
-``traces`` never does.
+DataFrame); it imports pandas only for the ``conversation`` workload and for trace files other than plain
+integer CSVs (Sarathi-Serve/Vidur or plain, without arrival times or hashes), and importing ``traces`` never does.
 
     >>> from traces import load_trace
     >>> df = load_trace("sharegpt", num_requests=2048, qps=4.0, seed=0)

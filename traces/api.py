@@ -99,8 +99,9 @@ def load_columns(spec: str | Path, *, num_requests: int | None = None, qps: floa
     """``load_trace`` as ``TraceColumns``: the same arguments, checks and errors, the same trace
     (``load_trace(...)`` is ``load_columns(...).frame()``).
 
-    The sharegpt, arxiv and random workloads are generated as columns without importing pandas; trace files
-    and the ``conversation`` workload are read or built with pandas and converted.
+    The sharegpt, arxiv and random workloads are generated as columns without importing pandas, and plain
+    integer CSV files are read with the csv module (``traces.loaders``); other trace files and the
+    ``conversation`` workload are read or built with pandas and converted.
     """
     check_arrival_options(qps, arrival, cv)
     if num_requests is not None:
