@@ -417,9 +417,9 @@ class RooflineCostModel:
         if T == 0:
             return 0.0
         if self.pp == 1:
-            B = len(plan.num_new_tokens)
-            return (self.stage_layers[0] * (self._per_token_total(T) + sum(self._attention(plan).values()))
-                    + sum(self._first_stage_ops(T, B).values()) + sum(self._last_stage_ops(B).values()))
+            first, last = self._fixed_terms(T, len(plan.num_new_tokens))
+            return self.stage_layers[0] * (self._per_token_total(T) + sum(self._attention(plan).values())) + \
+                first + last
         return sum(self.stage_time(plan, s) for s in range(self.pp)) + \
             sum(self.transfer_time(plan, s) for s in range(self.pp - 1))
 

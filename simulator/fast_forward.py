@@ -154,13 +154,12 @@ def _window(replica, plan: BatchPlan, st: dict, K: int, horizon_s: float):
     regular, pre = st["regular"], st["prefill"]
     d0 = len(regular)
     bs = kv.block_size
-    held_of = kv._held
     steps = np.arange(K, dtype=np.int64)
     # the decode members: decodes and context per step from their decode counts sorted (at step 0 the plan's
     # own rows are recorded, so a member that prefilled in it may count as a decode there)
     rem = np.array(st["rem"], dtype=np.int64)
     ctx0 = np.array(st["ctx0"], dtype=np.int64)
-    held = np.array([held_of.get(r.request_id, 0) for r in regular], dtype=np.int64)
+    held = np.array([kv.held(r.request_id) for r in regular], dtype=np.int64)
     order = np.argsort(rem, kind="stable")
     rs, cs = rem[order], ctx0[order]
     idx = np.searchsorted(rs, steps, side="right")                 # members [idx:] of the sorted still decode
@@ -199,7 +198,7 @@ def _window(replica, plan: BatchPlan, st: dict, K: int, horizon_s: float):
             p_ctx = p.prompt_tokens + (steps[n_pre:] - start)
             ctx_sum[n_pre:] += np.where(dec, p_ctx, 0)
             ctx_max[n_pre:] = np.where(dec, np.maximum(ctx_max[n_pre:], p_ctx), ctx_max[n_pre:])
-        p_held = held_of.get(p.request_id, 0)
+        p_held = kv.held(p.request_id)
         p_new = np.maximum(_blocks(p_tokens, bs) - p_held, 0)
         grow = grow + p_new
         grow[1:] -= p_new[:-1]                  # its new blocks per step
@@ -282,7 +281,7 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
             if r.token_times_s:
                 g = e0 - r.token_times_s[-1]
                 gaps[g] = gaps.get(g, 0) + 1
-        s["gap_mark"] = (len(recorder._gap_values), len(gaps))     # for rollback_stretch
+        s["gap_mark"] = (recorder.num_gap_pairs, len(gaps))        # for rollback_stretch
         recorder.add_gaps(gaps)
         recorder.add_gap_arrays([ends[j] - ends[j - 1] for j in range(1, K)], batch[1:])
     # requests
@@ -397,8 +396,7 @@ def rollback_stretch(replica, s: dict, upto: int) -> None:
     if recorder is not None:
         base, step0 = s["gap_mark"]
         keep = base if upto < 0 else base + step0 + upto
-        del recorder._gap_values[keep:]
-        del recorder._gap_counts[keep:]
+        recorder.truncate_gaps(keep)
 
 
 def step_plan(s: dict, j: int) -> BatchPlan:

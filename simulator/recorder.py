@@ -197,6 +197,17 @@ class Recorder:
         self._gap_values.extend(values)
         self._gap_counts.extend(counts)
 
+    @property
+    def num_gap_pairs(self) -> int:
+        """``(gap, count)`` pairs pooled so far."""
+        return len(self._gap_values)
+
+    def truncate_gaps(self, num_pairs: int) -> None:
+        """Drop the pairs pooled after the first ``num_pairs`` (a fast-forwarded stretch taken back when the run
+        stops inside it, ``simulator.fast_forward.rollback_stretch``)."""
+        del self._gap_values[num_pairs:]
+        del self._gap_counts[num_pairs:]
+
     def record(self, r) -> None:
         """Write request ``r``'s row (done once; later calls for the same id overwrite)."""
         i = r.request_id

@@ -153,8 +153,7 @@ def load_requests(config: SimConfig, model=None, *, changes: dict | None = None)
     dict) receives the trace's ``workload_changes`` (requests shrunk and dropped). With prefix caching, trace
     block hashes are mapped onto the KV block size (``traces.prefix.block_hashes_for``). The built-in i.i.d.
     workloads are loaded as numpy columns (``traces.load_columns``), without pandas."""
-    n, stream = stream_requests(config, model, changes=changes, chunk=None)
-    return list(stream)
+    return list(stream_requests(config, model, changes=changes, chunk=None)[1])
 
 
 def stream_requests(config: SimConfig, model=None, *, changes: dict | None = None, chunk: int | None = 4096):

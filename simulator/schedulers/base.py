@@ -253,10 +253,11 @@ class Scheduler:
         return "open"
 
     def steady_prefill_budget(self, plan: BatchPlan) -> int | None:
-        """Tokens per step when the steps after ``plan`` (all running requests in it, nothing waiting) give every
-        decode one token and the plan's one partial prefill ``min(remaining, budget - decodes)`` tokens (blocks
-        allocated as ``allocate(request, computed + chunk)`` would); None when the policy's steps are not of
-        that form (the default: fast-forward then covers decode-only stretches)."""
+        """Tokens per step when the steps after ``plan`` (all running requests in it; ``decode_steady`` says
+        whether requests wait) give every decode one token and the plan's one partial prefill
+        ``min(remaining, budget - decodes)`` tokens (blocks allocated as ``allocate(request, computed + chunk)``
+        would); None when the policy's steps are not of that form (the default: fast-forward then covers only
+        stretches without a partial prefill)."""
         return None
 
     # --- policy ---------------------------------------------------------------------------------------------

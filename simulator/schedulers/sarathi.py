@@ -49,6 +49,7 @@ class SarathiScheduler(Scheduler):
         return self.make_plan(decodes, prefills, now_s, preempted)
 
     def steady_prefill_budget(self, plan):
-        """With one partial prefill and nothing waiting, each step is every decode plus the chunk
-        ``min(remaining, token_budget - decodes)`` (its prompt's blocks were allocated at admission)."""
+        """With one partial prefill, each step is every decode plus the chunk ``min(remaining, token_budget -
+        decodes)`` (its prompt's blocks were allocated at admission); a waiting request is considered only with
+        budget left over (step 3)."""
         return self.token_budget

@@ -136,7 +136,7 @@ class VLLMScheduler(Scheduler):
         return self.make_plan(decodes, scheduled, now_s, preempted)
 
     def steady_prefill_budget(self, plan):
-        """With the partial prefill last in ``running`` and nothing waiting, each step serves the decodes before
+        """With the partial prefill last in ``running``, each step serves the decodes before
         it, then gives it ``min(remaining, max_num_batched_tokens - decodes)`` tokens (the ``max_model_len - 1``
         cap never binds a prompt: an admitted request has prompt + output <= max_model_len) and allocates its
         slots; None otherwise."""
