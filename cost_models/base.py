@@ -71,12 +71,10 @@ class ConstantCostModel:
     def iteration_time(self, plan) -> float:
         return sum(self.breakdown(plan).values())
 
-    def decode_iteration_times(self, batch, ctx_sums, ctx_maxes):
-        """``iteration_time`` of decode-only micro-batches of ``batch[j]`` sequences whose context lengths sum to
-        ``ctx_sums[j]`` (numpy arrays), bit for bit (pp = 1; see ``simulator.fast_forward``)."""
-        import numpy as np
-
+    def step_time(self, d: int, ctx_sum: int, ctx_max: int, chunk: int = 0, chunk_ctx: int = 0) -> float:
+        """``iteration_time`` of a micro-batch of ``d`` decodes whose context lengths sum to ``ctx_sum``, plus a
+        prefill chunk of ``chunk`` tokens after ``chunk_ctx`` cached ones, bit for bit (pp = 1; see
+        ``simulator.fast_forward``)."""
         if self.pp != 1:
-            raise ValueError("decode_iteration_times prices one stage (pp = 1)")
-        tokens = np.asarray(batch, dtype=np.int64)
-        return self.fixed_s + self.per_token_s * tokens + self.per_context_token_s * np.asarray(ctx_sums, np.int64)
+            raise ValueError("step_time prices one stage (pp = 1)")
+        return self.fixed_s + self.per_token_s * (d + chunk) + self.per_context_token_s * (ctx_sum + chunk_ctx)

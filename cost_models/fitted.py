@@ -66,6 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from cost_models.lookup import IntTable, LogGrid
+from cost_models.plan import BatchPlan
 
 FIT_VERSION = 2
 MODEL_JSON = "model.json"
@@ -513,54 +514,28 @@ class FittedCostModel:
         return sum(self.stage_time(plan, s) for s in range(self.pp)) + \
             sum(self.transfer_time(plan, s) for s in range(self.pp - 1))
 
-    def decode_iteration_times(self, batch, ctx_sums, ctx_maxes):
-        """``iteration_time`` of many decode-only micro-batches (``pp`` = 1), bit for bit: step ``j`` decodes
-        ``batch[j]`` sequences whose context lengths sum to ``ctx_sums[j]``, the longest ``ctx_maxes[j]``. Returns
-        a float64 array of seconds (the table lookups are scalar; no plan is built per step)."""
+    def step_time(self, d: int, ctx_sum: int, ctx_max: int, chunk: int = 0, chunk_ctx: int = 0) -> float:
+        """``iteration_time`` (``pp`` = 1), bit for bit, of a micro-batch of ``d`` decodes (0 allowed with a chunk)
+        whose context lengths sum to ``ctx_sum``, the longest ``ctx_max``, plus, when ``chunk`` > 0, one prefill
+        chunk of ``chunk`` tokens after ``chunk_ctx`` cached ones (scalar table lookups; no plan is built)."""
         if self.pp != 1:
-            raise ValueError("decode_iteration_times prices one stage (pp = 1)")
-        from cost_models.plan import BatchPlan
-
-        table = self.tables.get("attn_decode")
-        L = self.stage_layers[0]
-        out = []
-        for d, s, m in zip(np.asarray(batch).tolist(), np.asarray(ctx_sums).tolist(), np.asarray(ctx_maxes).tolist()):
-            _, layer_total, emb = self._token_ops(d)
-            total = s + d
+            raise ValueError("step_time prices one stage (pp = 1)")
+        T = d + chunk
+        _, layer_total, emb = self._token_ops(T)
+        decode = 0.0
+        if d:
+            total = ctx_sum + d
+            table = self.tables.get("attn_decode")
             if table is not None:
-                decode = table(d, total / d, d * (m + 1) / total)
+                decode = table(d, total / d, d * (ctx_max + 1) / total)
             else:                   # the roofline's decode attention reads only the total context
-                decode = self.roofline._attention(BatchPlan.decodes([s] + [0] * (d - 1)))["attn_decode"]
+                decode = self.roofline._attention(BatchPlan.decodes([ctx_sum] + [0] * (d - 1)))["attn_decode"]
+        if not chunk:
             lm, cpu = self._per_sequence(d, d)
-            out.append(L * (layer_total + decode + 0.0) + emb + lm + cpu)
-        return np.array(out, dtype=float)
-
-    def chunk_iteration_times(self, batch, ctx_sums, ctx_maxes, chunks, chunk_ctx):
-        """``iteration_time`` of many micro-batches of decodes and one prefill chunk (``pp`` = 1), bit for bit: step
-        ``j`` decodes ``batch[j]`` sequences (0 allowed) whose context lengths sum to ``ctx_sums[j]``, the longest
-        ``ctx_maxes[j]``, and prefills ``chunks[j]`` tokens after ``chunk_ctx[j]`` cached ones. Returns a float64
-        array of seconds (scalar table lookups; no plan is built per step)."""
-        if self.pp != 1:
-            raise ValueError("chunk_iteration_times prices one stage (pp = 1)")
-        from cost_models.plan import BatchPlan
-
-        table = self.tables.get("attn_decode")
-        L = self.stage_layers[0]
-        out = []
-        for d, s, m, n, k in zip(*(np.asarray(v).tolist() for v in (batch, ctx_sums, ctx_maxes, chunks, chunk_ctx))):
-            T = d + n
-            _, layer_total, emb = self._token_ops(T)
-            decode = 0.0
-            if d:
-                total = s + d
-                if table is not None:
-                    decode = table(d, total / d, d * (m + 1) / total)
-                else:
-                    decode = self.roofline._attention(BatchPlan.decodes([s] + [0] * (d - 1)))["attn_decode"]
-            _, prefill = self._attention(BatchPlan.prefill(n, k))
-            lm, cpu = self._per_sequence(d + 1, T)
-            out.append(L * (layer_total + decode + prefill) + emb + lm + cpu)
-        return np.array(out, dtype=float)
+            return self.stage_layers[0] * (layer_total + decode + 0.0) + emb + lm + cpu
+        _, prefill = self._attention(BatchPlan.prefill(chunk, chunk_ctx))
+        lm, cpu = self._per_sequence(d + 1, T)
+        return self.stage_layers[0] * (layer_total + decode + prefill) + emb + lm + cpu
 
     def track_decodes(self, batch, ctx_sums) -> None:
         """Record in the tracker decode-only steps of ``batch[j]`` sequences with ``ctx_sums[j]`` context (a

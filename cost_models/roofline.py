@@ -59,8 +59,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-import numpy as np
-
 from cost_models.engine_overhead import EngineProfile, constants_profile, get_engine
 from cost_models.specs import DeviceSpec, load_device, load_model
 
@@ -238,7 +236,7 @@ class RooflineCostModel:
         self._linear_total: dict[int, float] = {}
         self._first_cache: dict[tuple, float] = {}
         self._last_cache: dict[int, float] = {}
-        self._decode_table = None               # 3 x n: per-token total, first and last stage terms at T = B = d
+        self._decode_terms: dict[int, tuple] = {}   # d: per-token total, first and last stage terms at T = B = d
 
     # --- roofline helpers ---------------------------------------------------------------------------------
     def _op(self, flops: float, elements: float, compute_eff: float, bw_eff: float) -> float:
@@ -423,42 +421,25 @@ class RooflineCostModel:
         return sum(self.stage_time(plan, s) for s in range(self.pp)) + \
             sum(self.transfer_time(plan, s) for s in range(self.pp - 1))
 
-    def decode_iteration_times(self, batch, ctx_sums, ctx_maxes):
-        """``iteration_time`` of many decode-only micro-batches at once (``pp`` = 1), bit for bit: step ``j``
-        decodes ``batch[j]`` sequences whose context lengths (tokens cached before this step) sum to
-        ``ctx_sums[j]`` (``ctx_maxes``, the longest, is not needed by the roofline). Arrays of ints; returns a float64
-        array of seconds. The same floating-point operations in the same order as ``iteration_time``, so
-        ``simulator.fast_forward`` gives the step-by-step engine's times exactly."""
+    def step_time(self, d: int, ctx_sum: int, ctx_max: int, chunk: int = 0, chunk_ctx: int = 0) -> float:
+        """``iteration_time`` (``pp`` = 1), bit for bit, of a micro-batch of ``d`` decodes (0 allowed with a chunk)
+        whose context lengths (tokens cached before this step) sum to ``ctx_sum``, plus, when ``chunk`` > 0, one
+        prefill chunk of ``chunk`` tokens after ``chunk_ctx`` cached ones; ``ctx_max`` (the longest decode context)
+        is not needed by the roofline. The same floating-point operations in the same order as ``iteration_time``,
+        without building a plan, so ``simulator.fast_forward`` gives the step-by-step engine's times exactly."""
         if self.pp != 1:
-            raise ValueError("decode_iteration_times prices one stage (pp = 1)")
-        d = np.asarray(batch, dtype=np.int64)
-        ctx = np.asarray(ctx_sums, dtype=np.int64) + d
-        q, kv, c = self.q, self.kv, self.c
-        flops = 4 * q * ctx
-        elems = ctx * 2 * kv + d * 2 * q
-        attn = np.maximum(flops / (self.flops * c.attn_compute_eff),
-                          elems * self.dt / (self.bw * c.attn_decode_bandwidth_eff)) + c.launch_overhead_s
-        attn = attn + c.attn_call_overhead_s
-        per_token, first, last = self._decode_terms(d)
-        return self.stage_layers[0] * (per_token + attn) + first + last
-
-    def chunk_iteration_times(self, batch, ctx_sums, ctx_maxes, chunks, chunk_ctx):
-        """``iteration_time`` of micro-batches of decodes and one prefill chunk (``pp`` = 1), bit for bit: step ``j``
-        decodes ``batch[j]`` sequences (0 allowed) whose context lengths sum to ``ctx_sums[j]`` and prefills
-        ``chunks[j]`` tokens after ``chunk_ctx[j]`` cached ones (``ctx_maxes`` is not needed). Returns a float64
-        array of seconds: the operations of ``iteration_time``, step by step without building plans (a stretch has
-        a handful of chunk steps)."""
-        if self.pp != 1:
-            raise ValueError("chunk_iteration_times prices one stage (pp = 1)")
-        L = self.stage_layers[0]
-        out = []
-        for d, s, n, k in zip(*(np.asarray(v).tolist() for v in (batch, ctx_sums, chunks, chunk_ctx))):
-            T, B = d + n, d + 1
-            attn = self._decode_attention(d, s) if d else 0     # as sum() of the attention dict adds them
-            attn += self._prefill_attention((n,), (k,))
+            raise ValueError("step_time prices one stage (pp = 1)")
+        if chunk:
+            T, B = d + chunk, d + 1
+            attn = self._decode_attention(d, ctx_sum) if d else 0     # as sum() of the attention dict adds them
+            attn += self._prefill_attention((chunk,), (chunk_ctx,))
             first, last = self._fixed_terms(T, B)
-            out.append(L * (self._per_token_total(T) + attn) + first + last)
-        return np.array(out, dtype=float)
+            return self.stage_layers[0] * (self._per_token_total(T) + attn) + first + last
+        terms = self._decode_terms.get(d)
+        if terms is None:
+            terms = self._decode_terms[d] = (self._per_token_total(d), *self._fixed_terms(d, d))
+        per_token, first, last = terms
+        return self.stage_layers[0] * (per_token + self._decode_attention(d, ctx_sum)) + first + last
 
     def _fixed_terms(self, T: int, B: int) -> tuple[float, float]:
         """The first stage's once-per-iteration seconds at ``(T, B)`` and the last stage's at ``B`` (cached), as
@@ -472,17 +453,6 @@ class RooflineCostModel:
         if last is None:
             last = self._last_cache[B] = sum(self._last_stage_ops(B).values())
         return first, last
-
-    def _decode_terms(self, batch: np.ndarray) -> tuple:
-        """Arrays of ``_per_token_total(d)`` and ``_fixed_terms(d, d)`` at the decode batch sizes ``batch``, read
-        from a table indexed by the batch size (filled with the scalar values, grown on demand)."""
-        tab = self._decode_table
-        top = int(batch.max()) if len(batch) else 0
-        if tab is None or tab.shape[1] <= top:
-            n = max(top + 1, 64, 0 if tab is None else 2 * tab.shape[1])
-            tab = self._decode_table = np.array([(self._per_token_total(T), *self._fixed_terms(T, T))
-                                                 for T in range(n)]).T
-        return tab[0][batch], tab[1][batch], tab[2][batch]
 
 
 def layers_per_stage(num_layers: int, pp: int) -> tuple[int, ...]:

@@ -38,17 +38,10 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 
-import numpy as np
-
 from cost_models.plan import BatchPlan
 
 MAX_STEPS = 4096
-FIRST_WINDOW = 32
 NEVER = 1 << 40          # the step of an event that does not happen in the stretch
-
-
-def _blocks(tokens: np.ndarray, block_size: int) -> np.ndarray:
-    return -(-tokens // block_size)
 
 
 def plan_stretch(replica, plan: BatchPlan, horizon_s: float, stop_at_completion: bool,
@@ -92,18 +85,7 @@ def plan_stretch(replica, plan: BatchPlan, horizon_s: float, stop_at_completion:
     K_max = min(k_end, k_cap)
     if K_max < 2:
         return None
-    # compute a window of steps, widened until the stretch ends inside it (most end at the next arrival): as many
-    # steps as the first one's duration fits before the horizon, plus slack
-    K = min(K_max, FIRST_WINDOW)
-    if math.isfinite(horizon_s):
-        # (only the steps up to the horizon are priced, so a generous window costs little)
-        fit = (horizon_s - now) / first_s if first_s > 0 else K_max     # a chunk step outlasts a decode step
-        K = int(min(K_max, max(64, math.ceil(fit * 4) + 8)))
-    while True:
-        s = _window(replica, plan, st, K, horizon_s)
-        if s is None or s["K"] < K or K == K_max:
-            return s
-        K = min(K_max, 4 * K)
+    return _window(replica, plan, st, K_max, horizon_s)
 
 
 def _prefill_steps(sched, plan: BatchPlan, p, rem: list, full_only: bool) -> dict | None:
@@ -137,128 +119,97 @@ def _prefill_steps(sched, plan: BatchPlan, p, rem: list, full_only: bool) -> dic
             "last": NEVER if end is None else end + ndec}
 
 
-def _durations(cm, batch, ctx_sum, ctx_max, plans) -> np.ndarray:
-    """Seconds of decode-only steps (``plans()``: their plans, built only for a cost model without the vectorized
-    ``decode_iteration_times``)."""
-    if hasattr(cm, "decode_iteration_times"):
-        return cm.decode_iteration_times(batch, ctx_sum, ctx_max)
-    return np.array([cm.iteration_time(p) for p in plans()], dtype=float)
+def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
+    """The stretch's steps, walked one by one up to the first that must not be taken (KV growth, horizon, ``K_max``);
+    None if under 2 steps.
 
-
-def _window(replica, plan: BatchPlan, st: dict, K: int, horizon_s: float):
-    """The first ``K`` steps of the stretch, cut where it must end (KV growth, horizon); None if under 2 steps.
-
-    Per-step arrays are built from the members' sorted decode counts and their KV block events (the steps at which
-    a member's growth needs a new block), so the work is linear in members + steps."""
+    Each step costs a few integer updates: the decode members sorted by their decode counts (those still decoding at
+    step ``j`` are a suffix, whose context sum and longest context are kept from the end), their KV block events by
+    step residue (a member needs a new block at ``f_i, f_i + block_size, ...``), and the prefill member's chunk or
+    decode; then its price, ``step_time`` where the cost model has it (else ``iteration_time`` of its plan)."""
     kv = replica.scheduler.kv
-    regular, pre = st["regular"], st["prefill"]
-    d0 = len(regular)
-    bs = kv.block_size
-    steps = np.arange(K, dtype=np.int64)
-    # the decode members: decodes and context per step from their decode counts sorted (at step 0 the plan's
-    # own rows are recorded, so a member that prefilled in it may count as a decode there)
-    rem = np.array(st["rem"], dtype=np.int64)
-    ctx0 = np.array(st["ctx0"], dtype=np.int64)
-    held = np.array([kv.held(r.request_id) for r in regular], dtype=np.int64)
-    order = np.argsort(rem, kind="stable")
-    rs, cs = rem[order], ctx0[order]
-    idx = np.searchsorted(rs, steps, side="right")                 # members [idx:] of the sorted still decode
-    batch = d0 - idx
-    prefix = np.concatenate(([0], np.cumsum(cs)))
-    ctx_sum = (prefix[-1] - prefix[idx]) + steps * batch
-    sufmax = np.concatenate((np.maximum.accumulate(cs[::-1])[::-1], [-1])) if d0 else np.array([-1])
-    ctx_max = np.where(batch > 0, sufmax[idx] + steps, -1)
-    # their KV growth: member i needs a new block at steps f_i, f_i + bs, ... up to its last step
-    last = rem - 1
-    first_new = held * bs - ctx0                                   # ctx0 + j + 1 tokens outgrow held blocks
-    stop = np.minimum(last, K - 1)
-    n_new = np.where(first_new <= stop, (stop - first_new) // bs + 1, 0)
-    total = int(n_new.sum())
-    if total:
-        offsets = np.repeat(np.cumsum(n_new) - n_new, n_new)
-        at = np.repeat(first_new, n_new) + bs * (np.arange(total) - offsets)
-        grow = np.bincount(at, minlength=K)[:K]
-    else:
-        grow = np.zeros(K, dtype=np.int64)
-    freed_at, freed = last + 1, held + n_new                       # blocks back when a member finishes
-    n_pre = 0                                                       # steps 0 .. n_pre - 1 hold a prefill chunk
-    if pre is not None:                      # the prefill member: chunks, then (maybe) decodes
-        p = st["q"]
-        n_pre = min(len(pre["chunks"]), K)
-        p_last = pre["last"]
-        p_tokens = np.empty(K, dtype=np.int64)
-        p_tokens[:n_pre] = np.add(pre["ctx"][:n_pre], pre["chunks"][:n_pre])
-        if n_pre < K:                        # its prompt is in: decodes from step end + 1
-            start = pre["end"] + 1
-            rel = np.minimum(steps[n_pre:], p_last) - start
-            p_tokens[n_pre:] = p.prompt_tokens + rel + 1
-            dec = steps[n_pre:] <= p_last
-            batch = batch.copy()
-            batch[n_pre:] += dec
-            p_ctx = p.prompt_tokens + (steps[n_pre:] - start)
-            ctx_sum[n_pre:] += np.where(dec, p_ctx, 0)
-            ctx_max[n_pre:] = np.where(dec, np.maximum(ctx_max[n_pre:], p_ctx), ctx_max[n_pre:])
-        p_held = kv.held(p.request_id)
-        p_new = np.maximum(_blocks(p_tokens, bs) - p_held, 0)
-        grow = grow + p_new
-        grow[1:] -= p_new[:-1]                  # its new blocks per step
-        if p_last < K - 1:
-            freed_at = np.append(freed_at, p_last + 1)
-            freed = np.append(freed, p_held + p_new[p_last])
-    extra = np.cumsum(grow)                  # blocks taken by step j, frees ignored
-    fits = extra <= kv.num_free
-    if not fits.all():
-        K = int(np.argmin(fits))
-        if K < 2:
-            return None
-        n_pre = min(n_pre, K)
-    batch, ctx_sum, ctx_max = batch[:K], ctx_sum[:K], ctx_max[:K]
-    s = {"regular": regular, "q": st["q"], "rem": st["rem"], "ctx0": st["ctx0"], "prefill": pre, "n_pre": n_pre,
-         "plans": [plan]}
-    # durations, priced up to the step that reaches the horizon (the rest of the window is never run)
+    regular, pre, q = st["regular"], st["prefill"], st["q"]
+    rem, ctx0 = st["rem"], st["ctx0"]
+    d0, bs = len(regular), kv.block_size
+    order = sorted(range(d0), key=rem.__getitem__)
+    rs = [rem[i] for i in order]
+    sums, maxes = [0] * (d0 + 1), [-1] * (d0 + 1)          # over the sorted members [i:]
+    for i in range(d0 - 1, -1, -1):
+        c = ctx0[order[i]]
+        sums[i], maxes[i] = sums[i + 1] + c, max(maxes[i + 1], c)
+    # KV: member i needs a new block at steps f_i, f_i + bs, ... up to its last step, and gives its blocks back
+    # after its last step (released[j]: at the start of step j)
+    residues = [[] for _ in range(bs)]
+    released: dict[int, int] = {}
+    for r, n, c in zip(regular, rem, ctx0):
+        h = kv.held(r.request_id)
+        f = h * bs - c                                       # ctx0 + j + 1 tokens outgrow the held blocks
+        residues[f % bs].append((f, n - 1))
+        released[n] = released.get(n, 0) + h + ((n - 1 - f) // bs + 1 if f <= n - 1 else 0)
+    steps: list[tuple] = []                                  # (decodes, their context sum, longest, chunk, its ctx)
+    if pre is not None:
+        chunks, chunk_ctx, n_chunks = pre["chunks"], pre["ctx"], len(pre["chunks"])
+        p_last, p_prompt, p_held = pre["last"], q.prompt_tokens, kv.held(q.request_id)
+        start = pre["end"] + 1 if pre["end"] is not None else None
+        p_new = 0
     cm = replica.cost_model
-    durations = [st["first_s"]]
-    if n_pre > 1:                            # steps with a chunk
-        if hasattr(cm, "chunk_iteration_times"):
-            durations += cm.chunk_iteration_times(batch[1:n_pre], ctx_sum[1:n_pre], ctx_max[1:n_pre],
-                                                  pre["chunks"][1:n_pre], pre["ctx"][1:n_pre]).tolist()
+    price = getattr(cm, "step_time", None)
+    num_free, num_used, base = kv.num_free, kv.num_used, 0
+    now = t = replica.env.now
+    ends, durations, used = [], [], []
+    extra = ptr = 0
+    K = K_max
+    for j in range(K_max):
+        while ptr < d0 and rs[ptr] <= j:
+            ptr += 1
+        b = d0 - ptr
+        cs = sums[ptr] + j * b
+        cmax = maxes[ptr] + j if b else -1
+        grow = 0
+        for f, last in residues[j % bs]:
+            if f <= j <= last:
+                grow += 1
+        chunk = kctx = 0
+        if pre is not None:                  # the prefill member: a chunk, or (its prompt in) a decode
+            if j < n_chunks:
+                chunk, kctx = chunks[j], chunk_ctx[j]
+                tokens = kctx + chunk
+            else:
+                tokens = p_prompt + (min(j, p_last) - start) + 1
+                if j <= p_last:
+                    pc = p_prompt + (j - start)
+                    b, cs, cmax = b + 1, cs + pc, max(cmax, pc)
+            new = max(-(-tokens // bs) - p_held, 0)
+            grow += new - p_new
+            p_new = new
+            if j == p_last:
+                released[j + 1] = released.get(j + 1, 0) + p_held + new
+        extra += grow
+        if extra > num_free:                 # this step's KV growth could fail: a preemption could happen
+            K = j
+            break
+        if j == 0:
+            d = st["first_s"]
+        elif price is not None:
+            d = price(b, cs, cmax, chunk, kctx)
         else:
-            durations += [cm.iteration_time(step_plan(s, j)) for j in range(1, n_pre)]
-    ends, t = [], replica.env.now
-    for d in durations:
+            d = cm.iteration_time(step_plan({**st, "plans": [plan], "n_pre": n_chunks if pre else 0}, j))
         t += d                               # sequential, as the clock adds
+        if t >= horizon_s:                   # a router reading loads at the arrival must find the step-by-step state
+            K = j
+            break
+        base += released.get(j, 0)
         ends.append(t)
-    j = len(durations)
-    while j < K and t < horizon_s:           # decode-only steps, in blocks sized to reach the horizon
-        size = K - j
-        if math.isfinite(horizon_s) and durations[-1] > 0:
-            size = min(size, max(8, math.ceil((horizon_s - t) / durations[-1] * 1.25) + 2))
-        lo = j
-        block = _durations(cm, batch[lo:lo + size], ctx_sum[lo:lo + size], ctx_max[lo:lo + size],
-                           lambda: [step_plan(s, i) for i in range(lo, lo + size)]).tolist()
-        for d in block:
-            t += d
-            ends.append(t)
-        durations += block
-        j += size
-    if t >= horizon_s:                       # a router reading loads at the arrival must find the step-by-step state
-        K = next(i for i, e in enumerate(ends) if e >= horizon_s)
-        if K < 2:
-            return None
-    now = replica.env.now
-    ends, durations = np.array(ends[:K]), np.array(durations[:K])
-    n_pre = min(n_pre, K)
-    starts = np.concatenate(([now], ends[:K - 1]))
-    # blocks in use when step j is recorded: its allocations done, members finished before it freed
-    keep = freed_at < K
-    released = np.cumsum(np.bincount(freed_at[keep], weights=freed[keep], minlength=K)[:K]).astype(np.int64)
-    used = kv.num_used + extra[:K] - released
-    prefill_tokens = np.zeros(K, dtype=np.int64)
-    if n_pre:
-        prefill_tokens[:n_pre] = pre["chunks"][:n_pre]
-    s.update({"K": K, "n_pre": n_pre, "batch": batch[:K], "ctx_sum": ctx_sum[:K], "durations": durations[:K],
-              "starts": starts, "ends": ends[:K], "used": used, "prefill_tokens": prefill_tokens})
-    return s
+        durations.append(d)
+        used.append(num_used + extra - base)
+        steps.append((b, cs, chunk))
+    if K < 2:
+        return None
+    n_pre = min(n_chunks, K) if pre is not None else 0
+    return {"regular": regular, "q": q, "rem": rem, "ctx0": ctx0, "prefill": pre, "n_pre": n_pre, "plans": [plan],
+            "K": K, "batch": [x[0] for x in steps], "ctx_sum": [x[1] for x in steps],
+            "prefill_tokens": [x[2] for x in steps], "durations": durations, "starts": [now] + ends[:K - 1],
+            "ends": ends, "used": used}
 
 
 def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
@@ -268,9 +219,7 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
     sched, kv, log = replica.scheduler, replica.scheduler.kv, replica.log
     K, regular, q, pre = s["K"], s["regular"], s["q"], s["prefill"]
     n_pre = s["n_pre"]
-    ends = s["ends"].tolist()
-    starts, durations = s["starts"].tolist(), s["durations"].tolist()
-    batch, used = s["batch"].tolist(), s["used"].tolist()
+    ends, starts, durations, batch, used = s["ends"], s["starts"], s["durations"], s["batch"], s["used"]
     end = pre["end"] if pre is not None and pre["end"] is not None and pre["end"] < K else None
     # TBT samples: step 0 groups members by their previous token; later steps all came from the step before
     recorder = replica.recorder
@@ -348,7 +297,7 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
         log.batch_size.extend(batch[n_pre:])
     else:
         log.batch_size.extend(batch[1:])
-    log.num_prefill_tokens.extend(s["prefill_tokens"][1:].tolist())
+    log.num_prefill_tokens.extend(s["prefill_tokens"][1:])
     log.num_decode_tokens.extend(batch[1:])
     log.kv_blocks_used.extend(used)
     log.kv_blocks_total.extend([kv.num_blocks] * K)

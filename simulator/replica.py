@@ -302,10 +302,10 @@ class Replica:
         if s is None:
             return False
         completions = dict(apply_stretch(self, plan, s))
-        ends, durations = s["ends"].tolist(), s["durations"].tolist()
+        ends, durations = s["ends"], s["durations"]
         hook, at = self.on_iteration, -1
         if hook is not None:
-            starts, plans = s["starts"].tolist(), getattr(hook, "reads_plan", True)
+            starts, plans = s["starts"], getattr(hook, "reads_plan", True)
         for j in range(len(ends)) if hook is not None else sorted(completions):
             if hook is not None:
                 try:

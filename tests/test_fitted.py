@@ -267,17 +267,16 @@ def test_fit_command_prints_heldout_error_and_reuses_the_model(tmp_path):
     assert none.exit_code == 2 and "give a profile folder" in none.output
 
 
-def test_vectorized_pricing_equals_iteration_time_bit_for_bit(model):
-    # fast-forward prices whole stretches at once (simulator.fast_forward): each step must cost exactly what the
-    # step-by-step engine's iteration_time of its plan costs
+def test_step_pricing_equals_iteration_time_bit_for_bit(model):
+    # fast-forward prices stretch steps without plans (simulator.fast_forward): each step must cost exactly what
+    # the step-by-step engine's iteration_time of its plan costs
     rng = np.random.default_rng(3)
     for _ in range(50):
         ctx = rng.integers(0, 3000, rng.integers(1, 40)).tolist()
-        assert model.decode_iteration_times([len(ctx)], [sum(ctx)], [max(ctx)])[0] == \
-            model.iteration_time(decodes(*ctx))
+        assert model.step_time(len(ctx), sum(ctx), max(ctx)) == model.iteration_time(decodes(*ctx))
         ctx = ctx[:rng.integers(0, len(ctx) + 1)]
         n, k = int(rng.integers(1, 600)), int(rng.integers(0, 4000))
-        got = model.chunk_iteration_times([len(ctx)], [sum(ctx)], [max(ctx, default=-1)], [n], [k])[0]
+        got = model.step_time(len(ctx), sum(ctx), max(ctx, default=-1), n, k)
         assert got == model.iteration_time(mixed(ctx, [(n, k)]))
 
 

@@ -233,9 +233,9 @@ def test_unknown_model_and_indivisible_heads_are_errors():
 
 @pytest.mark.parametrize("model,device,tp", [("Mistral-7B", "A100-80GB-SXM", 1), ("Yi-34B", "A100-80GB-PCIe", 2),
                                             ("Llama-3-8B", "H100-SXM", 1)])
-def test_vectorized_pricing_equals_iteration_time_bit_for_bit(model, device, tp):
-    # fast-forward prices whole stretches at once (simulator.fast_forward): each step must cost exactly what the
-    # step-by-step engine's iteration_time of its plan costs
+def test_step_pricing_equals_iteration_time_bit_for_bit(model, device, tp):
+    # fast-forward prices stretch steps without plans (simulator.fast_forward): each step must cost exactly what
+    # the step-by-step engine's iteration_time of its plan costs
     import numpy as np
 
     cm = RooflineCostModel(model, device, tp=tp)
@@ -246,10 +246,9 @@ def test_vectorized_pricing_equals_iteration_time_bit_for_bit(model, device, tp)
         batches.append(len(ctx))
         sums.append(sum(ctx))
         plans.append(BatchPlan.decodes(ctx))
-    got = cm.decode_iteration_times(batches, sums, [0] * len(sums))
-    assert got.tolist() == [cm.iteration_time(p) for p in plans]
+    assert [cm.step_time(b, c, 0) for b, c in zip(batches, sums)] == [cm.iteration_time(p) for p in plans]
     for _ in range(60):
         ctx = rng.integers(0, 8000, rng.integers(0, 100)).tolist()
         n, k = int(rng.integers(1, 2048)), int(rng.integers(0, 16000))
         plan = BatchPlan.from_entries([(i, 1, c) for i, c in enumerate(ctx)] + [(999, n, k)], num_decodes=len(ctx))
-        assert cm.chunk_iteration_times([len(ctx)], [sum(ctx)], [0], [n], [k])[0] == cm.iteration_time(plan)
+        assert cm.step_time(len(ctx), sum(ctx), 0, n, k) == cm.iteration_time(plan)
