@@ -237,6 +237,9 @@ class RooflineCostModel:
         self._first_cache: dict[tuple, float] = {}
         self._last_cache: dict[int, float] = {}
         self._decode_terms: dict[int, tuple] = {}   # d: per-token total, first and last stage terms at T = B = d
+        c = self.c
+        self._decode_consts = (self.q, self.kv, self.flops * c.attn_compute_eff, self.dt,
+                               self.bw * c.attn_decode_bandwidth_eff, c.launch_overhead_s, c.attn_call_overhead_s)
 
     # --- roofline helpers ---------------------------------------------------------------------------------
     def _op(self, flops: float, elements: float, compute_eff: float, bw_eff: float) -> float:
@@ -439,7 +442,11 @@ class RooflineCostModel:
         if terms is None:
             terms = self._decode_terms[d] = (self._per_token_total(d), *self._fixed_terms(d, d))
         per_token, first, last = terms
-        return self.stage_layers[0] * (per_token + self._decode_attention(d, ctx_sum)) + first + last
+        # _decode_attention(d, ctx_sum) written out, its divisors computed as _op computes them
+        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
+        ctx = ctx_sum + d
+        attn = max(4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth) + launch + call
+        return self.stage_layers[0] * (per_token + attn) + first + last
 
     def _fixed_terms(self, T: int, B: int) -> tuple[float, float]:
         """The first stage's once-per-iteration seconds at ``(T, B)`` and the last stage's at ``B`` (cached), as
