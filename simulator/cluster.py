@@ -224,6 +224,7 @@ class Cluster:
             rep.fast_forward = ff
             rep.horizon = lambda: self.next_arrival_s
             rep.stop_at_completion = bool(self.concurrency)
+            rep.spans_arrivals = len(entry.replicas) == 1
         if self.disaggregated:
             for rep in self.pools["prefill"].replicas:
                 rep.scheduler.hold_kv_after_prefill = True

@@ -11,7 +11,10 @@ partial prefill left, if any (the plan's last entry; the policy says how many to
 end of its last chunk (step ``s``) and decodes from step ``s + 1`` on. The stretch ends before the first of:
 
 - a step that would end at or after the next arrival (``horizon_s``): at the arrival, the router reads the loads
-  and the scheduler its queue as they are step by step — the step in flight then runs as usual;
+  as they are step by step — the step in flight then runs as usual. When nothing reads the replica's state at an
+  arrival (``Replica.spans_arrivals``: its pool's only replica, whose scheduler just queues the request), the step
+  in flight at the arrival, scheduled before it, is the stretch's last (one ending exactly at the arrival is left
+  to the step-by-step engine);
 - the first completion, when requests are waiting (freed KV blocks or a freed slot could admit one) or the load
   is closed-loop (a completion sends the next request); with a prefill going on while requests wait, the step
   whose chunk leaves budget over (it would admit one);
@@ -155,6 +158,7 @@ def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
     cm = replica.cost_model
     price = getattr(cm, "step_time", None)
     num_free, num_used, base = kv.num_free, kv.num_used, 0
+    spans = replica.spans_arrivals
     now = t = replica.env.now
     ends, durations, used = [], [], []
     extra = ptr = 0
@@ -195,14 +199,18 @@ def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
         else:
             d = cm.iteration_time(step_plan({**st, "plans": [plan], "n_pre": n_chunks if pre else 0}, j))
         t += d                               # sequential, as the clock adds
-        if t >= horizon_s:                   # a router reading loads at the arrival must find the step-by-step state
-            K = j
+        last_step = t >= horizon_s           # the next arrival comes during step j
+        if last_step and not (spans and t > horizon_s):
+            K = j                            # a router reading loads then must find the step-by-step state
             break
         base += released.get(j, 0)
         ends.append(t)
         durations.append(d)
         used.append(num_used + extra - base)
         steps.append((b, cs, chunk))
+        if last_step:                        # scheduled before the arrival, it runs as the stretch says
+            K = j + 1
+            break
     if K < 2:
         return None
     n_pre = min(n_chunks, K) if pre is not None else 0

@@ -173,6 +173,9 @@ class Replica:
         self.fast_forward = False       # advance quiet decode stretches at once (simulator.fast_forward)
         self.horizon = lambda: math.inf  # time of the next external event (arrival) the replica must stop for
         self.stop_at_completion = False  # closed loop: a completion sends the next request
+        #: nothing reads this replica's state at an arrival (its pool's only replica: the router has no choice, and
+        #: the scheduler only queues the request), so a stretch may take the step in flight at the arrival too
+        self.spans_arrivals = False
         self.stage_free_s = [0.0] * self.pp
         self.stage_busy_s = [0.0] * self.pp
         self.num_in_flight = 0
