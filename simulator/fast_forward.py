@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections import Counter
+from itertools import accumulate
 
 from cost_models.plan import BatchPlan
 
@@ -70,22 +72,22 @@ def plan_stretch(replica, plan: BatchPlan, horizon_s: float, stop_at_completion:
     q = sched.requests[plan.request_ids[-1]] if plan.num_decodes < len(plan.request_ids) else None
     if q is not None and q.remaining_tokens == 0:
         q = None
-    regular = [r for r in sched.running if r is not q]
+    regular = [r for r in sched.running if r is not q] if q is not None else list(sched.running)
     rem = [r.output_tokens - r.num_generated for r in regular]     # tokens each still emits, step 0's included
-    lasts = [n - 1 for n in rem]                                    # the step of each member's last token
     st = {"regular": regular, "q": q, "rem": rem, "ctx0": [r.num_computed_tokens - 1 for r in regular],
           "first_s": first_s, "prefill": None}
+    pick = min if stop_at_completion else max
+    last = pick(rem) - 1 if rem else None                          # the step of the first (last) member's last token
     k_cap = MAX_STEPS
     if q is not None:
         pre = _prefill_steps(sched, plan, q, rem, full_only=mode == "full-budget")
         if pre is None:
             return None
         st["prefill"] = pre
-        lasts.append(pre["last"])
+        last = pre["last"] if last is None else pick(last, pre["last"])
         if pre["end"] is None or mode == "full-budget":   # the stretch ends with its chunks (a request waiting
             k_cap = len(pre["chunks"])                      # could be admitted in the step after the last one)
-    k_end = (min(lasts) if stop_at_completion else max(lasts)) + 1
-    K_max = min(k_end, k_cap)
+    K_max = min(last + 1, k_cap)
     if K_max < 2:
         return None
     return _window(replica, plan, st, K_max, horizon_s)
@@ -126,30 +128,27 @@ def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
     """The stretch's steps, walked one by one up to the first that must not be taken (KV growth, horizon, ``K_max``);
     None if under 2 steps.
 
-    Each step costs a few integer updates: the decode members sorted by their decode counts (those still decoding at
-    step ``j`` are a suffix, whose context sum and longest context are kept from the end), their KV block events by
-    step residue (a member needs a new block at ``f_i, f_i + block_size, ...``), and the prefill member's chunk or
-    decode; then its price, ``step_time`` where the cost model has it (else ``iteration_time`` of its plan)."""
+    Each step costs a few integer updates, not a pass over the members: they are sorted by their decode counts (those
+    still decoding at step ``j`` are a suffix, whose context sum and longest context are precomputed from the end);
+    the members needing a new KV block at step ``j`` are counted per residue of ``j`` modulo the block size (member
+    ``i`` needs one at ``f_i, f_i + block_size, ...``), updated when a member starts growing or finishes; the
+    prefill member adds its chunk or decode. Then the step is priced, by ``step_time`` where the cost model has it
+    (else ``iteration_time`` of its plan)."""
     kv = replica.scheduler.kv
     regular, pre, q = st["regular"], st["prefill"], st["q"]
     rem, ctx0 = st["rem"], st["ctx0"]
     d0, bs = len(regular), kv.block_size
-    order = sorted(range(d0), key=rem.__getitem__)
-    rs = [rem[i] for i in order]
-    sums, maxes = [0] * (d0 + 1), [-1] * (d0 + 1)          # over the sorted members [i:]
-    for i in range(d0 - 1, -1, -1):
-        c = ctx0[order[i]]
-        sums[i], maxes[i] = sums[i + 1] + c, max(maxes[i + 1], c)
-    # KV: member i needs a new block at steps f_i, f_i + bs, ... up to its last step, and gives its blocks back
-    # after its last step (released[j]: at the start of step j)
-    residues = [[] for _ in range(bs)]
-    released: dict[int, int] = {}
-    for r, n, c in zip(regular, rem, ctx0):
-        h = kv.held(r.request_id)
-        f = h * bs - c                                       # ctx0 + j + 1 tokens outgrow the held blocks
-        residues[f % bs].append((f, n - 1))
-        released[n] = released.get(n, 0) + h + ((n - 1 - f) // bs + 1 if f <= n - 1 else 0)
-    steps: list[tuple] = []                                  # (decodes, their context sum, longest, chunk, its ctx)
+    # member i needs a new block at steps f_i, f_i + bs, ... (ctx0 + j + 1 tokens outgrow the tokens its blocks hold)
+    # up to its last step, rem_i - 1
+    capacity = kv.capacity
+    first_new = [capacity.get(r.request_id, 0) - c for r, c in zip(regular, ctx0)]
+    rs, cs, fs = zip(*sorted(zip(rem, ctx0, first_new))) if d0 else ((), (), ())
+    sums = list(accumulate(reversed(cs), initial=0))[::-1]            # over the sorted members [i:]
+    maxes = list(accumulate(reversed(cs), max, initial=-1))[::-1]
+    starting = Counter(first_new)            # members whose first new block is at step f
+    unborn: dict[int, int] = {}              # of those, members finished before it
+    growing = [0] * bs                       # members still decoding that need a block at steps = r (mod bs)
+    steps: list[tuple] = []                  # (decodes, their context sum, prefill chunk) of each step taken
     if pre is not None:
         chunks, chunk_ctx, n_chunks = pre["chunks"], pre["ctx"], len(pre["chunks"])
         p_last, p_prompt, p_held = pre["last"], q.prompt_tokens, kv.held(q.request_id)
@@ -164,15 +163,22 @@ def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
     extra = ptr = 0
     K = K_max
     for j in range(K_max):
+        freed = 0                            # blocks of the members whose last step was j - 1
         while ptr < d0 and rs[ptr] <= j:
+            n, f = rs[ptr], fs[ptr]
+            if f < n:                        # it grew at f, f + bs, ... up to n - 1
+                growing[f % bs] -= 1
+                freed += (f + cs[ptr]) // bs + (n - 1 - f) // bs + 1
+            else:
+                unborn[f] = unborn.get(f, 0) + 1
+                freed += (f + cs[ptr]) // bs
             ptr += 1
+        if j in starting:
+            growing[j % bs] += starting[j] - unborn.get(j, 0)
         b = d0 - ptr
-        cs = sums[ptr] + j * b
+        ctx_sum = sums[ptr] + j * b
         cmax = maxes[ptr] + j if b else -1
-        grow = 0
-        for f, last in residues[j % bs]:
-            if f <= j <= last:
-                grow += 1
+        grow = growing[j % bs]
         chunk = kctx = 0
         if pre is not None:                  # the prefill member: a chunk, or (its prompt in) a decode
             if j < n_chunks:
@@ -182,12 +188,12 @@ def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
                 tokens = p_prompt + (min(j, p_last) - start) + 1
                 if j <= p_last:
                     pc = p_prompt + (j - start)
-                    b, cs, cmax = b + 1, cs + pc, max(cmax, pc)
+                    b, ctx_sum, cmax = b + 1, ctx_sum + pc, max(cmax, pc)
+                elif j == p_last + 1:            # its blocks come back
+                    freed += p_held + p_new
             new = max(-(-tokens // bs) - p_held, 0)
             grow += new - p_new
             p_new = new
-            if j == p_last:
-                released[j + 1] = released.get(j + 1, 0) + p_held + new
         extra += grow
         if extra > num_free:                 # this step's KV growth could fail: a preemption could happen
             K = j
@@ -195,7 +201,7 @@ def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
         if j == 0:
             d = st["first_s"]
         elif price is not None:
-            d = price(b, cs, cmax, chunk, kctx)
+            d = price(b, ctx_sum, cmax, chunk, kctx)
         else:
             d = cm.iteration_time(step_plan({**st, "plans": [plan], "n_pre": n_chunks if pre else 0}, j))
         t += d                               # sequential, as the clock adds
@@ -203,11 +209,11 @@ def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
         if last_step and not (spans and t > horizon_s):
             K = j                            # a router reading loads then must find the step-by-step state
             break
-        base += released.get(j, 0)
+        base += freed
         ends.append(t)
         durations.append(d)
         used.append(num_used + extra - base)
-        steps.append((b, cs, chunk))
+        steps.append((b, ctx_sum, chunk))
         if last_step:                        # scheduled before the arrival, it runs as the stretch says
             K = j + 1
             break
