@@ -240,10 +240,9 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
     if recorder is not None:
         gaps: dict = {}
         e0 = ends[0]
-        for r in regular:
-            if r.token_times_s:
-                g = e0 - r.token_times_s[-1]
-                gaps[g] = gaps.get(g, 0) + 1
+        for prev, n in Counter([r.token_times_s[-1] for r in regular if r.token_times_s]).items():
+            g = e0 - prev                    # (in the order of the members, as step by step)
+            gaps[g] = gaps.get(g, 0) + n
         s["gap_mark"] = (recorder.num_gap_pairs, len(gaps))        # for rollback_stretch
         recorder.add_gaps(gaps)
         recorder.add_gap_arrays([ends[j] - ends[j - 1] for j in range(1, K)], batch[1:])
