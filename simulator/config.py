@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from cost_models.specs import safe_load_yaml
+
 SCHEDULER_NAMES = ("vllm", "vllm-v0", "sarathi", "simple-chunking", "orca", "fastertransformer")
 ROUTER_NAMES = ("round-robin", "least-outstanding", "least-tokens", "kv-aware", "prefix-affinity")
 DEFAULT_NUM_REQUESTS = 2048
@@ -246,7 +248,7 @@ def read_yaml_mapping(path: str | Path, error: type[ValueError], what: str) -> d
     YAML (first line of the parser's message) or is not a mapping (``what`` says what it should hold)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise error(f"{path}: file not found") from None
     except UnicodeDecodeError:
