@@ -127,3 +127,21 @@ def test_yaml_device_spec_loads(tmp_path):
                     "memory_bandwidth_bytes_per_s: 1.0e12\n")
     d = load_device(str(path))
     assert (d.name, d.memory_bytes, d.flops("float16")) == ("my-gpu", 24 * 2**30, 1e14)
+
+
+def test_fast_yaml_reads_the_spec_files_as_safe_load_and_fails_alike():
+    import yaml
+
+    from cost_models.specs import SPEC_DIR, safe_load_yaml
+
+    paths = sorted(SPEC_DIR.glob("*/*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
+        text = path.read_text()
+        assert safe_load_yaml(text) == yaml.safe_load(text), path
+    bad = "name: x\n  layers: [1, 2\n"
+    with pytest.raises(yaml.YAMLError) as fast:
+        safe_load_yaml(bad)
+    with pytest.raises(yaml.YAMLError) as slow:
+        yaml.safe_load(bad)
+    assert str(fast.value) == str(slow.value)
