@@ -220,7 +220,8 @@ def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
     if K < 2:
         return None
     n_pre = min(n_chunks, K) if pre is not None else 0
-    return {"regular": regular, "q": q, "rem": rem, "ctx0": ctx0, "prefill": pre, "n_pre": n_pre, "plans": [plan],
+    return {"regular": regular, "q": q, "rem": rem, "ctx0": ctx0, "first_new": first_new, "prefill": pre,
+            "n_pre": n_pre, "plans": [plan],
             "K": K, "batch": [x[0] for x in steps], "ctx_sum": [x[1] for x in steps],
             "prefill_tokens": [x[2] for x in steps], "durations": durations, "starts": [now] + ends[:K - 1],
             "ends": ends, "used": used}
@@ -249,22 +250,24 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
     # requests
     done_at: dict[int, list] = {}
     s["first_set"] = first_set = []          # members whose first token the stretch emitted
-    capacity, allocate = kv.capacity, kv.allocate
-    emitted = ends if K <= min(s["rem"], default=K) else None     # all emit every step: one list for all
-    for r, rem, c in zip(regular, s["rem"], s["ctx0"]):
-        n = rem if rem < K else K
-        r.token_times_s.extend(emitted if emitted is not None else ends[:n])
-        r.num_generated += n
-        r.num_computed_tokens = c + n
+    allocate = kv.allocate
+    for r, rem, c, f in zip(regular, s["rem"], s["ctx0"], s["first_new"]):
+        if rem > K:                          # it decodes through the stretch
+            r.token_times_s.extend(ends)
+            r.num_generated += K
+            r.num_computed_tokens = c + K
+            if f < K:                        # its growth needed blocks (its first new one at step f)
+                allocate(r, c + K)
+        else:
+            r.token_times_s.extend(ends[:rem])
+            r.num_generated += rem
+            r.num_computed_tokens = c + rem
+            r.completion_s = ends[rem - 1]
+            done_at.setdefault(rem - 1, []).append(r)
         r.in_flight = False
         if r.first_token_s is None:          # it prefilled in step 0
             r.first_token_s = ends[0]
             first_set.append(r)
-        if n == rem:
-            r.completion_s = ends[n - 1]
-            done_at.setdefault(n - 1, []).append(r)
-        elif c + n > capacity.get(r.request_id, 0):   # its growth needs blocks
-            allocate(r, c + n)
     if 0 in done_at and len(done_at[0]) > 1 and plan.num_decodes < len(plan.request_ids):
         index = {rid: i for i, rid in enumerate(plan.request_ids)}    # step 0 reports in plan order
         done_at[0].sort(key=lambda r: index[r.request_id])
