@@ -135,22 +135,38 @@ class LogGrid:
 
     def _interp(self, xs) -> float:
         base = 0
-        offsets, weights = [0], [1.0]           # the cell's corners and their weights, axis after axis
+        parts = []                              # (stride, weight of the upper point) of each axis between points
         for x, axis, lx, stride in zip(xs, self.axes, self.logx, self.strides):
             n = len(axis)
             if n == 1 or x <= axis[0]:
                 continue                        # the first point, weight 1
             if x >= axis[-1]:
-                i, w = n - 2, 1.0
-            else:
-                i = bisect_right(axis, x) - 1
-                w = (math.log1p(x) - lx[i]) / (lx[i + 1] - lx[i])
+                base += (n - 1) * stride        # the last point, weight 1
+                continue
+            i = bisect_right(axis, x) - 1
+            w = (math.log1p(x) - lx[i]) / (lx[i + 1] - lx[i])
             base += i * stride
             if w > 0.0:
-                offsets = offsets + [o + stride for o in offsets]
-                weights = [c * (1.0 - w) for c in weights] + [c * w for c in weights]
-        logv = self.logv
-        return math.exp(sum([c * logv[base + o] for o, c in zip(offsets, weights) if c]))
+                parts.append((stride, w))
+        # the cell's corners, the lower point of the first axis before its upper one, weights multiplied in axis
+        # order; written out for up to 3 axes (a corner of weight 0 adds a zero)
+        v = self.logv
+        if not parts:
+            return math.exp(v[base])
+        (s0, w0), *rest = parts
+        a0, b0 = 1.0 - w0, w0
+        if not rest:
+            return math.exp(a0 * v[base] + b0 * v[base + s0])
+        (s1, w1), *rest = rest
+        u1 = 1.0 - w1
+        c = (a0 * u1, b0 * u1, a0 * w1, b0 * w1)
+        if not rest:
+            return math.exp(c[0] * v[base] + c[1] * v[base + s0] + c[2] * v[base + s1] + c[3] * v[base + s0 + s1])
+        (s2, w2), = rest
+        u2, top = 1.0 - w2, base + s2
+        return math.exp(c[0] * u2 * v[base] + c[1] * u2 * v[base + s0] + c[2] * u2 * v[base + s1]
+                        + c[3] * u2 * v[base + s0 + s1] + c[0] * w2 * v[top] + c[1] * w2 * v[top + s0]
+                        + c[2] * w2 * v[top + s1] + c[3] * w2 * v[top + s0 + s1])
 
     def __call__(self, *x) -> float:
         value = self._interp(x)
