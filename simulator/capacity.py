@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
-
 from simulator.config import SimConfig
 from simulator.metrics import summarize
 from simulator.recorder import Recorder
