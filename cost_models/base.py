@@ -18,6 +18,10 @@ class CostModel(Protocol):
       plan; with ``pp`` = 1, ``stage_time(plan, 0)``);
     - ``breakdown(plan)``: ``{operator_name: seconds}`` over all layers and stages, adding up to
       ``iteration_time(plan)``.
+
+    Optional: ``step_time(d, ctx_sum, ctx_max, chunk=0, chunk_ctx=0)``, ``iteration_time`` (``pp`` = 1) bit for bit
+    of ``d`` decodes whose contexts sum to ``ctx_sum`` (the longest ``ctx_max``) plus one prefill chunk of
+    ``chunk`` tokens after ``chunk_ctx``, without a plan: ``simulator.fast_forward`` prices stretch steps with it.
     """
 
     pp: int

@@ -22,10 +22,12 @@ end of its last chunk (step ``s``) and decodes from step ``s + 1`` on. The stret
   blocks at the start (so no preemption can happen);
 - a step in which the prefill would get no token; ``MAX_STEPS`` steps, or the last member's last token.
 
-Each step's duration is the cost model's ``iteration_time`` of that batch: the plan's own for step 0, then the
-vectorized ``chunk_iteration_times`` and ``decode_iteration_times`` where the cost model has them (the same
-floating-point operations in the same order), else ``iteration_time`` of each step's plan; times accumulate as
-the event loop's clock does (``now + duration``), and steps are priced only up to the horizon. Token times, TBT
+The steps are walked one at a time in plain Python (a stretch is a handful of steps: 6 at the median of the
+default run), each a few integer updates rather than a pass over the members (see ``_window``). Each step's
+duration is the cost model's ``iteration_time`` of that batch: the plan's own for step 0, then ``step_time`` of
+its counts where the cost model has it (the same floating-point operations in the same order, without a plan),
+else ``iteration_time`` of each step's plan; times accumulate as the event loop's clock does (``now +
+duration``), and steps are priced only up to the horizon. Token times, TBT
 samples (``(gap, count)`` per step), iteration rows, KV blocks, stage busy time and completions (in the order
 the step-by-step engine reports them) are then applied in bulk. When a hook or a completion callback stops the
 run inside a stretch, ``rollback_stretch`` takes back what the steps after the stop did to the requests and the
@@ -365,8 +367,8 @@ def rollback_stretch(replica, s: dict, upto: int) -> None:
 
 
 def step_plan(s: dict, j: int) -> BatchPlan:
-    """The plan of stretch step ``j`` (for ``on_iteration`` hooks, range tracking, and cost models without the
-    vectorized pricing)."""
+    """The plan of stretch step ``j`` (for ``on_iteration`` hooks, range tracking, and cost models without
+    ``step_time``)."""
     plans = s["plans"]
     if j < len(plans):
         return plans[j]

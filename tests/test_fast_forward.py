@@ -97,6 +97,38 @@ def test_stretches_carry_prefill_chunks(monkeypatch, scheduler, queue):
     assert [r.token_times_s for r in on.requests] == [r.token_times_s for r in off.requests]
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_stretches_take_the_step_in_flight_at_an_arrival_on_a_lone_replica(monkeypatch, replicas):
+    # one replica: nothing reads its state at an arrival, so the step in flight then is a stretch's last one and
+    # the step-by-step engine runs only where a stretch cannot (Replica.spans_arrivals); with a router choosing
+    # between replicas, stretches stop before it and that step runs step by step
+    import simulator.replica as replica
+
+    spans, explicit = [], []
+
+    def spy(rep, plan, s):
+        horizon = rep.horizon()
+        spans.append(s["ends"][-1] > horizon > s["starts"][-1])
+        return apply_stretch(rep, plan, s)
+
+    def counted(rep, plan):
+        explicit.append(1)
+        return apply(rep, plan)
+
+    apply_stretch, apply = replica.apply_stretch, replica.Replica._apply
+    monkeypatch.setattr(replica, "apply_stretch", spy)
+    monkeypatch.setattr(replica.Replica, "_apply", counted)
+    kw = dict(num_requests=200, qps=0.5 * replicas, replicas=replicas)
+    on = simulate(fast_forward=True, **kw)
+    if replicas == 1:
+        assert sum(spans) > 150 and len(explicit) < 40
+    else:
+        assert not any(spans) and len(explicit) > 150
+    monkeypatch.undo()
+    off = simulate(fast_forward=False, **kw)
+    assert on.summary == off.summary and on.log.columns() == off.log.columns()
+
+
 @st.composite
 def workloads(draw):
     n = draw(st.integers(1, 10))

@@ -281,7 +281,7 @@ def test_step_pricing_equals_iteration_time_bit_for_bit(model):
 
 
 def test_fast_forward_identical_with_a_fitted_model(fitted_dir):
-    # the fitted model's vectorized pricing inside stretches (decodes, and prefill chunks beside them)
+    # the fitted model's step_time pricing inside stretches (decodes, and prefill chunks beside them)
     from simulator.simulation import simulate
 
     kw = dict(model="tiny", device="cpu", cost_model=str(fitted_dir), num_requests=150, qps=20.0,
