@@ -184,8 +184,6 @@ def summarize(recorder, log_stats: dict, *, cluster=None, deployment=None, num_r
     """The summary of a run (from its ``recorder.Recorder`` and ``IterationLog.stats()``): latency distributions,
     counts, throughput, KV-cache utilization, load and, for a deployment, its GPUs, per-replica stage busy
     fractions, prefix-cache hit rate and per-pool sections."""
-    from simulator.recorder import weighted_distribution
-
     disagg = deployment is not None and deployment.config.disaggregated
     t = request_columns(recorder.cols, disaggregated=disagg, fluidity=False)
     done = ~np.isnan(t["completion_s"])
@@ -194,10 +192,9 @@ def summarize(recorder, log_stats: dict, *, cluster=None, deployment=None, num_r
     total_tokens = int(t["prompt_tokens"][done].sum() + t["output_tokens"][done].sum())
     output_tokens = int(t["output_tokens"][done].sum())
     schedulers = [rep.scheduler for rep in cluster.replicas] if cluster is not None else []
-    gap_values, gap_counts = recorder.gaps()
     out = {
         "ttft_s": distribution(t["ttft_s"][done]),
-        "tbt_s": weighted_distribution(gap_values, gap_counts),
+        "tbt_s": recorder.tbt_distribution(),
         "tpot_s": distribution(t["tpot_s"][done]),
         "e2e_s": distribution(t["e2e_s"][done]),
         "scheduling_delay_s": distribution(t["scheduling_delay_s"]),

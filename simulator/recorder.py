@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from itertools import chain
 
 import numpy as np
 
@@ -35,15 +36,19 @@ _CHUNK = 1 << 20            # pairs per pass over a pooled sample (bounds the te
 def _sorted_pairs(values, counts) -> tuple[np.ndarray, int]:
     """The sample as one complex array sorted by value (real part: the value, imaginary part: its count, exact
     below 2**53) with zero counts dropped, and the number of samples. One new array of 16 bytes a pair; the
-    inputs (possibly views of the recorder's pool) are not modified: a million-request run pools some 19 million
-    pairs, and this keeps its summary at 300 MB instead of several sorted copies and an index."""
+    inputs are not modified."""
     values = np.asarray(values, dtype=float)
-    counts = np.asarray(counts)
     pairs = np.empty(len(values), dtype=np.complex128)
     pairs.real = values
-    pairs.imag = counts
-    if not (counts > 0).all():
-        pairs = pairs[counts > 0]
+    pairs.imag = np.asarray(counts)
+    return _sort_pairs(pairs)
+
+
+def _sort_pairs(pairs: np.ndarray) -> tuple[np.ndarray, int]:
+    """Sort complex ``(value, count)`` pairs in place by value (ties by count), zero counts dropped; return them
+    and the number of samples."""
+    if not (pairs.imag > 0).all():
+        pairs = pairs[pairs.imag > 0]
     pairs.sort()                              # lexicographic: by value, ties by count
     n = sum(int(pairs.imag[i:i + _CHUNK].sum()) for i in range(0, len(pairs), _CHUNK))
     return pairs, n
@@ -98,9 +103,14 @@ def weighted_distribution(values: np.ndarray, counts: np.ndarray) -> dict:
     """``metrics.distribution`` of a weighted sample (mean, p50, p90, p99, max); all None when empty. Computed on
     the sample sorted by value, so the result depends only on the multiset (not on the order samples came in);
     the mean of more than 5 million samples is the count-weighted sum, added chunk by chunk."""
+    return _pairs_distribution(*_sorted_pairs(values, counts))
+
+
+def _pairs_distribution(pairs: np.ndarray, n: int) -> dict:
+    """``weighted_distribution`` of a sample given as sorted ``(value, count)`` pairs (``_sorted_pairs``) of ``n``
+    samples."""
     from simulator.metrics import PERCENTILES
 
-    pairs, n = _sorted_pairs(values, counts)
     if n == 0:
         return {"mean": None, **{k: None for k in PERCENTILES}, "max": None}
     if n < 5_000_000:
@@ -178,35 +188,31 @@ class Recorder:
         self.keep_requests = keep_requests
         self.on_finish = on_finish
         self.requests: list = []          # kept finished/unfinished requests (keep_requests)
-        # typed arrays (8 + 4 bytes a sample) rather than lists of Python floats (32): a million-request run pools
-        # some 19 million (gap, count) pairs; a count is at most a micro-batch's requests
-        self._gap_values = array("d")
-        self._gap_counts = array("i")
+        # one typed array of (gap, count) pairs side by side, 16 bytes a pair (a count as a float: exact, at most a
+        # micro-batch's requests), rather than lists of Python floats: a million-request run pools some 19 million
+        # pairs, and at its end the pool is sorted where it is, as complex numbers (tbt_distribution), not copied
+        self._gaps = array("d")
         self._deadline_cache: dict = {}
         self.token_sink = None            # callable(request) writing its tokens (tokens.csv), or None
 
     # --- during the run -------------------------------------------------------------------------------------
     def add_gaps(self, gaps: dict) -> None:
         """Count TBT samples: ``{gap_s: number of requests}`` of one micro-batch."""
-        for g, c in gaps.items():
-            self._gap_values.append(g)
-            self._gap_counts.append(c)
+        self._gaps.extend(chain.from_iterable(gaps.items()))
 
     def add_gap_arrays(self, values, counts) -> None:
         """Count TBT samples given as aligned sequences (fast-forward)."""
-        self._gap_values.extend(values)
-        self._gap_counts.extend(counts)
+        self._gaps.extend(chain.from_iterable(zip(values, counts)))
 
     @property
     def num_gap_pairs(self) -> int:
         """``(gap, count)`` pairs pooled so far."""
-        return len(self._gap_values)
+        return len(self._gaps) // 2
 
     def truncate_gaps(self, num_pairs: int) -> None:
         """Drop the pairs pooled after the first ``num_pairs`` (a fast-forwarded stretch taken back when the run
         stops inside it, ``simulator.fast_forward.rollback_stretch``)."""
-        del self._gap_values[num_pairs:]
-        del self._gap_counts[num_pairs:]
+        del self._gaps[2 * num_pairs:]
 
     def record(self, r) -> None:
         """Write request ``r``'s row (done once; later calls for the same id overwrite)."""
@@ -260,13 +266,21 @@ class Recorder:
 
     # --- after the run --------------------------------------------------------------------------------------
     def gaps(self) -> tuple[np.ndarray, np.ndarray]:
-        """The pooled TBT sample as ``(values, counts)`` (float64 seconds, int32): read-only views of the pool,
-        not copies (while a view is alive, adding gaps raises BufferError; the run is over when this is called)."""
-        values = np.frombuffer(self._gap_values, dtype=float) if self._gap_values else np.empty(0)
-        counts = np.frombuffer(self._gap_counts, dtype=np.int32) if self._gap_counts else np.empty(0, np.int32)
+        """The pooled TBT sample as ``(values, counts)`` (float64 seconds, float64 whole numbers): read-only views
+        of the pool, not copies (while a view is alive, adding gaps raises BufferError; the run is over when this
+        is called)."""
+        pairs = np.frombuffer(self._gaps, dtype=np.complex128) if self._gaps else np.empty(0, np.complex128)
+        values, counts = pairs.real, pairs.imag
         values.flags.writeable = False
         counts.flags.writeable = False
         return values, counts
+
+    def tbt_distribution(self) -> dict:
+        """``weighted_distribution`` of the pooled TBT sample, computed on the pool itself sorted in place (the
+        run is over: the pairs' order is lost, their multiset and so the result are not changed, and no copy of
+        16 bytes a pair is made)."""
+        pairs = np.frombuffer(self._gaps, dtype=np.complex128) if self._gaps else np.empty(0, np.complex128)
+        return _pairs_distribution(*_sort_pairs(pairs))
 
     def column(self, name: str) -> np.ndarray:
         return self.cols[name]

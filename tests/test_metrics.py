@@ -158,3 +158,18 @@ def test_pooled_tbt_summary_equals_the_expanded_sample(monkeypatch, chunk):
         for key, q in PERCENTILES.items():
             assert got[key] == float(np.percentile(sample, q))
             assert recorder.weighted_percentile(values, counts, q) == float(np.percentile(sample, q))
+        # the recorder's own pool, filled as a run fills it (some pairs taken back), summarized in place
+        pool = recorder.Recorder(1)
+        half = len(values) // 2
+        pool.add_gaps(dict(zip(values[:half].tolist(), counts[:half].tolist())))
+        pool.add_gap_arrays(values[half:].tolist(), counts[half:].tolist())
+        pool.add_gap_arrays([9.0, 9.5], [7, 8])
+        pool.truncate_gaps(pool.num_gap_pairs - 2)
+        pooled_values, pooled_counts = pool.gaps()
+        merged = {}
+        for v, c in zip(values[:half].tolist(), counts[:half].tolist()):
+            merged[v] = c                                    # a dict keeps the last count of a repeated gap
+        expect = recorder.weighted_distribution([*merged, *values[half:]], [*merged.values(), *counts[half:]])
+        assert recorder.weighted_distribution(pooled_values, pooled_counts) == expect
+        del pooled_values, pooled_counts
+        assert pool.tbt_distribution() == expect
