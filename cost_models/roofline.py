@@ -236,7 +236,6 @@ class RooflineCostModel:
         self._linear_total: dict[int, float] = {}
         self._first_cache: dict[tuple, float] = {}
         self._last_cache: dict[int, float] = {}
-        self._decode_terms: dict[int, tuple] = {}   # d: per-token total, first and last stage terms at T = B = d
         c = self.c
         self._decode_consts = (self.q, self.kv, self.flops * c.attn_compute_eff, self.dt,
                                self.bw * c.attn_decode_bandwidth_eff, c.launch_overhead_s, c.attn_call_overhead_s)
@@ -308,11 +307,11 @@ class RooflineCostModel:
         return out
 
     def _decode_attention(self, d: int, ctx_sum: int) -> float:
-        """Per-layer seconds of the decode attention of ``d`` sequences with ``ctx_sum`` cached tokens in all."""
-        q, kv, c = self.q, self.kv, self.c
+        """Per-layer seconds of the decode attention of ``d`` sequences with ``ctx_sum`` cached tokens in all
+        (``_op`` of its FLOPs and elements, the divisors computed once as ``_op`` computes them)."""
+        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
         ctx = ctx_sum + d
-        return self._op(4 * q * ctx, ctx * 2 * kv + d * 2 * q, c.attn_compute_eff,
-                        c.attn_decode_bandwidth_eff) + c.attn_call_overhead_s
+        return max(4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth) + launch + call
 
     def _prefill_attention(self, chunks, contexts) -> float:
         """Per-layer seconds of the prefill attention of chunks of ``chunks`` tokens after ``contexts`` cached."""
@@ -432,21 +431,12 @@ class RooflineCostModel:
         without building a plan, so ``simulator.fast_forward`` gives the step-by-step engine's times exactly."""
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
+        T, B = (d + chunk, d + 1) if chunk else (d, d)
+        attn = self._decode_attention(d, ctx_sum) if d else 0     # as sum() of the attention dict adds them
         if chunk:
-            T, B = d + chunk, d + 1
-            attn = self._decode_attention(d, ctx_sum) if d else 0     # as sum() of the attention dict adds them
             attn += self._prefill_attention((chunk,), (chunk_ctx,))
-            first, last = self._fixed_terms(T, B)
-            return self.stage_layers[0] * (self._per_token_total(T) + attn) + first + last
-        terms = self._decode_terms.get(d)
-        if terms is None:
-            terms = self._decode_terms[d] = (self._per_token_total(d), *self._fixed_terms(d, d))
-        per_token, first, last = terms
-        # _decode_attention(d, ctx_sum) written out, its divisors computed as _op computes them
-        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
-        ctx = ctx_sum + d
-        attn = max(4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth) + launch + call
-        return self.stage_layers[0] * (per_token + attn) + first + last
+        first, last = self._fixed_terms(T, B)
+        return self.stage_layers[0] * (self._per_token_total(T) + attn) + first + last
 
     def _fixed_terms(self, T: int, B: int) -> tuple[float, float]:
         """The first stage's once-per-iteration seconds at ``(T, B)`` and the last stage's at ``B`` (cached), as

@@ -150,7 +150,6 @@ def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
     starting = Counter(first_new)            # members whose first new block is at step f
     unborn: dict[int, int] = {}              # of those, members finished before it
     growing = [0] * bs                       # members still decoding that need a block at steps = r (mod bs)
-    steps: list[tuple] = []                  # (decodes, their context sum, prefill chunk) of each step taken
     if pre is not None:
         chunks, chunk_ctx, n_chunks = pre["chunks"], pre["ctx"], len(pre["chunks"])
         p_last, p_prompt, p_held = pre["last"], q.prompt_tokens, kv.held(q.request_id)
@@ -162,6 +161,7 @@ def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
     spans = replica.spans_arrivals
     now = t = replica.env.now
     ends, durations, used = [], [], []
+    batch, ctx_sums, prefill_tokens = [], [], []    # each step's decodes, their context sum, its prefill chunk
     extra = ptr = 0
     K = K_max
     for j in range(K_max):
@@ -215,7 +215,9 @@ def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
         ends.append(t)
         durations.append(d)
         used.append(num_used + extra - base)
-        steps.append((b, ctx_sum, chunk))
+        batch.append(b)
+        ctx_sums.append(ctx_sum)
+        prefill_tokens.append(chunk)
         if last_step:                        # scheduled before the arrival, it runs as the stretch says
             K = j + 1
             break
@@ -224,8 +226,8 @@ def _window(replica, plan: BatchPlan, st: dict, K_max: int, horizon_s: float):
     n_pre = min(n_chunks, K) if pre is not None else 0
     return {"regular": regular, "q": q, "rem": rem, "ctx0": ctx0, "first_new": first_new, "prefill": pre,
             "n_pre": n_pre, "plans": [plan],
-            "K": K, "batch": [x[0] for x in steps], "ctx_sum": [x[1] for x in steps],
-            "prefill_tokens": [x[2] for x in steps], "durations": durations, "starts": [now] + ends[:K - 1],
+            "K": K, "batch": batch, "ctx_sum": ctx_sums, "prefill_tokens": prefill_tokens,
+            "durations": durations, "starts": [now] + ends[:K - 1],
             "ends": ends, "used": used}
 
 

@@ -265,16 +265,6 @@ class Recorder:
                 self.requests.append(r)
 
     # --- after the run --------------------------------------------------------------------------------------
-    def gaps(self) -> tuple[np.ndarray, np.ndarray]:
-        """The pooled TBT sample as ``(values, counts)`` (float64 seconds, float64 whole numbers): read-only views
-        of the pool, not copies (while a view is alive, adding gaps raises BufferError; the run is over when this
-        is called)."""
-        pairs = np.frombuffer(self._gaps, dtype=np.complex128) if self._gaps else np.empty(0, np.complex128)
-        values, counts = pairs.real, pairs.imag
-        values.flags.writeable = False
-        counts.flags.writeable = False
-        return values, counts
-
     def tbt_distribution(self) -> dict:
         """``weighted_distribution`` of the pooled TBT sample, computed on the pool itself sorted in place (the
         run is over: the pairs' order is lost, their multiset and so the result are not changed, and no copy of
