@@ -9,8 +9,9 @@
   its emitting requests had their previous token at the same time, so every gap of every request is kept exactly
   (percentiles are the numpy ``linear`` percentiles of the expanded sample, ``weighted_percentile``) in a few bytes
   per micro-batch instead of 8 bytes per token;
-- Etalon's deadline accounting per request (``slo.deadline_misses``, vectorized as ``deadline_misses_array``), from
-  its token times when it finishes.
+- Etalon's deadline accounting per request (``slo.deadline_misses``, vectorized as ``deadline_misses_batch``), from
+  its token times when it finishes, done in batches of requests (``deadline_misses_batch``; the token times wait
+  in a bounded buffer, ``_PENDING_TOKENS``).
 
 Iteration rows stay in ``replica.IterationLog`` (columnar lists); with ``stream_to`` they are flushed to the output
 table in chunks (``tables.TableWriter``), so they too stay bounded.
@@ -129,42 +130,65 @@ def _pairs_distribution(pairs: np.ndarray, n: int) -> dict:
     return out
 
 
-_TOKEN_INDEX = np.arange(1, 1 << 16, dtype=float)     # 1, 2, ... (a constant: token indices of the deadlines)
-_TOKEN_INDEX.flags.writeable = False
+_PENDING_TOKENS = 1 << 16   # token times a Recorder holds for its batched deadline accounting before doing it
+_GROUP = 32                 # requests per 2-D block of deadline_misses_batch (taken in order of token count)
 
 
-def deadline_misses_array(ttft_s: float, times_s, ttft_deadline_s: float, decode_deadline_s: float) -> tuple[int, int]:
-    """Etalon's deadline accounting (``slo.deadline_misses``) of one request from its token times (seconds since
-    any origin, first token first), vectorized.
+def deadline_misses_batch(ttft_s, ttft_deadline_s, times_s, lengths, decode_deadline_s: float
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Etalon's deadline accounting (``slo.deadline_misses``) of many requests from their token times, vectorized:
+    a few numpy calls per block of ``_GROUP`` requests.
 
     With ``y_i = (t_i - t_0) - i x D`` and the slack ``s_0`` left by the first token, token ``i`` meets its
     deadline iff ``y_i <= R_i = max(s_0, y_1, ..., y_{i-1})`` (the slack carried forward is ``R_i - y_i``; a miss
     resets it, which raises the threshold to ``y_i``); a late token misses ``floor((y_i - R_i) / D + 1)``
     deadlines, ``floor((gap - slack) / D)`` in Etalon's terms. Same result as the loop up to floating-point ties.
+
+    Args:
+        ttft_s, ttft_deadline_s: (m,) seconds, per request.
+        times_s: the requests' token times (seconds), concatenated, ``lengths[j]`` >= 1 of request ``j``.
+        lengths: (m,) token counts.
+        decode_deadline_s: Etalon's decode deadline D.
+    Returns:
+        ``missed``, ``total``: (m,) int64.
+
+    The running maximum ``R_i`` of each request is taken along the rows of a block padded with -inf after each
+    request's tokens (a padded cell is never late and never raises an earlier ``R_i``), the requests of a block
+    having neighbouring token counts so that little is padded.
     """
     d = decode_deadline_s
-    if ttft_s <= ttft_deadline_s:
-        s0, missed, total = ttft_deadline_s - ttft_s, 0, 1
-    else:
-        missed = 1 + math.floor((ttft_s - ttft_deadline_s) / d)
-        s0, total = 0.0, missed
-    n = len(times_s)
-    if n < 2:
-        return missed, total
-    t = np.array(times_s, dtype=float)
-    y = t[1:] - t[0]
-    y -= (_TOKEN_INDEX[:n - 1] if n <= len(_TOKEN_INDEX) else np.arange(1, n, dtype=float)) * d
-    running = np.empty(n - 1)                 # R_i: s_0, then the running maximum of y_1 .. y_{i-1}
-    running[0] = s0
-    running[1:] = y[:-1]
-    np.maximum.accumulate(running, out=running)
-    late = y > running
-    k = int(np.count_nonzero(late))
-    if k:
-        m = int(np.floor((y[late] - running[late]) / d + 1).sum())
-        missed += m
-        total += m
-    return missed, total + (n - 1 - k)
+    ttft = np.asarray(ttft_s, dtype=float)
+    dl = np.asarray(ttft_deadline_s, dtype=float)
+    n = np.asarray(lengths, dtype=np.int64)
+    t = np.asarray(times_s, dtype=float)
+    ok = ttft <= dl
+    s0 = np.where(ok, dl - ttft, 0.0)
+    missed = np.where(ok, 0, 1 + np.floor((ttft - dl) / d)).astype(np.int64)
+    total = np.where(ok, 1, missed)
+    start = np.zeros(len(n), dtype=np.int64)
+    np.cumsum(n[:-1], out=start[1:])
+    first = np.repeat(start, n)
+    y = t - t[first]                                      # y_i of every token (0 at first tokens, not used)
+    y -= (np.arange(len(t)) - first).astype(float) * d
+    for block in np.array_split(np.argsort(n, kind="stable"), max(1, -(-len(n) // _GROUP))):
+        block = block[n[block] >= 2]
+        if not len(block):
+            continue
+        k = n[block] - 1                                  # decode tokens of each request
+        cols = np.arange(int(k.max()))
+        Y = np.take(y, (start[block] + 1)[:, None] + cols, mode="clip")
+        Y[cols >= k[:, None]] = -np.inf                   # after a request's last token
+        R = np.empty_like(Y)                              # R_i: s_0, then the running maximum of y_1 .. y_{i-1}
+        R[:, 0] = s0[block]
+        R[:, 1:] = Y[:, :-1]
+        np.maximum.accumulate(R, axis=1, out=R)
+        late = Y > R
+        row, col = np.nonzero(late)
+        m = np.bincount(row, weights=np.floor((Y[row, col] - R[row, col]) / d + 1), minlength=len(block))
+        m = m.astype(np.int64)
+        missed[block] += m
+        total[block] += m + (k - np.count_nonzero(late, axis=1))
+    return missed, total
 
 
 class Recorder:
@@ -181,7 +205,7 @@ class Recorder:
     def __init__(self, num_requests: int, *, ttft_deadline=None, decode_deadline_s: float = 0.03,
                  keep_requests: bool = True, on_finish=None):
         self.n = int(num_requests)
-        self.cols = {f: np.full(self.n, np.nan) for f in REQUEST_FIELDS}
+        self._cols = {f: np.full(self.n, np.nan) for f in REQUEST_FIELDS}
         self.recorded = np.zeros(self.n, dtype=bool)
         self.ttft_deadline = ttft_deadline
         self.decode_deadline_s = decode_deadline_s
@@ -193,6 +217,10 @@ class Recorder:
         # pairs, and at its end the pool is sorted where it is, as complex numbers (tbt_distribution), not copied
         self._gaps = array("d")
         self._deadline_cache: dict = {}
+        # deadline accounting waiting to be done in one batch (deadline_misses_batch): per recorded request its
+        # id, TTFT, first-token deadline and token count, and its token times copied at the time it was recorded
+        self._pending: list = []
+        self._pending_times = array("d")
         self.token_sink = None            # callable(request) writing its tokens (tokens.csv), or None
 
     # --- during the run -------------------------------------------------------------------------------------
@@ -217,7 +245,7 @@ class Recorder:
     def record(self, r) -> None:
         """Write request ``r``'s row (done once; later calls for the same id overwrite)."""
         i = r.request_id
-        c = self.cols
+        c = self._cols
         c["arrival_s"][i] = r.arrival_s
         c["prompt_tokens"][i] = r.prompt_tokens
         c["output_tokens"][i] = r.output_tokens
@@ -233,11 +261,34 @@ class Recorder:
             if dl is None:
                 dl = self._deadline_cache[r.prompt_tokens] = self.ttft_deadline(r.prompt_tokens)
             c["ttft_deadline_s"][i] = dl
-            if r.token_times_s:
-                missed, total = deadline_misses_array(r.token_times_s[0] - r.arrival_s, r.token_times_s, dl,
-                                                      self.decode_deadline_s)
-                c["deadlines"][i], c["deadline_misses"][i] = total, missed
+            times = r.token_times_s
+            if times:
+                self._pending.append((i, times[0] - r.arrival_s, dl, len(times)))
+                self._pending_times.extend(times)
+                if len(self._pending_times) >= _PENDING_TOKENS:
+                    self._account_deadlines()
         self.recorded[i] = True
+
+    def _account_deadlines(self) -> None:
+        """Do the pending deadline accounting (in the order requests were recorded: a later row of an id
+        overwrites an earlier one, as recording it again does)."""
+        if not self._pending:
+            return
+        ids, ttft, dl, lengths = zip(*self._pending)
+        missed, total = deadline_misses_batch(ttft, dl, np.frombuffer(self._pending_times, dtype=float), lengths,
+                                              self.decode_deadline_s)
+        c_total, c_missed = self._cols["deadlines"], self._cols["deadline_misses"]
+        for i, t, m in zip(ids, total.tolist(), missed.tolist()):
+            c_total[i], c_missed[i] = t, m
+        self._pending = []
+        self._pending_times = array("d")
+
+    @property
+    def cols(self) -> dict:
+        """The per-request columns (``REQUEST_FIELDS``: name -> (N,) float64, NaN where unknown), with every
+        recorded request's deadline accounting done."""
+        self._account_deadlines()
+        return self._cols
 
     def finish(self, done: list) -> None:
         """Requests finished (completed, or handed on and completed later): record them, then drop their token

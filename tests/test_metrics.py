@@ -170,3 +170,27 @@ def test_pooled_tbt_summary_equals_the_expanded_sample(monkeypatch, chunk):
             merged[v] = c                                    # a dict keeps the last count of a repeated gap
         expect = recorder.weighted_distribution([*merged, *values[half:]], [*merged.values(), *counts[half:]])
         assert pool.tbt_distribution() == expect
+
+
+def test_recorder_deadline_accounting_is_batched_but_as_recorded(monkeypatch):
+    # the Recorder defers Etalon's deadline accounting to batches of requests; its columns must still be those of
+    # each request's token times at the moment it was recorded, a second record of an id overwriting the first,
+    # whether a batch is done when the buffer fills (a small buffer here) or when the columns are read
+    from simulator import recorder as rec
+    from simulator.slo import deadline_misses
+
+    monkeypatch.setattr(rec, "_PENDING_TOKENS", 9)      # done after the 3rd record
+    r = rec.Recorder(5, ttft_deadline=lambda prompt: 0.5, decode_deadline_s=0.25)
+    handed_on = timeline(0, 0.0, 10, 6, times=[0.25, 0.5])            # recorded at its hand-off, then again
+    reqs = [handed_on, timeline(1, 0.0, 10, 3, times=[1.0, 1.75, 2.0]), timeline(2, 0.0, 10, 1, times=[0.75]),
+            timeline(3, 0.0, 10, 4, times=[0.25, 1.25, 1.5, 2.75]), timeline(4, 0.0, 10, 3, times=[0.25, 1.5])]
+    r.record(handed_on)
+    handed_on.token_times_s += [1.5, 1.75, 2.0, 3.0]
+    for q in reqs:
+        r.record(q)
+    expected = [deadline_misses(q.token_times_s[0], np.diff(q.token_times_s), 0.5, 0.25)[::-1] for q in reqs]
+    reqs[4].token_times_s.append(4.0)                   # after its record: not counted
+    assert r._pending, "the last requests' accounting should still be waiting"
+    got = list(zip(r.cols["deadlines"].astype(int).tolist(), r.cols["deadline_misses"].astype(int).tolist()))
+    assert got == expected and not r._pending
+    assert sum(m for _, m in got) > 0

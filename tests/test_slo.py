@@ -123,13 +123,21 @@ def test_token_times_table_lists_every_token():
 
 
 def test_vectorized_deadline_accounting_equals_the_loop():
-    # the recorder's per-request accounting (vectorized) against Etalon's loop, on dyadic timelines (exact sums)
-    from simulator.recorder import deadline_misses_array
+    # the recorder's accounting (vectorized over blocks of requests of neighbouring lengths, padded) against
+    # Etalon's loop, on dyadic timelines (exact sums); 300 requests of 1 to 200 tokens: several blocks, and
+    # single-token requests (TTFT only) among them
+    from simulator.recorder import deadline_misses_batch
 
     rng = np.random.default_rng(11)
-    for _ in range(300):
-        gaps = (rng.integers(0, 64, int(rng.integers(0, 60))) / 32).tolist()
+    ttfts, deadlines, times, lengths, expected = [], [], [], [], []
+    for j in range(300):
+        gaps = (rng.integers(0, 64, int(rng.integers(0, 200)) if j % 50 else 0) / 32).tolist()
         ttft, ttft_deadline = int(rng.integers(0, 64)) / 16, int(rng.integers(0, 64)) / 16
-        times = np.concatenate(([ttft], ttft + np.cumsum(gaps))).tolist()
-        assert deadline_misses_array(ttft, times, ttft_deadline, 0.5) == \
-            deadline_misses(ttft, gaps, ttft_deadline_s=ttft_deadline, decode_deadline_s=0.5)
+        ttfts.append(ttft)
+        deadlines.append(ttft_deadline)
+        times.extend(np.concatenate(([ttft], ttft + np.cumsum(gaps))).tolist())
+        lengths.append(len(gaps) + 1)
+        expected.append(deadline_misses(ttft, gaps, ttft_deadline_s=ttft_deadline, decode_deadline_s=0.5))
+    missed, total = deadline_misses_batch(ttfts, deadlines, times, lengths, 0.5)
+    assert list(zip(missed.tolist(), total.tolist())) == expected
+    assert sum(m for m, _ in expected) > 300 and min(lengths) == 1
