@@ -5,11 +5,12 @@ Prints the wall time of each step and of the pipeline, then the median and P95 a
 validated iterations, overall and per batch kind (prefill-only, decode-only, mixed). ``--roofline`` skips profile
 and fit and validates the roofline model instead (the CPU device spec's figures are order-of-magnitude only).
 
-    python experiments/bench/validate_pipeline.py [--out runs/bench_validate] [--num-requests 100] [--qps 0.5]
+    python experiments/bench/validate_pipeline.py [--out runs/bench_validate] [--num-requests 200] [--qps 0.5]
         [--max-model-len N] [--max-iterations 120] [--cpu-clock thread] [--roofline]
 
-The defaults are the README's CPU pipeline: at 0.5 QPS the tiny model is idle often enough that the simulation
-holds about 35 prefill-only iterations, so the sample has at least 20 of each kind (issue 10).
+The defaults are the README's CPU pipeline: with 200 requests at 0.5 QPS the tiny model is idle often enough that
+the sample has 40 prefill-only iterations (100 requests held 35 in earlier runs, but 17 in one), so it has at least
+20 of each kind (issue 10).
 
 On the defaults the requests reach the tiny model's max_model_len (4096), which the quick profile covers;
 iterations priced beyond the profile (none expected) are reported apart as 'extrapolated'.
@@ -40,7 +41,7 @@ def run(step: str, args: list) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench_validate", help="working folder (replaced)")
-    ap.add_argument("--num-requests", type=int, default=100)
+    ap.add_argument("--num-requests", type=int, default=200)
     ap.add_argument("--qps", type=float, default=0.5)
     ap.add_argument("--max-model-len", type=int, default=None, help="default: the model's (tiny: 4096)")
     ap.add_argument("--max-iterations", type=int, default=120)
