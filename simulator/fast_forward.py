@@ -27,9 +27,9 @@ default run), each a few integer updates rather than a pass over the members (se
 duration is the cost model's ``iteration_time`` of that batch: the plan's own for step 0, then ``step_time`` of
 its counts where the cost model has it (the same floating-point operations in the same order, without a plan),
 else ``iteration_time`` of each step's plan; times accumulate as the event loop's clock does (``now +
-duration``), and steps are priced only up to the horizon. Token times, TBT
-samples (``(gap, count)`` per step), iteration rows, KV blocks, stage busy time and completions (in the order
-the step-by-step engine reports them) are then applied in bulk. When a hook or a completion callback stops the
+duration``), and steps are priced only up to the horizon. Token times, TBT samples (``(gap, count)`` per step),
+iteration rows, KV blocks, stage busy time and completions (in the order the step-by-step engine reports them)
+are then applied in bulk. When a hook or a completion callback stops the
 run inside a stretch, ``rollback_stretch`` takes back what the steps after the stop did to the requests and the
 TBT samples. A test compares every output with fast-forward on and off (``tests/test_fast_forward.py``).
 

@@ -9,16 +9,15 @@
   its emitting requests had their previous token at the same time, so every gap of every request is kept exactly
   (percentiles are the numpy ``linear`` percentiles of the expanded sample, ``weighted_percentile``) in a few bytes
   per micro-batch instead of 8 bytes per token;
-- Etalon's deadline accounting per request (``slo.deadline_misses``, vectorized as ``deadline_misses_batch``), from
-  its token times when it finishes, done in batches of requests (``deadline_misses_batch``; the token times wait
-  in a bounded buffer, ``_PENDING_TOKENS``).
+- Etalon's deadline accounting per request (``slo.deadline_misses``) from its token times when it finishes, done
+  for many requests at once (``deadline_misses_batch``; the token times wait in a bounded buffer,
+  ``_PENDING_TOKENS``).
 
 Iteration rows stay in ``replica.IterationLog`` (columnar lists); with ``stream_to`` they are flushed to the output
 table in chunks (``tables.TableWriter``), so they too stay bounded.
 """
 from __future__ import annotations
 
-import math
 from array import array
 from itertools import chain
 
