@@ -21,7 +21,9 @@ class CostModel(Protocol):
 
     Optional: ``step_time(d, ctx_sum, ctx_max, chunk=0, chunk_ctx=0)``, ``iteration_time`` (``pp`` = 1) bit for bit
     of ``d`` decodes whose contexts sum to ``ctx_sum`` (the longest ``ctx_max``) plus one prefill chunk of
-    ``chunk`` tokens after ``chunk_ctx``, without a plan: ``simulator.fast_forward`` prices stretch steps with it.
+    ``chunk`` tokens after ``chunk_ctx``, without a plan: ``simulator.fast_forward`` prices stretch steps with it;
+    ``chunks_step_time(d, ctx_sum, ctx_max, chunks, chunk_ctxs)``, the same with several chunks in plan order
+    (``simulator.fast_forward_admissions``).
     """
 
     pp: int
@@ -82,3 +84,10 @@ class ConstantCostModel:
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
         return self.fixed_s + self.per_token_s * (d + chunk) + self.per_context_token_s * (ctx_sum + chunk_ctx)
+
+    def chunks_step_time(self, d: int, ctx_sum: int, ctx_max: int, chunks: tuple, chunk_ctxs: tuple) -> float:
+        """``step_time`` with several prefill chunks (``chunks[k]`` tokens after ``chunk_ctxs[k]`` cached ones)."""
+        if self.pp != 1:
+            raise ValueError("step_time prices one stage (pp = 1)")
+        return self.fixed_s + self.per_token_s * (d + sum(chunks)) + \
+            self.per_context_token_s * (ctx_sum + sum(chunk_ctxs))

@@ -438,6 +438,17 @@ class RooflineCostModel:
         first, last = self._fixed_terms(T, B)
         return self.stage_layers[0] * (self._per_token_total(T) + attn) + first + last
 
+    def chunks_step_time(self, d: int, ctx_sum: int, ctx_max: int, chunks: tuple, chunk_ctxs: tuple) -> float:
+        """``step_time`` with several prefill chunks: ``chunks[k]`` tokens after ``chunk_ctxs[k]`` cached ones, in
+        the plan's order (after the ``d`` decodes); the same floating-point operations as ``iteration_time``."""
+        if self.pp != 1:
+            raise ValueError("step_time prices one stage (pp = 1)")
+        T, B = d + sum(chunks), d + len(chunks)
+        attn = self._decode_attention(d, ctx_sum) if d else 0
+        attn += self._prefill_attention(chunks, chunk_ctxs)
+        first, last = self._fixed_terms(T, B)
+        return self.stage_layers[0] * (self._per_token_total(T) + attn) + first + last
+
     def _fixed_terms(self, T: int, B: int) -> tuple[float, float]:
         """The first stage's once-per-iteration seconds at ``(T, B)`` and the last stage's at ``B`` (cached), as
         ``iteration_time`` adds them."""

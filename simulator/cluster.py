@@ -23,6 +23,8 @@ The cluster owns nothing global: ``Cluster.run`` builds one environment per call
 from __future__ import annotations
 
 import math
+from array import array
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import simpy
@@ -214,6 +216,30 @@ class Cluster:
                 rep.close()
             self._maybe_close()
 
+    def _next_request(self):
+        """The next request of the open-loop stream (read ahead by ``_arrival_at``, or from the source), or None."""
+        if self._head < len(self._ahead):
+            r = self._ahead[self._head]
+            self._head += 1
+            if self._head == len(self._ahead):
+                self._ahead, self._ahead_s, self._head = [], array("d"), 0
+            return r
+        return next(self._source, None)
+
+    def _arrival_at(self, t: float) -> bool:
+        """Whether a request not yet arrived arrives at exactly ``t`` seconds (the stream is read ahead to past
+        ``t``; arrivals are sorted)."""
+        if t == self.next_arrival_s:
+            return True
+        while not self._ahead_s or self._ahead_s[-1] <= t:
+            r = next(self._source, None)
+            if r is None:
+                break
+            self._ahead.append(r)
+            self._ahead_s.append(r.arrival_s)
+        i = bisect_left(self._ahead_s, t, self._head)
+        return i < len(self._ahead_s) and self._ahead_s[i] == t
+
     def run(self, requests, until_s: float | None = None) -> None:
         """Replay ``requests`` (sorted by ``arrival_s``) to the end (or until ``until_s``)."""
         env = self.env
@@ -225,13 +251,20 @@ class Cluster:
             rep.horizon = lambda: self.next_arrival_s
             rep.stop_at_completion = bool(self.concurrency)
             rep.spans_arrivals = len(entry.replicas) == 1
+            if ff and rep.spans_arrivals and not self.concurrency:
+                rep.arrival_at = self._arrival_at
         if self.disaggregated:
             for rep in self.pools["prefill"].replicas:
                 rep.scheduler.hold_kv_after_prefill = True
                 rep.process.callbacks.append(lambda _: self._maybe_close())
 
+        self._source, self._ahead, self._ahead_s, self._head = iter(requests), [], array("d"), 0
+
         def arrivals():
-            for r in requests:
+            while True:
+                r = self._next_request()
+                if r is None:
+                    break
                 self.next_arrival_s = r.arrival_s
                 if r.arrival_s > env.now:
                     yield env.timeout(r.arrival_s - env.now)

@@ -30,6 +30,7 @@ import simpy
 
 from cost_models.plan import BatchPlan
 from simulator.fast_forward import apply_stretch, exact_delay, plan_stretch, rollback_stretch, step_plan
+from simulator.fast_forward_admissions import apply_admitting, plan_admitting, rollback_admitting
 
 
 class StalledError(RuntimeError):
@@ -176,6 +177,9 @@ class Replica:
         #: nothing reads this replica's state at an arrival (its pool's only replica: the router has no choice, and
         #: the scheduler only queues the request), so a stretch may take the step in flight at the arrival too
         self.spans_arrivals = False
+        #: with ``spans_arrivals``: ``arrival_at(t)``, whether a request not yet arrived arrives at exactly ``t`` (a
+        #: stretch with admissions leaves a step ending then to the step-by-step engine); None if not known
+        self.arrival_at = None
         self.stage_free_s = [0.0] * self.pp
         self.stage_busy_s = [0.0] * self.pp
         self.num_in_flight = 0
@@ -301,20 +305,31 @@ class Replica:
     def _stretch(self, plan: BatchPlan, first_s: float):
         """Fast-forward the quiet stretch starting at ``plan`` (``first_s``: its duration; see
         ``simulator.fast_forward``); True if it ran."""
-        s = plan_stretch(self, plan, self.horizon(), self.stop_at_completion, first_s)
-        if s is None:
-            return False
-        completions = dict(apply_stretch(self, plan, s))
-        ends, durations = s["ends"], s["durations"]
         hook, at = self.on_iteration, -1
-        if hook is not None:
-            starts, plans = s["starts"], getattr(hook, "reads_plan", True)
+        plans = hook is not None and getattr(hook, "reads_plan", True)
+        s = None
+        if self.scheduler.admits_in_stretch and self.scheduler.waiting:
+            s = plan_admitting(self, plan, first_s, plans)
+        if s is not None:
+            completions = dict(apply_admitting(self, s))
+            undo = lambda upto, launched: rollback_admitting(self, s, upto, launched)    # noqa: E731
+        else:
+            s = plan_stretch(self, plan, self.horizon(), self.stop_at_completion, first_s)
+            if s is None:
+                return False
+            completions = dict(apply_stretch(self, plan, s))
+            undo = lambda upto, launched: rollback_stretch(self, s, upto)                # noqa: E731
+        ends, durations, starts = s["ends"], s["durations"], s["starts"]
+        admitting = s.get("kind") == "admitting"
         for j in range(len(ends)) if hook is not None else sorted(completions):
             if hook is not None:
+                if admitting and at < j - 1:     # arrivals during the stretch come before the hook sees step j
+                    yield from self._advance(durations, ends, at, j - 1)
+                    at = j - 1
                 try:
                     hook(step_plan(s, j) if plans else None, starts[j], durations[j])
                 except BaseException:        # the run stops at step j's launch: steps before it are done
-                    rollback_stretch(self, s, j - 1)
+                    undo(j - 1, j)
                     raise
             done = completions.get(j)
             if done:
@@ -324,7 +339,7 @@ class Replica:
                     try:
                         self.on_done(self, done)
                     except BaseException:    # the run stops as step j's completions are reported
-                        rollback_stretch(self, s, j)
+                        undo(j, j)
                         raise
         yield from self._advance(durations, ends, at, len(ends) - 1)
         return True

@@ -84,8 +84,13 @@ def test_stretches_carry_prefill_chunks(monkeypatch, scheduler, queue):
         seen.append((s["n_pre"], s["K"]))
         return apply_stretch(rep, plan, s)
 
-    apply_stretch = replica.apply_stretch
+    def spy_admitting(rep, s):           # a stretch with admissions: count its steps with a prefill chunk
+        seen.append((sum(1 for n in s["n_prefill"] if n), s["K"]))
+        return apply_admitting(rep, s)
+
+    apply_stretch, apply_admitting = replica.apply_stretch, replica.apply_admitting
     monkeypatch.setattr(replica, "apply_stretch", spy)
+    monkeypatch.setattr(replica, "apply_admitting", spy_admitting)
     kw = dict(num_requests=300, scheduler=scheduler, qps=3.0 if queue else 1.0)
     if scheduler == "vllm":
         kw["max_num_batched_tokens"] = 512

@@ -58,6 +58,11 @@ class Scheduler:
     #: runs until the first completion instead of not at all)
     waits_for_completion = False
 
+    #: the policy's step is Sarathi-Serve's (decodes, partial prefills in running order, then FCFS admissions of
+    #: whole prompts under ``token_budget`` and ``max_num_seqs``): stretches may admit requests
+    #: (``simulator.fast_forward_admissions``)
+    admits_in_stretch = False
+
     #: admission watermark (fraction of the KV blocks kept free) when the config leaves it unset
     default_watermark = 0.01
 

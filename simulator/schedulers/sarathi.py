@@ -23,6 +23,7 @@ class SarathiScheduler(Scheduler):
     options = {"token_budget": 512}
     supports_prefix_caching = True
     steady_after_prefill = True                     # stateless: decodes follow a finished prefill
+    admits_in_stretch = True                        # simulator.fast_forward_admissions walks this step
 
     def __init__(self, block_manager, *, max_model_len: int, max_num_seqs: int = 128, token_budget: int = 512):
         super().__init__(block_manager, max_model_len=max_model_len, max_num_seqs=min(max_num_seqs, token_budget))

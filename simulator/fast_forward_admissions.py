@@ -1,0 +1,385 @@
+"""Fast-forward with admissions: stretches in which requests finish and waiting requests are admitted, for a policy
+whose step is Sarathi-Serve's (``SarathiScheduler.schedule``), with results identical to the step-by-step engine.
+
+``simulator.fast_forward`` stops a stretch where a request could be admitted. Under load that is every few steps:
+each completion frees a slot, each last prefill chunk leaves budget over, and the waiting queue is never empty. Here
+the steps are walked with the policy's own rule instead, admissions included, as long as everything the rule reads
+is known in advance. A policy declares ``admits_in_stretch = True`` when its step is (Agrawal et al., OSDI'24 §4):
+
+1. every running decode gets one token (``Scheduler.decode_running``; a preemption ends the stretch: the step is
+   taken only if every decode's new KV block fits in the free blocks);
+2. the partial prefills, in running order, get ``min(remaining, budget left)`` tokens each;
+3. while budget is left, requests wait and fewer than ``max_num_seqs`` run, the head of the waiting queue is admitted
+   (``Scheduler.admit`` of its whole prompt, keeping the watermark free, appended to the running order) with a chunk of
+   ``min(prompt, budget left)``; the first head whose blocks do not fit stops admission.
+
+The waiting requests a stretch may admit are those queued when it starts. A request arriving during the stretch joins
+the end of the queue; it matters only to a step whose admission would reach past the requests queued at the start
+(budget, a slot and blocks left): the stretch ends before such a step if an arrival came by its start. On a replica
+that is its pool's only one (``Replica.spans_arrivals``: nothing reads its state at an arrival) the stretch runs
+through arrivals; a step ending exactly at an arrival is left to the step-by-step engine (the order of two events
+at one instant is the event loop's). Elsewhere it ends before the step that would end at or after the next arrival.
+
+Each step costs a few integer updates, not a pass over the requests: decodes are summed per step (their count, the
+sum of ``context - step`` and the largest), the decodes needing a KV block at step ``j`` are counted by the residue
+of ``j`` modulo the block size, and requests join and leave these sums when their prompt is in and after their last
+token. Steps are priced by the cost model's ``step_time`` (``chunks_step_time`` for several prefill chunks), the same
+floating-point operations as ``iteration_time`` of their plans.
+
+Not covered (the other fast-forward or the step-by-step engine runs instead): a waiting request preempted before
+(its prefill recomputes outputs), prefix caching, pipeline parallelism, closed-loop load, a cost model that tracks
+the shapes it prices (a fitted model) or lacks ``step_time``, and hooks that read each step's plan.
+"""
+from __future__ import annotations
+
+import heapq
+
+from cost_models.plan import BatchPlan
+from simulator.fast_forward import MAX_STEPS
+
+
+def _key(r):
+    return (r.arrival_s, r.request_id)
+
+
+def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
+    """The stretch starting with ``plan`` (scheduled at ``env.now``, lasting ``first_s``) with the admissions the
+    policy makes from the requests waiting now, or None when it would be under 2 steps or is not covered.
+
+    Returns a dict of the steps (``ends``, ``durations``, rows) and, per request, what the steps do to it (see
+    ``apply_admitting``)."""
+    sched, cm = replica.scheduler, replica.cost_model
+    kv = sched.kv
+    if reads_plan or plan.preempted_ids or kv.prefix_caching or replica.stop_at_completion or not sched.waiting \
+            or len(plan.request_ids) != len(sched.running) or getattr(cm, "tracker", None) is not None:
+        return None
+    price = getattr(cm, "step_time", None)
+    if price is None:
+        return None
+    price_many = getattr(cm, "chunks_step_time", None)
+    now = replica.env.now
+    horizon = replica.horizon()
+    spans = replica.spans_arrivals
+    arrival_at = replica.arrival_at
+    end0 = now + first_s
+    if spans:
+        if arrival_at is None or arrival_at(end0):
+            return None
+    elif end0 >= horizon:
+        return None
+
+    requests, bs = sched.requests, kv.block_size
+    ids, d0 = plan.request_ids, plan.num_decodes
+    # decode members: (request, base, first, last, f, held0): it emits at steps first..last with context base + j
+    # at step j, holds held0 blocks when it starts and needs a new one at steps f, f + bs, ... (f > last: never)
+    members: list = []
+    heap: list = []              # (-base, index) of the decoding members, deleted lazily (``alive``)
+    alive: list = []
+    ending: dict[int, list] = {}     # last step -> members
+    growing = [0] * bs           # decoding members needing a block at the steps = r (mod bs)
+    grow_start: dict[int, list] = {}
+    B = S = 0                    # decoding members, the sum of their bases
+
+    def join(r, base, first, last, held0):
+        nonlocal B, S
+        f = held0 * bs - base    # context base + f fills its blocks: that step's token needs a new one
+        i = len(members)
+        members.append((r, base, first, last, f, held0))
+        alive.append(True)
+        heapq.heappush(heap, (-base, i))
+        ending.setdefault(last, []).append(i)
+        if f <= last:
+            grow_start.setdefault(f, []).append(i)
+        B += 1
+        S += base
+
+    prefill_done: dict[int, list] = {}   # step -> requests finished by their prefill (one output token), plan order
+    first_token: dict[int, int] = {}     # request_id -> step of the first token the stretch emits
+    chunk_log: dict[int, list] = {}      # request_id -> [(step, tokens)] of its prefill chunks
+    partials: list = []                  # [request, computed, held0] still prefilling, in running order
+    held_of: dict[int, int] = {}         # request_id -> blocks of a request finished by its prefill
+    for rid in ids[:d0]:
+        r = requests[rid]
+        join(r, r.num_computed_tokens - 1, 0, r.output_tokens - r.num_generated - 1, kv.held(rid))
+    for rid, n in zip(ids[d0:], plan.num_new_tokens[d0:]):
+        r = requests[rid]
+        if r.num_generated:              # recomputes outputs
+            return None
+        chunk_log[rid] = [(0, n)]
+        if r.num_computed_tokens == r.prompt_tokens:
+            first_token[rid] = 0
+            if r.output_tokens == 1:
+                prefill_done.setdefault(0, []).append(r)
+                held_of[rid] = kv.held(rid)
+            else:
+                join(r, r.prompt_tokens - 1, 1, r.output_tokens - 1, kv.held(rid))
+        else:
+            partials.append([r, r.num_computed_tokens, kv.held(rid)])
+    if [p[0] for p in partials] != [r for r in sched.running if r.remaining_tokens]:
+        return None
+    running = sched.running
+    last_key = _key(running[-1]) if running else None
+    waiting = sched.waiting
+    n_wait = len(waiting)
+    wi = 0                               # waiting[wi] is the next to admit
+    admitted: list = []                  # (request, step)
+    budget_total, max_seqs, reserve = sched.token_budget, sched.max_num_seqs, kv.watermark_blocks
+    num_blocks = kv.num_blocks
+    free = kv.num_free
+    running_count = len(running)
+
+    def release(j):
+        """Blocks and slots of the requests whose last token is at step j (back before step j + 1)."""
+        nonlocal free, running_count
+        for i in ending.get(j, ()):
+            _, base, _, last, _, held0 = members[i]
+            grown = -(-(base + last + 1) // bs)
+            free += grown if grown > held0 else held0
+            running_count -= 1
+        for r in prefill_done.get(j, ()):
+            free += held_of[r.request_id]
+            running_count -= 1
+
+    release(0)
+    ends, durations, used = [end0], [first_s], [kv.num_used]
+    batch, n_decode, n_prefill = [len(ids)], [d0], [plan.num_prefill_tokens]
+    t = end0
+    K = 1
+    for j in range(1, MAX_STEPS):
+        for i in ending.pop(j - 1, ()):      # members whose last token was at step j - 1 leave the sums
+            _, base, _, last, f, _ = members[i]
+            alive[i] = False
+            B -= 1
+            S -= base
+            if f <= last:
+                growing[f % bs] -= 1
+        for i in grow_start.pop(j, ()):
+            growing[j % bs] += 1
+        d = B
+        grow = growing[j % bs]
+        if grow > free:                  # a decode's new block could fail: a preemption could happen
+            break
+        f_step = free - grow
+        budget = budget_total - d
+        entries = []                     # (request, chunk, context) of the step's prefills, in plan order
+        for p in partials:
+            if budget <= 0:
+                break
+            n = min(p[0].prompt_tokens - p[1], budget)
+            entries.append((p[0], n, p[1]))
+            budget -= n
+        new = []
+        rc, key = running_count, last_key
+        stop = False
+        while budget > 0 and wi + len(new) < n_wait and rc < max_seqs:
+            r = waiting[wi + len(new)]
+            if r.num_computed_tokens or r.num_generated or (key is not None and _key(r) <= key):
+                stop = True              # preempted before, or out of arrival order: left to the step-by-step engine
+                break
+            need = -(-r.prompt_tokens // bs)
+            if need > f_step - reserve:
+                break
+            f_step -= need
+            rc += 1
+            n = min(r.prompt_tokens, budget)
+            entries.append((r, n, 0))
+            new.append((r, need))
+            budget -= n
+            key = _key(r)
+        if stop:
+            break
+        if budget > 0 and rc < max_seqs and wi + len(new) == n_wait and horizon <= t:
+            break                        # admission would reach a request that arrived during the stretch
+        if not d and not entries:
+            break
+        if len(entries) <= 1:
+            chunk, kctx = (entries[0][1], entries[0][2]) if entries else (0, 0)
+            dur = price(d, S + j * d, j - heap_top(heap, alive) if d else -1, chunk, kctx)
+        elif price_many is not None:
+            dur = price_many(d, S + j * d, j - heap_top(heap, alive) if d else -1,
+                             tuple([e[1] for e in entries]), tuple([e[2] for e in entries]))
+        else:
+            break
+        t_end = t + dur
+        if spans:
+            if arrival_at(t_end):
+                break                    # a step ending exactly at an arrival: left to the step-by-step engine
+        elif t_end >= horizon:
+            break
+        # step j is taken
+        t = t_end
+        ends.append(t)
+        durations.append(dur)
+        free = f_step
+        used.append(num_blocks - free)
+        batch.append(d + len(entries))
+        n_decode.append(d)
+        n_prefill.append(sum([e[1] for e in entries]))
+        running_count, last_key = rc, key
+        for r, need in new:
+            admitted.append((r, j))
+            partials.append([r, 0, need])
+            chunk_log[r.request_id] = []
+        wi += len(new)
+        got = {e[0].request_id: e[1] for e in entries}
+        still = []
+        for p in partials:
+            r = p[0]
+            n = got.get(r.request_id)
+            if n is None:
+                still.append(p)
+                continue
+            chunk_log[r.request_id].append((j, n))
+            p[1] += n
+            if p[1] < r.prompt_tokens:
+                still.append(p)
+                continue
+            first_token[r.request_id] = j
+            if r.output_tokens == 1:
+                prefill_done.setdefault(j, []).append(r)
+                held_of[r.request_id] = p[2]
+            else:
+                join(r, r.prompt_tokens - j - 1, j + 1, j + r.output_tokens - 1, p[2])
+        partials = still
+        release(j)
+        K = j + 1
+    if K < 2:
+        return None
+    return {"kind": "admitting", "K": K, "ends": ends, "durations": durations, "starts": [now] + ends[:-1],
+            "used": used, "batch": batch, "n_decode": n_decode, "n_prefill": n_prefill, "members": members,
+            "first_token": first_token, "prefill_done": prefill_done, "chunk_log": chunk_log,
+            "admitted": admitted, "plan": plan, "free": free}
+
+
+def heap_top(heap: list, alive: list) -> int:
+    """The smallest value of a heap of ``(value, index)`` whose dead entries (``alive[index]`` False) are popped."""
+    while not alive[heap[0][1]]:
+        heapq.heappop(heap)
+    return heap[0][0]
+
+
+def _requests_to(s: dict, tokens_upto: int, scheduled_upto: int) -> None:
+    """Set the stretch's requests as the steps up to ``tokens_upto`` left them (their tokens, first-token and
+    completion times), with the admissions up to ``scheduled_upto`` scheduled."""
+    ends, starts = s["ends"], s["starts"]
+    for r, a in s["admitted"]:
+        if a <= scheduled_upto:
+            r.scheduled_s = starts[a]
+    first_token = s["first_token"]
+    for rid, log in s["chunk_log"].items():
+        r = s["by_id"][rid]
+        r.num_computed_tokens = s["computed0"][rid] + sum([n for j, n in log if 0 < j <= tokens_upto])
+        e = first_token.get(rid)
+        if e is not None and e <= tokens_upto:
+            r.num_generated = 1
+            r.token_times_s.append(ends[e])
+            r.first_token_s = ends[e]
+            if r.output_tokens == 1:
+                r.completion_s = ends[e]
+    for r, base, first, last, _, _ in s["members"]:
+        top = last if last < tokens_upto else tokens_upto
+        if top < first:
+            continue
+        r.token_times_s.extend(ends[first:top + 1])
+        r.num_generated += top - first + 1
+        r.num_computed_tokens = base + top + 1
+        if last <= tokens_upto:
+            r.completion_s = ends[last]
+    for r in s["by_id"].values():
+        r.in_flight = False
+
+
+def apply_admitting(replica, s: dict) -> list:
+    """Apply a planned admitting stretch to the requests, the scheduler's queues, the KV cache, the iteration log and
+    the recorder; return the completions as ``[(step, [requests])]`` in step order and, within a step, in the order
+    the step-by-step engine reports them (its decodes in running order, then the requests its prefills finished)."""
+    sched, kv, log = replica.scheduler, replica.scheduler.kv, replica.log
+    plan, K, ends = s["plan"], s["K"], s["ends"]
+    by_id = {r.request_id: r for r in sched.running}
+    for r, _ in s["admitted"]:
+        by_id[r.request_id] = r
+    s["by_id"] = by_id
+    s["snapshot"] = [(r, r.num_computed_tokens, r.num_generated, len(r.token_times_s), r.scheduled_s,
+                      r.first_token_s, r.completion_s) for r in by_id.values()]
+    s["computed0"] = {rid: by_id[rid].num_computed_tokens for rid in s["chunk_log"]}
+    recorder = replica.recorder
+    if recorder is not None:             # step 0's decodes by their previous token (plan order), then one per step
+        gaps: dict = {}
+        e0 = ends[0]
+        for rid in plan.request_ids[:plan.num_decodes]:
+            times = by_id[rid].token_times_s
+            if times:
+                g = e0 - times[-1]
+                gaps[g] = gaps.get(g, 0) + 1
+        n_decode = s["n_decode"]
+        steps = [j for j in range(1, K) if n_decode[j]]
+        s["gap_mark"] = (recorder.num_gap_pairs, len(gaps), steps)
+        recorder.add_gaps(gaps)
+        recorder.add_gap_arrays([ends[j] - ends[j - 1] for j in steps], [n_decode[j] for j in steps])
+    _requests_to(s, K - 1, K - 1)
+    # completions, in the order of each step's report
+    done_at: dict[int, list] = {}
+    for r, _, _, last, _, _ in s["members"]:
+        if last < K:
+            done_at.setdefault(last, []).append(r)
+    for j, rs in done_at.items():
+        if len(rs) > 1:
+            rs.sort(key=_key)
+    for j, rs in s["prefill_done"].items():
+        done_at.setdefault(j, []).extend(rs)
+    finished = set()
+    for rs in done_at.values():
+        for r in rs:
+            finished.add(r.request_id)
+    # the queues and the KV cache as the steps leave them
+    for _ in s["admitted"]:
+        sched.waiting.popleft()
+    requests = sched.requests
+    for rid in finished:
+        kv.free(by_id[rid])
+        del requests[rid]
+    running = [r for r in sched.running if r.request_id not in finished]
+    for r, _ in s["admitted"]:
+        if r.request_id not in finished:
+            running.append(r)
+            kv.allocate(r, r.prompt_tokens)
+    for r, base, first, last, _, _ in s["members"]:
+        if first <= K - 1 < last:        # decoding at the last step: blocks for its next token's slot
+            kv.allocate(r, base + K)
+    sched.running = running
+    assert kv.num_free == s["free"], "fast-forward with admissions: KV blocks out of step"
+    # iteration rows, busy time
+    starts = s["starts"]
+    log.start_s.extend(starts)
+    log.duration_s.extend(s["durations"])
+    log.batch_size.extend(s["batch"])
+    log.num_decode_tokens.extend(s["n_decode"])
+    log.num_prefill_tokens.extend(s["n_prefill"])
+    log.kv_blocks_used.extend(s["used"])
+    log.kv_blocks_total.extend([kv.num_blocks] * K)
+    log.replica_id.extend([replica.replica_id] * K)
+    log.scheduled_s.extend(starts)
+    busy = replica.stage_busy_s[0]
+    for d in s["durations"]:
+        busy += d
+    replica.stage_busy_s[0] = busy
+    replica.num_iterations += K
+    log.maybe_flush()
+    return [(j, done_at[j]) for j in sorted(done_at)]
+
+
+def rollback_admitting(replica, s: dict, upto: int, launched: int) -> None:
+    """Undo what an applied admitting stretch did after step ``upto`` to its requests and the recorder's TBT samples,
+    the admissions of steps up to ``launched`` kept (a hook raised as step ``launched`` was launched, or a
+    completion callback as step ``upto`` reported), so that the stopped run reports what the step-by-step engine
+    would have measured. The scheduler, the KV cache and the iteration rows are left as they are."""
+    for r, computed, generated, n_times, scheduled, first, completion in s["snapshot"]:
+        r.num_computed_tokens, r.num_generated = computed, generated
+        del r.token_times_s[n_times:]
+        r.scheduled_s, r.first_token_s, r.completion_s = scheduled, first, completion
+    _requests_to(s, upto, launched)
+    recorder = replica.recorder
+    if recorder is not None:
+        base, step0, steps = s["gap_mark"]
+        keep = base if upto < 0 else base + step0 + sum(1 for j in steps if j <= upto)
+        recorder.truncate_gaps(keep)

@@ -1,0 +1,104 @@
+"""Stretches with admissions (simulator.fast_forward_admissions): under load they cover almost every step, and what
+they leave — requests, queues, KV blocks, rows, TBT samples, and a run stopped inside one — is the step-by-step
+engine's, bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cost_models.base import ConstantCostModel
+from cost_models.plan import BatchPlan
+from cost_models.roofline import RooflineCostModel
+from cost_models.specs import load_device, load_model
+from simulator.config import SimConfig
+from simulator.recorder import Recorder
+from simulator.simulation import build, load_requests, run_deployment, simulate
+
+
+@pytest.mark.parametrize("cm", [RooflineCostModel(load_model("Mistral-7B"), load_device("A100-80GB-SXM")),
+                                RooflineCostModel(load_model("Yi-34B"), load_device("A100-80GB-PCIe"), tp=2),
+                                ConstantCostModel(fixed_s=0.01, per_token_s=1e-4, per_context_token_s=3e-7)])
+def test_several_chunks_are_priced_as_their_plan(cm):
+    rng = np.random.default_rng(3)
+    for _ in range(80):
+        ctx = rng.integers(0, 6000, rng.integers(0, 120)).tolist()
+        k = int(rng.integers(2, 5))
+        chunks = rng.integers(1, 700, k).tolist()
+        cached = rng.integers(0, 3000, k).tolist()
+        plan = BatchPlan.from_entries([(i, 1, c) for i, c in enumerate(ctx)] +
+                                      [(1000 + i, n, c) for i, (n, c) in enumerate(zip(chunks, cached))],
+                                      num_decodes=len(ctx))
+        got = cm.chunks_step_time(len(ctx), sum(ctx), max(ctx, default=-1), tuple(chunks), tuple(cached))
+        assert got == cm.iteration_time(plan)
+
+
+def _count(monkeypatch):
+    import simulator.replica as replica
+
+    steps = {"admitting": 0, "other": 0}
+    admitting, stretch = replica.apply_admitting, replica.apply_stretch
+
+    def spy_admitting(rep, s):
+        steps["admitting"] += s["K"]
+        return admitting(rep, s)
+
+    def spy_stretch(rep, plan, s):
+        steps["other"] += s["K"]
+        return stretch(rep, plan, s)
+
+    monkeypatch.setattr(replica, "apply_admitting", spy_admitting)
+    monkeypatch.setattr(replica, "apply_stretch", spy_stretch)
+    return steps
+
+
+@pytest.mark.parametrize("kw", [dict(qps=50.0, num_requests=1500),                         # overloaded
+                                dict(qps=20.0, num_requests=800, num_kv_blocks=1500),      # KV-bound, preempting
+                                dict(qps=8.0, num_requests=600, token_budget=128),         # prompts of many chunks
+                                dict(qps=30.0, num_requests=600, replicas=2)])             # a router: no arrivals
+def test_loaded_runs_are_fast_forwarded_with_admissions_and_identical(monkeypatch, kw):
+    steps = _count(monkeypatch)
+    on = simulate(fast_forward=True, scheduler="sarathi", **kw)
+    monkeypatch.undo()
+    off = simulate(fast_forward=False, scheduler="sarathi", **kw)
+    assert on.summary == off.summary
+    assert on.log.columns(replica_ids=True) == off.log.columns(replica_ids=True)
+    assert [r.token_times_s for r in on.requests] == [r.token_times_s for r in off.requests]
+    for k, v in on.request_columns().items():
+        assert np.array_equal(v, off.request_columns()[k], equal_nan=True), k
+    if "replicas" not in kw and "num_kv_blocks" not in kw:
+        assert steps["admitting"] > 0.8 * on.summary["num_iterations"], steps
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where,at", [("iteration", 7), ("iteration", 150), ("iteration", 901), ("iteration", 2000),
+                                      ("completion", 3), ("completion", 150), ("completion", 420)])
+def test_a_run_stopped_inside_a_stretch_reports_what_the_steps_measured(where, at):
+    # the capacity search stops a trial from a hook (at a step's launch) or a completion callback: a stretch cut
+    # there must leave every request as the step-by-step engine had it (tokens, first token, completion, scheduled)
+    cols = {}
+    for ff in (True, False):
+        config = SimConfig().with_(scheduler="sarathi", qps=40.0, num_requests=600, fast_forward=ff)
+        dep = build(config)
+        requests = load_requests(config, dep.model)
+        count = [0]
+
+        def tick(*_):
+            count[0] += 1
+            if count[0] == at:
+                raise _Stop
+
+        tick.reads_plan = False
+        recorder = Recorder(len(requests), on_finish=tick if where == "completion" else None)
+        with pytest.raises(_Stop):
+            run_deployment(dep, requests, recorder=recorder, on_iteration=tick if where == "iteration" else None)
+        recorder.close(requests)
+        cols[ff] = (recorder.cols, [list(r.token_times_s) for r in requests],
+                    [(r.scheduled_s, r.first_token_s, r.completion_s, r.num_generated) for r in requests],
+                    recorder.num_gap_pairs)
+    (a, ta, fa, ga), (b, tb, fb, gb) = cols[True], cols[False]
+    assert ta == tb and fa == fb and ga == gb
+    for k, v in a.items():
+        assert np.array_equal(v, b[k], equal_nan=True), k
