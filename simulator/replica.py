@@ -100,10 +100,10 @@ class IterationLog:
         if self.sink is not None and hi > lo:
             cols = self.columns(replica_ids=self.replica_ids)
             self.sink.write({k: np.asarray(v[lo:hi]) for k, v in cols.items()})
-            for name in (*self.BASE, "replica_id", "scheduled_s"):
-                getattr(self, name).clear()
+            for name in (*self.BASE, "replica_id", "scheduled_s"):     # rows past ``upto`` stay (a stretch
+                del getattr(self, name)[:hi]                            # may append past a chunk's end)
             for lst in self.stage_start_s + self.stage_duration_s:
-                lst.clear()
+                del lst[:hi]
         self._done = upto
 
     def order_rows(self) -> None:

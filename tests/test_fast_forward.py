@@ -178,3 +178,17 @@ def test_capacity_search_is_identical_with_fast_forward_on_and_off(tmp_path):
     assert b"stopped early" in on[0] or b'"stopped_early": true' in on[0]
     assert on[0].replace(b'"fast_forward": true', b'"fast_forward": false') == off[0]
     assert on[1] == off[1]
+
+
+def test_a_stretch_crossing_a_chunk_of_streamed_rows_keeps_every_row(tmp_path, monkeypatch):
+    # iteration rows stream to disk in chunks of IterationLog.CHUNK; a stretch appends many rows at once, and the
+    # rows past the chunk's end must stay for the next chunk (they were dropped before this test)
+    from simulator.replica import IterationLog
+
+    monkeypatch.setattr(IterationLog, "CHUNK", 50)
+    trace = _trace(tmp_path / "t.csv", 200, seed=5, qps=20.0)
+    for scheduler in ("sarathi", "vllm"):
+        _both(tmp_path / scheduler, "--trace", trace, "--scheduler", scheduler)
+        rows = (tmp_path / scheduler / "on" / "iterations.csv").read_text().count("\n") - 1
+        summary = (tmp_path / scheduler / "on" / "summary.json").read_text()
+        assert f'"num_iterations": {rows},' in summary and rows > 300
