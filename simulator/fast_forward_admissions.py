@@ -4,7 +4,8 @@ whose step is Sarathi-Serve's (``SarathiScheduler.schedule``), with results iden
 ``simulator.fast_forward`` stops a stretch where a request could be admitted. Under load that is every few steps:
 each completion frees a slot, each last prefill chunk leaves budget over, and the waiting queue is never empty. Here
 the steps are walked with the policy's own rule instead, admissions included, as long as everything the rule reads
-is known in advance. A policy declares ``admits_in_stretch = True`` when its step is (Agrawal et al., OSDI'24 §4):
+is known in advance. A policy describes its step with ``Scheduler.admission_rule`` when it is (Sarathi-Serve, Agrawal
+et al., OSDI'24 §4; Orca and vLLM 0.32 are variants of it):
 
 1. every running decode gets one token (``Scheduler.decode_running``; a preemption ends the stretch: the step is
    taken only if every decode's new KV block fits in the free blocks);
@@ -50,7 +51,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     ``apply_admitting``)."""
     sched, cm = replica.scheduler, replica.cost_model
     kv = sched.kv
-    if reads_plan or plan.preempted_ids or kv.prefix_caching or replica.stop_at_completion or not sched.waiting \
+    rule = sched.admission_rule()
+    if rule is None or reads_plan or plan.preempted_ids or kv.prefix_caching or replica.stop_at_completion or not sched.waiting \
             or len(plan.request_ids) != len(sched.running) or getattr(cm, "tracker", None) is not None:
         return None
     price = getattr(cm, "step_time", None)
@@ -115,15 +117,21 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 join(r, r.prompt_tokens - 1, 1, r.output_tokens - 1, kv.held(rid))
         else:
             partials.append([r, r.num_computed_tokens, kv.held(rid)])
-    if [p[0] for p in partials] != [r for r in sched.running if r.remaining_tokens]:
-        return None
     running = sched.running
+    if [p[0] for p in partials] != [r for r in running if r.remaining_tokens]:
+        return None
+    if rule["in_running_order"] and partials and running[len(running) - len(partials):] != [p[0] for p in partials]:
+        return None                      # budget goes in running order: a partial prefill before decodes
     last_key = _key(running[-1]) if running else None
     waiting = sched.waiting
     n_wait = len(waiting)
     wi = 0                               # waiting[wi] is the next to admit
     admitted: list = []                  # (request, step)
-    budget_total, max_seqs, reserve = sched.token_budget, sched.max_num_seqs, kv.watermark_blocks
+    budget_total = rule["budget"] if rule["budget"] is not None else 1 << 62
+    max_seqs, watermark = sched.max_num_seqs, kv.watermark_blocks
+    reserve_tokens, chunked, full_must_fit = rule["reserve_tokens"], rule["blocks_per_chunk"], rule["full_must_fit"]
+    insort, idle_reserve = rule["insort"], rule["reserve_when_idle"]
+    in_order = rule["in_running_order"]
     num_blocks = kv.num_blocks
     free = kv.num_free
     running_count = len(running)
@@ -156,10 +164,9 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         for i in grow_start.pop(j, ()):
             growing[j % bs] += 1
         d = B
-        grow = growing[j % bs]
-        if grow > free:                  # a decode's new block could fail: a preemption could happen
+        if in_order and d > budget_total:    # the budget would run out before the last decode
             break
-        f_step = free - grow
+        grow = growing[j % bs]
         budget = budget_total - d
         entries = []                     # (request, chunk, context) of the step's prefills, in plan order
         for p in partials:
@@ -168,20 +175,26 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             n = min(p[0].prompt_tokens - p[1], budget)
             entries.append((p[0], n, p[1]))
             budget -= n
+            if chunked:                  # its slots are allocated chunk by chunk
+                grow += -(-(p[1] + n) // bs) - p[2]
+        if grow > free:                  # an allocation of the running requests could fail: a preemption
+            break
+        f_step = free - grow
         new = []
         rc, key = running_count, last_key
         stop = False
         while budget > 0 and wi + len(new) < n_wait and rc < max_seqs:
             r = waiting[wi + len(new)]
-            if r.num_computed_tokens or r.num_generated or (key is not None and _key(r) <= key):
+            if r.num_computed_tokens or r.num_generated or (insort and key is not None and _key(r) <= key):
                 stop = True              # preempted before, or out of arrival order: left to the step-by-step engine
                 break
-            need = -(-r.prompt_tokens // bs)
-            if need > f_step - reserve:
+            reserve = watermark if rc or idle_reserve else 0
+            n = min(r.prompt_tokens, budget)
+            need = -(-(n if chunked else (reserve_tokens or r.prompt_tokens)) // bs)
+            if (-(-r.prompt_tokens // bs) if full_must_fit and chunked else need) > f_step - reserve:
                 break
             f_step -= need
             rc += 1
-            n = min(r.prompt_tokens, budget)
             entries.append((r, n, 0))
             new.append((r, need))
             budget -= n
@@ -231,6 +244,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 continue
             chunk_log[r.request_id].append((j, n))
             p[1] += n
+            if chunked:
+                p[2] = -(-p[1] // bs)
             if p[1] < r.prompt_tokens:
                 still.append(p)
                 continue
@@ -248,7 +263,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     return {"kind": "admitting", "K": K, "ends": ends, "durations": durations, "starts": [now] + ends[:-1],
             "used": used, "batch": batch, "n_decode": n_decode, "n_prefill": n_prefill, "members": members,
             "first_token": first_token, "prefill_done": prefill_done, "chunk_log": chunk_log,
-            "admitted": admitted, "plan": plan, "free": free}
+            "admitted": admitted, "plan": plan, "free": free, "partials": [(p[0], p[2]) for p in partials]}
 
 
 def heap_top(heap: list, alive: list) -> int:
@@ -263,7 +278,7 @@ def _requests_to(s: dict, tokens_upto: int, scheduled_upto: int) -> None:
     completion times), with the admissions up to ``scheduled_upto`` scheduled."""
     ends, starts = s["ends"], s["starts"]
     for r, a in s["admitted"]:
-        if a <= scheduled_upto:
+        if a <= scheduled_upto and r.scheduled_s is None:     # (a request preempted in its prefill keeps its first)
             r.scheduled_s = starts[a]
     first_token = s["first_token"]
     for rid, log in s["chunk_log"].items():
@@ -342,10 +357,14 @@ def apply_admitting(replica, s: dict) -> list:
     for r, _ in s["admitted"]:
         if r.request_id not in finished:
             running.append(r)
-            kv.allocate(r, r.prompt_tokens)
-    for r, base, first, last, _, _ in s["members"]:
-        if first <= K - 1 < last:        # decoding at the last step: blocks for its next token's slot
-            kv.allocate(r, base + K)
+    bs = kv.block_size
+    for r, held in s["partials"]:        # still prefilling: the blocks its chunks (or its admission) took
+        kv.allocate(r, held * bs)
+    for r, base, first, last, _, held0 in s["members"]:
+        if last >= K:
+            kv.allocate(r, held0 * bs)
+            if first <= K - 1:           # decoding at the last step: blocks for that token's slot
+                kv.allocate(r, base + K)
     sched.running = running
     assert kv.num_free == s["free"], "fast-forward with admissions: KV blocks out of step"
     # iteration rows, busy time

@@ -308,7 +308,7 @@ class Replica:
         hook, at = self.on_iteration, -1
         plans = hook is not None and getattr(hook, "reads_plan", True)
         s = None
-        if self.scheduler.admits_in_stretch and self.scheduler.waiting:
+        if self.scheduler.waiting:
             s = plan_admitting(self, plan, first_s, plans)
         if s is not None:
             completions = dict(apply_admitting(self, s))

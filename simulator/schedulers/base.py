@@ -58,11 +58,6 @@ class Scheduler:
     #: runs until the first completion instead of not at all)
     waits_for_completion = False
 
-    #: the policy's step is Sarathi-Serve's (decodes, partial prefills in running order, then FCFS admissions of
-    #: whole prompts under ``token_budget`` and ``max_num_seqs``): stretches may admit requests
-    #: (``simulator.fast_forward_admissions``)
-    admits_in_stretch = False
-
     #: admission watermark (fraction of the KV blocks kept free) when the config leaves it unset
     default_watermark = 0.01
 
@@ -256,6 +251,19 @@ class Scheduler:
         if self.waiting:
             return "until-completion" if self.waits_for_completion else None
         return "open"
+
+    def admission_rule(self) -> dict | None:
+        """How the policy's step admits requests, for stretches that admit them (``simulator.fast_forward_admissions``),
+        or None (the default) when its step is not of that form: every running decode gets one token, partial
+        prefills ``min(remaining, budget left)`` in running order, then waiting requests FCFS while budget, a slot
+        (``max_num_seqs``) and blocks last, each with ``min(prompt, budget left)`` tokens. Keys: ``budget`` (tokens
+        per step, None: no limit), ``reserve_tokens`` (an admission allocates this many tokens, None: its prompt),
+        ``blocks_per_chunk`` (a prefill allocates its chunk's slots as it goes, not its prompt's at admission),
+        ``full_must_fit`` (with ``blocks_per_chunk``: admitted only if its whole prompt fits), ``insort`` (admitted
+        into the running order by arrival, else appended), ``reserve_when_idle`` (the watermark is kept free even
+        when nothing runs), ``in_running_order`` (the budget is handed out in running order: decodes after a
+        partial prefill could go without)."""
+        return None
 
     def steady_prefill_budget(self, plan: BatchPlan) -> int | None:
         """Tokens per step when the steps after ``plan`` (all running requests in it; ``decode_steady`` says

@@ -32,3 +32,8 @@ class OrcaScheduler(Scheduler):
                 break
             prefills.append((r, r.remaining_tokens))
         return self.make_plan(decodes, prefills, now_s)
+
+    def admission_rule(self):
+        """No token budget; each admission reserves ``max_model_len`` tokens; full prompts (one step each)."""
+        return {"budget": None, "reserve_tokens": self.reserve_tokens, "blocks_per_chunk": False,
+                "full_must_fit": True, "insort": True, "reserve_when_idle": True, "in_running_order": False}

@@ -23,7 +23,6 @@ class SarathiScheduler(Scheduler):
     options = {"token_budget": 512}
     supports_prefix_caching = True
     steady_after_prefill = True                     # stateless: decodes follow a finished prefill
-    admits_in_stretch = True                        # simulator.fast_forward_admissions walks this step
 
     def __init__(self, block_manager, *, max_model_len: int, max_num_seqs: int = 128, token_budget: int = 512):
         super().__init__(block_manager, max_model_len=max_model_len, max_num_seqs=min(max_num_seqs, token_budget))
@@ -54,3 +53,8 @@ class SarathiScheduler(Scheduler):
         decodes)`` (its prompt's blocks were allocated at admission); a waiting request is considered only with
         budget left over (step 3)."""
         return self.token_budget
+
+    def admission_rule(self):
+        """Steps 1-3 above: whole prompts allocated at admission, kept in arrival order."""
+        return {"budget": self.token_budget, "reserve_tokens": None, "blocks_per_chunk": False, "full_must_fit": True,
+                "insort": True, "reserve_when_idle": True, "in_running_order": False}

@@ -145,3 +145,11 @@ class VLLMScheduler(Scheduler):
         if len(self.running) > self.max_num_batched_tokens:      # the decodes alone could exhaust the budget
             return None
         return self.max_num_batched_tokens
+
+    def admission_rule(self):
+        """Budget in running order (the partial prefill is last), slots allocated chunk by chunk, admitted only if
+        the whole prompt fits (``scheduler_reserve_full_isl``), appended to ``running``, the watermark applied only
+        while requests run."""
+        return {"budget": self.max_num_batched_tokens, "reserve_tokens": None, "blocks_per_chunk": True,
+                "full_must_fit": self.scheduler_reserve_full_isl, "insort": False, "reserve_when_idle": False,
+                "in_running_order": True}
