@@ -51,36 +51,41 @@ def _count(monkeypatch):
     return steps
 
 
+@pytest.mark.parametrize("scheduler", ["sarathi", "vllm", "orca"])
 @pytest.mark.parametrize("kw", [dict(qps=50.0, num_requests=1500),                         # overloaded
                                 dict(qps=20.0, num_requests=800, num_kv_blocks=1500),      # KV-bound, preempting
-                                dict(qps=8.0, num_requests=600, token_budget=128),         # prompts of many chunks
+                                dict(qps=8.0, num_requests=600, token_budget=128,          # prompts of many chunks
+                                     max_num_batched_tokens=256),
                                 dict(qps=30.0, num_requests=600, replicas=2)])             # a router: no arrivals
-def test_loaded_runs_are_fast_forwarded_with_admissions_and_identical(monkeypatch, kw):
+def test_loaded_runs_are_fast_forwarded_with_admissions_and_identical(monkeypatch, scheduler, kw):
+    if scheduler != "vllm":
+        kw = {k: v for k, v in kw.items() if k != "max_num_batched_tokens"}
     steps = _count(monkeypatch)
-    on = simulate(fast_forward=True, scheduler="sarathi", **kw)
+    on = simulate(fast_forward=True, scheduler=scheduler, **kw)
     monkeypatch.undo()
-    off = simulate(fast_forward=False, scheduler="sarathi", **kw)
+    off = simulate(fast_forward=False, scheduler=scheduler, **kw)
     assert on.summary == off.summary
     assert on.log.columns(replica_ids=True) == off.log.columns(replica_ids=True)
     assert [r.token_times_s for r in on.requests] == [r.token_times_s for r in off.requests]
     for k, v in on.request_columns().items():
         assert np.array_equal(v, off.request_columns()[k], equal_nan=True), k
-    if "replicas" not in kw and "num_kv_blocks" not in kw:
-        assert steps["admitting"] > 0.8 * on.summary["num_iterations"], steps
+    if "replicas" not in kw and "num_kv_blocks" not in kw:        # vllm fills the cache: growth stops stretches
+        assert steps["admitting"] > (0.5 if scheduler == "vllm" else 0.8) * on.summary["num_iterations"], steps
 
 
 class _Stop(Exception):
     pass
 
 
+@pytest.mark.parametrize("scheduler", ["sarathi", "vllm", "orca"])
 @pytest.mark.parametrize("where,at", [("iteration", 7), ("iteration", 150), ("iteration", 901), ("iteration", 2000),
                                       ("completion", 3), ("completion", 150), ("completion", 420)])
-def test_a_run_stopped_inside_a_stretch_reports_what_the_steps_measured(where, at):
+def test_a_run_stopped_inside_a_stretch_reports_what_the_steps_measured(scheduler, where, at):
     # the capacity search stops a trial from a hook (at a step's launch) or a completion callback: a stretch cut
     # there must leave every request as the step-by-step engine had it (tokens, first token, completion, scheduled)
     cols = {}
     for ff in (True, False):
-        config = SimConfig().with_(scheduler="sarathi", qps=40.0, num_requests=600, fast_forward=ff)
+        config = SimConfig().with_(scheduler=scheduler, qps=40.0, num_requests=600, fast_forward=ff)
         dep = build(config)
         requests = load_requests(config, dep.model)
         count = [0]
