@@ -23,7 +23,8 @@ class CostModel(Protocol):
     of ``d`` decodes whose contexts sum to ``ctx_sum`` (the longest ``ctx_max``) plus one prefill chunk of
     ``chunk`` tokens after ``chunk_ctx``, without a plan: ``simulator.fast_forward`` prices stretch steps with it;
     ``chunks_step_time(d, ctx_sum, ctx_max, chunks, chunk_ctxs)``, the same with several chunks in plan order
-    (``simulator.fast_forward_admissions``).
+    (``simulator.fast_forward_admissions``); ``decode_step_times(d, ctx_sum, n)``, ``n`` decode-only steps of the
+    same ``d`` sequences, each ``d`` context tokens longer than the one before.
     """
 
     pp: int
@@ -84,6 +85,12 @@ class ConstantCostModel:
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
         return self.fixed_s + self.per_token_s * (d + chunk) + self.per_context_token_s * (ctx_sum + chunk_ctx)
+
+    def decode_step_times(self, d: int, ctx_sum: int, n: int) -> list[float]:
+        """``step_time`` of ``n`` decode-only steps of ``d`` sequences, contexts summing to ``ctx_sum + k * d``."""
+        if self.pp != 1:
+            raise ValueError("step_time prices one stage (pp = 1)")
+        return [self.fixed_s + self.per_token_s * d + self.per_context_token_s * (ctx_sum + k * d) for k in range(n)]
 
     def chunks_step_time(self, d: int, ctx_sum: int, ctx_max: int, chunks: tuple, chunk_ctxs: tuple) -> float:
         """``step_time`` with several prefill chunks (``chunks[k]`` tokens after ``chunk_ctxs[k]`` cached ones)."""

@@ -438,6 +438,22 @@ class RooflineCostModel:
         first, last = self._fixed_terms(T, B)
         return self.stage_layers[0] * (self._per_token_total(T) + attn) + first + last
 
+    def decode_step_times(self, d: int, ctx_sum: int, n: int) -> list[float]:
+        """``step_time`` of ``n`` decode-only steps of the same ``d`` sequences, the first with contexts summing to
+        ``ctx_sum``, each next one ``d`` tokens longer (a list of seconds; the same floating-point operations)."""
+        if self.pp != 1:
+            raise ValueError("step_time prices one stage (pp = 1)")
+        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
+        layers, linear = self.stage_layers[0], self._per_token_total(d)
+        first, last = self._fixed_terms(d, d)
+        out = []
+        ctx = ctx_sum + d
+        for _ in range(n):
+            attn = max(4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth) + launch + call
+            out.append(layers * (linear + attn) + first + last)
+            ctx += d
+        return out
+
     def chunks_step_time(self, d: int, ctx_sum: int, ctx_max: int, chunks: tuple, chunk_ctxs: tuple) -> float:
         """``step_time`` with several prefill chunks: ``chunks[k]`` tokens after ``chunk_ctxs[k]`` cached ones, in
         the plan's order (after the ``d`` decodes); the same floating-point operations as ``iteration_time``."""

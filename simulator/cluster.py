@@ -217,7 +217,7 @@ class Cluster:
             self._maybe_close()
 
     def _next_request(self):
-        """The next request of the open-loop stream (read ahead by ``_arrival_at``, or from the source), or None."""
+        """The next request of the open-loop stream (read ahead by ``_next_arrival_from``, or from the source), or None."""
         if self._head < len(self._ahead):
             r = self._ahead[self._head]
             self._head += 1
@@ -226,19 +226,19 @@ class Cluster:
             return r
         return next(self._source, None)
 
-    def _arrival_at(self, t: float) -> bool:
-        """Whether a request not yet arrived arrives at exactly ``t`` seconds (the stream is read ahead to past
-        ``t``; arrivals are sorted)."""
-        if t == self.next_arrival_s:
-            return True
-        while not self._ahead_s or self._ahead_s[-1] <= t:
+    def _next_arrival_from(self, t: float) -> float:
+        """The earliest arrival at or after ``t`` seconds of a request not yet arrived (``math.inf`` if none); the
+        stream is read ahead as far as needed (arrivals are sorted)."""
+        if self.next_arrival_s >= t:
+            return self.next_arrival_s
+        while not self._ahead_s or self._ahead_s[-1] < t:
             r = next(self._source, None)
             if r is None:
                 break
             self._ahead.append(r)
             self._ahead_s.append(r.arrival_s)
         i = bisect_left(self._ahead_s, t, self._head)
-        return i < len(self._ahead_s) and self._ahead_s[i] == t
+        return self._ahead_s[i] if i < len(self._ahead_s) else math.inf
 
     def run(self, requests, until_s: float | None = None) -> None:
         """Replay ``requests`` (sorted by ``arrival_s``) to the end (or until ``until_s``)."""
@@ -252,7 +252,7 @@ class Cluster:
             rep.stop_at_completion = bool(self.concurrency)
             rep.spans_arrivals = len(entry.replicas) == 1
             if ff and rep.spans_arrivals and not self.concurrency:
-                rep.arrival_at = self._arrival_at
+                rep.next_arrival_from = self._next_arrival_from
         if self.disaggregated:
             for rep in self.pools["prefill"].replicas:
                 rep.scheduler.hold_kv_after_prefill = True

@@ -62,10 +62,10 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     now = replica.env.now
     horizon = replica.horizon()
     spans = replica.spans_arrivals
-    arrival_at = replica.arrival_at
+    next_arrival = replica.next_arrival_from
     end0 = now + first_s
     if spans:
-        if arrival_at is None or arrival_at(end0):
+        if next_arrival is None or next_arrival(end0) == end0:
             return None
     elif end0 >= horizon:
         return None
@@ -81,6 +81,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     growing = [0] * bs           # decoding members needing a block at the steps = r (mod bs)
     grow_start: dict[int, list] = {}
     B = S = 0                    # decoding members, the sum of their bases
+    end_heap: list = []          # last steps of the members (a run of decode steps ends at the first)
+    grow_heap: list = []         # their first growth steps
 
     def join(r, base, first, last, held0):
         nonlocal B, S
@@ -90,8 +92,10 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         alive.append(True)
         heapq.heappush(heap, (-base, i))
         ending.setdefault(last, []).append(i)
+        heapq.heappush(end_heap, last)
         if f <= last:
             grow_start.setdefault(f, []).append(i)
+            heapq.heappush(grow_heap, f)
         B += 1
         S += base
 
@@ -153,7 +157,11 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     batch, n_decode, n_prefill = [len(ids)], [d0], [plan.num_prefill_tokens]
     t = end0
     K = 1
-    for j in range(1, MAX_STEPS):
+    decode_times = getattr(cm, "decode_step_times", None)
+    na = next_arrival(end0) if spans else horizon     # the next arrival at or after t (lone replica)
+    j = 0
+    while j + 1 < MAX_STEPS:
+        j += 1
         for i in ending.pop(j - 1, ()):      # members whose last token was at step j - 1 leave the sums
             _, base, _, last, f, _ = members[i]
             alive[i] = False
@@ -166,6 +174,49 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         d = B
         if in_order and d > budget_total:    # the budget would run out before the last decode
             break
+        if d and not partials and _admits_none(waiting, wi, n_wait, running_count, max_seqs, budget_total - d,
+                                               free - growing[j % bs], rule, bs, watermark):
+            # decode-only steps until the next member's last token or growth start: the same decodes each step
+            while end_heap[0] < j:
+                heapq.heappop(end_heap)
+            while grow_heap and grow_heap[0] <= j:
+                heapq.heappop(grow_heap)
+            e = min(end_heap[0] + 1, grow_heap[0] if grow_heap else MAX_STEPS, MAX_STEPS)
+            top = j - heap_top(heap, alive)
+            if decode_times is not None:
+                durs = decode_times(d, S + j * d, e - j)
+            else:
+                durs = [price(d, S + k * d, top + k - j, 0, 0) for k in range(j, e)]
+            stopped = False
+            for k in range(j, e):
+                grow = growing[k % bs]
+                if grow > free:
+                    stopped = True
+                    break
+                dur = durs[k - j]
+                t_end = t + dur
+                if t_end >= na:
+                    if not spans:
+                        stopped = True
+                        break
+                    na = next_arrival(t_end)
+                    if na == t_end:
+                        stopped = True
+                        break
+                t = t_end
+                free -= grow
+                ends.append(t)
+                durations.append(dur)
+                used.append(num_blocks - free)
+                batch.append(d)
+                n_decode.append(d)
+                n_prefill.append(0)
+                K = k + 1
+            if stopped:
+                break
+            release(e - 1)
+            j = e - 1
+            continue
         grow = growing[j % bs]
         budget = budget_total - d
         entries = []                     # (request, chunk, context) of the step's prefills, in plan order
@@ -214,11 +265,12 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         else:
             break
         t_end = t + dur
-        if spans:
-            if arrival_at(t_end):
+        if t_end >= na:
+            if not spans:
+                break
+            na = next_arrival(t_end)
+            if na == t_end:
                 break                    # a step ending exactly at an arrival: left to the step-by-step engine
-        elif t_end >= horizon:
-            break
         # step j is taken
         t = t_end
         ends.append(t)
@@ -264,6 +316,25 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             "used": used, "batch": batch, "n_decode": n_decode, "n_prefill": n_prefill, "members": members,
             "first_token": first_token, "prefill_done": prefill_done, "chunk_log": chunk_log,
             "admitted": admitted, "plan": plan, "free": free, "partials": [(p[0], p[2]) for p in partials]}
+
+
+def _admits_none(waiting, wi: int, n_wait: int, running: int, max_seqs: int, budget: int, free: int, rule: dict,
+                 bs: int, watermark: int) -> bool:
+    """Whether no request can be admitted in a decode-only step, nor in the ones after it while nothing finishes
+    (the free blocks only shrink): no budget or slot left, or the waiting head does not fit."""
+    if budget <= 0 or running >= max_seqs:
+        return True
+    if wi >= n_wait:
+        return False                     # an arrival could be admitted
+    r = waiting[wi]
+    if r.num_computed_tokens or r.num_generated:
+        return False
+    if rule["blocks_per_chunk"]:
+        need = -(-(r.prompt_tokens if rule["full_must_fit"] else min(r.prompt_tokens, budget)) // bs)
+    else:
+        need = -(-(rule["reserve_tokens"] or r.prompt_tokens) // bs)
+    reserve = watermark if running or rule["reserve_when_idle"] else 0
+    return need > free - reserve
 
 
 def heap_top(heap: list, alive: list) -> int:

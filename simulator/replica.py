@@ -177,9 +177,10 @@ class Replica:
         #: nothing reads this replica's state at an arrival (its pool's only replica: the router has no choice, and
         #: the scheduler only queues the request), so a stretch may take the step in flight at the arrival too
         self.spans_arrivals = False
-        #: with ``spans_arrivals``: ``arrival_at(t)``, whether a request not yet arrived arrives at exactly ``t`` (a
-        #: stretch with admissions leaves a step ending then to the step-by-step engine); None if not known
-        self.arrival_at = None
+        #: with ``spans_arrivals``: ``next_arrival_from(t)``, the earliest arrival at or after ``t`` of a request not
+        #: yet arrived (a stretch with admissions leaves a step ending exactly then to the step-by-step engine);
+        #: None if not known in advance
+        self.next_arrival_from = None
         self.stage_free_s = [0.0] * self.pp
         self.stage_busy_s = [0.0] * self.pp
         self.num_in_flight = 0

@@ -18,7 +18,7 @@ from simulator.simulation import build, load_requests, run_deployment, simulate
 @pytest.mark.parametrize("cm", [RooflineCostModel(load_model("Mistral-7B"), load_device("A100-80GB-SXM")),
                                 RooflineCostModel(load_model("Yi-34B"), load_device("A100-80GB-PCIe"), tp=2),
                                 ConstantCostModel(fixed_s=0.01, per_token_s=1e-4, per_context_token_s=3e-7)])
-def test_several_chunks_are_priced_as_their_plan(cm):
+def test_several_chunks_and_runs_of_decodes_are_priced_as_their_plans(cm):
     rng = np.random.default_rng(3)
     for _ in range(80):
         ctx = rng.integers(0, 6000, rng.integers(0, 120)).tolist()
@@ -30,6 +30,11 @@ def test_several_chunks_are_priced_as_their_plan(cm):
                                       num_decodes=len(ctx))
         got = cm.chunks_step_time(len(ctx), sum(ctx), max(ctx, default=-1), tuple(chunks), tuple(cached))
         assert got == cm.iteration_time(plan)
+    for _ in range(20):                  # runs of decode-only steps: every context one token longer each step
+        ctx = rng.integers(0, 6000, rng.integers(1, 200)).tolist()
+        n = int(rng.integers(1, 40))
+        plans = [BatchPlan.decodes([c + k for c in ctx]) for k in range(n)]
+        assert cm.decode_step_times(len(ctx), sum(ctx), n) == [cm.iteration_time(p) for p in plans]
 
 
 def _count(monkeypatch):
