@@ -226,6 +226,20 @@ class Cluster:
             return r
         return next(self._source, None)
 
+    def _pending_arrival(self, i: int):
+        """The ``i``-th request of the open-loop stream not yet arrived (0: the one the arrivals wait for), or None;
+        the stream is read ahead as far as needed."""
+        if i == 0:
+            return self._waiting_for
+        k = self._head + i - 1
+        while len(self._ahead) <= k:
+            r = next(self._source, None)
+            if r is None:
+                return None
+            self._ahead.append(r)
+            self._ahead_s.append(r.arrival_s)
+        return self._ahead[k]
+
     def _next_arrival_from(self, t: float) -> float:
         """The earliest arrival at or after ``t`` seconds of a request not yet arrived (``math.inf`` if none); the
         stream is read ahead as far as needed (arrivals are sorted)."""
@@ -253,23 +267,25 @@ class Cluster:
             rep.spans_arrivals = len(entry.replicas) == 1
             if ff and rep.spans_arrivals and not self.concurrency:
                 rep.next_arrival_from = self._next_arrival_from
+                rep.pending_arrival = self._pending_arrival
         if self.disaggregated:
             for rep in self.pools["prefill"].replicas:
                 rep.scheduler.hold_kv_after_prefill = True
                 rep.process.callbacks.append(lambda _: self._maybe_close())
 
         self._source, self._ahead, self._ahead_s, self._head = iter(requests), [], array("d"), 0
+        self._waiting_for = None
 
         def arrivals():
             while True:
                 r = self._next_request()
                 if r is None:
                     break
-                self.next_arrival_s = r.arrival_s
+                self.next_arrival_s, self._waiting_for = r.arrival_s, r
                 if r.arrival_s > env.now:
                     yield env.timeout(r.arrival_s - env.now)
                 self._admit(r)
-            self.next_arrival_s = math.inf
+            self.next_arrival_s, self._waiting_for = math.inf, None
             for rep in entry.replicas:
                 rep.close()
             self._arrivals_done = True

@@ -52,8 +52,10 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     sched, cm = replica.scheduler, replica.cost_model
     kv = sched.kv
     rule = sched.admission_rule()
-    if rule is None or reads_plan or plan.preempted_ids or kv.prefix_caching or replica.stop_at_completion or not sched.waiting \
-            or len(plan.request_ids) != len(sched.running) or getattr(cm, "tracker", None) is not None:
+    pending = replica.pending_arrival if replica.spans_arrivals else None    # arrivals it may admit
+    if rule is None or reads_plan or plan.preempted_ids or kv.prefix_caching or replica.stop_at_completion \
+            or not (sched.waiting or pending is not None) or len(plan.request_ids) != len(sched.running) \
+            or getattr(cm, "tracker", None) is not None:
         return None
     price = getattr(cm, "step_time", None)
     if price is None:
@@ -129,7 +131,11 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     last_key = _key(running[-1]) if running else None
     waiting = sched.waiting
     n_wait = len(waiting)
-    wi = 0                               # waiting[wi] is the next to admit
+    wi = 0                               # the next to admit: waiting[wi], or arrived[wi - n_wait]
+    arrived: list = []                   # requests arriving during the stretch, before the step being walked
+    pi = 0                               # pending(pi): the next request to arrive
+    nxt = pending(0) if pending is not None else None
+    rejected = sched.rejection_reason
     admitted: list = []                  # (request, step)
     budget_total = rule["budget"] if rule["budget"] is not None else 1 << 62
     max_seqs, watermark = sched.max_num_seqs, kv.watermark_blocks
@@ -171,11 +177,18 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 growing[f % bs] -= 1
         for i in grow_start.pop(j, ()):
             growing[j % bs] += 1
+        while nxt is not None and nxt.arrival_s < t:     # arrived before step j is scheduled
+            if rejected(nxt) is None:
+                arrived.append(nxt)
+            pi += 1
+            nxt = pending(pi)
         d = B
         if in_order and d > budget_total:    # the budget would run out before the last decode
             break
-        if d and not partials and _admits_none(waiting, wi, n_wait, running_count, max_seqs, budget_total - d,
-                                               free - growing[j % bs], rule, bs, watermark):
+        queued = n_wait + len(arrived)
+        head = (waiting[wi] if wi < n_wait else arrived[wi - n_wait]) if wi < queued else None
+        if d and not partials and _admits_none(head, running_count, max_seqs, budget_total - d,
+                                               free - growing[j % bs], rule, bs, watermark, pending is not None):
             # decode-only steps until the next member's last token or growth start: the same decodes each step
             while end_heap[0] < j:
                 heapq.heappop(end_heap)
@@ -188,7 +201,11 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             else:
                 durs = [price(d, S + k * d, top + k - j, 0, 0) for k in range(j, e)]
             stopped = False
+            until = nxt.arrival_s if head is None and nxt is not None else None   # a slot waits for it
             for k in range(j, e):
+                if until is not None and until < t:      # it arrived before step k: admitted then
+                    e = k
+                    break
                 grow = growing[k % bs]
                 if grow > free:
                     stopped = True
@@ -214,7 +231,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 K = k + 1
             if stopped:
                 break
-            release(e - 1)
+            release(e - 1)               # (nothing ends before the run's last step)
             j = e - 1
             continue
         grow = growing[j % bs]
@@ -234,8 +251,9 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         new = []
         rc, key = running_count, last_key
         stop = False
-        while budget > 0 and wi + len(new) < n_wait and rc < max_seqs:
-            r = waiting[wi + len(new)]
+        while budget > 0 and wi + len(new) < queued and rc < max_seqs:
+            i = wi + len(new)
+            r = waiting[i] if i < n_wait else arrived[i - n_wait]
             if r.num_computed_tokens or r.num_generated or (insort and key is not None and _key(r) <= key):
                 stop = True              # preempted before, or out of arrival order: left to the step-by-step engine
                 break
@@ -252,7 +270,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             key = _key(r)
         if stop:
             break
-        if budget > 0 and rc < max_seqs and wi + len(new) == n_wait and horizon <= t:
+        if pending is None and budget > 0 and rc < max_seqs and wi + len(new) == n_wait and horizon <= t:
             break                        # admission would reach a request that arrived during the stretch
         if not d and not entries:
             break
@@ -315,24 +333,24 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     return {"kind": "admitting", "K": K, "ends": ends, "durations": durations, "starts": [now] + ends[:-1],
             "used": used, "batch": batch, "n_decode": n_decode, "n_prefill": n_prefill, "members": members,
             "first_token": first_token, "prefill_done": prefill_done, "chunk_log": chunk_log,
-            "admitted": admitted, "plan": plan, "free": free, "partials": [(p[0], p[2]) for p in partials]}
+            "admitted": admitted, "from_waiting": min(len(admitted), n_wait), "plan": plan, "free": free, "partials": [(p[0], p[2]) for p in partials]}
 
 
-def _admits_none(waiting, wi: int, n_wait: int, running: int, max_seqs: int, budget: int, free: int, rule: dict,
-                 bs: int, watermark: int) -> bool:
+def _admits_none(head, running: int, max_seqs: int, budget: int, free: int, rule: dict, bs: int, watermark: int,
+                 arrivals_known: bool) -> bool:
     """Whether no request can be admitted in a decode-only step, nor in the ones after it while nothing finishes
-    (the free blocks only shrink): no budget or slot left, or the waiting head does not fit."""
+    (the free blocks only shrink): no budget or slot left, or the waiting ``head`` does not fit; with nothing
+    waiting, only if arrivals are known in advance (the steps then stop at the next one)."""
     if budget <= 0 or running >= max_seqs:
         return True
-    if wi >= n_wait:
-        return False                     # an arrival could be admitted
-    r = waiting[wi]
-    if r.num_computed_tokens or r.num_generated:
+    if head is None:
+        return arrivals_known
+    if head.num_computed_tokens or head.num_generated:
         return False
     if rule["blocks_per_chunk"]:
-        need = -(-(r.prompt_tokens if rule["full_must_fit"] else min(r.prompt_tokens, budget)) // bs)
+        need = -(-(head.prompt_tokens if rule["full_must_fit"] else min(head.prompt_tokens, budget)) // bs)
     else:
-        need = -(-(rule["reserve_tokens"] or r.prompt_tokens) // bs)
+        need = -(-(rule["reserve_tokens"] or head.prompt_tokens) // bs)
     reserve = watermark if running or rule["reserve_when_idle"] else 0
     return need > free - reserve
 
@@ -418,9 +436,12 @@ def apply_admitting(replica, s: dict) -> list:
         for r in rs:
             finished.add(r.request_id)
     # the queues and the KV cache as the steps leave them
-    for _ in s["admitted"]:
+    for _ in range(s["from_waiting"]):
         sched.waiting.popleft()
     requests = sched.requests
+    for r, _ in s["admitted"][s["from_waiting"]:]:     # admitted before they arrive (Replica.add, at their
+        requests[r.request_id] = r                      # arrival, then only sets their replica)
+        sched.pre_admitted.add(r.request_id)
     for rid in finished:
         kv.free(by_id[rid])
         del requests[rid]

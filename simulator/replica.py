@@ -181,6 +181,9 @@ class Replica:
         #: yet arrived (a stretch with admissions leaves a step ending exactly then to the step-by-step engine);
         #: None if not known in advance
         self.next_arrival_from = None
+        #: with ``next_arrival_from``: ``pending_arrival(i)``, the ``i``-th request not yet arrived (in arrival order),
+        #: or None; a stretch may admit one that arrives before a step (``Scheduler.add_request`` then skips it)
+        self.pending_arrival = None
         self.stage_free_s = [0.0] * self.pp
         self.stage_busy_s = [0.0] * self.pp
         self.num_in_flight = 0
@@ -309,7 +312,7 @@ class Replica:
         hook, at = self.on_iteration, -1
         plans = hook is not None and getattr(hook, "reads_plan", True)
         s = None
-        if self.scheduler.waiting:
+        if self.scheduler.waiting or self.pending_arrival is not None:
             s = plan_admitting(self, plan, first_s, plans)
         if s is not None:
             completions = dict(apply_admitting(self, s))

@@ -86,6 +86,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.rejected: list[Request] = []
+        #: ids of requests a fast-forwarded stretch admitted before they arrived (``add_request`` then skips them)
+        self.pre_admitted: set[int] = set()
         self.num_preemptions = 0
         if block_manager.prefix_caching and not self.supports_prefix_caching:
             raise ValueError(f"--enable-prefix-caching: scheduler {self.name} does not support prefix caching")
@@ -112,7 +114,11 @@ class Scheduler:
         return None
 
     def add_request(self, r: Request) -> bool:
-        """Queue ``r`` (FCFS); return False and record it in ``rejected`` if it can never be served."""
+        """Queue ``r`` (FCFS); return False and record it in ``rejected`` if it can never be served. A request a
+        fast-forwarded stretch already admitted (``pre_admitted``) is left as it is."""
+        if r.request_id in self.pre_admitted:
+            self.pre_admitted.discard(r.request_id)
+            return True
         reason = self.rejection_reason(r)
         if reason is not None:
             r.rejected = reason
