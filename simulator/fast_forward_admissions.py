@@ -34,6 +34,8 @@ the shapes it prices (a fitted model) or lacks ``step_time``, and hooks that rea
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left, bisect_right
+from itertools import accumulate
 
 from cost_models.plan import BatchPlan
 from simulator.fast_forward import MAX_STEPS
@@ -200,37 +202,43 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 durs = decode_times(d, S + j * d, e - j)
             else:
                 durs = [price(d, S + k * d, top + k - j, 0, 0) for k in range(j, e)]
-            stopped = False
             until = nxt.arrival_s if head is None and nxt is not None else None   # a slot waits for it
-            for k in range(j, e):
-                if until is not None and until < t:      # it arrived before step k: admitted then
-                    e = k
+            n = e - j
+            run_ends = list(accumulate(durs, initial=t))[1:]   # (t + d, sequentially: as the clock adds)
+            grown = list(accumulate([growing[k % bs] for k in range(j, e)]))
+            taken = n
+            if until is not None:        # step k is admitted at if the request arrived before it starts
+                taken = min(n, bisect_right(run_ends, until) + 1)
+            cut = taken < n
+            fits = bisect_right(grown, free)       # steps whose KV growth fits (no preemption)
+            stopped = fits < taken
+            taken = min(taken, fits)
+            at = 0
+            while True:                  # a step ending at or after the next arrival
+                k = bisect_left(run_ends, na, at, taken)
+                if k >= taken:
                     break
-                grow = growing[k % bs]
-                if grow > free:
-                    stopped = True
+                if spans:
+                    na = next_arrival(run_ends[k])
+                if not spans or na == run_ends[k]:
+                    taken, stopped = k, True
                     break
-                dur = durs[k - j]
-                t_end = t + dur
-                if t_end >= na:
-                    if not spans:
-                        stopped = True
-                        break
-                    na = next_arrival(t_end)
-                    if na == t_end:
-                        stopped = True
-                        break
-                t = t_end
-                free -= grow
-                ends.append(t)
-                durations.append(dur)
-                used.append(num_blocks - free)
-                batch.append(d)
-                n_decode.append(d)
-                n_prefill.append(0)
-                K = k + 1
+                at = k + 1
+            if taken:
+                t = run_ends[taken - 1]
+                ends.extend(run_ends[:taken])
+                durations.extend(durs[:taken])
+                used.extend([num_blocks - free + g for g in grown[:taken]])
+                free -= grown[taken - 1]
+                batch.extend([d] * taken)
+                n_decode.extend([d] * taken)
+                n_prefill.extend([0] * taken)
+                K = j + taken
             if stopped:
                 break
+            if cut:                      # the general step admits the arrival
+                j += taken - 1
+                continue
             release(e - 1)               # (nothing ends before the run's last step)
             j = e - 1
             continue

@@ -327,8 +327,8 @@ class Replica:
         admitting = s.get("kind") == "admitting"
         for j in range(len(ends)) if hook is not None else sorted(completions):
             if hook is not None:
-                if admitting and at < j - 1:     # arrivals during the stretch come before the hook sees step j
-                    yield from self._advance(durations, ends, at, j - 1)
+                if admitting and at < j - 1 and self.horizon() < starts[j]:   # an arrival before step j comes
+                    yield from self._advance(durations, ends, at, j - 1)      # before the hook sees it
                     at = j - 1
                 try:
                     hook(step_plan(s, j) if plans else None, starts[j], durations[j])
