@@ -239,6 +239,7 @@ class RooflineCostModel:
         c = self.c
         self._decode_consts = (self.q, self.kv, self.flops * c.attn_compute_eff, self.dt,
                                self.bw * c.attn_decode_bandwidth_eff, c.launch_overhead_s, c.attn_call_overhead_s)
+        self._prefill_divisors = (self.flops * c.attn_compute_eff, self.bw * c.bandwidth_eff)
 
     # --- roofline helpers ---------------------------------------------------------------------------------
     def _op(self, flops: float, elements: float, compute_eff: float, bw_eff: float) -> float:
@@ -431,10 +432,19 @@ class RooflineCostModel:
         without building a plan, so ``simulator.fast_forward`` gives the step-by-step engine's times exactly."""
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
-        T, B = (d + chunk, d + 1) if chunk else (d, d)
-        attn = self._decode_attention(d, ctx_sum) if d else 0     # as sum() of the attention dict adds them
-        if chunk:
-            attn += self._prefill_attention((chunk,), (chunk_ctx,))
+        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
+        if d:                                # _decode_attention, inlined (as sum() of the attention dict adds them)
+            ctx = ctx_sum + d
+            attn = max(4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth) + launch + call
+        else:
+            attn = 0
+        if chunk:                            # _prefill_attention of one chunk, inlined
+            T, B = d + chunk, d + 1
+            prefill_compute, prefill_bandwidth = self._prefill_divisors
+            attn += max(4 * q * chunk * (chunk_ctx + (chunk + 1) / 2) / prefill_compute,
+                        (2 * chunk * q + (chunk_ctx + chunk) * 2 * kv) * dt / prefill_bandwidth) + launch + call
+        else:
+            T, B = d, d
         first, last = self._fixed_terms(T, B)
         return self.stage_layers[0] * (self._per_token_total(T) + attn) + first + last
 

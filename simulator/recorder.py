@@ -263,7 +263,10 @@ class Recorder:
             times = r.token_times_s
             if times:
                 self._pending.append((i, times[0] - r.arrival_s, dl, len(times)))
-                self._pending_times.extend(times)
+                if type(times) is list:                 # (fromlist: twice as fast as extend for a list)
+                    self._pending_times.fromlist(times)
+                else:
+                    self._pending_times.extend(times)
                 if len(self._pending_times) >= _PENDING_TOKENS:
                     self._account_deadlines()
         self.recorded[i] = True
