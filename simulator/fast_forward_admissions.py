@@ -106,28 +106,34 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     prefill_done: dict[int, list] = {}   # step -> requests finished by their prefill (one output token), plan order
     first_token: dict[int, int] = {}     # request_id -> step of the first token the stretch emits
     chunk_log: dict[int, list] = {}      # request_id -> [(step, tokens)] of its prefill chunks
-    partials: list = []                  # [request, computed, held0] still prefilling, in running order
+    # [request, computed, held blocks, tokens to compute (prompt + outputs so far: a request preempted by
+    # recompute prefills its outputs too)] still prefilling, in running order
+    partials: list = []
     held_of: dict[int, int] = {}         # request_id -> blocks of a request finished by its prefill
+    recompute_gaps: dict[int, list] = {}     # step -> TBT samples of recomputing prefills that emit then
+    running = sched.running
+    position = {r.request_id: i for i, r in enumerate(running)}   # running order (completions are reported so)
     for rid in ids[:d0]:
         r = requests[rid]
         join(r, r.num_computed_tokens - 1, 0, r.output_tokens - r.num_generated - 1, kv.held(rid))
     for rid, n in zip(ids[d0:], plan.num_new_tokens[d0:]):
         r = requests[rid]
-        if r.num_generated:              # recomputes outputs
+        if r.num_generated and rule["insort"]:   # re-admitted into the middle of the running order
             return None
         chunk_log[rid] = [(0, n)]
-        if r.num_computed_tokens == r.prompt_tokens:
+        total = r.prompt_tokens + r.num_generated
+        if r.num_computed_tokens == total:
             first_token[rid] = 0
-            if r.output_tokens == 1:
+            if r.num_generated + 1 >= r.output_tokens:
                 prefill_done.setdefault(0, []).append(r)
                 held_of[rid] = kv.held(rid)
             else:
-                join(r, r.prompt_tokens - 1, 1, r.output_tokens - 1, kv.held(rid))
+                join(r, total - 1, 1, r.output_tokens - r.num_generated - 1, kv.held(rid))
         else:
-            partials.append([r, r.num_computed_tokens, kv.held(rid)])
-    running = sched.running
+            partials.append([r, r.num_computed_tokens, kv.held(rid), total])
     if [p[0] for p in partials] != [r for r in running if r.remaining_tokens]:
         return None
+    next_position = len(running)
     if rule["in_running_order"] and partials and running[len(running) - len(partials):] != [p[0] for p in partials]:
         return None                      # budget goes in running order: a partial prefill before decodes
     last_key = _key(running[-1]) if running else None
@@ -245,14 +251,20 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         grow = growing[j % bs]
         budget = budget_total - d
         entries = []                     # (request, chunk, context) of the step's prefills, in plan order
+        decode_like = False
         for p in partials:
             if budget <= 0:
                 break
-            n = min(p[0].prompt_tokens - p[1], budget)
+            n = min(p[3] - p[1], budget)
+            if p[3] - p[1] == 1 and p[0].num_generated:     # its last token would be scheduled as a decode
+                decode_like = True
+                break
             entries.append((p[0], n, p[1]))
             budget -= n
             if chunked:                  # its slots are allocated chunk by chunk
                 grow += -(-(p[1] + n) // bs) - p[2]
+        if decode_like:
+            break
         if grow > free:                  # an allocation of the running requests could fail: a preemption
             break
         f_step = free - grow
@@ -262,13 +274,14 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         while budget > 0 and wi + len(new) < queued and rc < max_seqs:
             i = wi + len(new)
             r = waiting[i] if i < n_wait else arrived[i - n_wait]
-            if r.num_computed_tokens or r.num_generated or (insort and key is not None and _key(r) <= key):
-                stop = True              # preempted before, or out of arrival order: left to the step-by-step engine
+            if r.num_computed_tokens or (insort and (r.num_generated or (key is not None and _key(r) <= key))):
+                stop = True              # re-admitted into the middle of the running order: step by step
                 break
             reserve = watermark if rc or idle_reserve else 0
-            n = min(r.prompt_tokens, budget)
-            need = -(-(n if chunked else (reserve_tokens or r.prompt_tokens)) // bs)
-            if (-(-r.prompt_tokens // bs) if full_must_fit and chunked else need) > f_step - reserve:
+            total = r.prompt_tokens + r.num_generated
+            n = min(total, budget)
+            need = -(-(n if chunked else (reserve_tokens or total)) // bs)
+            if (-(-total // bs) if full_must_fit and chunked else need) > f_step - reserve:
                 break
             f_step -= need
             rc += 1
@@ -309,8 +322,10 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         running_count, last_key = rc, key
         for r, need in new:
             admitted.append((r, j))
-            partials.append([r, 0, need])
+            partials.append([r, 0, need, r.prompt_tokens + r.num_generated])
             chunk_log[r.request_id] = []
+            position[r.request_id] = next_position
+            next_position += 1
         wi += len(new)
         got = {e[0].request_id: e[1] for e in entries}
         still = []
@@ -324,15 +339,19 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             p[1] += n
             if chunked:
                 p[2] = -(-p[1] // bs)
-            if p[1] < r.prompt_tokens:
+            total = p[3]
+            if p[1] < total:
                 still.append(p)
                 continue
             first_token[r.request_id] = j
-            if r.output_tokens == 1:
+            g = r.num_generated
+            if g:                        # a recomputed request emits its next token: a TBT sample
+                recompute_gaps.setdefault(j, []).append(t - r.token_times_s[-1])
+            if g + 1 >= r.output_tokens:
                 prefill_done.setdefault(j, []).append(r)
                 held_of[r.request_id] = p[2]
             else:
-                join(r, r.prompt_tokens - j - 1, j + 1, j + r.output_tokens - 1, p[2])
+                join(r, total - j - 1, j + 1, j + r.output_tokens - g - 1, p[2])
         partials = still
         release(j)
         K = j + 1
@@ -341,7 +360,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     return {"kind": "admitting", "K": K, "ends": ends, "durations": durations, "starts": [now] + ends[:-1],
             "used": used, "batch": batch, "n_decode": n_decode, "n_prefill": n_prefill, "members": members,
             "first_token": first_token, "prefill_done": prefill_done, "chunk_log": chunk_log,
-            "admitted": admitted, "from_waiting": min(len(admitted), n_wait), "plan": plan, "free": free, "partials": [(p[0], p[2]) for p in partials]}
+            "admitted": admitted, "from_waiting": min(len(admitted), n_wait), "plan": plan, "free": free,
+            "partials": [(p[0], p[2]) for p in partials], "position": position, "recompute_gaps": recompute_gaps}
 
 
 def _admits_none(head, running: int, max_seqs: int, budget: int, free: int, rule: dict, bs: int, watermark: int,
@@ -353,12 +373,13 @@ def _admits_none(head, running: int, max_seqs: int, budget: int, free: int, rule
         return True
     if head is None:
         return arrivals_known
-    if head.num_computed_tokens or head.num_generated:
+    if head.num_computed_tokens or (head.num_generated and rule["insort"]):
         return False
+    total = head.prompt_tokens + head.num_generated
     if rule["blocks_per_chunk"]:
-        need = -(-(head.prompt_tokens if rule["full_must_fit"] else min(head.prompt_tokens, budget)) // bs)
+        need = -(-(total if rule["full_must_fit"] else min(total, budget)) // bs)
     else:
-        need = -(-(rule["reserve_tokens"] or head.prompt_tokens) // bs)
+        need = -(-(rule["reserve_tokens"] or total) // bs)
     reserve = watermark if running or rule["reserve_when_idle"] else 0
     return need > free - reserve
 
@@ -383,10 +404,11 @@ def _requests_to(s: dict, tokens_upto: int, scheduled_upto: int) -> None:
         r.num_computed_tokens = s["computed0"][rid] + sum([n for j, n in log if 0 < j <= tokens_upto])
         e = first_token.get(rid)
         if e is not None and e <= tokens_upto:
-            r.num_generated = 1
+            r.num_generated += 1
             r.token_times_s.append(ends[e])
-            r.first_token_s = ends[e]
-            if r.output_tokens == 1:
+            if r.first_token_s is None:
+                r.first_token_s = ends[e]
+            if r.num_generated >= r.output_tokens:
                 r.completion_s = ends[e]
     for r, base, first, last, _, _ in s["members"]:
         top = last if last < tokens_upto else tokens_upto
@@ -415,28 +437,47 @@ def apply_admitting(replica, s: dict) -> list:
                       r.first_token_s, r.completion_s) for r in by_id.values()]
     s["computed0"] = {rid: by_id[rid].num_computed_tokens for rid in s["chunk_log"]}
     recorder = replica.recorder
-    if recorder is not None:             # step 0's decodes by their previous token (plan order), then one per step
+    if recorder is not None:             # TBT samples, as Scheduler.update counts them step by step
         gaps: dict = {}
         e0 = ends[0]
-        for rid in plan.request_ids[:plan.num_decodes]:
+        d0 = plan.num_decodes
+        for rid in plan.request_ids[:d0]:    # step 0: its decodes by their previous token (plan order)
             times = by_id[rid].token_times_s
             if times:
                 g = e0 - times[-1]
                 gaps[g] = gaps.get(g, 0) + 1
-        n_decode = s["n_decode"]
-        steps = [j for j in range(1, K) if n_decode[j]]
-        s["gap_mark"] = (recorder.num_gap_pairs, len(gaps), steps)
+        for rid in plan.request_ids[d0:]:    # and a recomputing prefill that emits
+            r = by_id[rid]
+            if r.token_times_s and r.num_computed_tokens == r.prompt_tokens + r.num_generated:
+                g = e0 - r.token_times_s[-1]
+                gaps[g] = gaps.get(g, 0) + 1
+        n_decode, extra = s["n_decode"], s["recompute_gaps"]
+        values, counts, pairs = [], [], []   # later steps: the decodes' one gap, then any recomputed prefill's
+        for j in range(1, K):
+            if j in extra:
+                step: dict = {ends[j] - ends[j - 1]: n_decode[j]} if n_decode[j] else {}
+                for g in extra[j]:
+                    step[g] = step.get(g, 0) + 1
+                values.extend(step)
+                counts.extend(step.values())
+                pairs.append((j, len(step)))
+            elif n_decode[j]:
+                values.append(ends[j] - ends[j - 1])
+                counts.append(n_decode[j])
+                pairs.append((j, 1))
+        s["gap_mark"] = (recorder.num_gap_pairs, len(gaps), pairs)
         recorder.add_gaps(gaps)
-        recorder.add_gap_arrays([ends[j] - ends[j - 1] for j in steps], [n_decode[j] for j in steps])
+        recorder.add_gap_arrays(values, counts)
     _requests_to(s, K - 1, K - 1)
     # completions, in the order of each step's report
     done_at: dict[int, list] = {}
     for r, _, _, last, _, _ in s["members"]:
         if last < K:
             done_at.setdefault(last, []).append(r)
+    position = s["position"]
     for j, rs in done_at.items():
         if len(rs) > 1:
-            rs.sort(key=_key)
+            rs.sort(key=lambda r: position[r.request_id])
     for j, rs in s["prefill_done"].items():
         done_at.setdefault(j, []).extend(rs)
     finished = set()
@@ -499,6 +540,6 @@ def rollback_admitting(replica, s: dict, upto: int, launched: int) -> None:
     _requests_to(s, upto, launched)
     recorder = replica.recorder
     if recorder is not None:
-        base, step0, steps = s["gap_mark"]
-        keep = base if upto < 0 else base + step0 + sum(1 for j in steps if j <= upto)
+        base, step0, pairs = s["gap_mark"]
+        keep = base if upto < 0 else base + step0 + sum(n for j, n in pairs if j <= upto)
         recorder.truncate_gaps(keep)
