@@ -78,6 +78,8 @@ class ConstantCostModel:
     def iteration_time(self, plan) -> float:
         return sum(self.breakdown(plan).values())
 
+    uses_ctx_max = False          # step_time does not read ctx_max
+
     def step_time(self, d: int, ctx_sum: int, ctx_max: int, chunk: int = 0, chunk_ctx: int = 0) -> float:
         """``iteration_time`` of a micro-batch of ``d`` decodes whose context lengths sum to ``ctx_sum``, plus a
         prefill chunk of ``chunk`` tokens after ``chunk_ctx`` cached ones, bit for bit (pp = 1; see

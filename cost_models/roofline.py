@@ -424,6 +424,9 @@ class RooflineCostModel:
         return sum(self.stage_time(plan, s) for s in range(self.pp)) + \
             sum(self.transfer_time(plan, s) for s in range(self.pp - 1))
 
+    #: ``step_time`` does not read ``ctx_max`` (decode attention depends on the context sum only)
+    uses_ctx_max = False
+
     def step_time(self, d: int, ctx_sum: int, ctx_max: int, chunk: int = 0, chunk_ctx: int = 0) -> float:
         """``iteration_time`` (``pp`` = 1), bit for bit, of a micro-batch of ``d`` decodes (0 allowed with a chunk)
         whose context lengths (tokens cached before this step) sum to ``ctx_sum``, plus, when ``chunk`` > 0, one

@@ -47,7 +47,8 @@ def _key(r):
 
 def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     """The stretch starting with ``plan`` (scheduled at ``env.now``, lasting ``first_s``) with the admissions the
-    policy makes from the requests waiting now, or None when it would be under 2 steps or is not covered.
+    policy makes, None when it is not covered, or False when it would be under 2 steps (a preemption, an arrival or
+    an admission this walk does not take comes at once: no stretch is worth trying then).
 
     Returns a dict of the steps (``ends``, ``durations``, rows) and, per request, what the steps do to it (see
     ``apply_admitting``)."""
@@ -88,18 +89,23 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     end_heap: list = []          # last steps of the members (a run of decode steps ends at the first)
     grow_heap: list = []         # their first growth steps
 
-    def join(r, base, first, last, held0):
+    longest = getattr(cm, "uses_ctx_max", True)      # (the roofline reads only the context sum)
+
+    def join(r, base, first, last, held0, heaps=True):
         nonlocal B, S
         f = held0 * bs - base    # context base + f fills its blocks: that step's token needs a new one
         i = len(members)
         members.append((r, base, first, last, f, held0))
         alive.append(True)
-        heapq.heappush(heap, (-base, i))
         ending.setdefault(last, []).append(i)
-        heapq.heappush(end_heap, last)
         if f <= last:
             grow_start.setdefault(f, []).append(i)
-            heapq.heappush(grow_heap, f)
+        if heaps:                # (the stretch's first members are heapified at once)
+            if longest:
+                heapq.heappush(heap, (-base, i))
+            heapq.heappush(end_heap, last)
+            if f <= last:
+                heapq.heappush(grow_heap, f)
         B += 1
         S += base
 
@@ -113,9 +119,10 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     recompute_gaps: dict[int, list] = {}     # step -> TBT samples of recomputing prefills that emit then
     running = sched.running
     position = {r.request_id: i for i, r in enumerate(running)}   # running order (completions are reported so)
+    held = kv.held
     for rid in ids[:d0]:
         r = requests[rid]
-        join(r, r.num_computed_tokens - 1, 0, r.output_tokens - r.num_generated - 1, kv.held(rid))
+        join(r, r.num_computed_tokens - 1, 0, r.output_tokens - r.num_generated - 1, held(rid), False)
     for rid, n in zip(ids[d0:], plan.num_new_tokens[d0:]):
         r = requests[rid]
         if r.num_generated and rule["insort"]:   # re-admitted into the middle of the running order
@@ -128,12 +135,19 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 prefill_done.setdefault(0, []).append(r)
                 held_of[rid] = kv.held(rid)
             else:
-                join(r, total - 1, 1, r.output_tokens - r.num_generated - 1, kv.held(rid))
+                join(r, total - 1, 1, r.output_tokens - r.num_generated - 1, kv.held(rid), False)
         else:
             partials.append([r, r.num_computed_tokens, kv.held(rid), total])
     if [p[0] for p in partials] != [r for r in running if r.remaining_tokens]:
         return None
     next_position = len(running)
+    end_heap = [m[3] for m in members]
+    grow_heap = [m[4] for m in members if m[4] <= m[3]]
+    heapq.heapify(end_heap)
+    heapq.heapify(grow_heap)
+    if longest:
+        heap = [(-m[1], i) for i, m in enumerate(members)]
+        heapq.heapify(heap)
     if rule["in_running_order"] and partials and running[len(running) - len(partials):] != [p[0] for p in partials]:
         return None                      # budget goes in running order: a partial prefill before decodes
     last_key = _key(running[-1]) if running else None
@@ -203,7 +217,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             while grow_heap and grow_heap[0] <= j:
                 heapq.heappop(grow_heap)
             e = min(end_heap[0] + 1, grow_heap[0] if grow_heap else MAX_STEPS, MAX_STEPS)
-            top = j - heap_top(heap, alive)
+            top = j - heap_top(heap, alive) if longest else -1
             if decode_times is not None:
                 durs = decode_times(d, S + j * d, e - j)
             else:
@@ -297,9 +311,9 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             break
         if len(entries) <= 1:
             chunk, kctx = (entries[0][1], entries[0][2]) if entries else (0, 0)
-            dur = price(d, S + j * d, j - heap_top(heap, alive) if d else -1, chunk, kctx)
+            dur = price(d, S + j * d, j - heap_top(heap, alive) if d and longest else -1, chunk, kctx)
         elif price_many is not None:
-            dur = price_many(d, S + j * d, j - heap_top(heap, alive) if d else -1,
+            dur = price_many(d, S + j * d, j - heap_top(heap, alive) if d and longest else -1,
                              tuple([e[1] for e in entries]), tuple([e[2] for e in entries]))
         else:
             break
@@ -356,7 +370,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         release(j)
         K = j + 1
     if K < 2:
-        return None
+        return False
     return {"kind": "admitting", "K": K, "ends": ends, "durations": durations, "starts": [now] + ends[:-1],
             "used": used, "batch": batch, "n_decode": n_decode, "n_prefill": n_prefill, "members": members,
             "first_token": first_token, "prefill_done": prefill_done, "chunk_log": chunk_log,
@@ -501,11 +515,14 @@ def apply_admitting(replica, s: dict) -> list:
     bs = kv.block_size
     for r, held in s["partials"]:        # still prefilling: the blocks its chunks (or its admission) took
         kv.allocate(r, held * bs)
+    capacity = kv.capacity
     for r, base, first, last, _, held0 in s["members"]:
         if last >= K:
-            kv.allocate(r, held0 * bs)
-            if first <= K - 1:           # decoding at the last step: blocks for that token's slot
-                kv.allocate(r, base + K)
+            need = base + K if first < K else 0      # decoding at the last step: a slot for that token
+            if held0 * bs > need:
+                need = held0 * bs
+            if need > capacity.get(r.request_id, 0):
+                kv.allocate(r, need)
     sched.running = running
     assert kv.num_free == s["free"], "fast-forward with admissions: KV blocks out of step"
     # iteration rows, busy time

@@ -314,6 +314,8 @@ class Replica:
         s = None
         if self.scheduler.waiting or self.pending_arrival is not None:
             s = plan_admitting(self, plan, first_s, plans)
+        if s is False:
+            return False
         if s is not None:
             completions = dict(apply_admitting(self, s))
             undo = lambda upto, launched: rollback_admitting(self, s, upto, launched)    # noqa: E731
