@@ -1,35 +1,41 @@
 """Fast-forward with admissions: stretches in which requests finish and waiting requests are admitted, for a policy
-whose step is Sarathi-Serve's (``SarathiScheduler.schedule``), with results identical to the step-by-step engine.
+whose step is Sarathi-Serve's or a variant of it (Orca, vLLM v1), with results identical to the step-by-step engine.
 
 ``simulator.fast_forward`` stops a stretch where a request could be admitted. Under load that is every few steps:
 each completion frees a slot, each last prefill chunk leaves budget over, and the waiting queue is never empty. Here
 the steps are walked with the policy's own rule instead, admissions included, as long as everything the rule reads
-is known in advance. A policy describes its step with ``Scheduler.admission_rule`` when it is (Sarathi-Serve, Agrawal
-et al., OSDI'24 §4; Orca and vLLM 0.32 are variants of it):
+is known in advance. A policy describes its step with ``Scheduler.admission_rule`` (Sarathi-Serve, Agrawal et al.,
+OSDI'24 §4; Orca and vLLM 0.32 state how theirs differ: no budget, reservations, slots per chunk, appended order):
 
-1. every running decode gets one token (``Scheduler.decode_running``; a preemption ends the stretch: the step is
-   taken only if every decode's new KV block fits in the free blocks);
+1. every running decode gets one token (``Scheduler.decode_running``; a preemption ends the stretch: a step is
+   taken only if every new KV block of the running requests fits in the free blocks);
 2. the partial prefills, in running order, get ``min(remaining, budget left)`` tokens each;
 3. while budget is left, requests wait and fewer than ``max_num_seqs`` run, the head of the waiting queue is admitted
-   (``Scheduler.admit`` of its whole prompt, keeping the watermark free, appended to the running order) with a chunk of
-   ``min(prompt, budget left)``; the first head whose blocks do not fit stops admission.
+   (its whole prompt's blocks, or its reservation, or its first chunk's, keeping the watermark free) with a chunk of
+   ``min(tokens to compute, budget left)``; the first head whose blocks do not fit stops admission.
 
-The waiting requests a stretch may admit are those queued when it starts. A request arriving during the stretch joins
-the end of the queue; it matters only to a step whose admission would reach past the requests queued at the start
-(budget, a slot and blocks left): the stretch ends before such a step if an arrival came by its start. On a replica
-that is its pool's only one (``Replica.spans_arrivals``: nothing reads its state at an arrival) the stretch runs
-through arrivals; a step ending exactly at an arrival is left to the step-by-step engine (the order of two events
-at one instant is the event loop's). Elsewhere it ends before the step that would end at or after the next arrival.
+A request preempted by recompute is admitted like the others where the policy appends admissions (vLLM): its prefill
+covers prompt and outputs so far, and its next token, at the end of it, adds a TBT sample. Where admissions keep the
+arrival order (Sarathi-Serve, Orca) it would re-enter the middle of the running order: the stretch ends there.
+
+The requests a stretch may admit are those waiting when it starts and, on a replica that is its pool's only one
+(``Replica.spans_arrivals``: nothing reads its state at an arrival), those arriving before a step starts: the
+open-loop stream is read ahead (``Replica.pending_arrival``), and the scheduler skips such a request when its arrival
+comes (``Scheduler.pre_admitted``). A step ending exactly at an arrival is left to the step-by-step engine (the order
+of two events at one instant is the event loop's). On a routed replica the stretch ends before the step that would
+end at or after the next arrival, or that would admit past the requests waiting at its start.
 
 Each step costs a few integer updates, not a pass over the requests: decodes are summed per step (their count, the
-sum of ``context - step`` and the largest), the decodes needing a KV block at step ``j`` are counted by the residue
-of ``j`` modulo the block size, and requests join and leave these sums when their prompt is in and after their last
-token. Steps are priced by the cost model's ``step_time`` (``chunks_step_time`` for several prefill chunks), the same
-floating-point operations as ``iteration_time`` of their plans.
+sum of ``context - step``, the largest where the cost model reads it), the decodes needing a KV block at step ``j``
+are counted by the residue of ``j`` modulo the block size, and requests join and leave these sums when their prompt
+is in and after their last token. Runs of decode-only steps in which nothing can be admitted are taken in bulk up to
+the next last token, growth start, arrival or failing allocation (running sums and bisection). Steps are priced by
+the cost model's ``step_time`` (``chunks_step_time`` for several prefill chunks, ``decode_step_times`` for a run), the
+same floating-point operations as ``iteration_time`` of their plans.
 
-Not covered (the other fast-forward or the step-by-step engine runs instead): a waiting request preempted before
-(its prefill recomputes outputs), prefix caching, pipeline parallelism, closed-loop load, a cost model that tracks
-the shapes it prices (a fitted model) or lacks ``step_time``, and hooks that read each step's plan.
+Not covered (the other fast-forward or the step-by-step engine runs instead): prefix caching, pipeline parallelism,
+closed-loop load, a cost model that tracks the shapes it prices (a fitted model) or lacks ``step_time``, and hooks
+that read each step's plan.
 """
 from __future__ import annotations
 
