@@ -377,24 +377,27 @@ class FittedCostModel:
         """``{dimension: value / largest profiled value}`` for each dimension in which ``plan`` lies beyond the
         profile (empty when inside, or when the folder records no ranges): tokens, sequences, each prefill chunk
         and its context, the decode batch and its mean KV length (context + 1 per sequence)."""
+        d = plan.num_decodes
+        return self.outside_counts(d, sum(plan.context_lens[:d]), plan.num_new_tokens[d:], plan.context_lens[d:])
+
+    def outside_counts(self, d: int, ctx_sum: int, chunks, chunk_ctxs) -> dict:
+        """``outside`` of a micro-batch of ``d`` decodes whose contexts sum to ``ctx_sum`` and prefill chunks of
+        ``chunks[k]`` tokens after ``chunk_ctxs[k]`` cached ones (no plan needed)."""
         lim = self.limits
         if not lim:
             return {}
         out = {}
-        n = plan.num_new_tokens
-        d = plan.num_decodes
 
         def check(dim, value):
             m = lim.get(dim)
             if m and value > m and value / m > out.get(dim, 1.0):
                 out[dim] = value / m
-        check("tokens", sum(n))
-        check("sequences", len(n))
+        check("tokens", d + sum(chunks))
+        check("sequences", d + len(chunks))
         if d:
-            ctx = plan.context_lens[:d]
             check("decode_batch", d)
-            check("decode_kv_len", (sum(ctx) + d) / d)
-        for c, k in zip(n[d:], plan.context_lens[d:]):
+            check("decode_kv_len", (ctx_sum + d) / d)
+        for c, k in zip(chunks, chunk_ctxs):
             check("prefill_chunk", c)
             check("prefill_context", k)
         return out
@@ -526,20 +529,37 @@ class FittedCostModel:
             raise ValueError("step_time prices one stage (pp = 1)")
         T = d + chunk
         _, layer_total, emb = self._token_ops(T)
-        decode = 0.0
-        if d:
-            total = ctx_sum + d
-            table = self.tables.get("attn_decode")
-            if table is not None:
-                decode = table(d, total / d, d * (ctx_max + 1) / total)
-            else:                   # the roofline's decode attention reads only the total context
-                decode = self.roofline._attention(BatchPlan.decodes([ctx_sum] + [0] * (d - 1)))["attn_decode"]
+        decode = self._decode_s(d, ctx_sum, ctx_max)
         if not chunk:
             lm, cpu = self._per_sequence(d, d)
             return self.stage_layers[0] * (layer_total + decode + 0.0) + emb + lm + cpu
         _, prefill = self._attention(BatchPlan.prefill(chunk, chunk_ctx))
         lm, cpu = self._per_sequence(d + 1, T)
         return self.stage_layers[0] * (layer_total + decode + prefill) + emb + lm + cpu
+
+    def chunks_step_time(self, d: int, ctx_sum: int, ctx_max: int, chunks: tuple, chunk_ctxs: tuple) -> float:
+        """``step_time`` with several prefill chunks (``chunks[k]`` tokens after ``chunk_ctxs[k]`` cached ones, in
+        plan order), bit for bit ``iteration_time`` of that plan."""
+        if self.pp != 1:
+            raise ValueError("step_time prices one stage (pp = 1)")
+        T = d + sum(chunks)
+        _, layer_total, emb = self._token_ops(T)
+        decode = self._decode_s(d, ctx_sum, ctx_max)
+        _, prefill = self._attention(BatchPlan(tuple(range(len(chunks))), tuple(chunks), tuple(chunk_ctxs), 0))
+        lm, cpu = self._per_sequence(d + len(chunks), T)
+        return self.stage_layers[0] * (layer_total + decode + prefill) + emb + lm + cpu
+
+    def _decode_s(self, d: int, ctx_sum: int, ctx_max: int) -> float:
+        """Per-layer seconds of the decode attention of ``d`` sequences (contexts summing to ``ctx_sum``, the
+        longest ``ctx_max``), as ``_attention`` prices them; 0.0 without decodes."""
+        if not d:
+            return 0.0
+        total = ctx_sum + d
+        table = self.tables.get("attn_decode")
+        if table is not None:
+            return table(d, total / d, d * (ctx_max + 1) / total)
+        # the roofline's decode attention reads only the total context
+        return self.roofline._attention(BatchPlan.decodes([ctx_sum] + [0] * (d - 1)))["attn_decode"]
 
     def track_decodes(self, batch, ctx_sums) -> None:
         """Record in the tracker decode-only steps of ``batch[j]`` sequences with ``ctx_sums[j]`` context (a

@@ -34,8 +34,9 @@ the cost model's ``step_time`` (``chunks_step_time`` for several prefill chunks,
 same floating-point operations as ``iteration_time`` of their plans.
 
 Not covered (the other fast-forward or the step-by-step engine runs instead): prefix caching, pipeline parallelism,
-closed-loop load, a cost model that tracks the shapes it prices (a fitted model) or lacks ``step_time``, and hooks
-that read each step's plan.
+closed-loop load, a cost model without ``step_time``, a step of several prefill chunks for one without
+``chunks_step_time`` (a fitted model: the stretch ends there), and hooks that read each step's plan. A fitted model's
+range tracker records every step, in step order, as the step-by-step engine does.
 """
 from __future__ import annotations
 
@@ -63,8 +64,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     rule = sched.admission_rule()
     pending = replica.pending_arrival if replica.spans_arrivals else None    # arrivals it may admit
     if rule is None or reads_plan or plan.preempted_ids or kv.prefix_caching or replica.stop_at_completion \
-            or not (sched.waiting or pending is not None) or len(plan.request_ids) != len(sched.running) \
-            or getattr(cm, "tracker", None) is not None:
+            or not (sched.waiting or pending is not None) or len(plan.request_ids) != len(sched.running):
         return None
     price = getattr(cm, "step_time", None)
     if price is None:
@@ -189,6 +189,9 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     release(0)
     ends, durations, used = [end0], [first_s], [kv.num_used]
     batch, n_decode, n_prefill = [len(ids)], [d0], [plan.num_prefill_tokens]
+    tracked = getattr(cm, "tracker", None) is not None     # a fitted model counts shapes beyond its profile
+    ctx_sums: list = [0]                 # (with a tracker) each step's decode context sum, and its chunks
+    step_chunks: dict[int, tuple] = {}
     t = end0
     K = 1
     decode_times = getattr(cm, "decode_step_times", None)
@@ -224,46 +227,57 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 heapq.heappop(grow_heap)
             e = min(end_heap[0] + 1, grow_heap[0] if grow_heap else MAX_STEPS, MAX_STEPS)
             top = j - heap_top(heap, alive) if longest else -1
-            if decode_times is not None:
-                durs = decode_times(d, S + j * d, e - j)
-            else:
-                durs = [price(d, S + k * d, top + k - j, 0, 0) for k in range(j, e)]
             until = nxt.arrival_s if head is None and nxt is not None else None   # a slot waits for it
-            n = e - j
-            run_ends = list(accumulate(durs, initial=t))[1:]   # (t + d, sequentially: as the clock adds)
-            grown = list(accumulate([growing[k % bs] for k in range(j, e)]))
-            taken = n
-            if until is not None:        # step k is admitted at if the request arrived before it starts
-                taken = min(n, bisect_right(run_ends, until) + 1)
-            cut = taken < n
-            fits = bisect_right(grown, free)       # steps whose KV growth fits (no preemption)
-            stopped = fits < taken
-            taken = min(taken, fits)
-            at = 0
-            while True:                  # a step ending at or after the next arrival
-                k = bisect_left(run_ends, na, at, taken)
-                if k >= taken:
+            stopped = cut = False
+            j0, block = j, 64            # priced in growing blocks: a run may stop long before e
+            while j0 < e and not (stopped or cut):
+                if until is not None and until < t:   # it arrived before step j0: admitted then
+                    cut = True
                     break
-                if spans:
-                    na = next_arrival(run_ends[k])
-                if not spans or na == run_ends[k]:
-                    taken, stopped = k, True
-                    break
-                at = k + 1
-            if taken:
-                t = run_ends[taken - 1]
-                ends.extend(run_ends[:taken])
-                durations.extend(durs[:taken])
-                used.extend([num_blocks - free + g for g in grown[:taken]])
-                free -= grown[taken - 1]
-                batch.extend([d] * taken)
-                n_decode.extend([d] * taken)
-                n_prefill.extend([0] * taken)
-                K = j + taken
+                e0 = min(e, j0 + block)
+                block *= 2
+                n = e0 - j0
+                if decode_times is not None:
+                    durs = decode_times(d, S + j0 * d, n)
+                else:
+                    durs = [price(d, S + k * d, top + k - j, 0, 0) for k in range(j0, e0)]
+                run_ends = list(accumulate(durs, initial=t))[1:]   # (t + d, sequentially: as the clock adds)
+                grown = list(accumulate([growing[k % bs] for k in range(j0, e0)]))
+                taken = n
+                if until is not None:    # step k is admitted at if the request arrived before it starts
+                    taken = min(n, bisect_right(run_ends, until) + 1)
+                cut = taken < n
+                fits = bisect_right(grown, free)       # steps whose KV growth fits (no preemption)
+                stopped = fits < taken
+                taken = min(taken, fits)
+                at = 0
+                while True:              # a step ending at or after the next arrival
+                    k = bisect_left(run_ends, na, at, taken)
+                    if k >= taken:
+                        break
+                    if spans:
+                        na = next_arrival(run_ends[k])
+                    if not spans or na == run_ends[k]:
+                        taken, stopped = k, True
+                        break
+                    at = k + 1
+                if taken:
+                    t = run_ends[taken - 1]
+                    ends.extend(run_ends[:taken])
+                    durations.extend(durs[:taken])
+                    used.extend([num_blocks - free + g for g in grown[:taken]])
+                    free -= grown[taken - 1]
+                    batch.extend([d] * taken)
+                    n_decode.extend([d] * taken)
+                    n_prefill.extend([0] * taken)
+                    if tracked:
+                        ctx_sums.extend([S + k * d for k in range(j0, j0 + taken)])
+                    K = j0 + taken
+                j0 += taken
             if stopped:
                 break
             if cut:                      # the general step admits the arrival
-                j += taken - 1
+                j = j0 - 1
                 continue
             release(e - 1)               # (nothing ends before the run's last step)
             j = e - 1
@@ -339,6 +353,10 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         batch.append(d + len(entries))
         n_decode.append(d)
         n_prefill.append(sum([e[1] for e in entries]))
+        if tracked:
+            ctx_sums.append(S + j * d)
+            if entries:
+                step_chunks[j] = (tuple([e[1] for e in entries]), tuple([e[2] for e in entries]))
         running_count, last_key = rc, key
         for r, need in new:
             admitted.append((r, j))
@@ -381,7 +399,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             "used": used, "batch": batch, "n_decode": n_decode, "n_prefill": n_prefill, "members": members,
             "first_token": first_token, "prefill_done": prefill_done, "chunk_log": chunk_log,
             "admitted": admitted, "from_waiting": min(len(admitted), n_wait), "plan": plan, "free": free,
-            "partials": [(p[0], p[2]) for p in partials], "position": position, "recompute_gaps": recompute_gaps}
+            "partials": [(p[0], p[2]) for p in partials], "position": position, "recompute_gaps": recompute_gaps,
+            "ctx_sums": ctx_sums, "step_chunks": step_chunks}
 
 
 def _admits_none(head, running: int, max_seqs: int, budget: int, free: int, rule: dict, bs: int, watermark: int,
@@ -547,6 +566,22 @@ def apply_admitting(replica, s: dict) -> list:
         busy += d
     replica.stage_busy_s[0] = busy
     replica.num_iterations += K
+    cm = replica.cost_model
+    if getattr(cm, "tracker", None) is not None:     # in step order: step 0's plan, then chunks or decode runs
+        cm.tracker.add(cm.outside(plan))
+        n_decode, ctx_sums, step_chunks = s["n_decode"], s["ctx_sums"], s["step_chunks"]
+        j = 1
+        while j < K:
+            if j in step_chunks:
+                chunks, cached = step_chunks[j]
+                cm.tracker.add(cm.outside_counts(n_decode[j], ctx_sums[j], chunks, cached))
+                j += 1
+                continue
+            k = j
+            while k < K and k not in step_chunks:
+                k += 1
+            cm.track_decodes(n_decode[j:k], ctx_sums[j:k])
+            j = k
     log.maybe_flush()
     return [(j, done_at[j]) for j in sorted(done_at)]
 

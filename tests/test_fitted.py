@@ -278,6 +278,10 @@ def test_step_pricing_equals_iteration_time_bit_for_bit(model):
         n, k = int(rng.integers(1, 600)), int(rng.integers(0, 4000))
         got = model.step_time(len(ctx), sum(ctx), max(ctx, default=-1), n, k)
         assert got == model.iteration_time(mixed(ctx, [(n, k)]))
+        chunks = [(int(rng.integers(1, 600)), int(rng.integers(0, 4000))) for _ in range(int(rng.integers(2, 5)))]
+        got = model.chunks_step_time(len(ctx), sum(ctx), max(ctx, default=-1), tuple(c for c, _ in chunks),
+                                     tuple(k for _, k in chunks))
+        assert got == model.iteration_time(mixed(ctx, chunks))
 
 
 def test_fast_forward_identical_with_a_fitted_model(fitted_dir):
