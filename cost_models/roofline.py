@@ -239,7 +239,6 @@ class RooflineCostModel:
         c = self.c
         self._decode_consts = (self.q, self.kv, self.flops * c.attn_compute_eff, self.dt,
                                self.bw * c.attn_decode_bandwidth_eff, c.launch_overhead_s, c.attn_call_overhead_s)
-        self._prefill_divisors = (self.flops * c.attn_compute_eff, self.bw * c.bandwidth_eff)
 
     # --- roofline helpers ---------------------------------------------------------------------------------
     def _op(self, flops: float, elements: float, compute_eff: float, bw_eff: float) -> float:
@@ -435,21 +434,11 @@ class RooflineCostModel:
         without building a plan, so ``simulator.fast_forward`` gives the step-by-step engine's times exactly."""
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
-        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
-        if d:                                # _decode_attention, inlined (as sum() of the attention dict adds them)
-            ctx = ctx_sum + d
-            attn = max(4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth) + launch + call
-        else:
-            attn = 0
-        if chunk:                            # _prefill_attention of one chunk, inlined
-            T, B = d + chunk, d + 1
-            prefill_compute, prefill_bandwidth = self._prefill_divisors
-            attn += max(4 * q * chunk * (chunk_ctx + (chunk + 1) / 2) / prefill_compute,
-                        (2 * chunk * q + (chunk_ctx + chunk) * 2 * kv) * dt / prefill_bandwidth) + launch + call
-        else:
-            T, B = d, d
-        first, last = self._fixed_terms(T, B)
-        return self.stage_layers[0] * (self._per_token_total(T) + attn) + first + last
+        if chunk:
+            return self.chunks_step_time(d, ctx_sum, ctx_max, (chunk,), (chunk_ctx,))
+        attn = self._decode_attention(d, ctx_sum) if d else 0
+        first, last = self._fixed_terms(d, d)
+        return self.stage_layers[0] * (self._per_token_total(d) + attn) + first + last
 
     def decode_step_times(self, d: int, ctx_sum: int, n: int) -> list[float]:
         """``step_time`` of ``n`` decode-only steps of the same ``d`` sequences, the first with contexts summing to
@@ -461,7 +450,7 @@ class RooflineCostModel:
         first, last = self._fixed_terms(d, d)
         out = []
         ctx = ctx_sum + d
-        for _ in range(n):
+        for _ in range(n):                   # (_decode_attention, inlined: this loop prices whole runs)
             attn = max(4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth) + launch + call
             out.append(layers * (linear + attn) + first + last)
             ctx += d
@@ -473,7 +462,7 @@ class RooflineCostModel:
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
         T, B = d + sum(chunks), d + len(chunks)
-        attn = self._decode_attention(d, ctx_sum) if d else 0
+        attn = self._decode_attention(d, ctx_sum) if d else 0     # as sum() of the attention dict adds them
         attn += self._prefill_attention(chunks, chunk_ctxs)
         first, last = self._fixed_terms(T, B)
         return self.stage_layers[0] * (self._per_token_total(T) + attn) + first + last

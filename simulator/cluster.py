@@ -217,14 +217,24 @@ class Cluster:
             self._maybe_close()
 
     def _next_request(self):
-        """The next request of the open-loop stream (read ahead by ``_next_arrival_from``, or from the source), or None."""
+        """The next request of the open-loop stream (read ahead by ``_read_ahead``, or from the source), or None."""
         if self._head < len(self._ahead):
             r = self._ahead[self._head]
             self._head += 1
-            if self._head == len(self._ahead):
-                self._ahead, self._ahead_s, self._head = [], array("d"), 0
+            if self._head >= 1024 and 2 * self._head >= len(self._ahead):   # drop the arrived ones
+                del self._ahead[:self._head], self._ahead_s[:self._head]
+                self._head = 0
             return r
         return next(self._source, None)
+
+    def _read_ahead(self) -> bool:
+        """Read one more request of the stream into the look-ahead buffer; False at its end."""
+        r = next(self._source, None)
+        if r is None:
+            return False
+        self._ahead.append(r)
+        self._ahead_s.append(r.arrival_s)
+        return True
 
     def _pending_arrival(self, i: int):
         """The ``i``-th request of the open-loop stream not yet arrived (0: the one the arrivals wait for), or None;
@@ -233,11 +243,8 @@ class Cluster:
             return self._waiting_for
         k = self._head + i - 1
         while len(self._ahead) <= k:
-            r = next(self._source, None)
-            if r is None:
+            if not self._read_ahead():
                 return None
-            self._ahead.append(r)
-            self._ahead_s.append(r.arrival_s)
         return self._ahead[k]
 
     def _next_arrival_from(self, t: float) -> float:
@@ -245,12 +252,8 @@ class Cluster:
         stream is read ahead as far as needed (arrivals are sorted)."""
         if self.next_arrival_s >= t:
             return self.next_arrival_s
-        while not self._ahead_s or self._ahead_s[-1] < t:
-            r = next(self._source, None)
-            if r is None:
-                break
-            self._ahead.append(r)
-            self._ahead_s.append(r.arrival_s)
+        while (len(self._ahead_s) == self._head or self._ahead_s[-1] < t) and self._read_ahead():
+            pass
         i = bisect_left(self._ahead_s, t, self._head)
         return self._ahead_s[i] if i < len(self._ahead_s) else math.inf
 

@@ -115,8 +115,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         B += 1
         S += base
 
-    prefill_done: dict[int, list] = {}   # step -> requests finished by their prefill (one output token), plan order
-    first_token: dict[int, int] = {}     # request_id -> step of the first token the stretch emits
+    prefill_done: dict[int, list] = {}   # step -> requests finished by the token their prefill emits, plan order
+    first_token: dict[int, int] = {}     # request_id -> step whose end its prefill emits a token at
     chunk_log: dict[int, list] = {}      # request_id -> [(step, tokens)] of its prefill chunks
     # [request, computed, held blocks, tokens to compute (prompt + outputs so far: a request preempted by
     # recompute prefills its outputs too)] still prefilling, in running order
@@ -139,11 +139,11 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             first_token[rid] = 0
             if r.num_generated + 1 >= r.output_tokens:
                 prefill_done.setdefault(0, []).append(r)
-                held_of[rid] = kv.held(rid)
+                held_of[rid] = held(rid)
             else:
-                join(r, total - 1, 1, r.output_tokens - r.num_generated - 1, kv.held(rid), False)
+                join(r, total - 1, 1, r.output_tokens - r.num_generated - 1, held(rid), False)
         else:
-            partials.append([r, r.num_computed_tokens, kv.held(rid), total])
+            partials.append([r, r.num_computed_tokens, held(rid), total])
     if [p[0] for p in partials] != [r for r in running if r.remaining_tokens]:
         return None
     next_position = len(running)
@@ -167,8 +167,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     admitted: list = []                  # (request, step)
     budget_total = rule["budget"] if rule["budget"] is not None else 1 << 62
     max_seqs, watermark = sched.max_num_seqs, kv.watermark_blocks
-    reserve_tokens, chunked, full_must_fit = rule["reserve_tokens"], rule["blocks_per_chunk"], rule["full_must_fit"]
-    insort, idle_reserve = rule["insort"], rule["reserve_when_idle"]
+    chunked, insort, idle_reserve = rule["blocks_per_chunk"], rule["insort"], rule["reserve_when_idle"]
     in_order = rule["in_running_order"]
     num_blocks = kv.num_blocks
     free = kv.num_free
@@ -312,11 +311,10 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 stop = True              # re-admitted into the middle of the running order: step by step
                 break
             reserve = watermark if rc or idle_reserve else 0
-            total = r.prompt_tokens + r.num_generated
-            n = min(total, budget)
-            need = -(-(n if chunked else (reserve_tokens or total)) // bs)
-            if (-(-total // bs) if full_must_fit and chunked else need) > f_step - reserve:
+            need, must_fit = _admission_blocks(r, budget, rule, bs)
+            if must_fit > f_step - reserve:
                 break
+            n = min(r.prompt_tokens + r.num_generated, budget)
             f_step -= need
             rc += 1
             entries.append((r, n, 0))
@@ -414,13 +412,19 @@ def _admits_none(head, running: int, max_seqs: int, budget: int, free: int, rule
         return arrivals_known
     if head.num_computed_tokens or (head.num_generated and rule["insort"]):
         return False
-    total = head.prompt_tokens + head.num_generated
-    if rule["blocks_per_chunk"]:
-        need = -(-(total if rule["full_must_fit"] else min(total, budget)) // bs)
-    else:
-        need = -(-(rule["reserve_tokens"] or total) // bs)
     reserve = watermark if running or rule["reserve_when_idle"] else 0
-    return need > free - reserve
+    return _admission_blocks(head, budget, rule, bs)[1] > free - reserve
+
+
+def _admission_blocks(r, budget: int, rule: dict, bs: int) -> tuple[int, int]:
+    """``(blocks admitting r allocates, free blocks it needs)`` with ``budget`` tokens left in the step: its first
+    chunk's slots (and, if the whole prompt must fit, that many free) or its prompt's (or the reservation's)."""
+    total = r.prompt_tokens + r.num_generated
+    if rule["blocks_per_chunk"]:
+        need = -(-min(total, budget) // bs)
+        return need, (-(-total // bs) if rule["full_must_fit"] else need)
+    need = -(-(rule["reserve_tokens"] or total) // bs)
+    return need, need
 
 
 def heap_top(heap: list, alive: list) -> int:

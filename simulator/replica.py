@@ -316,7 +316,8 @@ class Replica:
             s = plan_admitting(self, plan, first_s, plans)
         if s is False:
             return False
-        if s is not None:
+        admitting = s is not None
+        if admitting:
             completions = dict(apply_admitting(self, s))
             undo = lambda upto, launched: rollback_admitting(self, s, upto, launched)    # noqa: E731
         else:
@@ -326,7 +327,6 @@ class Replica:
             completions = dict(apply_stretch(self, plan, s))
             undo = lambda upto, launched: rollback_stretch(self, s, upto)                # noqa: E731
         ends, durations, starts = s["ends"], s["durations"], s["starts"]
-        admitting = s.get("kind") == "admitting"
         for j in range(len(ends)) if hook is not None else sorted(completions):
             if hook is not None:
                 if admitting and at < j - 1 and self.horizon() < starts[j]:   # an arrival before step j comes
