@@ -56,7 +56,10 @@ hidden_size .. tp     the model's (unsharded) shape: ``hidden_size, num_attentio
 ``DIR/meta.json`` — ``model``, ``model_shape`` (the model columns), ``model_spec`` (the full ModelSpec), ``tp``,
 ``dtype``, ``device``, ``device_name``, ``driver`` (NVIDIA driver version, CUDA only), ``cuda_version``,
 ``torch_version``, ``python_version``, ``platform``, ``attention_backend``, ``num_threads``, ``quick``,
-``cold_cache`` and ``cache_flush_bytes`` (weights and KV cycled through that many bytes between calls), ``grid``
+``cold_cache``, ``cache_flush_bytes`` (twice the last-level cache), ``reuse_bytes`` (weights cycled through that
+many bytes between calls: one iteration's weights, at most ``cache_flush_bytes``; ``profiler.ops.reuse_bytes``),
+on a CPU ``cpu_cache_state`` (what a timed call follows: ``preceding-operators``, ``profiler.ops.PRECEDING_OPERATORS``)
+and ``private_cache_flush_bytes`` (the flush before the embedding and ``cpu_overhead``), ``grid``
 (``grid.GridSpec`` fields), ``timing`` (``timing.TimingConfig`` fields), ``columns``, ``time_unit`` ("s"),
 ``collectives`` (whether all-reduce/send-recv rows were timed), ``complete`` (false while running or after an
 interruption) and ``num_rows``.

@@ -20,11 +20,14 @@ Building blocks (usable by the profiler and by a plan executor):
   and is not part of an operator's time.
 - ``operator_callable(layer, name, **shape)``: a no-argument closure over prepared random inputs that runs one
   operator once, for ``profiler.timing.time_operator``. With ``cold=True`` (the profiler's default) successive
-  calls read different copies of the weights and different KV-cache slots, cycling through at least twice the
-  last-level cache (``cache_flush_bytes``), so each call reads them from memory as one iteration of a real model
-  does (every weight and every cached key is read once per iteration, and the LM head or the other layers evict
-  them in between). Repeating an operator on the same weights instead keeps them cached: on the tiny model on a
-  CPU that made a 1-token projection 3-4x and a small-batch LM head 1.3x faster than inside an iteration.
+  calls read different copies of the weights and different KV-cache slots, cycling through what one iteration of
+  the whole model reads between two reads of the same data (``reuse_bytes``: every weight and every cached key is
+  read once per iteration, the other layers and the LM head in between), capped at twice the last-level cache
+  (``cache_flush_bytes``). A model bigger than the cache is then read from memory, as a real iteration reads it;
+  one that fits (the tiny model in a CPU's L3 of hundreds of MiB) is read from the cache, as it is inside a real
+  iteration there. Repeating an operator on the same weights instead keeps them in the core's own caches: on the
+  tiny model on a CPU that made a 1-token projection 3-4x and a small-batch LM head 1.3x faster than inside an
+  iteration.
   Activations are not rotated, but on a CPU the profiler also flushes the core's private caches before each timed
   call (``private_cache_flush_bytes``, ``profiler.timing``): inside an iteration an operator's input was written
   before the previous GEMM streamed its weights through those caches, so norms, adds, RoPE and the activation
@@ -90,6 +93,30 @@ def cache_flush_bytes(device) -> int:
     return 2 * size if size else 64 << 20
 
 
+def iteration_weight_bytes(shapes: LayerShapes, num_layers: int, dtype_bytes: int) -> int:
+    """Bytes of weights one GPU reads in one iteration of the whole model (``num_layers`` decoder layers of
+    ``shapes``, the LM head; the embedding reads only its tokens' rows): the reuse distance of every weight, since
+    each is read once per iteration. Where it is below the last-level cache a real iteration finds the weights
+    there, and the profiler's cold calls cycle through this many bytes instead of twice the cache
+    (``reuse_bytes``): the tiny model's 70 MB on a CPU with 480 MiB of L3 ran its 1-token LM head in 1.3 ms
+    inside an iteration and in 2.0 ms read from memory."""
+    s = shapes
+    layer = s.hidden_size * (s.q_size + 2 * s.kv_size) + s.q_size * s.hidden_size + s.hidden_size * s.mlp_in \
+        + s.ffn_size * s.hidden_size + 2 * s.hidden_size
+    return (num_layers * layer + s.hidden_size * s.vocab_size) * dtype_bytes
+
+
+def reuse_bytes(device, shapes: LayerShapes, num_layers: int | None, dtype_bytes: int, kv_bytes: int = 0) -> int:
+    """Bytes a cold call cycles its weights (and KV slots) through: what one iteration reads between two reads
+    of the same data — the model's weights (``iteration_weight_bytes``) plus ``kv_bytes`` of KV cache per layer
+    times the layers — capped at twice the last-level cache (``cache_flush_bytes``: beyond it data comes from
+    memory anyway). ``num_layers`` None: twice the cache."""
+    flush = cache_flush_bytes(device)
+    if num_layers is None:
+        return flush
+    return min(flush, iteration_weight_bytes(shapes, num_layers, dtype_bytes) + num_layers * kv_bytes)
+
+
 class Layer:
     """Random weights of one decoder layer on ``device`` at ``dtype``.
 
@@ -134,10 +161,13 @@ class Layer:
             self.ensure_kv_cache(kv_slots, max_kv_len)
 
     def weight_pool(self, name: str, flush_bytes: int) -> list:
-        """``self.<name>`` and random copies of it, together at least ``flush_bytes`` (at most 256 copies)."""
+        """``self.<name>`` and random copies of it, together as close to ``flush_bytes`` as whole copies come (at
+        least one, at most 256): cycling through them reads each copy again after about ``flush_bytes``, as an
+        iteration reads a weight again after the rest of the model (a 33 MB LM head of a 39 MB model is one copy,
+        not two)."""
         w = getattr(self, name)
         pool = self._pools.get(name, [w])
-        want = min(256, max(1, math.ceil(flush_bytes / (w.numel() * w.element_size()))))
+        want = min(256, max(1, round(flush_bytes / (w.numel() * w.element_size()))))
         gen = torch.Generator(device="cpu").manual_seed(len(pool))
         while len(pool) < want:
             pool.append((torch.randn(w.shape, generator=gen) * w.float().std().item()).to(w.device, w.dtype))
@@ -353,14 +383,58 @@ GEMM_INPUTS = {
 }
 
 
+#: The operators that run before each one inside a decoder layer, back to the last one that streamed weights (a
+#: GEMM), in order (vLLM's Llama layer: norm, QKV projection, RoPE, KV-cache write, attention, O projection,
+#: residual add, norm, gate/up projection, activation, down projection, residual add; the LM head follows the last
+#: layer). The CPU profiler runs them, untimed, before each timed call (``preceding_callable``), so the call finds
+#: the caches as inside an iteration. ``attn_post_proj`` follows the attention, whose shape its row does not give:
+#: the operators before the attention stand in. The embedding and ``cpu_overhead`` start an iteration (after the
+#: host's input preparation): none, the profiler flushes the core's caches instead.
+PRECEDING_OPERATORS = {
+    "input_layernorm": ("mlp_down_proj", "add"),
+    "attn_pre_proj": ("input_layernorm",),
+    "attn_rope": ("attn_pre_proj",),
+    "attn_kv_cache_save": ("attn_pre_proj", "attn_rope"),
+    "attn_prefill": ("attn_pre_proj", "attn_rope", "attn_kv_cache_save"),
+    "attn_decode": ("attn_pre_proj", "attn_rope", "attn_kv_cache_save"),
+    "attn_post_proj": ("attn_pre_proj", "attn_rope", "attn_kv_cache_save"),
+    "add": ("attn_post_proj",),
+    "post_attention_layernorm": ("attn_post_proj", "add"),
+    "mlp_up_proj": ("post_attention_layernorm",),
+    "mlp_act": ("mlp_up_proj",),
+    "mlp_down_proj": ("mlp_act",),
+    "lm_head": ("mlp_down_proj", "add"),
+}
+
+
+def preceding_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_size: int = 0, kv_lens=None,
+                       cold: bool = False, num_layers: int | None = None):
+    """A no-argument function running, once each, the ``PRECEDING_OPERATORS`` of ``name`` on the same number of
+    tokens (``num_tokens``; a prefill's ``chunk_size``, a decode's ``len(kv_lens)``), with the same ``cold``
+    rotation as ``operator_callable``; None for an operator without predecessors (the caller flushes instead)."""
+    before = PRECEDING_OPERATORS.get(name)
+    if not before:
+        return None
+    T = chunk_size if name == "attn_prefill" else len(kv_lens or ()) if name == "attn_decode" else num_tokens
+    T = max(1, T)
+    calls = [operator_callable(layer, op, num_tokens=T, cold=cold, num_layers=num_layers, seed=1 + i)
+             for i, op in enumerate(before)]
+
+    def run():
+        for call in calls:
+            call()
+    return run
+
+
 def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_size: int = 0, context_len: int = 0,
-                      kv_lens=None, seed: int = 0, cold: bool = False):
+                      kv_lens=None, seed: int = 0, cold: bool = False, num_layers: int | None = None):
     """A no-argument function running operator ``name`` once on random inputs of the given shape.
 
     Shapes: token operators, ``lm_head`` and ``cpu_overhead`` take ``num_tokens`` (rows; for the last two the
     sequences B of the iteration), ``attn_prefill`` a ``chunk_size`` with ``context_len`` cached tokens,
     ``attn_decode`` a list ``kv_lens``; ``cold`` rotates weights and KV slots (module docstring; the KV cache
-    must then hold spare slots, e.g. ``ensure_kv_cache``). ``lm_head`` is the final norm of the B sequences' last
+    must then hold spare slots, e.g. ``ensure_kv_cache``) through ``reuse_bytes``: one iteration's reads of a
+    ``num_layers``-layer model (twice the last-level cache when None or larger). ``lm_head`` is the final norm of the B sequences' last
     tokens and their projection to ``vocab/tp`` logits. ``cpu_overhead`` is what an engine does per iteration
     outside the layers, as Vidur's ``prepare_inputs`` and ``sampler`` (Agrawal et al., MLSys 2024, §4.3): the
     executor's own input preparation (``iteration_inputs``) for B decodes of unequal lengths, and greedy sampling
@@ -374,7 +448,8 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
         return torch.randn(*size, generator=gen).to(device=dev, dtype=dt)
 
     T = num_tokens
-    flush = cache_flush_bytes(dev) if cold else 0
+    dtype_bytes = torch.tensor([], dtype=dt).element_size()
+    flush = reuse_bytes(dev, s, num_layers, dtype_bytes) if cold else 0
 
     def weights(attr):
         """A function returning the weight to use for the next call (cycling through copies when cold)."""
@@ -384,11 +459,13 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
         return itertools.cycle(layer.weight_pool(attr, flush)).__next__
 
     def kv_rotation(slots_per_call: int, region_bytes: int) -> list[int]:
-        """First slots of successive calls: disjoint slot ranges covering ``flush`` bytes, as far as they fit."""
+        """First slots of successive calls: disjoint slot ranges covering the reuse distance of a call's KV
+        (the weights and every layer's ``region_bytes``), as far as they fit."""
         if not cold:
             return [0]
+        cover = reuse_bytes(dev, s, num_layers, dtype_bytes, region_bytes)
         spare = layer.k_cache.shape[0] // slots_per_call
-        return [i * slots_per_call for i in range(max(1, min(spare, math.ceil(flush / max(region_bytes, 1)))))]
+        return [i * slots_per_call for i in range(max(1, min(spare, math.ceil(cover / max(region_bytes, 1)))))]
 
     if name == "lm_head":                   # the final norm of each sequence's last token, then the projection
         x = rand(T, s.hidden_size)
@@ -403,15 +480,16 @@ def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_siz
     if name in ("input_layernorm", "post_attention_layernorm"):
         x = rand(T, s.hidden_size)
         return lambda: layer.norm(x)
-    if name == "attn_rope":
-        q, k = rand(T, s.q_size), rand(T, s.kv_size)
+    if name == "attn_rope":                 # on the query and key views of the QKV projection's output, as inside
+        q, k, _ = rand(T, s.q_size + 2 * s.kv_size).split([s.q_size, s.kv_size, s.kv_size], dim=-1)   # a layer
         positions = torch.randint(0, layer.cos_sin.shape[0], (T,), generator=gen).to(dev)
         return lambda: rotary_embedding(q, k, positions, layer.cos_sin, s.head_dim)
     if name == "attn_kv_cache_save":
         slots_needed = max(1, min(T, 16))
         per_slot = -(-T // slots_needed)
         layer.ensure_kv_cache(slots_needed, per_slot)
-        k, v = rand(T, s.kv_size), rand(T, s.kv_size)
+        k = rand(T, s.kv_size)              # the rotated keys; the values a view of the QKV projection's output
+        v = rand(T, s.q_size + 2 * s.kv_size)[:, s.q_size + s.kv_size:]
         idx = torch.arange(T)
         slots, positions = (idx % slots_needed).to(dev), (idx // slots_needed).to(dev)
         return lambda: kv_cache_save(k, v, layer.k_cache, layer.v_cache, slots, positions)

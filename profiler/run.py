@@ -40,7 +40,10 @@ from traces.tables import FolderLock, ResumableTable, ensure_dir, write_json_ato
 ROUND_BLOCK = 48
 # meta.json fields that must match for a run to resume into an existing folder.
 _IDENTITY = ("model_shape", "tp", "dtype", "device", "device_name", "attention_backend", "num_threads",
-             "cold_cache", "private_cache_flush_bytes")
+             "cold_cache", "private_cache_flush_bytes", "reuse_bytes", "cpu_cache_state")
+#: what a cold CPU call follows (meta.json ``cpu_cache_state``): its preceding operators in a layer
+#: (``profiler.ops.PRECEDING_OPERATORS``), or a private-cache flush for those without
+CPU_CACHE_STATE = "preceding-operators"
 
 
 def device_info(device_type: str) -> dict:
@@ -171,9 +174,12 @@ def run_profile(model, *, device: str = "cpu", tp: int = 1, dtype: str | None = 
             model's context length, at most 4096 with ``quick`` and 8192 otherwise).
         collectives: also time all-reduce over ``tp`` workers and send/recv by message size
             (``profiler.collectives``); default: on CUDA when ``tp`` > 1 and that many GPUs are visible.
-        cold_cache: cycle weights and KV slots through twice the last-level cache between calls, so operators
-            read them from memory as inside an iteration, and on a CPU flush the core's private caches before each
-            timed call (``profiler.ops``, ``profiler.timing``); False times them cached.
+        cold_cache: cycle weights and KV slots between calls through what one iteration of the model reads
+            (at most twice the last-level cache), so operators read them from memory, or from the shared cache
+            when the model fits in it, as inside an iteration, and on a CPU run each timed call right after the
+            operators that precede it in a layer (``profiler.ops.PRECEDING_OPERATORS``; a flush of the core's
+            private caches for the embedding and ``cpu_overhead``) (``profiler.ops``, ``profiler.timing``); False
+            times them cached.
         echo: called with each note (``"note: ..."``: a torn row dropped, a stale lock taken over); default stderr.
     Raises ProfileError for an unavailable device, a folder holding another profile, a locked, unreadable or
     unwritable folder, a damaged profile.csv, or a shape that runs out of memory (the largest shapes run first,
@@ -221,7 +227,7 @@ def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, ti
     import torch
 
     from profiler.ops import ATTENTION_BACKEND, Layer, cache_flush_bytes, operator_callable, \
-        private_cache_flush_bytes
+        preceding_callable, private_cache_flush_bytes, reuse_bytes
 
     notes = list(lock.notes)
     info = device_info(device)
@@ -232,8 +238,10 @@ def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, ti
             "timing": timing.__dict__, "columns": list(COLUMNS), "time_unit": "s", "complete": False}
     if cold_cache:
         meta["cache_flush_bytes"] = cache_flush_bytes(device)
+        meta["reuse_bytes"] = reuse_bytes(device, shapes, model.num_layers, dtype_bytes)
         if device == "cpu":
             meta["private_cache_flush_bytes"] = private_cache_flush_bytes()
+            meta["cpu_cache_state"] = CPU_CACHE_STATE
     old = _old_meta(out, notes)
     if old is not None:
         _check_meta(out, meta, old)
@@ -269,8 +277,8 @@ def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, ti
         flush = meta.get("private_cache_flush_bytes") or 0
 
         def time_block(block):
-            return [_time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes,
-                              cold_cache, flush) for row in block]
+            return [_time_row(layer, row, device, timing, threads, (operator_callable, preceding_callable), shapes,
+                              dtype_bytes, cold_cache, flush, model.num_layers) for row in block]
 
         blocks = [todo[start:start + ROUND_BLOCK] for start in range(0, len(todo), ROUND_BLOCK)]
         for block, rounds in spaced_rounds(blocks, time_block, max(1, timing.rounds)):
@@ -325,9 +333,12 @@ def _measuring_order(todo: list[dict]) -> list[dict]:
     return head + tail
 
 
-def _time_row(layer, row, device, timing, threads, operator_callable, shapes, dtype_bytes, cold_cache, flush_bytes):
+def _time_row(layer, row, device, timing, threads, callables, shapes, dtype_bytes, cold_cache, flush_bytes,
+              num_layers):
+    """Time one shape; on a CPU with ``cold_cache`` each call follows its preceding operators (or a flush)."""
     import torch
 
+    operator_callable, preceding_callable = callables
     kv_lens = None
     if row["operator"] == "attn_decode":
         kv_lens = decode_kv_lens(row["batch_size"], row["kv_len"], row["kv_pattern"])
@@ -335,8 +346,13 @@ def _time_row(layer, row, device, timing, threads, operator_callable, shapes, dt
         with torch.inference_mode():
             fn = operator_callable(layer, row["operator"], num_tokens=row["num_tokens"],
                                    chunk_size=row["chunk_size"], context_len=row["context_len"], kv_lens=kv_lens,
-                                   cold=cold_cache)
-            return time_operator(fn, device, timing, num_threads=threads, flush_bytes=flush_bytes)
+                                   cold=cold_cache, num_layers=num_layers)
+            before = None
+            if device == "cpu" and cold_cache:
+                before = preceding_callable(layer, row["operator"], num_tokens=row["num_tokens"],
+                                            chunk_size=row["chunk_size"], kv_lens=kv_lens, cold=True,
+                                            num_layers=num_layers)
+            return time_operator(fn, device, timing, num_threads=threads, flush_bytes=flush_bytes, before=before)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(exc):
             raise

@@ -18,12 +18,15 @@ holds (see ``profiler.ops.operator_callable``).
 Samples are collected until both ``min_samples`` samples and ``min_run_time_s`` seconds of measurement are
 reached, but never more than ``max_samples`` samples.
 
-``flush_bytes`` (CPU; the profiler passes ``profiler.ops.private_cache_flush_bytes()`` with its cold cache): each
-sample is then one call, after writing a scratch buffer of that many bytes (untimed), so the call starts with the
-core's private caches holding none of its data. Inside an iteration the operator before (a GEMM streaming its
-weights) has evicted them: on this project's 2-core Xeon VM an RMSNorm of 512 x 256 float32 took 0.10 ms when
-repeated back to back, 0.38 ms right after a GEMM and 0.43 ms inside the executor's forward pass. The same idea as
-Triton's ``do_bench``, which clears the GPU's L2 between calls.
+``before`` (CPU; the profiler passes ``profiler.ops.preceding_callable``, the operators that precede this one inside
+a decoder layer): each sample is then one call, right after an untimed ``before()``, so the call starts with the
+caches as a real iteration leaves them. Repeated back to back an operator finds its inputs, code and weights in
+the core's caches; inside an iteration the operators before it (a GEMM streaming its weights) have evicted some of
+them: on this project's 2-core Xeon VM an RMSNorm of 512 x 256 float32 took 0.10 ms when repeated back to back,
+0.38 ms right after a GEMM and 0.43 ms inside the executor's forward pass. ``flush_bytes`` (for operators without
+predecessors: the profiler passes ``profiler.ops.private_cache_flush_bytes()``): each sample is one call after
+writing a scratch buffer of that many bytes (untimed), so it starts with the core's private caches holding none of
+its data. The same idea as Triton's ``do_bench``, which clears the GPU's L2 between calls.
 """
 from __future__ import annotations
 
@@ -92,14 +95,14 @@ class TimingConfig:
 
 
 def time_operator(fn, device_type: str, config: TimingConfig | None = None, *, num_threads: int | None = None,
-                  flush_bytes: int = 0) -> TimingStats:
-    """Time ``fn()`` on ``device_type`` ("cuda" or "cpu"); see the module docstring (``flush_bytes``: CPU only).
-    Raises ValueError for another device or a negative ``flush_bytes``."""
+                  flush_bytes: int = 0, before=None) -> TimingStats:
+    """Time ``fn()`` on ``device_type`` ("cuda" or "cpu"); see the module docstring (``flush_bytes`` and
+    ``before``: CPU only). Raises ValueError for another device or a negative ``flush_bytes``."""
     config = config or TimingConfig()
     if device_type == "cuda":
         return time_cuda(fn, config)
     if device_type == "cpu":
-        return time_cpu(fn, config, num_threads=num_threads, flush_bytes=flush_bytes)
+        return time_cpu(fn, config, num_threads=num_threads, flush_bytes=flush_bytes, before=before)
     raise ValueError(f"time_operator: device must be 'cuda' or 'cpu', got {device_type!r}")
 
 
@@ -133,8 +136,10 @@ def cpu_clock(num_threads: int):
     return time.thread_time if num_threads == 1 else time.perf_counter
 
 
-def time_cpu(fn, config: TimingConfig, *, num_threads: int | None = None, flush_bytes: int = 0) -> TimingStats:
+def time_cpu(fn, config: TimingConfig, *, num_threads: int | None = None, flush_bytes: int = 0,
+             before=None) -> TimingStats:
     """``torch.utils.benchmark`` timing of ``fn`` on the CPU with ``num_threads`` threads (default: torch's); with
+    ``before`` (a no-argument function), single calls each right after an untimed ``before()``; else with
     ``flush_bytes`` > 0, single calls each after a cache flush (module docstring)."""
     import torch
     from torch.utils import benchmark
@@ -146,8 +151,11 @@ def time_cpu(fn, config: TimingConfig, *, num_threads: int | None = None, flush_
     for _ in range(config.warmup):
         fn()
     clock = cpu_clock(threads)
+    if before is not None:
+        return _time_after(fn, config, clock, before)
     if flush_bytes:
-        return _time_flushed(fn, config, clock, torch.empty(max(1, flush_bytes // 4), dtype=torch.float32))
+        scratch = torch.empty(max(1, flush_bytes // 4), dtype=torch.float32)
+        return _time_after(fn, config, clock, lambda: scratch.fill_(1.0))
     t0 = clock()
     fn()
     probe_s = max(clock() - t0, 1e-7)
@@ -163,12 +171,12 @@ def time_cpu(fn, config: TimingConfig, *, num_threads: int | None = None, flush_
     return TimingStats.from_samples(samples, calls_per_sample=number)
 
 
-def _time_flushed(fn, config: TimingConfig, clock, scratch) -> TimingStats:
-    """One call per sample, each after writing ``scratch`` (untimed); the same stopping rule as ``time_cpu``."""
+def _time_after(fn, config: TimingConfig, clock, before) -> TimingStats:
+    """One call per sample, each after an untimed ``before()``; the same stopping rule as ``time_cpu``."""
     samples: list[float] = []
     began = time.perf_counter()
     while True:
-        scratch.fill_(1.0)
+        before()
         t0 = clock()
         fn()
         samples.append(clock() - t0)

@@ -311,3 +311,15 @@ def test_fit_keeps_the_steep_small_batch_end():
     _, table, report = fit_operator("lm_head", np.array(B, dtype=float)[:, None], y, seed=0)
     for b in (1, 2, 3):
         assert table(b) == pytest.approx(y[b - 1], rel=0.15), (b, table(b), report)
+
+
+@pytest.mark.parametrize("trees", ["extra", "forest"])
+def test_both_ensembles_price_a_profiled_shape_at_its_measured_time(trees):
+    # a quick CPU profile's lm_head: 1.99 ms at B = 1, 3.50 ms at B = 2; a forest with a bootstrap left B = 1 out
+    # of a third of its trees, which priced it as B = 2 (2.53 ms at B = 1)
+    from cost_models.fitting import ProxyTreeRegressor
+
+    B = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64], dtype=float)[:, None]
+    y = np.array([1.99, 3.50, 3.88, 4.11, 4.81, 5.43, 6.41, 6.57, 7.6, 8.3, 8.9, 8.24]) * 1e-3
+    est = ProxyTreeRegressor("sequence", trees=trees, random_state=0).fit(B, y)
+    assert est.predict(B) == pytest.approx(y, rel=1e-9)

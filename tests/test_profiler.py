@@ -304,7 +304,7 @@ def test_cold_calls_cycle_weight_copies_and_kv_slots():
     lay.ensure_kv_cache(32, 64)
     pool = lay.weight_pool("w_qkv", flush)
     nbytes = lay.w_qkv.numel() * 4
-    assert pool[0] is lay.w_qkv and len(pool) == min(256, -(-flush // nbytes))
+    assert pool[0] is lay.w_qkv and len(pool) == min(256, max(1, round(flush / nbytes)))
     assert not torch.equal(pool[0], pool[1]) and pool[1].shape == lay.w_qkv.shape
     x_ops = operator_callable(lay, "attn_pre_proj", num_tokens=2, cold=True)
     first, second = x_ops(), x_ops()
@@ -322,7 +322,7 @@ def test_each_shape_keeps_its_fastest_round(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_time(fn, device, config, num_threads=None, flush_bytes=0):
+    def fake_time(fn, device, config, num_threads=None, flush_bytes=0, before=None):
         calls.append(1)
         slow = len(calls) % 2 == 1                     # every other measurement hit a busy machine
         t = 2e-3 if slow else 1e-3
@@ -377,6 +377,77 @@ def test_flushed_cpu_timing_times_single_calls():
     assert private_cache_flush_bytes() >= 1 << 16
     with pytest.raises(ValueError, match="flush_bytes must be an integer >= 0"):
         time_operator(lambda: None, "cpu", config, flush_bytes=-1)
+
+
+def test_cpu_timing_after_preceding_operators_runs_them_before_each_sample():
+    from profiler.timing import TimingConfig, time_operator
+
+    order = []
+    config = TimingConfig(warmup=1, min_samples=4, max_samples=4, min_run_time_s=0.0)
+    stats = time_operator(lambda: order.append("op"), "cpu", config, num_threads=1, flush_bytes=1 << 16,
+                          before=lambda: order.append("before"))
+    assert stats.num_runs == 4
+    assert order == ["op"] + ["before", "op"] * 4            # the warm-up, then each timed call right after before()
+
+
+def test_preceding_operators_are_a_layers_order(layer):
+    """Each operator is timed after the ones before it in a decoder layer, back to the last GEMM; the embedding and
+    cpu_overhead start an iteration and have none (the profiler flushes the core's caches instead)."""
+    import profiler.ops as ops
+
+    layer_order = ["input_layernorm", "attn_pre_proj", "attn_rope", "attn_kv_cache_save", "attn_decode",
+                   "attn_post_proj", "add", "post_attention_layernorm", "mlp_up_proj", "mlp_act", "mlp_down_proj",
+                   "add"]
+    gemms = {"attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "lm_head"}
+    for op, before in ops.PRECEDING_OPERATORS.items():
+        assert before and all(b in ops.OPERATORS for b in before), op
+        if op in ("lm_head", "input_layernorm"):       # after the last layer's (or the previous layer's) MLP
+            assert before == ("mlp_down_proj", "add")
+        elif op not in ("attn_post_proj", "attn_prefill", "add"):
+            i = layer_order.index(op)
+            assert list(before) == layer_order[i - len(before):i], op
+        if op in gemms - {"lm_head", "attn_post_proj"}:  # (the O projection: the attention's stand-ins)
+            assert len(before) == 1, op                  # a GEMM streams its weights: only its input's producer
+        else:
+            assert before[0] in gemms, op                # back to the last operator that streamed weights
+    assert ops.preceding_callable(layer, "emb", num_tokens=4) is None
+    assert ops.preceding_callable(layer, "cpu_overhead", num_tokens=4) is None
+    calls = []
+    real = ops.operator_callable
+
+    def spy(lay, name, **kw):
+        calls.append((name, kw["num_tokens"]))
+        return real(lay, name, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "operator_callable", spy)
+        run = ops.preceding_callable(layer, "attn_decode", kv_lens=[5, 7, 9])
+        ops.preceding_callable(layer, "attn_prefill", chunk_size=6)
+        ops.preceding_callable(layer, "mlp_act", num_tokens=5)()
+    run()
+    assert calls == [("attn_pre_proj", 3), ("attn_rope", 3), ("attn_kv_cache_save", 3),     # a decode's B tokens
+                     ("attn_pre_proj", 6), ("attn_rope", 6), ("attn_kv_cache_save", 6),     # a chunk's tokens
+                     ("mlp_up_proj", 5)]
+
+
+def test_cold_weights_cycle_through_one_iterations_reads():
+    """The reuse distance of a weight is the model's weights read in one iteration (plus its KV), capped at twice
+    the last-level cache: the tiny model (2 layers, hidden 256, FFN 688, vocab 32000, float32) reads 38,572,032
+    bytes: per layer 256 x 512 (QKV) + 256 x 256 (O) + 256 x 1376 (gate/up) + 688 x 256 (down) + 2 x 256 (norms)
+    = 725,504 elements, twice, plus the 256 x 32000 LM head, x 4 bytes."""
+    from profiler.ops import Layer, cache_flush_bytes, iteration_weight_bytes, reuse_bytes
+
+    shapes = LayerShapes.of(load_model("tiny"))
+    assert iteration_weight_bytes(shapes, 2, 4) == (2 * 725_504 + 256 * 32_000) * 4 == 38_572_032
+    flush = cache_flush_bytes("cpu")
+    assert reuse_bytes("cpu", shapes, 2, 4) == min(flush, 38_572_032)
+    assert reuse_bytes("cpu", shapes, 2, 4, kv_bytes=1000) == min(flush, 38_574_032)
+    assert reuse_bytes("cpu", shapes, None, 4) == flush
+    assert reuse_bytes("cpu", shapes, 10_000, 4) == flush          # a model larger than the cache: from memory
+    lay = Layer(shapes, device="cpu", dtype="float32", max_positions=8, with_vocab=True)
+    head = 256 * 32_000 * 4
+    assert len(lay.weight_pool("w_lm_head", 38_572_032)) == 1        # 1.18 copies: the nearest whole number
+    assert len(lay.weight_pool("w_lm_head", 2 * head + head // 2 + 1)) == 3
 
 
 def test_lm_head_and_cpu_overhead_do_what_an_iteration_does(layer):
