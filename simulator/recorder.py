@@ -18,6 +18,7 @@ table in chunks (``tables.TableWriter``), so they too stay bounded.
 """
 from __future__ import annotations
 
+import struct
 from array import array
 from itertools import chain
 
@@ -129,31 +130,35 @@ def _pairs_distribution(pairs: np.ndarray, n: int) -> dict:
     return out
 
 
-_PENDING_TOKENS = 1 << 16   # token times a Recorder holds for its batched deadline accounting before doing it
-_GROUP = 32                 # requests per 2-D block of deadline_misses_batch (taken in order of token count)
+# token times a Recorder holds for its batched deadline accounting before doing it (the batch's arrays, some 40
+# bytes a token, then stay in the caches: a larger batch is slower per token)
+_PENDING_TOKENS = 1 << 15
 
 
 def deadline_misses_batch(ttft_s, ttft_deadline_s, times_s, lengths, decode_deadline_s: float
                           ) -> tuple[np.ndarray, np.ndarray]:
     """Etalon's deadline accounting (``slo.deadline_misses``) of many requests from their token times, vectorized:
-    a few numpy calls per block of ``_GROUP`` requests.
+    a fixed number of numpy calls for the whole batch, each a pass over its T token times.
 
     With ``y_i = (t_i - t_0) - i x D`` and the slack ``s_0`` left by the first token, token ``i`` meets its
     deadline iff ``y_i <= R_i = max(s_0, y_1, ..., y_{i-1})`` (the slack carried forward is ``R_i - y_i``; a miss
     resets it, which raises the threshold to ``y_i``); a late token misses ``floor((y_i - R_i) / D + 1)``
     deadlines, ``floor((gap - slack) / D)`` in Etalon's terms. Same result as the loop up to floating-point ties.
+    Source: Etalon (arXiv:2407.07000) §4.2, ``etalon/metrics/metric_utils.py:get_request_level_deadline_miss_rate``.
 
     Args:
         ttft_s, ttft_deadline_s: (m,) seconds, per request.
-        times_s: the requests' token times (seconds), concatenated, ``lengths[j]`` >= 1 of request ``j``.
-        lengths: (m,) token counts.
+        times_s: (T,) the requests' token times (seconds), concatenated, ``lengths[j]`` >= 1 of request ``j``.
+        lengths: (m,) token counts, summing to T.
         decode_deadline_s: Etalon's decode deadline D.
     Returns:
         ``missed``, ``total``: (m,) int64.
 
-    The running maximum ``R_i`` of each request is taken along the rows of a block padded with -inf after each
-    request's tokens (a padded cell is never late and never raises an earlier ``R_i``), the requests of a block
-    having neighbouring token counts so that little is padded.
+    The running maxima ``R_i`` of all requests come from one ``np.maximum.accumulate`` over (T,) complex keys
+    ``first + 1j * z``: ``first`` the position of the request's first token, ``z`` its ``s_0`` there and ``y_i``
+    at its later tokens. numpy orders complex numbers lexicographically (real part first), so a request's first
+    key exceeds every key before it and the maximum restarts there; the imaginary part of the running maximum is
+    the exact ``max(s_0, y_1, ..., y_i)`` (a maximum selects, it does not round), ``R_{i+1}``.
     """
     d = decode_deadline_s
     ttft = np.asarray(ttft_s, dtype=float)
@@ -164,29 +169,29 @@ def deadline_misses_batch(ttft_s, ttft_deadline_s, times_s, lengths, decode_dead
     s0 = np.where(ok, dl - ttft, 0.0)
     missed = np.where(ok, 0, 1 + np.floor((ttft - dl) / d)).astype(np.int64)
     total = np.where(ok, 1, missed)
-    start = np.zeros(len(n), dtype=np.int64)
+    start = np.zeros(len(n), dtype=np.int64)             # (m,) position of each request's first token
     np.cumsum(n[:-1], out=start[1:])
-    first = np.repeat(start, n)
-    y = t - t[first]                                      # y_i of every token (0 at first tokens, not used)
-    y -= (np.arange(len(t)) - first).astype(float) * d
-    for block in np.array_split(np.argsort(n, kind="stable"), max(1, -(-len(n) // _GROUP))):
-        block = block[n[block] >= 2]
-        if not len(block):
-            continue
-        k = n[block] - 1                                  # decode tokens of each request
-        cols = np.arange(int(k.max()))
-        Y = np.take(y, (start[block] + 1)[:, None] + cols, mode="clip")
-        Y[cols >= k[:, None]] = -np.inf                   # after a request's last token
-        R = np.empty_like(Y)                              # R_i: s_0, then the running maximum of y_1 .. y_{i-1}
-        R[:, 0] = s0[block]
-        R[:, 1:] = Y[:, :-1]
-        np.maximum.accumulate(R, axis=1, out=R)
-        late = Y > R
-        row, col = np.nonzero(late)
-        m = np.bincount(row, weights=np.floor((Y[row, col] - R[row, col]) / d + 1), minlength=len(block))
-        m = m.astype(np.int64)
-        missed[block] += m
-        total[block] += m + (k - np.count_nonzero(late, axis=1))
+    key = np.empty(len(t), dtype=np.complex128)           # (T,) the keys first + 1j * z
+    f = np.repeat(start.astype(float), n)                 # (T,) first: each token's request's start (exact)
+    key.real = f
+    i_d = np.subtract(np.arange(len(t), dtype=float), f, out=f)    # (T,) i, the token's index in its request,
+    i_d *= d                                              # then i x D
+    y = np.repeat(t[start], n)                            # (T,) y_i = (t_i - t_0) - i x D, in that order
+    np.subtract(t, y, out=y)
+    y -= i_d
+    y[start] = s0                                         # z: s_0 at first tokens
+    key.imag = y
+    r = np.maximum.accumulate(key, out=key).imag          # r[p] = R of the token at p + 1 (same request)
+    late = y[1:] > r[:-1]                                 # late[p - 1]: the token at p is late
+    late[start[1:] - 1] = False                           # (first tokens: the TTFT, counted above)
+    pos = np.flatnonzero(late) + 1                        # (L,) positions of the late tokens, ascending
+    # per request: the sum of its late tokens' misses and their count, from cumulative sums at its bounds
+    cum = np.zeros(len(pos) + 1)
+    np.cumsum(np.floor((y[pos] - r[pos - 1]) / d + 1), out=cum[1:])    # exact: integers below 2**53
+    bounds = np.searchsorted(pos, np.append(start, len(t)))
+    m = np.diff(cum[bounds]).astype(np.int64)
+    missed += m
+    total += m + (n - 1 - np.diff(bounds))
     return missed, total
 
 
@@ -218,8 +223,9 @@ class Recorder:
         self._deadline_cache: dict = {}
         # deadline accounting waiting to be done in one batch (deadline_misses_batch): per recorded request its
         # id, TTFT, first-token deadline and token count, and its token times copied at the time it was recorded
+        # (as native float64 bytes: struct.pack is exact, and unboxes a list of floats faster than array.fromlist)
         self._pending: list = []
-        self._pending_times = array("d")
+        self._pending_times = bytearray()
         self.token_sink = None            # callable(request) writing its tokens (tokens.csv), or None
 
     # --- during the run -------------------------------------------------------------------------------------
@@ -230,6 +236,10 @@ class Recorder:
     def add_gap_arrays(self, values, counts) -> None:
         """Count TBT samples given as aligned sequences (fast-forward)."""
         self._gaps.extend(chain.from_iterable(zip(values, counts)))
+
+    def add_gap_pairs(self, pairs: np.ndarray) -> None:
+        """Count TBT samples given as an ``(m, 2)`` float64 array of ``(gap_s, count)`` rows (fast-forward)."""
+        self._gaps.frombytes(np.ascontiguousarray(pairs, dtype=float).tobytes())
 
     @property
     def num_gap_pairs(self) -> int:
@@ -262,9 +272,10 @@ class Recorder:
             c["ttft_deadline_s"][i] = dl
             times = r.token_times_s
             if times:
-                self._pending.append((i, times[0] - r.arrival_s, dl, len(times)))
-                self._pending_times.fromlist(times)     # (a list: fromlist costs half of extend)
-                if len(self._pending_times) >= _PENDING_TOKENS:
+                k = len(times)
+                self._pending.append((i, times[0] - r.arrival_s, dl, k))
+                self._pending_times += struct.pack(f"{k}d", *times)
+                if len(self._pending_times) >= 8 * _PENDING_TOKENS:
                     self._account_deadlines()
         self.recorded[i] = True
 
@@ -276,11 +287,12 @@ class Recorder:
         ids, ttft, dl, lengths = zip(*self._pending)
         missed, total = deadline_misses_batch(ttft, dl, np.frombuffer(self._pending_times, dtype=float), lengths,
                                               self.decode_deadline_s)
-        c_total, c_missed = self._cols["deadlines"], self._cols["deadline_misses"]
-        for i, t, m in zip(ids, total.tolist(), missed.tolist()):
-            c_total[i], c_missed[i] = t, m
+        last = dict(zip(ids, range(len(ids))))          # id -> its last row
+        rows = list(last.values())
+        self._cols["deadlines"][list(last)] = total[rows]
+        self._cols["deadline_misses"][list(last)] = missed[rows]
         self._pending = []
-        self._pending_times = array("d")
+        self._pending_times = bytearray()
 
     @property
     def cols(self) -> dict:
