@@ -94,6 +94,13 @@ class ConstantCostModel:
             raise ValueError("step_time prices one stage (pp = 1)")
         return [self.fixed_s + self.per_token_s * d + self.per_context_token_s * (ctx_sum + k * d) for k in range(n)]
 
+    def chunk_step_times(self, d: int, ctx_sum: int, n: int, chunk: int, chunk_ctx: int) -> list[float]:
+        """``step_time`` of ``n`` steps of ``d`` decodes and a ``chunk``-token chunk, the decode contexts summing to
+        ``ctx_sum + k * d`` and the chunk after ``chunk_ctx + k * chunk`` cached tokens at step ``k``."""
+        if self.pp != 1:
+            raise ValueError("step_time prices one stage (pp = 1)")
+        return [self.step_time(d, ctx_sum + k * d, 0, chunk, chunk_ctx + k * chunk) for k in range(n)]
+
     def chunks_step_time(self, d: int, ctx_sum: int, ctx_max: int, chunks: tuple, chunk_ctxs: tuple) -> float:
         """``step_time`` with several prefill chunks (``chunks[k]`` tokens after ``chunk_ctxs[k]`` cached ones)."""
         if self.pp != 1:

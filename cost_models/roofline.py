@@ -456,6 +456,34 @@ class RooflineCostModel:
             ctx += d
         return out
 
+    def chunk_step_times(self, d: int, ctx_sum: int, n: int, chunk: int, chunk_ctx: int) -> list[float]:
+        """``step_time`` of ``n`` steps of the same ``d`` decodes and one prefill chunk of ``chunk`` tokens, the first
+        with decode contexts summing to ``ctx_sum`` and the chunk after ``chunk_ctx`` cached tokens, each next step
+        ``d`` decode and ``chunk`` chunk tokens further (a list of seconds; the same floating-point operations as
+        ``chunks_step_time``, a prompt's chunks that fill the token budget priced in one call)."""
+        if self.pp != 1:
+            raise ValueError("step_time prices one stage (pp = 1)")
+        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
+        c = self.c
+        p_compute, p_bandwidth = self.flops * c.attn_compute_eff, self.bw * c.bandwidth_eff
+        p_call = c.attn_call_overhead_s
+        layers, linear = self.stage_layers[0], self._per_token_total(d + chunk)
+        first, last = self._fixed_terms(d + chunk, d + 1)
+        n_half = (chunk + 1) / 2
+        out = []
+        ctx, k = ctx_sum + d, chunk_ctx
+        for _ in range(n):      # (_decode_attention and _prefill_attention of one chunk, inlined)
+            attn = max(4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth) + launch + call if d else 0
+            flops = 0.0
+            flops += 4 * q * chunk * (k + n_half)
+            elems = 0.0
+            elems += 2 * chunk * q + (k + chunk) * 2 * kv
+            attn += max(flops / p_compute, elems * dt / p_bandwidth) + launch + p_call
+            out.append(layers * (linear + attn) + first + last)
+            ctx += d
+            k += chunk
+        return out
+
     def chunks_step_time(self, d: int, ctx_sum: int, ctx_max: int, chunks: tuple, chunk_ctxs: tuple) -> float:
         """``step_time`` with several prefill chunks: ``chunks[k]`` tokens after ``chunk_ctxs[k]`` cached ones, in
         the plan's order (after the ``d`` decodes); the same floating-point operations as ``iteration_time``."""

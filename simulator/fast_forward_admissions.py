@@ -41,8 +41,11 @@ range tracker records every step, in step order, as the step-by-step engine does
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from bisect import bisect_left, bisect_right
 from itertools import accumulate
+
+import numpy as np
 
 from cost_models.plan import BatchPlan
 from simulator.fast_forward import MAX_STEPS
@@ -126,9 +129,18 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     running = sched.running
     position = {r.request_id: i for i, r in enumerate(running)}   # running order (completions are reported so)
     held = kv.held
-    for rid in ids[:d0]:
+    for rid in ids[:d0]:                 # (join, inlined for the stretch's first decodes: up to a batch of them)
         r = requests[rid]
-        join(r, r.num_computed_tokens - 1, 0, r.output_tokens - r.num_generated - 1, held(rid), False)
+        base, last, h = r.num_computed_tokens - 1, r.output_tokens - r.num_generated - 1, held(rid)
+        f = h * bs - base
+        i = len(members)
+        members.append((r, base, 0, last, f, h))
+        ending.setdefault(last, []).append(i)
+        if f <= last:
+            grow_start.setdefault(f, []).append(i)
+        S += base
+    B = len(members)
+    alive = [True] * B
     for rid, n in zip(ids[d0:], plan.num_new_tokens[d0:]):
         r = requests[rid]
         if r.num_generated and rule["insort"]:   # re-admitted into the middle of the running order
@@ -194,6 +206,104 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     t = end0
     K = 1
     decode_times = getattr(cm, "decode_step_times", None)
+    chunk_times = getattr(cm, "chunk_step_times", None)
+
+    def _starts_before(j, e):
+        """The growth starts after step ``j`` and before step ``e`` as ``[(step, members)]`` in step order, taken off
+        ``grow_heap`` (a run takes its steps with them: ``_growth``, then ``_commit_starts``)."""
+        out = []
+        while grow_heap and grow_heap[0] < e:
+            f = heapq.heappop(grow_heap)
+            if f > j and not (out and out[-1][0] == f):
+                out.append((f, len(grow_start[f])))
+        return out
+
+    def _growth(lo, hi, starts):
+        """KV blocks the decodes need at each step ``lo .. hi - 1`` of a run: ``growing`` by residue, plus the
+        members whose growth starts (``starts``) from their start step on, every ``bs`` steps."""
+        g = [growing[k % bs] for k in range(lo, hi)]
+        for f, count in starts:
+            if f >= hi:
+                break
+            for k in range(f if f >= lo else f + -(-(lo - f) // bs) * bs, hi, bs):
+                g[k - lo] += count
+        return g
+
+    def _commit_starts(starts, last):
+        """A run took its steps up to ``last``: the growth starts up to it join ``growing`` (as the steps' own
+        updates would have), the later ones go back on ``grow_heap``."""
+        for f, count in starts:
+            if f <= last:
+                growing[f % bs] += count
+                del grow_start[f]
+            else:
+                for _ in range(count):
+                    heapq.heappush(grow_heap, f)
+
+    def _chunk_run(j, c):
+        """Take the steps from ``j`` in which ``partials[0]`` gets ``c`` tokens (the budget the ``B`` decodes leave)
+        and still has more to compute, as the general step would (the same rows, KV growth and arrival checks);
+        return how many were taken, negated when the stretch must end after them, or 0 when fewer than 2 could
+        be (the general step takes step ``j`` then)."""
+        nonlocal t, free, na, K
+        while end_heap and end_heap[0] < j:
+            heapq.heappop(end_heap)
+        p = partials[0]
+        n = min((p[3] - p[1] - 1) // c, (end_heap[0] + 1 if end_heap else MAX_STEPS) - j, MAX_STEPS - j)
+        if n < 2:
+            return 0
+        starts = _starts_before(j, j + n)
+        d, k0 = B, p[1]
+        if chunk_times is not None:
+            durs = chunk_times(d, S + j * d, n, c, k0)
+        else:
+            top = j - heap_top(heap, alive) if d and longest else -1
+            durs = [price(d, S + (j + i) * d, top + i if d and longest else -1, c, k0 + i * c) for i in range(n)]
+        run_ends = list(accumulate(durs, initial=t))[1:]
+        grow = _growth(j, j + n, starts)
+        if chunked:                      # its slots are allocated chunk by chunk
+            held = p[2]
+            for i in range(n):
+                after = -(-(k0 + (i + 1) * c) // bs)
+                grow[i] += after - held
+                held = after
+        grown = list(accumulate(grow))
+        taken = bisect_right(grown, free)      # steps whose KV growth fits (no preemption)
+        stopped = taken < n
+        at = 0
+        while True:                      # a step ending at or after the next arrival
+            k = bisect_left(run_ends, na, at, taken)
+            if k >= taken:
+                break
+            if spans:
+                na = next_arrival(run_ends[k])
+            if not spans or na == run_ends[k]:
+                taken, stopped = k, True
+                break
+            at = k + 1
+        if taken:
+            t = run_ends[taken - 1]
+            ends.extend(run_ends[:taken])
+            durations.extend(durs[:taken])
+            used.extend([num_blocks - free + g for g in grown[:taken]])
+            free -= grown[taken - 1]
+            batch.extend([d + 1] * taken)
+            n_decode.extend([d] * taken)
+            n_prefill.extend([c] * taken)
+            if tracked:
+                ctx_sums.extend([S + k * d for k in range(j, j + taken)])
+                for i in range(taken):
+                    step_chunks[j + i] = ((c,), (k0 + i * c,))
+            chunk_log[p[0].request_id].extend([(k, c) for k in range(j, j + taken)])
+            p[1] += taken * c
+            if chunked:
+                p[2] = -(-p[1] // bs)
+            release(j + taken - 1)       # (nothing ends before the run's last step)
+            K = j + taken
+        _commit_starts(starts, j + taken - 1)
+        if stopped:
+            return -1 if not taken else -taken
+        return taken
     na = next_arrival(end0) if spans else horizon     # the next arrival at or after t (lone replica)
     j = 0
     while j + 1 < MAX_STEPS:
@@ -219,12 +329,11 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         head = (waiting[wi] if wi < n_wait else arrived[wi - n_wait]) if wi < queued else None
         if d and not partials and _admits_none(head, running_count, max_seqs, budget_total - d,
                                                free - growing[j % bs], rule, bs, watermark, pending is not None):
-            # decode-only steps until the next member's last token or growth start: the same decodes each step
+            # decode-only steps until the next member's last token: the same decodes each step
             while end_heap[0] < j:
                 heapq.heappop(end_heap)
-            while grow_heap and grow_heap[0] <= j:
-                heapq.heappop(grow_heap)
-            e = min(end_heap[0] + 1, grow_heap[0] if grow_heap else MAX_STEPS, MAX_STEPS)
+            e = min(end_heap[0] + 1, MAX_STEPS)
+            starts = _starts_before(j, e)
             top = j - heap_top(heap, alive) if longest else -1
             until = nxt.arrival_s if head is None and nxt is not None else None   # a slot waits for it
             stopped = cut = False
@@ -241,7 +350,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 else:
                     durs = [price(d, S + k * d, top + k - j, 0, 0) for k in range(j0, e0)]
                 run_ends = list(accumulate(durs, initial=t))[1:]   # (t + d, sequentially: as the clock adds)
-                grown = list(accumulate([growing[k % bs] for k in range(j0, e0)]))
+                grown = list(accumulate(_growth(j0, e0, starts)))
                 taken = n
                 if until is not None:    # step k is admitted at if the request arrived before it starts
                     taken = min(n, bisect_right(run_ends, until) + 1)
@@ -273,6 +382,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                         ctx_sums.extend([S + k * d for k in range(j0, j0 + taken)])
                     K = j0 + taken
                 j0 += taken
+            _commit_starts(starts, j0 - 1)
             if stopped:
                 break
             if cut:                      # the general step admits the arrival
@@ -281,6 +391,16 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             release(e - 1)               # (nothing ends before the run's last step)
             j = e - 1
             continue
+        c = budget_total - d
+        if partials and 0 < c and (partials[0][3] - partials[0][1] - 1) // c >= 2:
+            # steps in which the first partial prefill takes all the budget the decodes leave (no other prefill
+            # gets a token, nothing is admitted) until the next member's last token or growth start
+            taken = _chunk_run(j, c)
+            if taken:
+                if taken < 0:            # an allocation or an arrival ended the stretch
+                    break
+                j += taken - 1
+                continue
         grow = growing[j % bs]
         budget = budget_total - d
         entries = []                     # (request, chunk, context) of the step's prefills, in plan order
@@ -481,36 +601,48 @@ def apply_admitting(replica, s: dict) -> list:
     s["computed0"] = {rid: by_id[rid].num_computed_tokens for rid in s["chunk_log"]}
     recorder = replica.recorder
     if recorder is not None:             # TBT samples, as Scheduler.update counts them step by step
-        gaps: dict = {}
         e0 = ends[0]
         d0 = plan.num_decodes
-        for rid in plan.request_ids[:d0]:    # step 0: its decodes by their previous token (plan order)
-            times = by_id[rid].token_times_s
-            if times:
-                g = e0 - times[-1]
-                gaps[g] = gaps.get(g, 0) + 1
+        # step 0: its decodes by their previous token (plan order)
+        gaps = Counter([e0 - times[-1] for times in [by_id[rid].token_times_s for rid in plan.request_ids[:d0]]
+                        if times])
         for rid in plan.request_ids[d0:]:    # and a recomputing prefill that emits
             r = by_id[rid]
             if r.token_times_s and r.num_computed_tokens == r.prompt_tokens + r.num_generated:
                 g = e0 - r.token_times_s[-1]
                 gaps[g] = gaps.get(g, 0) + 1
         n_decode, extra = s["n_decode"], s["recompute_gaps"]
-        values, counts, pairs = [], [], []   # later steps: the decodes' one gap, then any recomputed prefill's
-        for j in range(1, K):
-            if j in extra:
-                step: dict = {ends[j] - ends[j - 1]: n_decode[j]} if n_decode[j] else {}
-                for g in extra[j]:
-                    step[g] = step.get(g, 0) + 1
-                values.extend(step)
-                counts.extend(step.values())
-                pairs.append((j, len(step)))
-            elif n_decode[j]:
-                values.append(ends[j] - ends[j - 1])
-                counts.append(n_decode[j])
-                pairs.append((j, 1))
-        s["gap_mark"] = (recorder.num_gap_pairs, len(gaps), pairs)
+        base = recorder.num_gap_pairs
         recorder.add_gaps(gaps)
-        recorder.add_gap_arrays(values, counts)
+        if extra or K < 32:
+            values, counts = [], []      # later steps: the decodes' one gap, then any recomputed prefill's
+            pair_steps, per_step = [], []
+            for j in range(1, K):
+                if j in extra:
+                    step: dict = {ends[j] - ends[j - 1]: n_decode[j]} if n_decode[j] else {}
+                    for g in extra[j]:
+                        step[g] = step.get(g, 0) + 1
+                    values.extend(step)
+                    counts.extend(step.values())
+                    pair_steps.append(j)
+                    per_step.append(len(step))
+                elif n_decode[j]:
+                    values.append(ends[j] - ends[j - 1])
+                    counts.append(n_decode[j])
+                    pair_steps.append(j)
+                    per_step.append(1)
+            recorder.add_gap_arrays(values, counts)
+        else:                            # the same pairs, one per step with decodes, from arrays
+            decodes = np.array(n_decode[1:])
+            pair_steps = np.flatnonzero(decodes) + 1
+            times = np.array(ends)
+            pairs = np.empty((len(pair_steps), 2))
+            np.subtract(times[pair_steps], times[pair_steps - 1], out=pairs[:, 0])
+            pairs[:, 1] = decodes[pair_steps - 1]
+            recorder.add_gap_pairs(pairs)
+            per_step = None
+        # (for rollback_admitting: the pairs before the stretch, step 0's, and the later ones' steps and numbers)
+        s["gap_mark"] = (base, len(gaps), pair_steps, per_step)
     _requests_to(s, K - 1, K - 1)
     # completions, in the order of each step's report
     done_at: dict[int, list] = {}
@@ -545,13 +677,15 @@ def apply_admitting(replica, s: dict) -> list:
     for r, held in s["partials"]:        # still prefilling: the blocks its chunks (or its admission) took
         kv.allocate(r, held * bs)
     capacity = kv.capacity
+    grown = []
     for r, base, first, last, _, held0 in s["members"]:
         if last >= K:
             need = base + K if first < K else 0      # decoding at the last step: a slot for that token
             if held0 * bs > need:
                 need = held0 * bs
             if need > capacity.get(r.request_id, 0):
-                kv.allocate(r, need)
+                grown.append((r, need))
+    kv.allocate_many(grown)
     sched.running = running
     assert kv.num_free == s["free"], "fast-forward with admissions: KV blocks out of step"
     # iteration rows, busy time
@@ -602,6 +736,10 @@ def rollback_admitting(replica, s: dict, upto: int, launched: int) -> None:
     _requests_to(s, upto, launched)
     recorder = replica.recorder
     if recorder is not None:
-        base, step0, pairs = s["gap_mark"]
-        keep = base if upto < 0 else base + step0 + sum(n for j, n in pairs if j <= upto)
+        base, step0, pair_steps, per_step = s["gap_mark"]
+        if upto < 0:
+            keep = base
+        else:
+            upto_pairs = bisect_right(pair_steps, upto)      # (the steps are in order)
+            keep = base + step0 + (upto_pairs if per_step is None else sum(per_step[:upto_pairs]))
         recorder.truncate_gaps(keep)

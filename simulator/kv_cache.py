@@ -126,6 +126,23 @@ class BlockManager:
         self._free -= extra
         return True
 
+    def allocate_many(self, items) -> None:
+        """``allocate(request, tokens)`` for each ``(request, tokens)`` of ``items``, in order, where the caller
+        has counted that they fit (a fast-forwarded stretch's KV state); raises ValueError if one does not."""
+        held, capacity, bs, free = self._held, self.capacity, self.block_size, self._free
+        for request, tokens in items:
+            rid = request.request_id
+            have = held.get(rid, 0)
+            extra = -(-tokens // bs) - have
+            if extra > 0:
+                if extra > free:
+                    self._free = free
+                    raise ValueError(f"allocate_many: request {rid} needs {extra} blocks, {free} are free")
+                held[rid] = have + extra
+                capacity[rid] = (have + extra) * bs
+                free -= extra
+        self._free = free
+
     def free(self, request) -> None:
         """Release every block of ``request`` (finished or preempted)."""
         self._free += self._held.pop(request.request_id, 0)

@@ -35,6 +35,13 @@ def test_several_chunks_and_runs_of_decodes_are_priced_as_their_plans(cm):
         n = int(rng.integers(1, 40))
         plans = [BatchPlan.decodes([c + k for c in ctx]) for k in range(n)]
         assert cm.decode_step_times(len(ctx), sum(ctx), n) == [cm.iteration_time(p) for p in plans]
+    for _ in range(30):                  # runs of steps of one chunk beside the decodes: the chunk moves on each step
+        ctx = rng.integers(0, 6000, rng.integers(0, 100)).tolist()
+        n, chunk, cached = int(rng.integers(1, 12)), int(rng.integers(1, 700)), int(rng.integers(0, 5000))
+        plans = [BatchPlan.from_entries([(i, 1, c + k) for i, c in enumerate(ctx)] +
+                                        [(1000, chunk, cached + k * chunk)], num_decodes=len(ctx)) for k in range(n)]
+        got = cm.chunk_step_times(len(ctx), sum(ctx), n, chunk, cached)
+        assert got == [cm.iteration_time(p) for p in plans]
 
 
 def _count(monkeypatch):
