@@ -448,12 +448,13 @@ class RooflineCostModel:
         q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
         layers, linear = self.stage_layers[0], self._per_token_total(d)
         first, last = self._fixed_terms(d, d)
+        q4, dq = 4 * q, d * 2 * q            # (the same products as _decode_attention's, computed once)
         out = []
-        ctx = ctx_sum + d
-        for _ in range(n):                   # (_decode_attention, inlined: this loop prices whole runs)
-            attn = max(4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth) + launch + call
-            out.append(layers * (linear + attn) + first + last)
-            ctx += d
+        append = out.append
+        for ctx in range(ctx_sum + d, ctx_sum + d + n * d, d) if d else [ctx_sum] * n:
+            # (_decode_attention, inlined: this loop prices whole runs)
+            flops_s, bytes_s = q4 * ctx / compute, (ctx * 2 * kv + dq) * dt / bandwidth
+            append(layers * (linear + ((flops_s if flops_s > bytes_s else bytes_s) + launch + call)) + first + last)
         return out
 
     def chunk_step_times(self, d: int, ctx_sum: int, n: int, chunk: int, chunk_ctx: int) -> list[float]:
@@ -470,15 +471,21 @@ class RooflineCostModel:
         layers, linear = self.stage_layers[0], self._per_token_total(d + chunk)
         first, last = self._fixed_terms(d + chunk, d + 1)
         n_half = (chunk + 1) / 2
+        q4, dq, q4c, cq = 4 * q, d * 2 * q, 4 * q * chunk, 2 * chunk * q     # (the same products, computed once)
         out = []
         ctx, k = ctx_sum + d, chunk_ctx
         for _ in range(n):      # (_decode_attention and _prefill_attention of one chunk, inlined)
-            attn = max(4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth) + launch + call if d else 0
+            if d:
+                a, b = q4 * ctx / compute, (ctx * 2 * kv + dq) * dt / bandwidth
+                attn = (a if a > b else b) + launch + call
+            else:
+                attn = 0
             flops = 0.0
-            flops += 4 * q * chunk * (k + n_half)
+            flops += q4c * (k + n_half)
             elems = 0.0
-            elems += 2 * chunk * q + (k + chunk) * 2 * kv
-            attn += max(flops / p_compute, elems * dt / p_bandwidth) + launch + p_call
+            elems += cq + (k + chunk) * 2 * kv
+            a, b = flops / p_compute, elems * dt / p_bandwidth
+            attn += (a if a > b else b) + launch + p_call
             out.append(layers * (linear + attn) + first + last)
             ctx += d
             k += chunk
