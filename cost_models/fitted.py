@@ -72,7 +72,7 @@ import numpy as np
 from cost_models.lookup import IntTable, LogGrid
 from cost_models.plan import BatchPlan
 
-FIT_VERSION = 4           # 3: leaves of one row; 4: forests without bootstrap (earlier versions: refit with `servesim fit`)
+FIT_VERSION = 4           # 3: leaves of one row; 4: forests without bootstrap (earlier: refit with `servesim fit`)
 MODEL_JSON = "model.json"
 TOKEN_OPERATORS = ("input_layernorm", "attn_pre_proj", "attn_rope", "attn_kv_cache_save", "attn_post_proj",
                    "post_attention_layernorm", "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")

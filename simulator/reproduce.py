@@ -52,6 +52,24 @@ PAPER_RATIO = {
     ("falcon", "sharegpt", "strict", "vllm-v0 tp4-pp2"): (3.6, "text: 3.6x"),
     ("falcon", "sharegpt", "relaxed", "vllm-v0 tp4-pp2"): (1.48, "text: 1.48x"),
 }
+#: why a ratio is known to be more than 25% off the paper's, keyed as ``PAPER_RATIO`` (the report prints the reason
+#: beside the ratio; a marked ratio without one is listed as unexplained)
+KNOWN_DEVIATIONS = {
+    ("mistral", "sharegpt", "relaxed", "vllm-v0"):
+        "servesim's vLLM-v0 relaxed capacity is well above the one the paper's ratio implies. "
+        "Under the relaxed 5 s P99 TBT limit, vLLM-v0's capacity is set by how long its prefill-only iterations "
+        "stall decodes when several queued prompts are batched, and each stall is priced by the calibrated "
+        "roofline, and the strict-SLO ratio matches the paper's. The rest is likely vLLM 0.2's memory-driven "
+        "admission and preemption under load, which the artifact does not measure, so nothing calibrates it; the "
+        "paper's value is a figure reading.",
+    ("falcon", "sharegpt", "strict", "vllm-v0 tp8"):
+        "the deviation comes from Sarathi-Serve's TP4-PP2 strict capacity (see the capacity table); both vLLM "
+        "baselines are within about 20% of the paper's. No Falcon-180B or pipeline-parallel measurement exists to "
+        "calibrate the per-micro-batch engine overhead and the inter-node transfers (the roofline's A100 "
+        "constants and the engine overhead were measured at TP <= 2 on one node), and under the strict 1 s TBT "
+        "SLO the capacity is set by how short the 512-token hybrid micro-batches are, so costs missing per stage "
+        "inflate it.",
+}
 #: Table 4: (P50 TTFT, P99 TBT) seconds, Yi-34B on 2 A100, 128 requests
 PAPER_TABLE4 = {
     ("hybrid-batching-only", "sharegpt"): (0.53, 0.68), ("hybrid-batching-only", "arxiv"): (3.78, 1.38),
@@ -180,10 +198,18 @@ def render(caps, ratios, t4, batches, default=(), *, quick: bool) -> str:
     lines += [f"| {s} | {t} | {lvl} | {d} | {_fmt(c)} | {_fmt(p)} |" for s, t, lvl, d, c, p in caps]
     lines += ["", "## Capacity ratios", "",
               "| setup | trace | SLO | ratio | servesim | paper | off by |", "|---|---|---|---|---|---|---|"]
+    deviations = []
     for s, t, lvl, name, value, paper, src in ratios:
-        off = "" if paper is None else f"{value / paper - 1:+.0%}" + (" **>25%**" if abs(value / paper - 1) > 0.25 else "")
+        far = paper is not None and abs(value / paper - 1) > 0.25
+        off = "" if paper is None else f"{value / paper - 1:+.0%}" + (" **>25%**" if far else "")
         lines.append(f"| {s} | {t} | {lvl} | {name} | {value:.2f}x | {_fmt(paper)}{'x' if paper else ''} "
                      f"{('(' + src + ')') if src else ''} | {off} |")
+        if far:
+            baseline = name.split(" / ", 1)[1]
+            reason = KNOWN_DEVIATIONS.get((s, t, lvl, baseline), "no stated reason: unexplained")
+            deviations.append(f"- **{s} {t} {lvl}, {name}** ({value / paper - 1:+.0%}): {reason}")
+    if deviations:
+        lines += ["", "### Ratios more than 25% off the paper's", "", *deviations]
     if t4:
         lines += ["", "## Table 4: hybrid batching vs chunked prefills (Yi-34B, 2 A100, 128 requests)", "",
                   "| scheduler | trace | P50 TTFT s | P99 TBT s | paper P50 TTFT | paper P99 TBT |",

@@ -32,3 +32,16 @@ def test_paper_facts_and_names():
 def test_unknown_setup_is_a_one_line_error(tmp_path):
     out = CliRunner().invoke(main, ["reproduce", "--only", "gpt5", "--out", str(tmp_path)])
     assert out.exit_code == 2 and "unknown setup 'gpt5'" in out.output
+
+
+def test_every_ratio_far_from_the_papers_is_listed_with_its_reason():
+    from simulator.reproduce import KNOWN_DEVIATIONS, render
+
+    ratios = [("mistral", "sharegpt", "strict", "sarathi / vllm-v0", 2.5, 2.6, "text"),       # 4% off: not listed
+              ("mistral", "sharegpt", "relaxed", "sarathi / vllm-v0", 1.35, 2.15, "figure"),  # a known reason
+              ("yi", "sharegpt", "strict", "sarathi / orca", 2.0, 4.0, "text")]               # none stated
+    text = render([], ratios, [], [], quick=False)
+    listed = text.split("### Ratios more than 25% off the paper's", 1)[1]
+    assert "mistral sharegpt strict" not in listed
+    assert KNOWN_DEVIATIONS[("mistral", "sharegpt", "relaxed", "vllm-v0")] in listed
+    assert "**yi sharegpt strict, sarathi / orca** (-50%): no stated reason: unexplained" in listed
