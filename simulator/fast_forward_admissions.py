@@ -596,10 +596,13 @@ def apply_admitting(replica, s: dict) -> list:
     for r, _ in s["admitted"]:
         by_id[r.request_id] = r
     s["by_id"] = by_id
-    s["snapshot"] = [(r, r.num_computed_tokens, r.num_generated, len(r.token_times_s), r.scheduled_s,
-                      r.first_token_s, r.completion_s) for r in by_id.values()]
-    s["computed0"] = {rid: by_id[rid].num_computed_tokens for rid in s["chunk_log"]}
     recorder = replica.recorder
+    if replica.on_iteration is not None or (recorder is not None and recorder.on_finish is not None):
+        # a hook or a completion callback may stop the run inside the stretch, and the run is then measured
+        # (rollback_admitting); without one an exception only aborts it
+        s["snapshot"] = [(r, r.num_computed_tokens, r.num_generated, len(r.token_times_s), r.scheduled_s,
+                          r.first_token_s, r.completion_s) for r in by_id.values()]
+    s["computed0"] = {rid: by_id[rid].num_computed_tokens for rid in s["chunk_log"]}
     if recorder is not None:             # TBT samples, as Scheduler.update counts them step by step
         e0 = ends[0]
         d0 = plan.num_decodes
@@ -728,7 +731,11 @@ def rollback_admitting(replica, s: dict, upto: int, launched: int) -> None:
     """Undo what an applied admitting stretch did after step ``upto`` to its requests and the recorder's TBT samples,
     the admissions of steps up to ``launched`` kept (a hook raised as step ``launched`` was launched, or a
     completion callback as step ``upto`` reported), so that the stopped run reports what the step-by-step engine
-    would have measured. The scheduler, the KV cache and the iteration rows are left as they are."""
+    would have measured. The scheduler, the KV cache and the iteration rows are left as they are. Nothing is
+    undone for a run without a hook or a completion callback (``apply_admitting`` took no snapshot): an exception
+    there aborts it, and nothing measures it afterwards."""
+    if "snapshot" not in s:
+        return
     for r, computed, generated, n_times, scheduled, first, completion in s["snapshot"]:
         r.num_computed_tokens, r.num_generated = computed, generated
         del r.token_times_s[n_times:]
