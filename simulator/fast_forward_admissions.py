@@ -208,6 +208,37 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     decode_times = getattr(cm, "decode_step_times", None)
     chunk_times = getattr(cm, "chunk_step_times", None)
 
+    def _arrival_cut(run_ends, taken):
+        """``(steps, ended)``: how many of a run's first ``taken`` steps (ending at ``run_ends``) come before one
+        that ends exactly at an arrival (on a routed replica: at or after the next one), which ends the stretch."""
+        nonlocal na
+        at = 0
+        while True:
+            k = bisect_left(run_ends, na, at, taken)
+            if k >= taken:
+                return taken, False
+            if spans:
+                na = next_arrival(run_ends[k])
+            if not spans or na == run_ends[k]:
+                return k, True
+            at = k + 1
+
+    def _append_run(j0, taken, run_ends, durs, grown, d, chunk):
+        """Take a run's first ``taken`` steps from step ``j0``: ``d`` decodes and a prefill chunk of ``chunk``
+        tokens each (0: none), ending at ``run_ends``, their KV growth summed in ``grown``."""
+        nonlocal t, free, K
+        t = run_ends[taken - 1]
+        ends.extend(run_ends[:taken])
+        durations.extend(durs[:taken])
+        used.extend([num_blocks - free + g for g in grown[:taken]])
+        free -= grown[taken - 1]
+        batch.extend([d + 1 if chunk else d] * taken)
+        n_decode.extend([d] * taken)
+        n_prefill.extend([chunk] * taken)
+        if tracked:
+            ctx_sums.extend([S + k * d for k in range(j0, j0 + taken)])
+        K = j0 + taken
+
     def _starts_before(j, e):
         """The growth starts after step ``j`` and before step ``e`` as ``[(step, members)]`` in step order, taken off
         ``grow_heap`` (a run takes its steps with them: ``_growth``, then ``_commit_starts``)."""
@@ -245,7 +276,6 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         and still has more to compute, as the general step would (the same rows, KV growth and arrival checks);
         return how many were taken, negated when the stretch must end after them, or 0 when fewer than 2 could
         be (the general step takes step ``j`` then)."""
-        nonlocal t, free, na, K
         while end_heap and end_heap[0] < j:
             heapq.heappop(end_heap)
         p = partials[0]
@@ -270,28 +300,11 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         grown = list(accumulate(grow))
         taken = bisect_right(grown, free)      # steps whose KV growth fits (no preemption)
         stopped = taken < n
-        at = 0
-        while True:                      # a step ending at or after the next arrival
-            k = bisect_left(run_ends, na, at, taken)
-            if k >= taken:
-                break
-            if spans:
-                na = next_arrival(run_ends[k])
-            if not spans or na == run_ends[k]:
-                taken, stopped = k, True
-                break
-            at = k + 1
+        taken, at_arrival = _arrival_cut(run_ends, taken)
+        stopped = stopped or at_arrival
         if taken:
-            t = run_ends[taken - 1]
-            ends.extend(run_ends[:taken])
-            durations.extend(durs[:taken])
-            used.extend([num_blocks - free + g for g in grown[:taken]])
-            free -= grown[taken - 1]
-            batch.extend([d + 1] * taken)
-            n_decode.extend([d] * taken)
-            n_prefill.extend([c] * taken)
+            _append_run(j, taken, run_ends, durs, grown, d, c)
             if tracked:
-                ctx_sums.extend([S + k * d for k in range(j, j + taken)])
                 for i in range(taken):
                     step_chunks[j + i] = ((c,), (k0 + i * c,))
             chunk_log[p[0].request_id].extend([(k, c) for k in range(j, j + taken)])
@@ -299,7 +312,6 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             if chunked:
                 p[2] = -(-p[1] // bs)
             release(j + taken - 1)       # (nothing ends before the run's last step)
-            K = j + taken
         _commit_starts(starts, j + taken - 1)
         if stopped:
             return -1 if not taken else -taken
@@ -357,30 +369,10 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 cut = taken < n
                 fits = bisect_right(grown, free)       # steps whose KV growth fits (no preemption)
                 stopped = fits < taken
-                taken = min(taken, fits)
-                at = 0
-                while True:              # a step ending at or after the next arrival
-                    k = bisect_left(run_ends, na, at, taken)
-                    if k >= taken:
-                        break
-                    if spans:
-                        na = next_arrival(run_ends[k])
-                    if not spans or na == run_ends[k]:
-                        taken, stopped = k, True
-                        break
-                    at = k + 1
+                taken, at_arrival = _arrival_cut(run_ends, min(taken, fits))
+                stopped = stopped or at_arrival
                 if taken:
-                    t = run_ends[taken - 1]
-                    ends.extend(run_ends[:taken])
-                    durations.extend(durs[:taken])
-                    used.extend([num_blocks - free + g for g in grown[:taken]])
-                    free -= grown[taken - 1]
-                    batch.extend([d] * taken)
-                    n_decode.extend([d] * taken)
-                    n_prefill.extend([0] * taken)
-                    if tracked:
-                        ctx_sums.extend([S + k * d for k in range(j0, j0 + taken)])
-                    K = j0 + taken
+                    _append_run(j0, taken, run_ends, durs, grown, d, 0)
                 j0 += taken
             _commit_starts(starts, j0 - 1)
             if stopped:
