@@ -16,7 +16,9 @@ OSDI'24 §4; Orca and vLLM 0.32 state how theirs differ: no budget, reservations
 
 A request preempted by recompute is admitted like the others where the policy appends admissions (vLLM): its prefill
 covers prompt and outputs so far, and its next token, at the end of it, adds a TBT sample. Where admissions keep the
-arrival order (Sarathi-Serve, Orca) it would re-enter the middle of the running order: the stretch ends there.
+arrival order (Sarathi-Serve, Orca) it would re-enter the middle of the running order: the stretch ends there. A
+stretch ends before a step whose allocation could fail (a preemption); the next one starts at that step's plan, which
+the scheduler built (preempting, and admitting nothing), so a KV-bound vLLM run is walked all in stretches.
 
 The requests a stretch may admit are those waiting when it starts and, on a replica that is its pool's only one
 (``Replica.spans_arrivals``: nothing reads its state at an arrival), those arriving before a step starts: the
@@ -66,7 +68,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     kv = sched.kv
     rule = sched.admission_rule()
     pending = replica.pending_arrival if replica.spans_arrivals else None    # arrivals it may admit
-    if rule is None or reads_plan or plan.preempted_ids or kv.prefix_caching or replica.stop_at_completion \
+    if rule is None or reads_plan or kv.prefix_caching or replica.stop_at_completion \
             or not (sched.waiting or pending is not None) or len(plan.request_ids) != len(sched.running):
         return None
     price = getattr(cm, "step_time", None)

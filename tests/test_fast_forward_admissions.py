@@ -81,8 +81,13 @@ def test_loaded_runs_are_fast_forwarded_with_admissions_and_identical(monkeypatc
     assert [r.token_times_s for r in on.requests] == [r.token_times_s for r in off.requests]
     for k, v in on.request_columns().items():
         assert np.array_equal(v, off.request_columns()[k], equal_nan=True), k
-    if "replicas" not in kw and "num_kv_blocks" not in kw:        # vllm fills the cache: growth stops stretches
-        assert steps["admitting"] > (0.5 if scheduler == "vllm" else 0.8) * on.summary["num_iterations"], steps
+    if "replicas" not in kw:
+        # a stretch starts at any step, a preemption's too (vLLM's preempted requests are admitted again inside
+        # it); Sarathi-Serve re-admits one into the middle of its running order, which is left to single steps
+        share = 0.85 if scheduler == "sarathi" and "num_kv_blocks" in kw else 0.99
+        assert steps["admitting"] > share * on.summary["num_iterations"], steps
+    if scheduler == "vllm" and "num_kv_blocks" in kw:
+        assert on.summary["num_preemptions"] > 50
 
 
 class _Stop(Exception):
