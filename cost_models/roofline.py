@@ -445,16 +445,21 @@ class RooflineCostModel:
         ``ctx_sum``, each next one ``d`` tokens longer (a list of seconds; the same floating-point operations)."""
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
-        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
         layers, linear = self.stage_layers[0], self._per_token_total(d)
         first, last = self._fixed_terms(d, d)
-        q4, dq = 4 * q, d * 2 * q            # (the same products as _decode_attention's, computed once)
+        return [layers * (linear + attn) + first + last for attn in self._decode_attentions(d, ctx_sum, n)]
+
+    def _decode_attentions(self, d: int, ctx_sum: int, n: int) -> list[float]:
+        """``_decode_attention`` of ``n`` steps of ``d`` sequences (> 0) whose contexts sum to ``ctx_sum``, then
+        ``d`` tokens more each step: per-layer seconds, the same operations with the constant products formed once
+        (this loop prices whole runs of steps)."""
+        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
+        q4, dq = 4 * q, d * 2 * q            # (the products Python forms first in _decode_attention)
         out = []
         append = out.append
-        for ctx in range(ctx_sum + d, ctx_sum + d + n * d, d) if d else [ctx_sum] * n:
-            # (_decode_attention, inlined: this loop prices whole runs)
+        for ctx in range(ctx_sum + d, ctx_sum + d + n * d, d):
             flops_s, bytes_s = q4 * ctx / compute, (ctx * 2 * kv + dq) * dt / bandwidth
-            append(layers * (linear + ((flops_s if flops_s > bytes_s else bytes_s) + launch + call)) + first + last)
+            append((flops_s if flops_s > bytes_s else bytes_s) + launch + call)
         return out
 
     def chunk_step_times(self, d: int, ctx_sum: int, n: int, chunk: int, chunk_ctx: int) -> list[float]:
@@ -464,22 +469,17 @@ class RooflineCostModel:
         ``chunks_step_time``, a prompt's chunks that fill the token budget priced in one call)."""
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
-        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
-        c = self.c
+        q, kv, dt, c = self.q, self.kv, self.dt, self.c
         p_compute, p_bandwidth = self.flops * c.attn_compute_eff, self.bw * c.bandwidth_eff
-        p_call = c.attn_call_overhead_s
+        launch, p_call = c.launch_overhead_s, c.attn_call_overhead_s
         layers, linear = self.stage_layers[0], self._per_token_total(d + chunk)
         first, last = self._fixed_terms(d + chunk, d + 1)
         n_half = (chunk + 1) / 2
-        q4, dq, q4c, cq = 4 * q, d * 2 * q, 4 * q * chunk, 2 * chunk * q     # (the same products, computed once)
+        q4c, cq = 4 * q * chunk, 2 * chunk * q     # (the products Python forms first in _prefill_attention)
+        decode = self._decode_attentions(d, ctx_sum, n) if d else [0] * n    # (as sum() of the attention dict)
         out = []
-        ctx, k = ctx_sum + d, chunk_ctx
-        for _ in range(n):      # (_decode_attention and _prefill_attention of one chunk, inlined)
-            if d:
-                a, b = q4 * ctx / compute, (ctx * 2 * kv + dq) * dt / bandwidth
-                attn = (a if a > b else b) + launch + call
-            else:
-                attn = 0
+        k = chunk_ctx
+        for attn in decode:     # (_prefill_attention of one chunk, inlined)
             flops = 0.0
             flops += q4c * (k + n_half)
             elems = 0.0
@@ -487,7 +487,6 @@ class RooflineCostModel:
             a, b = flops / p_compute, elems * dt / p_bandwidth
             attn += (a if a > b else b) + launch + p_call
             out.append(layers * (linear + attn) + first + last)
-            ctx += d
             k += chunk
         return out
 

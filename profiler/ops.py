@@ -28,10 +28,11 @@ Building blocks (usable by the profiler and by a plan executor):
   iteration there. Repeating an operator on the same weights instead keeps them in the core's own caches: on the
   tiny model on a CPU that made a 1-token projection 3-4x and a small-batch LM head 1.3x faster than inside an
   iteration.
-  Activations are not rotated, but on a CPU the profiler also flushes the core's private caches before each timed
-  call (``private_cache_flush_bytes``, ``profiler.timing``): inside an iteration an operator's input was written
-  before the previous GEMM streamed its weights through those caches, so norms, adds, RoPE and the activation
-  function read it from the shared cache (2-4x slower than back-to-back repeats on the tiny model).
+  Activations are not rotated, but on a CPU the profiler times each call right after the operators that precede it
+  inside a layer (``PRECEDING_OPERATORS``, ``preceding_callable``; ``profiler.timing``'s ``before``): a norm after
+  the GEMM that streamed its weights through the core's caches, a GEMM after the norm that wrote its input. The
+  embedding and ``cpu_overhead``, which start an iteration, follow a flush of the core's private caches instead
+  (``private_cache_flush_bytes``).
 
 Attention semantics: a prefill chunk of ``c`` new tokens of a sequence with ``k`` tokens already cached attends to
 all ``k + c`` keys with a causal mask aligned to the bottom-right (token ``i`` of the chunk sees keys ``0..k+i``),
@@ -98,7 +99,7 @@ def iteration_weight_bytes(shapes: LayerShapes, num_layers: int, dtype_bytes: in
     ``shapes``, the LM head; the embedding reads only its tokens' rows): the reuse distance of every weight, since
     each is read once per iteration. Where it is below the last-level cache a real iteration finds the weights
     there, and the profiler's cold calls cycle through this many bytes instead of twice the cache
-    (``reuse_bytes``): the tiny model's 70 MB on a CPU with 480 MiB of L3 ran its 1-token LM head in 1.3 ms
+    (``reuse_bytes``): the tiny model's 39 MB on a CPU with 480 MiB of L3 ran its 1-token LM head in 1.3 ms
     inside an iteration and in 2.0 ms read from memory."""
     s = shapes
     layer = s.hidden_size * (s.q_size + 2 * s.kv_size) + s.q_size * s.hidden_size + s.hidden_size * s.mlp_in \

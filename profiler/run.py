@@ -226,8 +226,7 @@ def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, ti
                 cold_cache, progress, dtype_bytes, shapes, say) -> Path:
     import torch
 
-    from profiler.ops import ATTENTION_BACKEND, Layer, cache_flush_bytes, operator_callable, \
-        preceding_callable, private_cache_flush_bytes, reuse_bytes
+    from profiler.ops import ATTENTION_BACKEND, Layer, cache_flush_bytes, private_cache_flush_bytes, reuse_bytes
 
     notes = list(lock.notes)
     info = device_info(device)
@@ -277,8 +276,8 @@ def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, ti
         flush = meta.get("private_cache_flush_bytes") or 0
 
         def time_block(block):
-            return [_time_row(layer, row, device, timing, threads, (operator_callable, preceding_callable), shapes,
-                              dtype_bytes, cold_cache, flush, model.num_layers) for row in block]
+            return [_time_row(layer, row, device, timing, threads, shapes, dtype_bytes, cold_cache, flush,
+                              model.num_layers) for row in block]
 
         blocks = [todo[start:start + ROUND_BLOCK] for start in range(0, len(todo), ROUND_BLOCK)]
         for block, rounds in spaced_rounds(blocks, time_block, max(1, timing.rounds)):
@@ -333,12 +332,12 @@ def _measuring_order(todo: list[dict]) -> list[dict]:
     return head + tail
 
 
-def _time_row(layer, row, device, timing, threads, callables, shapes, dtype_bytes, cold_cache, flush_bytes,
-              num_layers):
+def _time_row(layer, row, device, timing, threads, shapes, dtype_bytes, cold_cache, flush_bytes, num_layers):
     """Time one shape; on a CPU with ``cold_cache`` each call follows its preceding operators (or a flush)."""
     import torch
 
-    operator_callable, preceding_callable = callables
+    from profiler.ops import operator_callable, preceding_callable
+
     kv_lens = None
     if row["operator"] == "attn_decode":
         kv_lens = decode_kv_lens(row["batch_size"], row["kv_len"], row["kv_pattern"])

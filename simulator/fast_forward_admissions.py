@@ -43,8 +43,8 @@ range tracker records every step, in step order, as the step-by-step engine does
 from __future__ import annotations
 
 import heapq
-from collections import Counter
 from bisect import bisect_left, bisect_right
+from collections import Counter
 from itertools import accumulate
 
 import numpy as np
@@ -131,18 +131,9 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     running = sched.running
     position = {r.request_id: i for i, r in enumerate(running)}   # running order (completions are reported so)
     held = kv.held
-    for rid in ids[:d0]:                 # (join, inlined for the stretch's first decodes: up to a batch of them)
+    for rid in ids[:d0]:
         r = requests[rid]
-        base, last, h = r.num_computed_tokens - 1, r.output_tokens - r.num_generated - 1, held(rid)
-        f = h * bs - base
-        i = len(members)
-        members.append((r, base, 0, last, f, h))
-        ending.setdefault(last, []).append(i)
-        if f <= last:
-            grow_start.setdefault(f, []).append(i)
-        S += base
-    B = len(members)
-    alive = [True] * B
+        join(r, r.num_computed_tokens - 1, 0, r.output_tokens - r.num_generated - 1, held(rid), False)
     for rid, n in zip(ids[d0:], plan.num_new_tokens[d0:]):
         r = requests[rid]
         if r.num_generated and rule["insort"]:   # re-admitted into the middle of the running order
@@ -276,14 +267,14 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     def _chunk_run(j, c):
         """Take the steps from ``j`` in which ``partials[0]`` gets ``c`` tokens (the budget the ``B`` decodes leave)
         and still has more to compute, as the general step would (the same rows, KV growth and arrival checks);
-        return how many were taken, negated when the stretch must end after them, or 0 when fewer than 2 could
-        be (the general step takes step ``j`` then)."""
+        return ``(steps taken, whether the stretch ends after them)``, ``(0, False)`` when fewer than 2 could be
+        (the general step takes step ``j`` then)."""
         while end_heap and end_heap[0] < j:
             heapq.heappop(end_heap)
         p = partials[0]
         n = min((p[3] - p[1] - 1) // c, (end_heap[0] + 1 if end_heap else MAX_STEPS) - j, MAX_STEPS - j)
         if n < 2:
-            return 0
+            return 0, False
         starts = _starts_before(j, j + n)
         d, k0 = B, p[1]
         if chunk_times is not None:
@@ -315,9 +306,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 p[2] = -(-p[1] // bs)
             release(j + taken - 1)       # (nothing ends before the run's last step)
         _commit_starts(starts, j + taken - 1)
-        if stopped:
-            return -1 if not taken else -taken
-        return taken
+        return taken, stopped
     na = next_arrival(end0) if spans else horizon     # the next arrival at or after t (lone replica)
     j = 0
     while j + 1 < MAX_STEPS:
@@ -389,10 +378,10 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         if partials and 0 < c and (partials[0][3] - partials[0][1] - 1) // c >= 2:
             # steps in which the first partial prefill takes all the budget the decodes leave (no other prefill
             # gets a token, nothing is admitted) until the next member's last token or growth start
-            taken = _chunk_run(j, c)
+            taken, stopped = _chunk_run(j, c)
+            if stopped:                  # an allocation or an arrival ended the stretch
+                break
             if taken:
-                if taken < 0:            # an allocation or an arrival ended the stretch
-                    break
                 j += taken - 1
                 continue
         grow = growing[j % bs]
