@@ -9,7 +9,8 @@ class        operators                             tree features (log1p)      wo
 ===========  ====================================  =========================  ===================================
 token        norms, QKV/O/up/down projections,     T (tokens), alignment of T 1, T
              RoPE, KV-cache save, act, add, emb
-sequence     lm_head, cpu_overhead                 B (sequences), alignment   1, B
+sequence     cpu_overhead                          B (sequences), alignment   1, B
+head         lm_head                               B, T (tokens), alignment   1, B
 prefill      attn_prefill (one chunk)              c, k, c x k                1, c, c x k, c^2, k
 decode       attn_decode (the decode batch)        b, S (total KV), M (max)   1, b, S, b x M
 collective   all_reduce, send_recv                 message bytes              1, bytes
@@ -72,14 +73,15 @@ import numpy as np
 from cost_models.lookup import IntTable, LogGrid
 from cost_models.plan import BatchPlan
 
-FIT_VERSION = 4           # 3: leaves of one row; 4: forests without bootstrap (earlier: refit with `servesim fit`)
+FIT_VERSION = 5           # 3: leaves of one row; 4: forests without bootstrap; 5: lm_head by (B, T) (earlier: refit)
 MODEL_JSON = "model.json"
 TOKEN_OPERATORS = ("input_layernorm", "attn_pre_proj", "attn_rope", "attn_kv_cache_save", "attn_post_proj",
                    "post_attention_layernorm", "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")
-OPERATOR_CLASS = {**{op: "token" for op in TOKEN_OPERATORS}, "emb": "token", "lm_head": "sequence",
+OPERATOR_CLASS = {**{op: "token" for op in TOKEN_OPERATORS}, "emb": "token", "lm_head": "head",
                   "cpu_overhead": "sequence", "attn_prefill": "prefill", "attn_decode": "decode",
                   "all_reduce": "collective", "send_recv": "collective"}
-CLASS_COLUMNS = {"token": ("num_tokens",), "sequence": ("batch_size",), "prefill": ("chunk_size", "context_len"),
+CLASS_COLUMNS = {"token": ("num_tokens",), "sequence": ("batch_size",), "head": ("batch_size", "num_tokens"),
+                 "prefill": ("chunk_size", "context_len"),
                  "decode": ("batch_size", "kv_total", "kv_len"), "collective": ("message_bytes",)}
 LAYER_COUNT = {"add": 2}          # a decoder layer has two residual adds; the profile times one
 DECODE_SPREAD = (1.0, 1.05, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0, 64.0, 128.0)
@@ -101,8 +103,7 @@ def proxy_terms(op_class: str, *x):
     if op_class == "decode":
         b, m, u = x
         return [1.0, b, b * m, u * b * m]
-    (n,) = x
-    return [1.0, n]
+    return [1.0, x[0]]              # token: T; sequence: B; head: B (its tokens change the cache state only)
 
 
 class Proxy:
@@ -151,9 +152,10 @@ class FittedProfile:
 
 
 #: the grid coordinates (``cost_models.fitting.grid_coords``) whose profiled maxima bound each class's shapes:
-#: token operators by tokens T, per-sequence ones by sequences B, prefill attention by chunk and context, decode
+#: token operators by tokens T, per-sequence ones by sequences B (the LM head by B and T), prefill attention by chunk and context, decode
 #: attention by sequences b and mean KV length S/b (the spread axis is left out: it is bounded by the batch).
-RANGE_DIMENSIONS = {"token": ("tokens",), "sequence": ("sequences",), "prefill": ("prefill_chunk", "prefill_context"),
+RANGE_DIMENSIONS = {"token": ("tokens",), "sequence": ("sequences",), "head": ("sequences", "tokens"),
+                    "prefill": ("prefill_chunk", "prefill_context"),
                     "decode": ("decode_batch", "decode_kv_len"), "collective": ("message_bytes",)}
 
 
@@ -359,7 +361,11 @@ class FittedCostModel:
         self.tracker: RangeTracker | None = None
         self._token_cache: dict[int, tuple] = {}
         self._prefill_cache: dict[tuple, float] = {}
-        self._seq_cache: dict[int, tuple] = {}
+        self._seq_cache: dict[int, float | None] = {}
+        self._head_cache: dict[tuple, float] = {}
+        head = tables.get("lm_head")
+        # a folder fitted before the LM head had a token axis holds a table of B alone
+        self._head_by_tokens = head is not None and not isinstance(head, IntTable)
         self._act_bytes = self.model.hidden_size * self.model.dtype_bytes
 
     # --- the profiled range -----------------------------------------------------------------------------------
@@ -423,22 +429,28 @@ class FittedCostModel:
         return hit
 
     def _per_sequence(self, B: int, T: int) -> tuple[float, float]:
-        """(lm_head, cpu_overhead) seconds of an iteration of ``T`` tokens over ``B`` sequences (cached per B; the
-        engine profile's per-token part, when it has one, added per call)."""
-        hit = self._seq_cache.get(B)
-        if hit is None:
+        """(lm_head, cpu_overhead) seconds of an iteration of ``T`` tokens over ``B`` sequences (cached per (B, T)
+        and B; the engine profile's per-token part, when it has one, added per call)."""
+        lm = self._head_cache.get((B, T))
+        if lm is None:
             table = self.tables.get("lm_head")
-            lm = table(B) if table is not None else self.roofline._last_stage_ops(B)["lm_head"]
+            if table is None:
+                lm = self.roofline._last_stage_ops(B)["lm_head"]
+            else:
+                lm = table(B, T) if self._head_by_tokens else table(B)
+            if len(self._head_cache) < 65536:
+                self._head_cache[(B, T)] = lm
+        if B in self._seq_cache:
+            cpu = self._seq_cache[B]
+        else:
             if self.cpu_overhead_s is not None:
                 cpu = self.cpu_overhead_s
             elif "cpu_overhead" in self.tables:
                 cpu = self.tables["cpu_overhead"](B)
             else:
                 cpu = None                  # the engine profile's (roofline.engine_overhead), below
-            hit = (lm, cpu)
             if len(self._seq_cache) < 65536:
-                self._seq_cache[B] = hit
-        lm, cpu = hit
+                self._seq_cache[B] = cpu
         return lm, (self.roofline.engine_overhead(T, B) if cpu is None else cpu)
 
     def _attention(self, plan) -> tuple[float, float]:

@@ -40,7 +40,7 @@ def tree_features(op_class: str, X: np.ndarray) -> np.ndarray:
     if op_class == "prefill":
         X = np.column_stack([X[:, 0], X[:, 1], X[:, 0] * X[:, 1]])
     features = np.log1p(X)
-    if op_class in ("token", "sequence"):
+    if op_class in ("token", "sequence", "head"):
         n = np.maximum(X[:, 0], 1).astype(np.int64)
         features = np.column_stack([features, np.minimum(np.log2((n & -n).astype(float)), 6.0)])
     return features
@@ -131,6 +131,16 @@ def build_table(op_class: str, estimator, X: np.ndarray, bounds: TableBounds = T
         n = int(max(X[:, 0].max(), bounds.tokens if op_class == "token" else bounds.sequences))
         values = estimator.predict(np.arange(1, n + 1, dtype=float)[:, None])
         return IntTable(values, proxy)
+    if op_class == "head":          # (B, T), priced at T >= B (an iteration has a token per sequence at least)
+        # the axes are the profiled values, geometric past them: the few profiled B are far apart, and the trees'
+        # residual at a B between two of them, taken from either, times the proxy there could exceed the next one
+        axes = []
+        for col, hi in ((0, bounds.sequences), (1, bounds.tokens)):
+            seen = sorted(set(X[:, col].tolist()))
+            axes.append(seen + [p for p in geometric_points(1, max(seen[-1], hi), 1.25) if p > seen[-1]])
+        b, t = np.meshgrid(*axes, indexing="ij")
+        values = estimator.predict(np.column_stack([b.ravel(), np.maximum(t, b).ravel()])).reshape(b.shape)
+        return LogGrid(axes, values, proxy)
     if op_class == "collective":
         axis = geometric_points(1, max(X[:, 0].max(), bounds.message_bytes), 1.25)
         return LogGrid([axis], estimator.predict(np.asarray(axis)[:, None]), proxy)

@@ -22,8 +22,9 @@ operator              ``input_layernorm``, ``attn_pre_proj`` (QKV), ``attn_rope`
                       ``lm_head``, ``cpu_overhead`` (per-iteration input preparation + greedy sampling, see
                       ``ops.operator_callable``), ``attn_prefill``, ``attn_decode``; with ``tp`` > 1 GPUs
                       ``all_reduce`` (over ``tp`` workers) and ``send_recv`` (between two)
-num_tokens            query tokens the operator processes: T for token operators, rows (= sequences) for
-                      ``lm_head``/``cpu_overhead``, the chunk for ``attn_prefill``, the batch for ``attn_decode``
+num_tokens            query tokens the operator processes: T for token operators, the iteration's tokens T for
+                      ``lm_head`` (it projects B rows after layers of T tokens), rows (= sequences) for
+                      ``cpu_overhead``, the chunk for ``attn_prefill``, the batch for ``attn_decode``
 chunk_size            ``attn_prefill``: new tokens of the chunk (else 0)
 context_len           ``attn_prefill``: tokens already cached before the chunk (else 0)
 batch_size            sequences: ``attn_decode`` b, ``attn_prefill`` 1, ``lm_head``/``cpu_overhead`` B (else 0)

@@ -1,7 +1,10 @@
 """Shape grids of a profile run: which operator is timed at which shapes.
 
 - Token operators (``profiler.ops.TOKEN_OPERATORS``) at token counts ``1..dense_tokens`` then geometric with ratio
-  ``token_growth`` up to ``max_tokens`` (``token_counts``); ``lm_head`` the same up to ``max_batch`` rows.
+  ``token_growth`` up to ``max_tokens`` (``token_counts``); ``cpu_overhead`` the same up to ``max_batch`` sequences.
+- ``lm_head`` at (sequences B, iteration tokens T) pairs: B of ``head_batches`` up to ``max_batch``, T = B (a
+  decode-only iteration) and each of ``head_tokens`` above B up to ``max_tokens`` (``head_shapes``): on a CPU the
+  LM head's time depends on what the iteration's layers read before it (``profiler.ops.PRECEDING_OPERATORS``).
 - ``attn_prefill`` at (chunk, context) pairs with ``chunk + context <= max_context`` (``prefill_shapes``).
 - ``attn_decode`` at (batch, KV length) pairs, each with two KV patterns: ``uniform`` (every sequence holds
   ``kv_len`` tokens) and ``linear`` (sequence ``i`` of ``b`` holds ``ceil(kv_len*(i+1)/b)``, so the longest holds
@@ -35,6 +38,8 @@ class GridSpec:
     prefill_contexts: tuple = (0, 16, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144)
     decode_batches: tuple = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     decode_kv_lens: tuple = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+    head_batches: tuple = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    head_tokens: tuple = (64, 256, 1024, 4096, 8192)
 
     @classmethod
     def full(cls, max_context: int = 8192, max_tokens: int | None = None) -> "GridSpec":
@@ -51,7 +56,8 @@ class GridSpec:
                    prefill_chunks=(1, 4, 16, 32, 64, 96, 128, 192, 256, 384, 512),
                    prefill_contexts=(0, 16, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4032),
                    decode_batches=(1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64),
-                   decode_kv_lens=(16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096))
+                   decode_kv_lens=(16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096),
+                   head_tokens=(64, 256, 512, 1024))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -72,6 +78,14 @@ def token_counts(max_tokens: int, dense_tokens: int = 64, growth: float = 1.1) -
         n = min(max_tokens, max(n + 1, round(n * growth)))
         counts.append(n)
     return counts
+
+
+def head_shapes(spec: GridSpec) -> list[tuple[int, int]]:
+    """``(sequences B, tokens T)`` pairs of ``lm_head``: each B of ``head_batches`` up to ``max_batch`` at T = B and
+    at each T of ``head_tokens`` above B, up to ``max_tokens`` (included)."""
+    batches = [b for b in spec.head_batches if b <= spec.max_batch] or [spec.max_batch]
+    tokens = sorted({t for t in spec.head_tokens if t < spec.max_tokens} | {spec.max_tokens})
+    return [(b, t) for b in batches for t in [b] + [t for t in tokens if t > b]]
 
 
 def prefill_shapes(spec: GridSpec) -> list[tuple[int, int]]:
@@ -114,6 +128,8 @@ def shape_row(operator: str, *, num_tokens: int = 0, chunk_size: int = 0, contex
                    kv_total=context_len + chunk_size)
     elif operator == "attn_decode":
         row.update(num_tokens=len(kv_lens), batch_size=len(kv_lens), kv_len=max(kv_lens), kv_total=sum(kv_lens))
+    elif operator == "lm_head":
+        row.update(batch_size=batch_size or num_tokens)
     elif operator in SEQUENCE_OPERATORS:
         row.update(batch_size=num_tokens)
     return row
@@ -133,7 +149,7 @@ def shape_bytes(row: dict, shapes, dtype_bytes: int, device_type: str = "cuda") 
     if op in TOKEN_OPERATORS:
         return 3 * T * width * dt + 2 * T * 2 * s.kv_size * dt
     if op in SEQUENCE_OPERATORS:
-        return T * (s.hidden_size + s.vocab_size) * dt
+        return row["batch_size"] * (s.hidden_size + s.vocab_size) * dt + (3 * T * width * dt if op == "lm_head" else 0)
     kv = 2 * row["kv_len"] * row["batch_size"] * s.kv_size * dt
     scores = T * row["kv_len"] * s.num_q_heads * 4 if device_type == "cpu" else 0
     return kv + 2 * T * s.q_size * dt + scores
@@ -149,10 +165,10 @@ def build_grid(spec: GridSpec, shapes, dtype_bytes: int, *, device_type: str = "
         if op in wanted:
             rows += [shape_row(op, num_tokens=t) for t in token_counts(spec.max_tokens, spec.dense_tokens,
                                                                         spec.token_growth)]
-    for op in SEQUENCE_OPERATORS:
-        if op in wanted:
-            rows += [shape_row(op, num_tokens=b) for b in token_counts(spec.max_batch, 16,
-                                                                        spec.token_growth)]
+    if "cpu_overhead" in wanted:
+        rows += [shape_row("cpu_overhead", num_tokens=b) for b in token_counts(spec.max_batch, 16, spec.token_growth)]
+    if "lm_head" in wanted:
+        rows += [shape_row("lm_head", num_tokens=t, batch_size=b) for b, t in head_shapes(spec)]
     if "attn_prefill" in wanted:
         rows += [shape_row("attn_prefill", chunk_size=c, context_len=k) for c, k in prefill_shapes(spec)]
     if "attn_decode" in wanted:

@@ -30,8 +30,8 @@ Building blocks (usable by the profiler and by a plan executor):
   iteration.
   Activations are not rotated, but on a CPU the profiler times each call right after the operators that precede it
   inside a layer (``PRECEDING_OPERATORS``, ``preceding_callable``; ``profiler.timing``'s ``before``): a norm after
-  the GEMM that streamed its weights through the core's caches, a GEMM after the norm that wrote its input. The
-  embedding and ``cpu_overhead``, which start an iteration, follow a flush of the core's private caches instead
+  the GEMM that streamed its weights through the core's caches, a GEMM after the norm that wrote its input, the LM
+  head after the layers of an iteration of its sequences and tokens. The embedding and ``cpu_overhead``, which start an iteration, follow a flush of the core's private caches instead
   (``private_cache_flush_bytes``).
 
 Attention semantics: a prefill chunk of ``c`` new tokens of a sequence with ``k`` tokens already cached attends to
@@ -386,11 +386,14 @@ GEMM_INPUTS = {
 
 #: The operators that run before each one inside a decoder layer, back to the last one that streamed weights (a
 #: GEMM), in order (vLLM's Llama layer: norm, QKV projection, RoPE, KV-cache write, attention, O projection,
-#: residual add, norm, gate/up projection, activation, down projection, residual add; the LM head follows the last
-#: layer). The CPU profiler runs them, untimed, before each timed call (``preceding_callable``), so the call finds
-#: the caches as inside an iteration. ``attn_post_proj`` follows the attention, whose shape its row does not give:
-#: the operators before the attention stand in. The embedding and ``cpu_overhead`` start an iteration (after the
-#: host's input preparation): none, the profiler flushes the core's caches instead.
+#: residual add, norm, gate/up projection, activation, down projection, residual add). The CPU profiler runs them,
+#: untimed, before each timed call (``preceding_callable``), so the call finds the caches as inside an iteration.
+#: ``attn_post_proj`` follows the attention, whose shape its row does not give: the operators before the attention
+#: stand in. The LM head follows the whole layer stack instead (``LAYER_OPERATORS``, ``HEAD_PRECEDING_LAYERS``):
+#: what the iteration's layers read evicts its weights, so that on the tiny model on a CPU it took 1.7 ms for 3 to
+#: 5 sequences after its own predecessors in a layer, 2.7-3.4 ms inside a 512-token iteration and 2.4 (4.3) ms
+#: inside a decode of 8 sequences of 100 (3000) tokens. The embedding and ``cpu_overhead`` start an iteration
+#: (after the host's input preparation): none, the profiler flushes the core's caches instead.
 PRECEDING_OPERATORS = {
     "input_layernorm": ("mlp_down_proj", "add"),
     "attn_pre_proj": ("input_layernorm",),
@@ -404,15 +407,29 @@ PRECEDING_OPERATORS = {
     "mlp_up_proj": ("post_attention_layernorm",),
     "mlp_act": ("mlp_up_proj",),
     "mlp_down_proj": ("mlp_act",),
-    "lm_head": ("mlp_down_proj", "add"),
 }
+#: one decoder layer's operators in order (``attention`` is the decode batch's, then the prefill chunk's)
+LAYER_OPERATORS = ("input_layernorm", "attn_pre_proj", "attn_rope", "attn_kv_cache_save", "attention",
+                   "attn_post_proj", "add", "post_attention_layernorm", "mlp_up_proj", "mlp_act", "mlp_down_proj",
+                   "add")
+#: the layers run before a timed LM head (the model's, at most this many: enough to stream a small model's
+#: working set, as the layers before the LM head do; a model larger than the cache reads it from memory anyway)
+HEAD_PRECEDING_LAYERS = 4
+#: the KV length of each decode, and the cached context of the prefill chunk, in the layers run before a timed LM
+#: head (a stand-in for the contexts an iteration's attention reads: its row gives sequences and tokens only)
+HEAD_PRECEDING_CONTEXT = 1024
 
 
 def preceding_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_size: int = 0, kv_lens=None,
-                       cold: bool = False, num_layers: int | None = None):
+                       batch_size: int = 0, cold: bool = False, num_layers: int | None = None):
     """A no-argument function running, once each, the ``PRECEDING_OPERATORS`` of ``name`` on the same number of
     tokens (``num_tokens``; a prefill's ``chunk_size``, a decode's ``len(kv_lens)``), with the same ``cold``
-    rotation as ``operator_callable``; None for an operator without predecessors (the caller flushes instead)."""
+    rotation as ``operator_callable``; for ``lm_head``, ``min(num_layers, HEAD_PRECEDING_LAYERS)`` whole layers
+    (``LAYER_OPERATORS``) of an iteration of ``batch_size`` sequences and ``num_tokens`` tokens (all decodes when
+    they are equal, else ``batch_size - 1`` decodes and one chunk of the rest, at ``HEAD_PRECEDING_CONTEXT``);
+    None for an operator without predecessors (the caller flushes instead)."""
+    if name == "lm_head":
+        return _layers_callable(layer, max(1, batch_size), max(1, num_tokens, batch_size), num_layers=num_layers)
     before = PRECEDING_OPERATORS.get(name)
     if not before:
         return None
@@ -427,12 +444,35 @@ def preceding_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_si
     return run
 
 
+def _layers_callable(layer: Layer, B: int, T: int, *, num_layers: int | None):
+    """The layers run before a timed LM head (``preceding_callable``). They read the same weights and KV slots at
+    every call, as an engine's successive iterations read the same requests' (the LM head's own weights rotate)."""
+    decodes = B if T == B else B - 1
+    ctx = HEAD_PRECEDING_CONTEXT
+    calls = []
+    for i, op in enumerate(LAYER_OPERATORS):
+        if op != "attention":
+            calls.append(operator_callable(layer, op, num_tokens=T, seed=1 + i))
+            continue
+        if decodes:
+            calls.append(operator_callable(layer, "attn_decode", kv_lens=[ctx] * decodes, seed=1 + i))
+        if T > decodes:
+            calls.append(operator_callable(layer, "attn_prefill", chunk_size=T - decodes, context_len=ctx,
+                                           seed=1 + i))
+    calls *= max(1, min(num_layers or 1, HEAD_PRECEDING_LAYERS))
+
+    def run():
+        for call in calls:
+            call()
+    return run
+
+
 def operator_callable(layer: Layer, name: str, *, num_tokens: int = 0, chunk_size: int = 0, context_len: int = 0,
                       kv_lens=None, seed: int = 0, cold: bool = False, num_layers: int | None = None):
     """A no-argument function running operator ``name`` once on random inputs of the given shape.
 
     Shapes: token operators, ``lm_head`` and ``cpu_overhead`` take ``num_tokens`` (rows; for the last two the
-    sequences B of the iteration), ``attn_prefill`` a ``chunk_size`` with ``context_len`` cached tokens,
+    sequences B of the iteration: the profile's ``batch_size``), ``attn_prefill`` a ``chunk_size`` with ``context_len`` cached tokens,
     ``attn_decode`` a list ``kv_lens``; ``cold`` rotates weights and KV slots (module docstring; the KV cache
     must then hold spare slots, e.g. ``ensure_kv_cache``) through ``reuse_bytes``: one iteration's reads of a
     ``num_layers``-layer model (twice the last-level cache when None or larger). ``lm_head`` is the final norm of the B sequences' last

@@ -42,8 +42,9 @@ ROUND_BLOCK = 48
 _IDENTITY = ("model_shape", "tp", "dtype", "device", "device_name", "attention_backend", "num_threads",
              "cold_cache", "private_cache_flush_bytes", "reuse_bytes", "cpu_cache_state")
 #: what a cold CPU call follows (meta.json ``cpu_cache_state``): its preceding operators in a layer
-#: (``profiler.ops.PRECEDING_OPERATORS``), or a private-cache flush for those without
-CPU_CACHE_STATE = "preceding-operators"
+#: (``profiler.ops.PRECEDING_OPERATORS``), the layers of an iteration for the LM head, or a private-cache flush for
+#: those without
+CPU_CACHE_STATE = "preceding-operators-and-layers"
 
 
 def device_info(device_type: str) -> dict:
@@ -343,14 +344,15 @@ def _time_row(layer, row, device, timing, threads, shapes, dtype_bytes, cold_cac
         kv_lens = decode_kv_lens(row["batch_size"], row["kv_len"], row["kv_pattern"])
     try:
         with torch.inference_mode():
-            fn = operator_callable(layer, row["operator"], num_tokens=row["num_tokens"],
+            rows = row["batch_size"] if row["operator"] == "lm_head" else row["num_tokens"]
+            fn = operator_callable(layer, row["operator"], num_tokens=rows,
                                    chunk_size=row["chunk_size"], context_len=row["context_len"], kv_lens=kv_lens,
                                    cold=cold_cache, num_layers=num_layers)
             before = None
             if device == "cpu" and cold_cache:
                 before = preceding_callable(layer, row["operator"], num_tokens=row["num_tokens"],
-                                            chunk_size=row["chunk_size"], kv_lens=kv_lens, cold=True,
-                                            num_layers=num_layers)
+                                            chunk_size=row["chunk_size"], kv_lens=kv_lens,
+                                            batch_size=row["batch_size"], cold=True, num_layers=num_layers)
             return time_operator(fn, device, timing, num_threads=threads, flush_bytes=flush_bytes, before=before)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(exc):

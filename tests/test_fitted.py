@@ -145,7 +145,9 @@ def test_mixed_batch_is_priced_by_its_parts(model):
     same_tokens = model.breakdown(prefill((3 + 96 + 256, 0)))                      # linear ops by total tokens
     for op in ("mlp_up_proj", "add", "input_layernorm"):
         assert both[op] == same_tokens[op]
-    assert both["lm_head"] == model.breakdown(decodes(*[1] * 5))["lm_head"]       # one row per sequence
+    # one row per sequence, after layers of the iteration's tokens
+    assert both["lm_head"] == model.breakdown(mixed([1] * 4, [(351, 0)]))["lm_head"]
+    assert both["lm_head"] != model.breakdown(decodes(*[1] * 5))["lm_head"]
 
 
 def test_operators_missing_from_the_profile_are_priced_by_the_roofline(model):
@@ -308,9 +310,27 @@ def test_fit_keeps_the_steep_small_batch_end():
           11070.3, 13553.7, 13080.4, 11114.3, 14811.6, 16460.2, 18175.2, 18674.4, 19801.3, 23612.2, 23134.2,
           24529.7, 26591.0, 29257.1, 24511.0, 32845.7, 31124.4]
     y = np.array(us) * 1e-6
-    _, table, report = fit_operator("lm_head", np.array(B, dtype=float)[:, None], y, seed=0)
+    X = np.column_stack([B, B]).astype(float)           # decode-only rows: T = B
+    _, table, report = fit_operator("lm_head", X, y, seed=0)
     for b in (1, 2, 3):
-        assert table(b) == pytest.approx(y[b - 1], rel=0.15), (b, table(b), report)
+        assert table(b, b) == pytest.approx(y[b - 1], rel=0.15), (b, table(b, b), report)
+
+
+def test_lm_head_is_priced_by_sequences_and_the_tokens_before_it():
+    # a CPU LM head slows down as the iteration's layers read more before it (its weights leave the cache): the
+    # table reproduces the profiled (B, T) shapes, grows with T at every B and stays flat past the profiled T
+    from cost_models.fitting import fit_operator
+
+    rows = [(b, t) for b in (1, 2, 4, 8, 16, 32, 64) for t in sorted({b, 64, 256, 512, 1024}) if t >= b]
+    X = np.array(rows, dtype=float)
+    y = np.array([1e-3 + 0.1e-3 * b + 2e-3 * min(t / 512, 1.0) for b, t in rows])
+    _, table, _ = fit_operator("lm_head", X, y, seed=0)
+    for (b, t), v in zip(rows, y):
+        assert table(b, t) == pytest.approx(v, rel=0.05), (b, t)
+    for b in (1, 3, 8, 40):
+        priced = [table(b, t) for t in (b, 100, 300, 700, 1024, 4096)]
+        assert all(later >= earlier * (1 - 1e-12) for earlier, later in zip(priced, priced[1:]))
+        assert table(b, 4096) == pytest.approx(table(b, 1024), rel=0.05)
 
 
 @pytest.mark.parametrize("trees", ["extra", "forest"])

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from cost_models.specs import load_model
-from profiler.grid import (GridSpec, build_grid, decode_kv_lens, decode_shapes, prefill_shapes, shape_bytes,
-                           shape_key, token_counts)
+from profiler.grid import (GridSpec, build_grid, decode_kv_lens, decode_shapes, head_shapes, prefill_shapes,
+                           shape_bytes, shape_key, token_counts)
 from profiler.schema import COLUMNS, PROFILE_CSV, LayerShapes, ProfileError, read_profile
 from profiler.timing import TimingStats
 
@@ -41,6 +41,14 @@ def test_prefill_and_decode_shapes_respect_bounds():
     assert prefill_shapes(spec) == [(1, 0), (1, 256), (256, 0), (256, 256), (512, 0)]
     # batch 16 > max_batch and kv 1024 > max_context are dropped; linear only for batches > 1
     assert decode_shapes(spec) == [(1, 128, "uniform"), (4, 128, "uniform"), (4, 128, "linear")]
+
+
+def test_head_shapes_pair_each_batch_with_its_decode_and_larger_iterations():
+    spec = GridSpec(max_tokens=300, max_batch=70, head_batches=(1, 64, 128), head_tokens=(64, 256, 1024))
+    # B = 128 > max_batch is dropped; T = 1024 > max_tokens is replaced by max_tokens; T = 64 is not above B = 64
+    assert head_shapes(spec) == [(1, 1), (1, 64), (1, 256), (1, 300), (64, 64), (64, 256), (64, 300)]
+    rows = build_grid(spec, LayerShapes.of(TINY), 4, operators=["lm_head"])
+    assert sorted((r["batch_size"], r["num_tokens"]) for r in rows) == head_shapes(spec)
 
 
 def test_build_grid_filters_by_memory_and_orders_largest_first():
@@ -228,6 +236,8 @@ def test_profile_csv_schema_and_meta(tmp_path):
     pre = df[df["operator"] == "attn_prefill"]
     assert set(zip(pre["chunk_size"], pre["context_len"], pre["kv_len"])) == {(1, 0, 1), (1, 8, 9), (8, 0, 8),
                                                                               (8, 8, 16)}
+    head = df[df["operator"] == "lm_head"]            # B sequences after layers of T tokens (T = B: decodes)
+    assert set(zip(head["batch_size"], head["num_tokens"])) == {(1, 1), (1, 6), (2, 2), (2, 6), (3, 3), (3, 6)}
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["complete"] and meta["num_rows"] == len(df) and meta["device"] == "cpu"
     assert meta["torch_version"] == torch.__version__ and meta["num_threads"] == 1 and meta["tp"] == 1
