@@ -4,7 +4,8 @@
   ``token_growth`` up to ``max_tokens`` (``token_counts``); ``cpu_overhead`` the same up to ``max_batch`` sequences.
 - ``lm_head`` at (sequences B, iteration tokens T) pairs: B of ``head_batches`` up to ``max_batch``, T = B (a
   decode-only iteration) and each of ``head_tokens`` above B up to ``max_tokens`` (``head_shapes``): on a CPU the
-  LM head's time depends on what the iteration's layers read before it (``profiler.ops.PRECEDING_OPERATORS``).
+  LM head's time depends on what the iteration's layers read before it (``profiler.ops.PRECEDING_OPERATORS``). A
+  GPU run times it without them (its weights cycled through twice the L2 cache), so there the rows of one B agree.
 - ``attn_prefill`` at (chunk, context) pairs with ``chunk + context <= max_context`` (``prefill_shapes``).
 - ``attn_decode`` at (batch, KV length) pairs, each with two KV patterns: ``uniform`` (every sequence holds
   ``kv_len`` tokens) and ``linear`` (sequence ``i`` of ``b`` holds ``ceil(kv_len*(i+1)/b)``, so the longest holds
