@@ -152,8 +152,9 @@ class FittedProfile:
 
 
 #: the grid coordinates (``cost_models.fitting.grid_coords``) whose profiled maxima bound each class's shapes:
-#: token operators by tokens T, per-sequence ones by sequences B (the LM head by B and T), prefill attention by chunk and context, decode
-#: attention by sequences b and mean KV length S/b (the spread axis is left out: it is bounded by the batch).
+#: token operators by tokens T, per-sequence ones by sequences B (the LM head by B and T), prefill attention by
+#: chunk and context, decode attention by sequences b and mean KV length S/b (the spread axis is left out: it is
+#: bounded by the batch).
 RANGE_DIMENSIONS = {"token": ("tokens",), "sequence": ("sequences",), "head": ("sequences", "tokens"),
                     "prefill": ("prefill_chunk", "prefill_context"),
                     "decode": ("decode_batch", "decode_kv_len"), "collective": ("message_bytes",)}

@@ -41,10 +41,10 @@ ROUND_BLOCK = 48
 # meta.json fields that must match for a run to resume into an existing folder.
 _IDENTITY = ("model_shape", "tp", "dtype", "device", "device_name", "attention_backend", "num_threads",
              "cold_cache", "private_cache_flush_bytes", "reuse_bytes", "cpu_cache_state")
-#: what a cold CPU call follows (meta.json ``cpu_cache_state``): its preceding operators in a layer
-#: (``profiler.ops.PRECEDING_OPERATORS``), the layers of an iteration for the LM head, or a private-cache flush for
-#: those without
-CPU_CACHE_STATE = "preceding-operators-and-layers"
+#: what a cold CPU call follows (meta.json ``cpu_cache_state``): its preceding operators in a layer, their outputs
+#: alive through the call (``profiler.ops.PRECEDING_OPERATORS``), the layers of an iteration for the LM head, or a
+#: private-cache flush for those without
+CPU_CACHE_STATE = "preceding-operators-held-and-layers"
 
 
 def device_info(device_type: str) -> dict:

@@ -411,7 +411,7 @@ def test_preceding_operators_are_a_layers_order(layer):
     gemms = {"attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "lm_head"}
     for op, before in ops.PRECEDING_OPERATORS.items():
         assert before and all(b in ops.OPERATORS for b in before), op
-        if op in ("lm_head", "input_layernorm"):       # after the last layer's (or the previous layer's) MLP
+        if op == "input_layernorm":                   # after the previous layer's MLP
             assert before == ("mlp_down_proj", "add")
         elif op not in ("attn_post_proj", "attn_prefill", "add"):
             i = layer_order.index(op)
@@ -438,6 +438,48 @@ def test_preceding_operators_are_a_layers_order(layer):
     assert calls == [("attn_pre_proj", 3), ("attn_rope", 3), ("attn_kv_cache_save", 3),     # a decode's B tokens
                      ("attn_pre_proj", 6), ("attn_rope", 6), ("attn_kv_cache_save", 6),     # a chunk's tokens
                      ("mlp_up_proj", 5)]
+
+
+def test_lm_head_follows_the_layers_of_its_iteration(layer):
+    """The LM head of B sequences in an iteration of T tokens is timed after the model's layers (at most
+    HEAD_PRECEDING_LAYERS) at that iteration: B - 1 decodes and a chunk of T - B + 1 tokens, or B decodes."""
+    import profiler.ops as ops
+
+    calls = []
+    real = ops.operator_callable
+
+    def spy(lay, name, **kw):
+        calls.append((name, kw.get("num_tokens") or kw.get("chunk_size") or len(kw.get("kv_lens") or ()),
+                      kw.get("context_len", kw.get("kv_lens", [None])[0] if kw.get("kv_lens") else None)))
+        return real(lay, name, **kw)
+
+    layer.ensure_kv_cache(4, ops.HEAD_PRECEDING_CONTEXT + 16)
+    ctx = ops.HEAD_PRECEDING_CONTEXT
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "operator_callable", spy)
+        ops.preceding_callable(layer, "lm_head", num_tokens=8, batch_size=3, num_layers=2)()
+        one_layer = calls[:]
+        calls.clear()
+        ops.preceding_callable(layer, "lm_head", num_tokens=3, batch_size=3, num_layers=1)()
+    per_layer = [(op, 8, None) for op in ops.LAYER_OPERATORS[:4]] + [("attn_decode", 2, ctx),
+                                                                    ("attn_prefill", 6, ctx)] + \
+                [(op, 8, None) for op in ops.LAYER_OPERATORS[5:]]
+    assert one_layer == per_layer                          # built once, run for each of the 2 layers
+    assert ("attn_decode", 3, ctx) in calls and not any(c[0] == "attn_prefill" for c in calls)
+
+
+def test_preceding_outputs_stay_alive_through_the_timed_call(layer):
+    """A timed call's output is not allocated where its predecessors' outputs were: they are still alive."""
+    import profiler.ops as ops
+
+    with torch.inference_mode():
+        for op in ("input_layernorm", "mlp_act", "post_attention_layernorm"):
+            before = ops.preceding_callable(layer, op, num_tokens=64)
+            call = ops.operator_callable(layer, op, num_tokens=64)
+            for _ in range(3):
+                held = before()
+                out = call()
+                assert held and out.data_ptr() not in {t.data_ptr() for t in held if isinstance(t, torch.Tensor)}
 
 
 def test_cold_weights_cycle_through_one_iterations_reads():
