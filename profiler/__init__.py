@@ -62,7 +62,9 @@ many bytes between calls: one iteration's weights, at most ``cache_flush_bytes``
 on a CPU ``cpu_cache_state`` (what a timed call follows: ``preceding-operators``, ``profiler.ops.PRECEDING_OPERATORS``)
 and ``private_cache_flush_bytes`` (the flush before the embedding and ``cpu_overhead``), ``grid``
 (``grid.GridSpec`` fields), ``timing`` (``timing.TimingConfig`` fields), ``columns``, ``time_unit`` ("s"),
-``collectives`` (whether all-reduce/send-recv rows were timed), ``complete`` (false while running or after an
+``collectives`` (whether all-reduce/send-recv rows were timed), ``reference_kernel_s`` (``start``/``end``: the
+median seconds of a fixed GEMM when the run started and ended, ``timing.reference_kernel_s``: ``servesim validate``
+compares the machine's speed then and while it validates), ``complete`` (false while running or after an
 interruption) and ``num_rows``.
 
 Read a profile with ``profiler.schema.read_profile(DIR)`` (validates and raises ``ProfileError`` naming file, line

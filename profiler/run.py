@@ -32,7 +32,7 @@ from pathlib import Path
 from profiler.grid import GridSpec, build_grid, decode_kv_lens, shape_bytes, shape_key
 from profiler.schema import (COLUMNS, META_JSON, PROFILE_CSV, TIME_COLUMNS, LayerShapes, ProfileError,
                              check_profile_row, model_columns)
-from profiler.timing import TimingConfig, spaced_rounds, time_operator
+from profiler.timing import TimingConfig, reference_kernel_s, spaced_rounds, time_operator
 from traces.tables import FolderLock, ResumableTable, ensure_dir, write_json_atomic
 
 # Shapes timed together: each is timed ``TimingConfig.rounds`` times, the rounds of a block 20 s apart
@@ -245,6 +245,7 @@ def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, ti
     old = _old_meta(out, notes)
     if old is not None:
         _check_meta(out, meta, old)
+    meta["reference_kernel_s"] = {"start": reference_kernel_s(device)}     # the machine's speed (validate)
     constant = {"device": device, "device_name": info["device_name"], "torch_version": torch.__version__,
                 "dtype": dtype, "attention_backend": ATTENTION_BACKEND,
                 "num_threads": threads if device == "cpu" else 0, **model_columns(model, tp)}
@@ -295,6 +296,7 @@ def _run_locked(model, out, lock, *, device, tp, dtype, quick, threads, grid, ti
             if collectives else 0
     finally:
         table.close()
+    meta["reference_kernel_s"]["end"] = reference_kernel_s(device)
     meta.update(complete=True, num_rows=len(done) + len(todo) + added)
     write_json_atomic(out / META_JSON, meta, error=ProfileError)
     return csv_path

@@ -106,6 +106,30 @@ def time_operator(fn, device_type: str, config: TimingConfig | None = None, *, n
     raise ValueError(f"time_operator: device must be 'cuda' or 'cpu', got {device_type!r}")
 
 
+#: the reference kernel's shapes (``reference_kernel_s``): a float32 GEMM ``[m, k] @ [k, n]``
+REFERENCE_GEMM = (64, 1024, 1024)
+
+
+def reference_kernel_s(device_type: str = "cpu") -> float:
+    """Median seconds of a fixed kernel, a float32 GEMM of ``REFERENCE_GEMM`` (64 x 1024 by 1024 x 1024, 134 MFLOP,
+    on warm caches; one thread on a CPU, the thread count restored after), timed by ``time_operator``: a gauge of
+    how fast the machine runs now. A profile records it when it starts and ends (meta.json ``reference_kernel_s``)
+    and ``servesim validate`` times it again, so that a machine that ran slower or faster while validating than
+    while profiling says so: a shared VM's speed drifts by up to 20% over minutes."""
+    import torch
+
+    m, k, n = REFERENCE_GEMM
+    gen = torch.Generator().manual_seed(0)
+    device = "cuda" if device_type == "cuda" else "cpu"
+    a, b = torch.randn(m, k, generator=gen).to(device), torch.randn(k, n, generator=gen).to(device)
+    config = TimingConfig(warmup=3, min_samples=21, max_samples=400, min_run_time_s=0.2)
+    threads = torch.get_num_threads()
+    try:
+        return time_operator(lambda: a @ b, device_type, config, num_threads=1).time_median_s
+    finally:
+        torch.set_num_threads(threads)
+
+
 def time_cuda(fn, config: TimingConfig) -> TimingStats:
     """CUDA-event timing of ``fn`` on the current stream (one call per sample)."""
     import torch

@@ -55,7 +55,8 @@ def validate(exec_device, max_iterations, warmup, repeats, rounds, threads, cpu_
     (or, with --observed, compare servesim with a real vLLM run)."""
     if observed:
         return _validate_observed(observed, out, flags)
-    from simulator.validate import ValidationError, error_table, latency_table, median_error_line, run_validation
+    from simulator.validate import (ValidationError, error_table, latency_table, machine_speed_line, median_error_line,
+                                    run_validation)
 
     if importlib.util.find_spec("torch") is None:
         raise ValidationError("validate executes on a device with torch: pip install -e '.[profile]'")
@@ -74,6 +75,9 @@ def validate(exec_device, max_iterations, warmup, repeats, rounds, threads, cpu_
         click.echo("")
         click.echo(latency_table(report.latency["predicted"], report.latency["measured"]))
     click.echo(median_error_line(report.summary))
+    speed = machine_speed_line(report.machine_speed)
+    if speed:
+        click.echo(speed)
     click.echo(f"wrote {report.out_dir}/validation.csv, validation.png, validation_summary.json")
 
 

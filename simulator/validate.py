@@ -291,6 +291,7 @@ class ValidationReport:
     out_dir: Path
     num_iterations: int
     settings: dict
+    machine_speed: dict | None = None
 
 
 def _check_validation_row(row: dict) -> None:
@@ -443,7 +444,7 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
 
     from cost_models.specs import load_model
     from profiler.executor import Executor, activation_bytes, cpu_clock as clock_for
-    from profiler.timing import ROUND_GAP_S, spaced_rounds
+    from profiler.timing import ROUND_GAP_S, reference_kernel_s, spaced_rounds
     from simulator.simulation import simulate
 
     result = simulate(config, record_plans=True, progress=progress)
@@ -478,6 +479,9 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
         f"{slots} requests x {capacity} tokens, {executor.memory['kv_bytes'] / 2 ** 20:.0f} MiB)"
         + (f"; resuming after {len(done)} done" if done else ""))
 
+    profiled_speed = (getattr(getattr(result.cost_model, "fitted", None), "meta", None) or {}).get(
+        "reference_kernel_s")
+    speed_start = reference_kernel_s(device_type)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -500,6 +504,7 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
             bar.update(1)
     if bar is not None:
         bar.close()
+    speed = machine_speed(profiled_speed, speed_start, reference_kernel_s(device_type))
 
     # finalize: each iteration once, in order (an interrupted-and-resumed table ends as an uninterrupted one)
     rows = {}
@@ -523,8 +528,39 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
     plot_validation(table, out / PLOT_NAME, title=title)
     write_json_atomic(out / SUMMARY_NAME, {"errors": summary, "retimed_requests": latency,
                                            "iterations_simulated": len(plans), "iterations_executed": len(table),
-                                           "settings": settings}, error=ValidationError)
-    return ValidationReport(table, summary, latency, out, len(plans), settings)
+                                           "machine_speed": speed, "settings": settings}, error=ValidationError)
+    return ValidationReport(table, summary, latency, out, len(plans), settings, speed)
+
+
+def machine_speed(profiled: dict | None, start_s: float, end_s: float) -> dict:
+    """The reference kernel's times (``profiler.timing.reference_kernel_s``, seconds) when the validation started
+    and ended, those the profile recorded (``profiled``: ``{"start", "end"}``, or None for a roofline model or an
+    older profile), and ``drift_pct``: how much slower (> 0) the machine ran while validating, mean against mean
+    (None without a profile's)."""
+    from profiler.timing import REFERENCE_GEMM
+
+    m, k, n = REFERENCE_GEMM
+    validating = {"start": start_s, "end": end_s}
+    drift = None
+    if profiled and all(isinstance(profiled.get(key), (int, float)) for key in ("start", "end")):
+        drift = ((start_s + end_s) / (profiled["start"] + profiled["end"]) - 1.0) * 100.0
+    return {"reference_kernel": f"float32 GEMM [{m}, {k}] @ [{k}, {n}], median seconds",
+            "validating_s": validating, "profiling_s": profiled if drift is not None else None,
+            "drift_pct": drift}
+
+
+def machine_speed_line(speed: dict | None) -> str | None:
+    """One line on the machine's speed while validating against while profiling; a WARNING past 5%; None when
+    the profile recorded none."""
+    if not speed or speed.get("drift_pct") is None:
+        return None
+    v, p, drift = speed["validating_s"], speed["profiling_s"], speed["drift_pct"]
+    ms = lambda times: (times["start"] + times["end"]) / 2 * 1e3    # noqa: E731
+    text = (f"the machine ran {abs(drift):.1f}% {'slower' if drift > 0 else 'faster'} while validating than while "
+            f"profiling (a reference GEMM: {ms(v):.3f} against {ms(p):.3f} ms)")
+    if abs(drift) >= 5.0:
+        return f"WARNING: {text}; the errors above include that drift"
+    return f"machine speed: {text}"
 
 
 def median_error_line(summary: dict) -> str:
@@ -536,5 +572,5 @@ def median_error_line(summary: dict) -> str:
 
 __all__ = ["KINDS", "VALIDATION_COLUMNS", "ValidationError", "ValidationReport", "composition", "error_summary",
            "error_table", "kv_slots_needed", "last_iterations", "latency_summary", "latency_table",
-           "median_error_line", "plot_validation", "profiled_threads", "retime_requests", "run_validation",
-           "stratified_sample", "validation_row"]
+           "machine_speed", "machine_speed_line", "median_error_line", "plot_validation", "profiled_threads",
+           "retime_requests", "run_validation", "stratified_sample", "validation_row"]

@@ -242,6 +242,7 @@ def test_profile_csv_schema_and_meta(tmp_path):
     assert meta["complete"] and meta["num_rows"] == len(df) and meta["device"] == "cpu"
     assert meta["torch_version"] == torch.__version__ and meta["num_threads"] == 1 and meta["tp"] == 1
     assert meta["model_shape"]["num_kv_heads"] == 2 and meta["time_unit"] == "s"
+    assert meta["reference_kernel_s"]["start"] > 0 and meta["reference_kernel_s"]["end"] > 0    # the machine's speed
 
 
 def test_interrupted_run_resumes_without_duplicates(tmp_path):

@@ -167,6 +167,9 @@ def test_validate_every_iteration_and_resume(tmp_path):
     assert retimed["measured"]["tbt_s"]["p99"] > 0
     assert re.search(r"median absolute percentage error \d+\.\d% \(P95 \d+\.\d%\) over \d+ iterations", text)
     assert "TTFT (measured)" in text and "mixed" in text
+    speed = summary["machine_speed"]          # a roofline model: no profile's machine to compare with
+    assert speed["validating_s"]["start"] > 0 and speed["validating_s"]["end"] > 0 and speed["drift_pct"] is None
+    assert "the machine ran" not in text
 
     # an interrupted run resumes: drop the last rows and run again -> the same iterations, none twice
     lines = (out / "validation.csv").read_text().splitlines(keepends=True)
@@ -273,9 +276,39 @@ def test_profile_fit_simulate_validate_pipeline_on_cpu(tmp_path):
                             "--max-iterations", 30, "--warmup", 1, "--repeats", 3, "--out", tmp_path / "val")
     found = re.search(r"median absolute percentage error (\d+\.\d)%", text)
     assert found, text
+    assert re.search(r"^(machine speed|WARNING): the machine ran \d+\.\d% (slower|faster) while validating than "
+                     r"while profiling \(a reference GEMM: \d+\.\d+ against \d+\.\d+ ms\)", text, re.M), text
     assert float(found.group(1)) < 40.0, text
     elapsed = profile_s + fit_s + validate_s
     assert elapsed < 300, f"profile -> fit -> validate took {elapsed:.0f} s"
+
+
+def test_machine_speed_compares_the_reference_kernel_by_hand():
+    from simulator.validate import machine_speed, machine_speed_line
+
+    speed = machine_speed({"start": 2.0e-3, "end": 2.2e-3}, 2.3e-3, 2.32e-3)
+    assert speed["drift_pct"] == pytest.approx(10.0)               # 4.62 / 4.2 - 1
+    assert speed["profiling_s"] == {"start": 2.0e-3, "end": 2.2e-3}
+    assert machine_speed_line(speed) == ("WARNING: the machine ran 10.0% slower while validating than while "
+                                         "profiling (a reference GEMM: 2.310 against 2.100 ms); the errors above "
+                                         "include that drift")
+    calm = machine_speed({"start": 2.0e-3, "end": 2.0e-3}, 1.96e-3, 1.96e-3)
+    assert machine_speed_line(calm) == ("machine speed: the machine ran 2.0% faster while validating than while "
+                                        "profiling (a reference GEMM: 1.960 against 2.000 ms)")
+    for older in (None, {}, {"start": 2.0e-3}):                    # a roofline model, a profile without it
+        speed = machine_speed(older, 1e-3, 1e-3)
+        assert speed["drift_pct"] is None and speed["profiling_s"] is None and machine_speed_line(speed) is None
+
+
+@needs_torch
+def test_reference_kernel_times_a_gemm_and_keeps_the_thread_count():
+    import torch
+
+    from profiler.timing import reference_kernel_s
+
+    before = torch.get_num_threads()
+    t = reference_kernel_s("cpu")
+    assert 0 < t < 1.0 and torch.get_num_threads() == before
 
 
 def test_error_summary_reports_extrapolated_iterations_apart():

@@ -68,6 +68,9 @@ def main():
     print(f"{'batch kind':<15} {'iterations':>10} {'median |err|':>13} {'P95 |err|':>10}")
     for kind, s in summary["errors"].items():
         print(f"{kind:<15} {s['iterations']:>10} {s['median_abs_error_pct']:>12.1f}% {s['p95_abs_error_pct']:>9.1f}%")
+    drift = (summary.get("machine_speed") or {}).get("drift_pct")
+    if drift is not None:
+        print(f"machine speed while validating against profiling: {drift:+.1f}% (a reference GEMM's time)")
 
 
 if __name__ == "__main__":
