@@ -152,10 +152,11 @@ class FittedProfile:
 
 
 #: the grid coordinates (``cost_models.fitting.grid_coords``) whose profiled maxima bound each class's shapes:
-#: token operators by tokens T, per-sequence ones by sequences B (the LM head by B and T), prefill attention by
-#: chunk and context, decode attention by sequences b and mean KV length S/b (the spread axis is left out: it is
-#: bounded by the batch).
-RANGE_DIMENSIONS = {"token": ("tokens",), "sequence": ("sequences",), "head": ("sequences", "tokens"),
+#: token operators by tokens T, per-sequence ones by sequences B (the LM head too: its price levels off past the
+#: profiled T, where the layers before it have evicted all of its weights, and a profile made before it had a T
+#: axis holds T = B only), prefill attention by chunk and context, decode attention by sequences b and mean KV
+#: length S/b (the spread axis is left out: it is bounded by the batch).
+RANGE_DIMENSIONS = {"token": ("tokens",), "sequence": ("sequences",), "head": ("sequences",),
                     "prefill": ("prefill_chunk", "prefill_context"),
                     "decode": ("decode_batch", "decode_kv_len"), "collective": ("message_bytes",)}
 

@@ -42,6 +42,15 @@ def test_outside_checks_attention_against_its_own_profile():
     assert cm.outside(plan) == {"decode_kv_len": 2.0, "prefill_context": 2.0}
 
 
+def test_the_lm_head_bounds_sequences_only():
+    # its price levels off past the profiled T, and a profile made before it had a T axis holds T = B only: its
+    # largest T (64 here) must not bound the iteration's tokens, which the token operators' 1024 do
+    from cost_models.fitted import profiled_ranges
+
+    assert profiled_ranges("head", [np.array([1.0, 64.0]), np.array([1.0, 64.0])]) == {"sequences": 64.0}
+    assert profiled_ranges("token", [np.array([1.0, 1024.0])]) == {"tokens": 1024.0}
+
+
 def test_a_folder_without_ranges_reports_nothing():
     cm = FittedCostModel(_fitted({}), "Mistral-7B", "A100-80GB-PCIe")
     assert cm.limits == {} and cm.outside(BatchPlan.decodes([100] * 1000)) == {}
