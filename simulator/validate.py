@@ -268,16 +268,22 @@ def latency_table(predicted: dict, measured: dict) -> str:
 
 
 # --- the run -------------------------------------------------------------------------------------------------
-def profiled_threads(cost_model_dir) -> int | None:
-    """CPU threads of the profile a fitted cost model was made from (``model.json`` -> ``meta.num_threads``, as
-    ``servesim fit`` writes it), or None when there is no such folder or field."""
+def profile_meta(cost_model_dir) -> dict:
+    """The meta.json of the profile a fitted cost model was made from, as ``servesim fit`` copies it into
+    ``model.json`` (``meta``); empty when there is no such folder or field (a roofline model)."""
     if not cost_model_dir:
-        return None
-    path = Path(cost_model_dir) / "model.json"
+        return {}
     try:
-        threads = json.loads(path.read_text()).get("meta", {}).get("num_threads")
+        meta = json.loads((Path(cost_model_dir) / "model.json").read_text()).get("meta")
     except (OSError, ValueError, AttributeError):
-        return None
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def profiled_threads(cost_model_dir) -> int | None:
+    """CPU threads of the profile a fitted cost model was made from (``profile_meta``'s ``num_threads``), or None
+    when there is no such folder or field."""
+    threads = profile_meta(cost_model_dir).get("num_threads")
     return int(threads) if isinstance(threads, int) and threads > 0 else None
 
 
@@ -479,8 +485,6 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
         f"{slots} requests x {capacity} tokens, {executor.memory['kv_bytes'] / 2 ** 20:.0f} MiB)"
         + (f"; resuming after {len(done)} done" if done else ""))
 
-    profiled_speed = (getattr(getattr(result.cost_model, "fitted", None), "meta", None) or {}).get(
-        "reference_kernel_s")
     speed_start = reference_kernel_s(device_type)
     bar = None
     if progress:
@@ -504,7 +508,7 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
             bar.update(1)
     if bar is not None:
         bar.close()
-    speed = machine_speed(profiled_speed, speed_start, reference_kernel_s(device_type))
+    speed = machine_speed(profile_meta(config.cost_model), device_type, speed_start, reference_kernel_s(device_type))
 
     # finalize: each iteration once, in order (an interrupted-and-resumed table ends as an uninterrupted one)
     rows = {}
@@ -532,20 +536,21 @@ def _run_locked(config, out: Path, table: ResumableTable, settings: dict, *, exe
     return ValidationReport(table, summary, latency, out, len(plans), settings, speed)
 
 
-def machine_speed(profiled: dict | None, start_s: float, end_s: float) -> dict:
-    """The reference kernel's times (``profiler.timing.reference_kernel_s``, seconds) when the validation started
-    and ended, those the profile recorded (``profiled``: ``{"start", "end"}``, or None for a roofline model or an
-    older profile), and ``drift_pct``: how much slower (> 0) the machine ran while validating, mean against mean
-    (None without a profile's)."""
+def machine_speed(meta: dict, device_type: str, start_s: float, end_s: float) -> dict:
+    """The reference kernel's times (``profiler.timing.reference_kernel_s``, seconds) on ``device_type`` when the
+    validation started and ended, those the profile recorded (``meta``, as ``profile_meta`` reads it:
+    ``reference_kernel_s`` ``{"start", "end"}``, used only when it was profiled on the same kind of device), and
+    ``drift_pct``: how much slower (> 0) the machine ran while validating, mean against mean (None without the
+    profile's: a roofline model, an older profile, another kind of device)."""
     from profiler.timing import REFERENCE_GEMM
 
     m, k, n = REFERENCE_GEMM
-    validating = {"start": start_s, "end": end_s}
+    profiled = meta.get("reference_kernel_s") if meta.get("device") == device_type else None
     drift = None
-    if profiled and all(isinstance(profiled.get(key), (int, float)) for key in ("start", "end")):
+    if isinstance(profiled, dict) and all(isinstance(profiled.get(key), (int, float)) for key in ("start", "end")):
         drift = ((start_s + end_s) / (profiled["start"] + profiled["end"]) - 1.0) * 100.0
     return {"reference_kernel": f"float32 GEMM [{m}, {k}] @ [{k}, {n}], median seconds",
-            "validating_s": validating, "profiling_s": profiled if drift is not None else None,
+            "validating_s": {"start": start_s, "end": end_s}, "profiling_s": profiled if drift is not None else None,
             "drift_pct": drift}
 
 
@@ -555,9 +560,9 @@ def machine_speed_line(speed: dict | None) -> str | None:
     if not speed or speed.get("drift_pct") is None:
         return None
     v, p, drift = speed["validating_s"], speed["profiling_s"], speed["drift_pct"]
-    ms = lambda times: (times["start"] + times["end"]) / 2 * 1e3    # noqa: E731
     text = (f"the machine ran {abs(drift):.1f}% {'slower' if drift > 0 else 'faster'} while validating than while "
-            f"profiling (a reference GEMM: {ms(v):.3f} against {ms(p):.3f} ms)")
+            f"profiling (a reference GEMM: {(v['start'] + v['end']) / 2 * 1e3:.3f} against "
+            f"{(p['start'] + p['end']) / 2 * 1e3:.3f} ms)")
     if abs(drift) >= 5.0:
         return f"WARNING: {text}; the errors above include that drift"
     return f"machine speed: {text}"
@@ -572,5 +577,5 @@ def median_error_line(summary: dict) -> str:
 
 __all__ = ["KINDS", "VALIDATION_COLUMNS", "ValidationError", "ValidationReport", "composition", "error_summary",
            "error_table", "kv_slots_needed", "last_iterations", "latency_summary", "latency_table",
-           "machine_speed", "machine_speed_line", "median_error_line", "plot_validation", "profiled_threads",
-           "retime_requests", "run_validation", "stratified_sample", "validation_row"]
+           "machine_speed", "machine_speed_line", "median_error_line", "plot_validation", "profile_meta",
+           "profiled_threads", "retime_requests", "run_validation", "stratified_sample", "validation_row"]

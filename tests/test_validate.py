@@ -286,18 +286,30 @@ def test_profile_fit_simulate_validate_pipeline_on_cpu(tmp_path):
 def test_machine_speed_compares_the_reference_kernel_by_hand():
     from simulator.validate import machine_speed, machine_speed_line
 
-    speed = machine_speed({"start": 2.0e-3, "end": 2.2e-3}, 2.3e-3, 2.32e-3)
+    meta = {"device": "cpu", "reference_kernel_s": {"start": 2.0e-3, "end": 2.2e-3}}
+    speed = machine_speed(meta, "cpu", 2.3e-3, 2.32e-3)
     assert speed["drift_pct"] == pytest.approx(10.0)               # 4.62 / 4.2 - 1
     assert speed["profiling_s"] == {"start": 2.0e-3, "end": 2.2e-3}
     assert machine_speed_line(speed) == ("WARNING: the machine ran 10.0% slower while validating than while "
                                          "profiling (a reference GEMM: 2.310 against 2.100 ms); the errors above "
                                          "include that drift")
-    calm = machine_speed({"start": 2.0e-3, "end": 2.0e-3}, 1.96e-3, 1.96e-3)
+    calm = machine_speed({"device": "cpu", "reference_kernel_s": {"start": 2.0e-3, "end": 2.0e-3}}, "cpu",
+                         1.96e-3, 1.96e-3)
     assert machine_speed_line(calm) == ("machine speed: the machine ran 2.0% faster while validating than while "
                                         "profiling (a reference GEMM: 1.960 against 2.000 ms)")
-    for older in (None, {}, {"start": 2.0e-3}):                    # a roofline model, a profile without it
-        speed = machine_speed(older, 1e-3, 1e-3)
+    # a roofline model, a profile without the kernel or with half of it, one made on another kind of device
+    for older in ({}, {"device": "cpu"}, {"device": "cpu", "reference_kernel_s": {"start": 2.0e-3}}, meta):
+        speed = machine_speed(older, "cuda" if older is meta else "cpu", 1e-3, 1e-3)
         assert speed["drift_pct"] is None and speed["profiling_s"] is None and machine_speed_line(speed) is None
+
+
+def test_profile_meta_is_the_fitted_models_copy(tmp_path):
+    from simulator.validate import profile_meta
+
+    (tmp_path / "model.json").write_text(json.dumps({"meta": {"device": "cpu", "num_threads": 2}}))
+    assert profile_meta(tmp_path) == {"device": "cpu", "num_threads": 2}
+    (tmp_path / "model.json").write_text("[1]")
+    assert profile_meta(tmp_path) == {} and profile_meta(tmp_path / "absent") == {} and profile_meta(None) == {}
 
 
 @needs_torch
