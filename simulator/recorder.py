@@ -8,7 +8,7 @@
 - the pooled time-between-tokens samples as ``(gap, count)`` pairs: the replica counts, per micro-batch, how many of
   its emitting requests had their previous token at the same time, so every gap of every request is kept exactly
   (percentiles are the numpy ``linear`` percentiles of the expanded sample, ``weighted_percentile``) in a few bytes
-  per micro-batch instead of 8 bytes per token;
+  per micro-batch instead of 8 bytes per token, and past ``SPILL_PAIRS`` pairs in a temporary file (``GapPool``);
 - Etalon's deadline accounting per request (``slo.deadline_misses``) from its token times when it finishes, done
   for many requests at once (``deadline_misses_batch``; the token times wait in a bounded buffer,
   ``_PENDING_TOKENS``).
@@ -18,7 +18,9 @@ table in chunks (``tables.TableWriter``), so they too stay bounded.
 """
 from __future__ import annotations
 
+import math
 import struct
+import tempfile
 from array import array
 from itertools import chain
 
@@ -130,6 +132,152 @@ def _pairs_distribution(pairs: np.ndarray, n: int) -> dict:
     return out
 
 
+#: pairs a ``GapPool`` holds in memory; beyond them it appends them to a temporary file (16 bytes a pair)
+SPILL_PAIRS = 1 << 20
+_BUCKETS = 1 << 16          # value buckets of the out-of-core selection (``GapPool.distribution``)
+
+
+def _order_keys(values: np.ndarray) -> np.ndarray:
+    """int64 keys ordered as the float64 ``values`` are (IEEE bits, negative numbers' flipped; -0.0 below 0.0)."""
+    k = np.ascontiguousarray(values).view(np.int64)
+    return k ^ ((k >> 63) & np.int64(0x7FFF_FFFF_FFFF_FFFF))
+
+
+class GapPool:
+    """A pooled sample as ``(value, count)`` pairs (the time between tokens), appended during a run, in memory that
+    does not grow with the run: beyond ``spill_pairs`` pairs they go to an anonymous temporary file
+    (``tempfile.TemporaryFile``, deleted when the pool is), ``spill_pairs`` at a time.
+
+    ``distribution()`` is exact either way — the numpy ``linear`` percentiles of the expanded sample and its
+    maximum. A pool that never spilled is summarised in memory (``weighted_distribution``); a spilled one in three
+    passes over the file, ``CHUNK`` pairs at a time: the count, extremes and mean; a histogram of the counts over
+    ``_BUCKETS`` buckets of the values' order keys, which names the bucket of each rank; the pairs of those few
+    buckets, sorted. The mean of a spilled pool is the correctly rounded sum of ``value x count`` over the pairs
+    (``math.fsum``) over the count, so it does not depend on the order pairs came in either.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, spill_pairs: int = SPILL_PAIRS):
+        self.spill_pairs = int(spill_pairs)
+        self._mem = array("d")            # (value, count) side by side, 16 bytes a pair
+        self._file = None
+        self._spilled = 0                 # pairs in the file
+
+    def _maybe_spill(self) -> None:
+        if len(self._mem) >= 2 * self.spill_pairs:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="servesim-tbt-")
+            self._file.seek(16 * self._spilled)
+            self._mem.tofile(self._file)
+            self._spilled += len(self._mem) // 2
+            del self._mem[:]
+
+    def add(self, gaps: dict) -> None:
+        """``{value: count}``."""
+        self._mem.extend(chain.from_iterable(gaps.items()))
+        self._maybe_spill()
+
+    def add_arrays(self, values, counts) -> None:
+        """Aligned sequences of values and counts."""
+        self._mem.extend(chain.from_iterable(zip(values, counts)))
+        self._maybe_spill()
+
+    def add_pairs(self, pairs: np.ndarray) -> None:
+        """An ``(m, 2)`` float64 array of ``(value, count)`` rows."""
+        self._mem.frombytes(np.ascontiguousarray(pairs, dtype=float).tobytes())
+        self._maybe_spill()
+
+    def __len__(self) -> int:
+        """Pairs pooled so far."""
+        return self._spilled + len(self._mem) // 2
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def truncate(self, num_pairs: int) -> None:
+        """Keep the first ``num_pairs`` pairs."""
+        if num_pairs >= self._spilled:
+            del self._mem[2 * (num_pairs - self._spilled):]
+            return
+        del self._mem[:]
+        self._file.truncate(16 * num_pairs)
+        self._spilled = num_pairs
+
+    def _chunks(self):
+        """The spilled pairs as complex128 arrays (value + 1j * count) of up to ``CHUNK`` each."""
+        f = self._file
+        f.flush()
+        for lo in range(0, self._spilled, self.CHUNK):
+            f.seek(16 * lo)
+            yield np.fromfile(f, dtype=np.complex128, count=min(self.CHUNK, self._spilled - lo))
+
+    def distribution(self) -> dict:
+        """``metrics.distribution`` of the expanded sample (mean, p50, p90, p99, max; all None when empty). The
+        pool is consumed: in memory it is sorted in place; a spilled one first takes the pairs still in memory."""
+        from simulator.metrics import PERCENTILES
+
+        if self._file is None:
+            pairs = np.frombuffer(self._mem, dtype=np.complex128) if self._mem else np.empty(0, np.complex128)
+            return _pairs_distribution(*_sort_pairs(pairs))
+        self._maybe_spill()
+        if self._mem:                    # the rest, so that every pair is in the file
+            self._file.seek(16 * self._spilled)
+            self._mem.tofile(self._file)
+            self._spilled += len(self._mem) // 2
+            del self._mem[:]
+        # pass 1: the number of samples, the extreme keys, the largest value and the sum of value x count
+        n, kmin, kmax, top = 0, None, None, -math.inf
+
+        def products():
+            nonlocal n, kmin, kmax, top
+            for c in self._chunks():
+                c = c[c.imag > 0]
+                if not len(c):
+                    continue
+                n += int(c.imag.sum())                # exact: integers below 2**53 a chunk
+                k = _order_keys(c.real)
+                lo, hi = int(k.min()), int(k.max())
+                kmin = lo if kmin is None else min(kmin, lo)
+                kmax = hi if kmax is None else max(kmax, hi)
+                top = max(top, float(c.real.max()))
+                yield from (c.real * c.imag).tolist()
+
+        total = math.fsum(products())             # correctly rounded: the same for any order of the pairs
+        if n == 0:
+            return {"mean": None, **{k: None for k in PERCENTILES}, "max": None}
+        ranks = {k: _ranks(n, q) for k, q in PERCENTILES.items()}
+        wanted = sorted({r for prev, nxt, _ in ranks.values() for r in (prev, nxt)})
+        # pass 2: samples per bucket of keys; each wanted rank's bucket and the samples below it
+        shift = max(0, (kmax - kmin).bit_length() - _BUCKETS.bit_length() + 1)
+        hist = np.zeros(_BUCKETS, dtype=float)
+        for c in self._chunks():
+            c = c[c.imag > 0]
+            hist += np.bincount((_order_keys(c.real) - kmin) >> shift, weights=c.imag, minlength=_BUCKETS)
+        cum = np.cumsum(hist)                          # exact: integers below 2**53
+        buckets = {r: int(np.searchsorted(cum, r, side="right")) for r in wanted}
+        # pass 3: the pairs of those buckets, sorted; the value at each rank
+        chosen = np.array(sorted(set(buckets.values())), dtype=np.int64)
+        parts = []
+        for c in self._chunks():
+            c = c[c.imag > 0]
+            b = (_order_keys(c.real) - kmin) >> shift
+            parts.append(c[np.isin(b, chosen)])
+        picked = np.concatenate(parts)
+        picked.sort()
+        pb = (_order_keys(picked.real) - kmin) >> shift
+        at = {}
+        for r, b in buckets.items():
+            inside = picked[pb == b]
+            before = int(cum[b - 1]) if b else 0
+            at[r] = float(inside.real[np.searchsorted(np.cumsum(inside.imag) + before, r, side="right")])
+        out = {"mean": total / n}
+        out.update({k: _lerp(at[prev], at[nxt], gamma) for k, (prev, nxt, gamma) in ranks.items()})
+        out["max"] = top
+        return out
+
+
 # token times a Recorder holds for its batched deadline accounting before doing it (the batch's arrays, some 40
 # bytes a token, then stay in the caches: a larger batch is slower per token)
 _PENDING_TOKENS = 1 << 15
@@ -216,10 +364,9 @@ class Recorder:
         self.keep_requests = keep_requests
         self.on_finish = on_finish
         self.requests: list = []          # kept finished/unfinished requests (keep_requests)
-        # one typed array of (gap, count) pairs side by side, 16 bytes a pair (a count as a float: exact, at most a
-        # micro-batch's requests), rather than lists of Python floats: a million-request run pools some 19 million
-        # pairs, and at its end the pool is sorted where it is, as complex numbers (tbt_distribution), not copied
-        self._gaps = array("d")
+        # (gap, count) pairs, 16 bytes a pair (a count as a float: exact, at most a micro-batch's requests): a
+        # million-request run pools some 16 million, which beyond SPILL_PAIRS wait in a temporary file
+        self.gaps = GapPool()
         self._deadline_cache: dict = {}
         # deadline accounting waiting to be done in one batch (deadline_misses_batch): per recorded request its
         # id, TTFT, first-token deadline and token count, and its token times copied at the time it was recorded
@@ -231,25 +378,25 @@ class Recorder:
     # --- during the run -------------------------------------------------------------------------------------
     def add_gaps(self, gaps: dict) -> None:
         """Count TBT samples: ``{gap_s: number of requests}`` of one micro-batch."""
-        self._gaps.extend(chain.from_iterable(gaps.items()))
+        self.gaps.add(gaps)
 
     def add_gap_arrays(self, values, counts) -> None:
         """Count TBT samples given as aligned sequences (fast-forward)."""
-        self._gaps.extend(chain.from_iterable(zip(values, counts)))
+        self.gaps.add_arrays(values, counts)
 
     def add_gap_pairs(self, pairs: np.ndarray) -> None:
         """Count TBT samples given as an ``(m, 2)`` float64 array of ``(gap_s, count)`` rows (fast-forward)."""
-        self._gaps.frombytes(np.ascontiguousarray(pairs, dtype=float).tobytes())
+        self.gaps.add_pairs(pairs)
 
     @property
     def num_gap_pairs(self) -> int:
         """``(gap, count)`` pairs pooled so far."""
-        return len(self._gaps) // 2
+        return len(self.gaps)
 
     def truncate_gaps(self, num_pairs: int) -> None:
         """Drop the pairs pooled after the first ``num_pairs`` (a fast-forwarded stretch taken back when the run
         stops inside it, ``simulator.fast_forward.rollback_stretch``)."""
-        del self._gaps[2 * num_pairs:]
+        self.gaps.truncate(num_pairs)
 
     def record(self, r) -> None:
         """Write request ``r``'s row (done once; later calls for the same id overwrite)."""
@@ -328,11 +475,8 @@ class Recorder:
 
     # --- after the run --------------------------------------------------------------------------------------
     def tbt_distribution(self) -> dict:
-        """``weighted_distribution`` of the pooled TBT sample, computed on the pool itself sorted in place (the
-        run is over: the pairs' order is lost, their multiset and so the result are not changed, and no copy of
-        16 bytes a pair is made)."""
-        pairs = np.frombuffer(self._gaps, dtype=np.complex128) if self._gaps else np.empty(0, np.complex128)
-        return _pairs_distribution(*_sort_pairs(pairs))
+        """``GapPool.distribution`` of the pooled TBT sample (the pool is consumed: call it once, after the run)."""
+        return self.gaps.distribution()
 
     def column(self, name: str) -> np.ndarray:
         return self.cols[name]
