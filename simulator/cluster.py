@@ -18,18 +18,23 @@ blocks are free (as if buffered in host memory).
 N clients each send a request, and the next one when it completes (or is rejected); request ``i`` then arrives at
 that moment, whatever its ``arrival_s`` was (it is overwritten). The first N arrive at time 0.
 
+**Arrivals** come from a list of Requests or a ``RequestStream`` (made from the trace's columns when needed). Fed
+from a stream, a lone entry replica keeps the tail of a long queue as stream positions (``simulator.waiting``), and
+requests that a fast-forwarded stretch reads ahead are made early and kept until they arrive, so that the Request
+objects alive do not grow with the length of the queue.
+
 The cluster owns nothing global: ``Cluster.run`` builds one environment per call.
 """
 from __future__ import annotations
 
 import math
-from array import array
-from bisect import bisect_left
 from dataclasses import dataclass, field
 
+import numpy as np
 import simpy
 
 from simulator.replica import IterationLog, Replica
+from simulator.waiting import WaitingQueue
 
 
 class SharedLink:
@@ -216,49 +221,54 @@ class Cluster:
                 rep.close()
             self._maybe_close()
 
-    def _next_request(self):
-        """The next request of the open-loop stream (read ahead by ``_read_ahead``, or from the source), or None."""
-        if self._head < len(self._ahead):
-            r = self._ahead[self._head]
-            self._head += 1
-            if self._head >= 1024 and 2 * self._head >= len(self._ahead):   # drop the arrived ones
-                del self._ahead[:self._head], self._ahead_s[:self._head]
-                self._head = 0
-            return r
-        return next(self._source, None)
-
-    def _read_ahead(self) -> bool:
-        """Read one more request of the stream into the look-ahead buffer; False at its end."""
-        r = next(self._source, None)
-        if r is None:
-            return False
-        self._ahead.append(r)
-        self._ahead_s.append(r.arrival_s)
-        return True
+    def _request(self, p: int):
+        """The request at stream position ``p``: the one made ahead for it (``_pending_arrival``), or a new one."""
+        r = self._made.pop(p, None)
+        return self._at(p) if r is None else r
 
     def _pending_arrival(self, i: int):
         """The ``i``-th request of the open-loop stream not yet arrived (0: the one the arrivals wait for), or None;
-        the stream is read ahead as far as needed."""
-        if i == 0:
-            return self._waiting_for
-        k = self._head + i - 1
-        while len(self._ahead) <= k:
-            if not self._read_ahead():
-                return None
-        return self._ahead[k]
+        made ahead and kept until it arrives (a stretch may admit it before)."""
+        p = self._pos + i
+        if p >= self._num:
+            return None
+        r = self._made.get(p)
+        if r is None:
+            r = self._made[p] = self._at(p)
+        return r
 
     def _next_arrival_from(self, t: float) -> float:
-        """The earliest arrival at or after ``t`` seconds of a request not yet arrived (``math.inf`` if none); the
-        stream is read ahead as far as needed (arrivals are sorted)."""
+        """The earliest arrival at or after ``t`` seconds of a request not yet arrived (``math.inf`` if none)
+        (arrivals are sorted)."""
         if self.next_arrival_s >= t:
             return self.next_arrival_s
-        while (len(self._ahead_s) == self._head or self._ahead_s[-1] < t) and self._read_ahead():
-            pass
-        i = bisect_left(self._ahead_s, t, self._head)
-        return self._ahead_s[i] if i < len(self._ahead_s) else math.inf
+        i = max(int(np.searchsorted(self._arrival_s, t)), self._pos)
+        return float(self._arrival_s[i]) if i < self._num else math.inf
+
+    def _make_backlog(self) -> None:
+        """Queue the first request of the entry replica's backlog (``WaitingQueue``), admitted as at its arrival
+        (positions admitted or rejected at their arrival while a backlog waited are skipped)."""
+        while True:
+            p = self._backlog_pos
+            self._backlog_pos += 1
+            if p in self._not_deferred:
+                self._not_deferred.discard(p)
+                continue
+            self._admit(self._request(p))
+            return
+
+    def _defers(self, r) -> bool:
+        """Whether the arriving ``r`` joins the backlog instead of the queue: the queue is long or has a backlog,
+        and ``r`` was not admitted ahead of its arrival and will not be rejected."""
+        waiting = self._backlog
+        if waiting is None or not (waiting.backlog or waiting.num_made >= waiting.backlog_after):
+            return False
+        sched = self._lone.scheduler
+        return r.request_id not in sched.pre_admitted and sched.rejection_reason(r) is None
 
     def run(self, requests, until_s: float | None = None) -> None:
-        """Replay ``requests`` (sorted by ``arrival_s``) to the end (or until ``until_s``)."""
+        """Replay ``requests`` (sorted by ``arrival_s``: a list, a ``RequestStream``, or an iterable, which is
+        listed) to the end (or until ``until_s``)."""
         env = self.env
         self._arrivals_done = False
         entry = self.entry_pool()
@@ -276,19 +286,42 @@ class Cluster:
                 rep.scheduler.hold_kv_after_prefill = True
                 rep.process.callbacks.append(lambda _: self._maybe_close())
 
-        self._source, self._ahead, self._ahead_s, self._head = iter(requests), [], array("d"), 0
-        self._waiting_for = None
+        stream = hasattr(requests, "at") and not self.concurrency     # a RequestStream
+        if not stream:
+            requests = list(requests)
+        self._at = requests.at if stream else requests.__getitem__
+        self._arrival_s = np.asarray(requests.arrival_s if stream else [r.arrival_s for r in requests], dtype=float)
+        self._num, self._pos, self._made = len(requests), 0, {}
+        # a lone entry replica fed from a stream keeps a long queue's tail as positions (WaitingQueue)
+        self._lone = entry.replicas[0] if len(entry.replicas) == 1 else None
+        self._backlog = None
+        if stream and self._lone is not None and not self.disaggregated and not self.concurrency \
+                and until_s is None:
+            sched = self._lone.scheduler
+            sched.waiting = self._backlog = WaitingQueue(sched.waiting, self._make_backlog)
+            self._backlog_pos, self._not_deferred = 0, set()
 
         def arrivals():
-            while True:
-                r = self._next_request()
-                if r is None:
-                    break
-                self.next_arrival_s, self._waiting_for = r.arrival_s, r
-                if r.arrival_s > env.now:
-                    yield env.timeout(r.arrival_s - env.now)
+            arrival_s = self._arrival_s
+            while self._pos < self._num:
+                p = self._pos
+                t = float(arrival_s[p])
+                self.next_arrival_s = t
+                if t > env.now:
+                    yield env.timeout(t - env.now)
+                self._pos = p + 1
+                r = self._request(p)
+                backlog = self._backlog
+                if backlog is not None:
+                    if self._defers(r):
+                        backlog.backlog += 1          # (r is dropped: made again when the queue reaches it)
+                        continue
+                    if backlog.backlog:
+                        self._not_deferred.add(p)
+                    else:
+                        self._backlog_pos = p + 1
                 self._admit(r)
-            self.next_arrival_s, self._waiting_for = math.inf, None
+            self.next_arrival_s = math.inf
             for rep in entry.replicas:
                 rep.close()
             self._arrivals_done = True
@@ -303,4 +336,9 @@ class Cluster:
         if until_s is not None:
             env.run(until=until_s)
             return
-        env.run(until=simpy.AllOf(env, [rep.process for rep in self.replicas]))
+        try:
+            env.run(until=simpy.AllOf(env, [rep.process for rep in self.replicas]))
+        except BaseException:
+            if self._backlog is not None:     # a hook stopped the run: queue what arrived, as it would be
+                self._backlog.make_all()
+            raise

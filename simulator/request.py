@@ -109,3 +109,55 @@ class Request:
     def fresh_copy(self) -> "Request":
         """The request as it arrived: same id, arrival, lengths and hashes; no progress."""
         return Request(self.request_id, self.arrival_s, self.prompt_tokens, self.output_tokens, self.block_hashes)
+
+
+class RequestStream:
+    """The requests of a trace, made from its columns when they are needed: in order by iterating (``chunk`` at a
+    time), or one by position with ``at`` — so that a run holds Request objects only for the requests it is
+    serving, not for those still to arrive or waiting in a long queue (``Cluster``). Made twice, a request is two
+    equal fresh objects.
+
+    Args:
+        arrival_s: (N,) float64 seconds, sorted; the request at position i has id i.
+        prompt_tokens, output_tokens: (N,) integers.
+        block_hashes: N tuples of prefix-cache keys of the prompt's full KV blocks, or None.
+        chunk: requests made at once while iterating.
+    """
+
+    def __init__(self, arrival_s, prompt_tokens, output_tokens, block_hashes=None, *, chunk: int = 4096):
+        self.arrival_s = arrival_s
+        self.prompt_tokens = prompt_tokens
+        self.output_tokens = output_tokens
+        self.block_hashes = block_hashes
+        self.chunk = max(int(chunk), 1)
+        self._made: list = []
+        self._next = 0                    # position of _made[0]
+        self._i = 0                       # index in _made of the next one to yield
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+    def at(self, i: int) -> Request:
+        """A fresh Request for position ``i`` (IndexError past the end)."""
+        h = self.block_hashes[i] if self.block_hashes is not None else ()
+        return Request(i, float(self.arrival_s[i]), int(self.prompt_tokens[i]), int(self.output_tokens[i]), h)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Request:
+        if self._i >= len(self._made):
+            lo = self._next + len(self._made)
+            hi = min(len(self), lo + self.chunk)
+            if lo >= hi:
+                raise StopIteration
+            cols = zip(range(lo, hi), self.arrival_s[lo:hi].tolist(), self.prompt_tokens[lo:hi].tolist(),
+                       self.output_tokens[lo:hi].tolist())
+            if self.block_hashes is None:
+                self._made = [Request(i, a, p, o) for i, a, p, o in cols]
+            else:
+                self._made = [Request(i, a, p, o, h) for (i, a, p, o), h in zip(cols, self.block_hashes[lo:hi])]
+            self._next, self._i = lo, 0
+        r = self._made[self._i]
+        self._i += 1
+        return r

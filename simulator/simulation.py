@@ -26,7 +26,7 @@ from simulator.metrics import NULLABLE_INTS, iteration_table, request_columns, s
 from simulator.output import ChunkWriter, table_path, write_table
 from simulator.recorder import Recorder
 from simulator.replica import IterationLog, Replica
-from simulator.request import Request
+from simulator.request import Request, RequestStream
 from simulator.routers import ROUTERS
 from simulator.schedulers import SCHEDULERS, foreign_options
 from simulator.slo import DEFAULT_DECODE_DEADLINE_S, DEFAULT_TTFT_SLACK_S, predicted_prefill_s
@@ -157,9 +157,9 @@ def load_requests(config: SimConfig, model=None, *, changes: dict | None = None)
 
 
 def stream_requests(config: SimConfig, model=None, *, changes: dict | None = None, chunk: int | None = 4096):
-    """``(number of requests, iterator of Requests)`` of the config's trace, as ``load_requests`` gives them but
-    created ``chunk`` at a time while the iterator is consumed (None: all at once), so that a long run holds only
-    the requests that arrived and did not finish (the trace's numpy columns stay, 24 bytes a request)."""
+    """``(number of requests, RequestStream)`` of the config's trace: the Requests ``load_requests`` gives, made
+    ``chunk`` at a time while the stream is iterated (None: all at once) or one by one by position, so that a long
+    run holds only the requests it is serving (the trace's numpy columns stay, 24 bytes a request)."""
     from traces import WORKLOADS, load_columns
 
     model = model or load_model(config.model)
@@ -179,15 +179,8 @@ def stream_requests(config: SimConfig, model=None, *, changes: dict | None = Non
         H = trace.hash_block_tokens
         hashes = [block_hashes_for(h, H, p, config.block_size)
                   for h, p in zip(trace.block_hashes, trace.prompt_tokens.tolist())]
-    n = len(trace)
-    step = chunk or max(n, 1)
-
-    def requests():
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            yield from _requests(range(lo, hi), trace.arrival_s[lo:hi].tolist(), trace.prompt_tokens[lo:hi].tolist(),
-                                 trace.output_tokens[lo:hi].tolist(), None if hashes is None else hashes[lo:hi])
-    return n, requests()
+    return len(trace), RequestStream(trace.arrival_s, trace.prompt_tokens, trace.output_tokens, hashes,
+                                     chunk=chunk or max(len(trace), 1))
 
 
 def requests_from_frame(df: pd.DataFrame, block_hashes=None) -> list[Request]:
@@ -386,7 +379,7 @@ def _kv_transfer(dep: Deployment) -> Transfer:
 def run_deployment(dep: Deployment, requests, *, num_requests: int | None = None, record_plans: bool = False,
                    on_iteration=None, on_finish=None, until_s: float | None = None,
                    log: IterationLog | None = None, recorder: Recorder | None = None):
-    """Run ``requests`` (fresh, sorted by arrival; a list, or any iterable with ``num_requests`` given) on a new
+    """Run ``requests`` (fresh, sorted by arrival; a list, or a ``RequestStream`` with ``num_requests`` given) on a new
     cluster of ``dep`` and return the cluster (``cluster.recorder`` holds what was measured). ``log`` receives the
     iteration rows (a new one by default; its ``scheduled_s[-1]`` is the clock in ``on_iteration``)."""
     env = simpy.Environment()

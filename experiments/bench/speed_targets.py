@@ -11,7 +11,8 @@ Targets (issue 11):
 - ``default``: ``servesim simulate`` on the defaults. Target <= 1.0 s.
 - ``million``: 1,000,000 requests of the default workload at 2 QPS. Target <= 60 s, <= 1 GB.
 - ``overload-<scheduler>``: 100,000 requests at 50 QPS (far past capacity) for vllm, sarathi, orca. Target
-  <= 10 s each, memory independent of the request count beyond the outputs.
+  <= 10 s each, memory independent of the request count beyond the outputs: the same run at 20,000 requests is
+  timed too, and the growth of the peak printed in bytes per request.
 - ``capacity``: one capacity search (Mistral-7B, A100, sharegpt, strict SLO, Sarathi-Serve 512, 2048 requests).
   Target <= 3 s.
 
@@ -64,8 +65,9 @@ def commands(tmp: Path) -> dict:
                      "strict", "--num-requests", "2048", *out("capacity")],
     }
     for sched in ("vllm", "sarathi", "orca"):
-        cmds[f"overload-{sched}"] = [*servesim(), "simulate", "--scheduler", sched, "--num-requests", "100000",
-                                     "--qps", "50", *out(f"overload-{sched}")]
+        for n, suffix in ((100000, ""), (20000, "-20k")):
+            cmds[f"overload-{sched}{suffix}"] = [*servesim(), "simulate", "--scheduler", sched, "--num-requests",
+                                                 str(n), "--qps", "50", *out(f"overload-{sched}{suffix}")]
     if ARXIV.exists() and VIDUR.exists():
         model = tmp / "codellama-34b"
         model.mkdir(exist_ok=True)
@@ -104,6 +106,12 @@ def main():
             target = f"<= {t_wall:g} s" + (f", <= {t_rss} MiB" if t_rss else "")
             print(f"{name:<18} {wall:>8.2f} {rss:>9.0f}  {target:<18} " +
                   " ".join(f"{w:.2f}s/{m:.0f}M" for w, m in runs), flush=True)
+            if name.startswith("overload-"):
+                # memory independent of the request count: the same run at 20k requests, and the growth
+                small = [timed(cmds[f"{name}-20k"]) for _ in range(args.repeat)]
+                rss_small = min(r[1] for r in small)
+                print(f"{'  at 20k requests':<18} {min(r[0] for r in small):>8.2f} {rss_small:>9.0f}  "
+                      f"growth {(rss - rss_small) * 1024 * 1024 / 80000:.0f} bytes/request", flush=True)
     print(f"(load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)")
 
 
