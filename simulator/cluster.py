@@ -305,7 +305,7 @@ class Cluster:
             arrival_s = self._arrival_s
             while self._pos < self._num:
                 p = self._pos
-                t = float(arrival_s[p])
+                t = arrival_s.item(p)
                 self.next_arrival_s = t
                 if t > env.now:
                     yield env.timeout(t - env.now)

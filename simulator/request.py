@@ -118,8 +118,8 @@ class RequestStream:
     equal fresh objects.
 
     Args:
-        arrival_s: (N,) float64 seconds, sorted; the request at position i has id i.
-        prompt_tokens, output_tokens: (N,) integers.
+        arrival_s: (N,) float64 numpy array, seconds, sorted; the request at position i has id i.
+        prompt_tokens, output_tokens: (N,) integer numpy arrays.
         block_hashes: N tuples of prefix-cache keys of the prompt's full KV blocks, or None.
         chunk: requests made at once while iterating.
     """
@@ -140,7 +140,8 @@ class RequestStream:
     def at(self, i: int) -> Request:
         """A fresh Request for position ``i`` (IndexError past the end)."""
         h = self.block_hashes[i] if self.block_hashes is not None else ()
-        return Request(i, float(self.arrival_s[i]), int(self.prompt_tokens[i]), int(self.output_tokens[i]), h)
+        return Request(i, float(self.arrival_s.item(i)), int(self.prompt_tokens.item(i)),
+                       int(self.output_tokens.item(i)), h)
 
     def __iter__(self):
         return self
