@@ -132,8 +132,8 @@ def _pairs_distribution(pairs: np.ndarray, n: int) -> dict:
     return out
 
 
-#: pairs a ``GapPool`` holds in memory; beyond them it appends them to a temporary file (16 bytes a pair)
-SPILL_PAIRS = 1 << 20
+#: pairs a ``GapPool`` holds in memory (4 MiB); beyond them it appends them to a temporary file (16 bytes a pair)
+SPILL_PAIRS = 1 << 18
 _BUCKETS = 1 << 16          # value buckets of the out-of-core selection (``GapPool.distribution``)
 
 
@@ -150,13 +150,14 @@ class GapPool:
 
     ``distribution()`` is exact either way — the numpy ``linear`` percentiles of the expanded sample and its
     maximum. A pool that never spilled is summarised in memory (``weighted_distribution``); a spilled one in three
-    passes over the file, ``CHUNK`` pairs at a time: the count, extremes and mean; a histogram of the counts over
-    ``_BUCKETS`` buckets of the values' order keys, which names the bucket of each rank; the pairs of those few
-    buckets, sorted. The mean of a spilled pool is the correctly rounded sum of ``value x count`` over the pairs
-    (``math.fsum``) over the count, so it does not depend on the order pairs came in either.
+    passes over the file, ``CHUNK`` pairs at a time (so its summary, like the pool, takes a few MiB): the count,
+    extremes and mean; a histogram of the counts over ``_BUCKETS`` buckets of the values' order keys, which names the
+    bucket of each rank; the pairs of those few buckets, sorted. The mean of a spilled pool is the correctly rounded
+    sum of ``value x count`` over the pairs (``math.fsum``) over the count, so it does not depend on the order pairs
+    came in either.
     """
 
-    CHUNK = 1 << 20
+    CHUNK = 1 << 16             # pairs read at once from the file (1 MiB; with its temporaries some 5 MiB)
 
     def __init__(self, spill_pairs: int = SPILL_PAIRS):
         self.spill_pairs = int(spill_pairs)
