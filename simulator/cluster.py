@@ -111,6 +111,9 @@ class Pool:
     seq: int = 0
 
     def route(self, request):
+        if len(self.replicas) == 1:          # (a router only chooses: with one replica, nothing to choose)
+            self.seq += 1
+            return self.replicas[0]
         from simulator.routers import ReplicaLoad
 
         loads = [ReplicaLoad(i, rep.scheduler, request) for i, rep in enumerate(self.replicas)]
@@ -245,17 +248,21 @@ class Cluster:
         i = max(int(np.searchsorted(self._arrival_s, t)), self._pos)
         return float(self._arrival_s[i]) if i < self._num else math.inf
 
-    def _make_backlog(self) -> None:
-        """Queue the first request of the entry replica's backlog (``WaitingQueue``), admitted as at its arrival
-        (positions admitted or rejected at their arrival while a backlog waited are skipped)."""
-        while True:
-            p = self._backlog_pos
-            self._backlog_pos += 1
-            if p in self._not_deferred:
-                self._not_deferred.discard(p)
-                continue
-            self._admit(self._request(p))
-            return
+    def _make_backlog(self, k: int) -> None:
+        """Queue the first ``k`` requests of the entry replica's backlog (``WaitingQueue``), admitted as at their
+        arrival (positions admitted or rejected at their arrival while a backlog waited are skipped)."""
+        p, positions, skip = self._backlog_pos, [], self._not_deferred
+        while len(positions) < k:
+            if p in skip:
+                skip.discard(p)
+            else:
+                positions.append(p)
+            p += 1
+        self._backlog_pos = p
+        lo = positions[0]
+        made = self._make_range(lo, p)
+        for q in positions:
+            self._admit(made[q - lo])
 
     def _defers(self, r) -> bool:
         """Whether the arriving ``r`` joins the backlog instead of the queue: the queue is long or has a backlog,
@@ -290,6 +297,7 @@ class Cluster:
         if not stream:
             requests = list(requests)
         self._at = requests.at if stream else requests.__getitem__
+        self._make_range = requests.make if stream else None
         self._arrival_s = np.asarray(requests.arrival_s if stream else [r.arrival_s for r in requests], dtype=float)
         self._num, self._pos, self._made = len(requests), 0, {}
         # a lone entry replica fed from a stream keeps a long queue's tail as positions (WaitingQueue)

@@ -143,6 +143,14 @@ class RequestStream:
         return Request(i, float(self.arrival_s.item(i)), int(self.prompt_tokens.item(i)),
                        int(self.output_tokens.item(i)), h)
 
+    def make(self, lo: int, hi: int) -> list[Request]:
+        """Fresh Requests for positions ``lo`` to ``hi - 1`` (fewer past the end)."""
+        cols = zip(range(lo, hi), self.arrival_s[lo:hi].tolist(), self.prompt_tokens[lo:hi].tolist(),
+                   self.output_tokens[lo:hi].tolist())
+        if self.block_hashes is None:
+            return [Request(i, a, p, o) for i, a, p, o in cols]
+        return [Request(i, a, p, o, h) for (i, a, p, o), h in zip(cols, self.block_hashes[lo:hi])]
+
     def __iter__(self):
         return self
 
@@ -152,12 +160,7 @@ class RequestStream:
             hi = min(len(self), lo + self.chunk)
             if lo >= hi:
                 raise StopIteration
-            cols = zip(range(lo, hi), self.arrival_s[lo:hi].tolist(), self.prompt_tokens[lo:hi].tolist(),
-                       self.output_tokens[lo:hi].tolist())
-            if self.block_hashes is None:
-                self._made = [Request(i, a, p, o) for i, a, p, o in cols]
-            else:
-                self._made = [Request(i, a, p, o, h) for (i, a, p, o), h in zip(cols, self.block_hashes[lo:hi])]
+            self._made = self.make(lo, hi)
             self._next, self._i = lo, 0
         r = self._made[self._i]
         self._i += 1

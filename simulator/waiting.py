@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import deque
 
 class WaitingQueue(deque):
-    """A deque of the queued requests, followed by ``backlog`` requests not made yet; ``make_next()`` makes the
-    first of them and appends it (through the replica's ``add``). ``num_made``: the queued requests made."""
+    """A deque of the queued requests, followed by ``backlog`` requests not made yet; ``make_next(k)`` makes the
+    first ``k`` of them and appends them (through the replica's ``add``). ``num_made``: the queued requests made."""
 
     #: queued requests beyond which arrivals wait as stream positions (a few hundred KiB of Request objects)
     backlog_after = 1024
@@ -28,11 +28,15 @@ class WaitingQueue(deque):
     def num_made(self) -> int:
         return deque.__len__(self)
 
+    #: backlog requests made at once when the queue reaches its backlog
+    batch = 64
+
     def _make(self, n: int) -> None:
-        """Make backlog requests until ``n`` are made (or the backlog is empty)."""
+        """Make backlog requests until ``n`` are made (or the backlog is empty), ``batch`` at a time."""
         while self.backlog and deque.__len__(self) < n:
-            self.backlog -= 1
-            self.make_next()
+            k = min(self.backlog, max(self.batch, n - deque.__len__(self)))
+            self.backlog -= k
+            self.make_next(k)
 
     def make_all(self) -> None:
         self._make(deque.__len__(self) + self.backlog)

@@ -16,20 +16,27 @@ from simulator.waiting import WaitingQueue
 
 
 def test_the_backlog_is_made_in_order_when_reached():
-    made = []
+    calls = []
     q = WaitingQueue(["a", "b"])
-    q.make_next = lambda: (made.append(len(made)), q.append(f"m{len(made) - 1}"))
-    q.backlog = 3
-    assert len(q) == 5 and q and q.num_made == 2
-    assert q[0] == "a" and made == []                # the head does not make the backlog
-    assert q[3] == "m1" and len(made) == 2 and len(q) == 5 and q.num_made == 4
+
+    def make_next(k):
+        calls.append(k)
+        made = sum(calls[:-1])
+        q.extend(f"m{made + i}" for i in range(k))
+
+    q.make_next, q.batch = make_next, 2
+    q.backlog = 5
+    assert len(q) == 7 and q and q.num_made == 2
+    assert q[0] == "a" and calls == []               # the head does not make the backlog
+    assert q[3] == "m1" and calls == [2] and len(q) == 7 and q.num_made == 4
+    assert q[4] == "m2" and calls == [2, 2] and q.num_made == 6 and q.backlog == 1
     q.appendleft("preempted")
-    assert [q.popleft() for _ in range(5)] == ["preempted", "a", "b", "m0", "m1"]
-    assert q.popleft() == "m2" and not q and len(q) == 0
+    assert [q.popleft() for _ in range(7)] == ["preempted", "a", "b", "m0", "m1", "m2", "m3"]
+    assert q.popleft() == "m4" and calls == [2, 2, 1] and not q and len(q) == 0
     with pytest.raises(IndexError):
         q.popleft()
-    q.backlog = 2
-    assert list(q) == ["m3", "m4"] and q.backlog == 0
+    q.backlog = 3
+    assert list(q) == ["m5", "m6", "m7"] and q.backlog == 0 and calls[-1] == 3
 
 
 def _files(out: Path) -> dict:
