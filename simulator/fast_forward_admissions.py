@@ -341,6 +341,10 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             until = nxt.arrival_s if head is None and nxt is not None else None   # a slot waits for it
             stopped = cut = False
             j0, block = j, 64            # priced in growing blocks: a run may stop long before e
+            if until is not None:        # first as many as should reach the arrival (durations vary slowly)
+                guess = (until - t) / durations[-1] + 2
+                if guess < block:
+                    block = int(guess) if guess > 2 else 2
             while j0 < e and not (stopped or cut):
                 if until is not None and until < t:   # it arrived before step j0: admitted then
                     cut = True
