@@ -37,6 +37,10 @@ from simulator.replica import IterationLog, Replica
 from simulator.waiting import WaitingQueue
 
 
+#: requests of the stream made at once when a stretch reads ahead (``Cluster._pending_arrival``)
+READ_AHEAD = 32
+
+
 class SharedLink:
     """A link whose bandwidth is shared equally by the transfers in progress (processor sharing).
 
@@ -237,7 +241,13 @@ class Cluster:
             return None
         r = self._made.get(p)
         if r is None:
-            r = self._made[p] = self._at(p)
+            if self._make_range is None:
+                r = self._made[p] = self._at(p)
+            else:                            # the next ones too: a stretch reads on (at most READ_AHEAD more)
+                made = self._made
+                for q, req in zip(range(p, p + READ_AHEAD), self._make_range(p, min(p + READ_AHEAD, self._num))):
+                    made.setdefault(q, req)          # (one made before stays: a stretch may have admitted it)
+                r = made[p]
         return r
 
     def _next_arrival_from(self, t: float) -> float:
@@ -245,7 +255,7 @@ class Cluster:
         (arrivals are sorted)."""
         if self.next_arrival_s >= t:
             return self.next_arrival_s
-        i = max(int(np.searchsorted(self._arrival_s, t)), self._pos)
+        i = max(int(self._arrival_s.searchsorted(t)), self._pos)
         return float(self._arrival_s[i]) if i < self._num else math.inf
 
     def _make_backlog(self, k: int) -> None:
