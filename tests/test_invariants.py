@@ -137,6 +137,9 @@ def test_scheduler_invariants(policy, pp, num_replicas, w):
         sched, bm = state["schedulers"][replica], state["schedulers"][replica].kv
         formed_s = state["log"].scheduled_s[-1]          # when the replica formed this micro-batch
         end = start_s + duration_s
+        # micro-batches that ended by now; one ending within 1e-9 s of it (``end`` here is start + duration, the
+        # engine's own end may round the other way) may or may not have been applied before this one was formed
+        near = {r for r, e in in_flight.items() if abs(e - formed_s) <= 1e-9}
         for rid in [r for r, e in in_flight.items() if e <= formed_s + 1e-9]:
             del in_flight[rid]
         assert duration_s > 0
@@ -165,6 +168,7 @@ def test_scheduler_invariants(policy, pp, num_replicas, w):
                 assert ctx + new <= known
         # --- per policy ---
         idle_before = running_ids - set(in_flight)       # running and not in flight when this plan was formed
+        surely_idle = idle_before - near
         if policy == "vllm-v0":
             assert plan.kind in ("prefill", "decode")
             if plan.kind == "prefill":
@@ -172,7 +176,7 @@ def test_scheduler_invariants(policy, pp, num_replicas, w):
                 assert all(n == by_id[rid][1] + generated[rid] for rid, n in zip(ids, plan.num_new_tokens))
                 assert plan.num_prefill_tokens <= mnbt
             else:
-                assert set(ids) == idle_before, "vLLM v0 decodes every running request"
+                assert surely_idle <= set(ids) <= idle_before, "vLLM v0 decodes every running request"
             assert len(running_ids) <= w["max_batch"]
         elif policy == "vllm":
             assert plan.num_tokens <= (w["max_num_batched_tokens"] or 48)
@@ -200,7 +204,8 @@ def test_scheduler_invariants(policy, pp, num_replicas, w):
             else:
                 assert plan.kind in ("prefill", "decode")
                 # decode-only of the whole batch, or a prefill of new prompts when nothing else runs
-                assert set(ids) == idle_before, "FasterTransformer admitted prompts while others decode"
+                assert surely_idle <= set(ids) <= idle_before, \
+                    "FasterTransformer admitted prompts while others decode"
 
         for rid, new, ctx in plan.entries():
             in_flight[rid] = end
