@@ -34,10 +34,11 @@ import numpy as np
 import simpy
 
 from simulator.replica import IterationLog, Replica
+from simulator.request import RequestStream
 from simulator.waiting import WaitingQueue
 
 
-#: requests of the stream made at once when a stretch reads ahead (``Cluster._pending_arrival``)
+#: requests of the stream made at once when one is needed before its arrival or at it (``Cluster._made_at``)
 READ_AHEAD = 32
 
 
@@ -228,27 +229,22 @@ class Cluster:
                 rep.close()
             self._maybe_close()
 
-    def _request(self, p: int):
-        """The request at stream position ``p``: the one made ahead for it (``_pending_arrival``), or a new one."""
-        r = self._made.pop(p, None)
-        return self._at(p) if r is None else r
-
-    def _pending_arrival(self, i: int):
-        """The ``i``-th request of the open-loop stream not yet arrived (0: the one the arrivals wait for), or None;
-        made ahead and kept until it arrives (a stretch may admit it before)."""
-        p = self._pos + i
-        if p >= self._num:
-            return None
+    def _made_at(self, p: int):
+        """The request at stream position ``p`` (< N), made with the next ones (``READ_AHEAD`` at once) if it was
+        not; kept in ``_made`` until it arrives (a stretch may admit it before)."""
         r = self._made.get(p)
         if r is None:
-            if self._make_range is None:
-                r = self._made[p] = self._at(p)
-            else:                            # the next ones too: a stretch reads on (at most READ_AHEAD more)
-                made = self._made
-                for q, req in zip(range(p, p + READ_AHEAD), self._make_range(p, min(p + READ_AHEAD, self._num))):
-                    made.setdefault(q, req)          # (one made before stays: a stretch may have admitted it)
-                r = made[p]
+            made = self._made
+            for q, req in zip(range(p, p + READ_AHEAD), self._make_range(p, p + READ_AHEAD)):
+                made.setdefault(q, req)              # (one made before stays: a stretch may have admitted it)
+            r = made[p]
         return r
+
+    def _pending_arrival(self, i: int):
+        """The ``i``-th request of the open-loop stream not yet arrived (0: the one the arrivals wait for), or
+        None."""
+        p = self._pos + i
+        return self._made_at(p) if p < self._num else None
 
     def _next_arrival_from(self, t: float) -> float:
         """The earliest arrival at or after ``t`` seconds of a request not yet arrived (``math.inf`` if none)
@@ -303,11 +299,11 @@ class Cluster:
                 rep.scheduler.hold_kv_after_prefill = True
                 rep.process.callbacks.append(lambda _: self._maybe_close())
 
-        stream = hasattr(requests, "at") and not self.concurrency     # a RequestStream
+        stream = isinstance(requests, RequestStream) and not self.concurrency
         if not stream:
             requests = list(requests)
-        self._at = requests.at if stream else requests.__getitem__
-        self._make_range = requests.make if stream else None
+        # requests by stream position: made from the columns, or (a list) the listed ones, the same objects
+        self._make_range = requests.make if stream else (lambda lo, hi: requests[lo:hi])
         self._arrival_s = np.asarray(requests.arrival_s if stream else [r.arrival_s for r in requests], dtype=float)
         self._num, self._pos, self._made = len(requests), 0, {}
         # a lone entry replica fed from a stream keeps a long queue's tail as positions (WaitingQueue)
@@ -328,7 +324,8 @@ class Cluster:
                 if t > env.now:
                     yield env.timeout(t - env.now)
                 self._pos = p + 1
-                r = self._request(p)
+                r = self._made_at(p)
+                del self._made[p]
                 backlog = self._backlog
                 if backlog is not None:
                     if self._defers(r):

@@ -165,14 +165,18 @@ class GapPool:
         self._file = None
         self._spilled = 0                 # pairs in the file
 
+    def _spill(self) -> None:
+        """Append the pairs in memory to the file."""
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="servesim-tbt-")
+        self._file.seek(16 * self._spilled)
+        self._mem.tofile(self._file)
+        self._spilled += len(self._mem) // 2
+        del self._mem[:]
+
     def _maybe_spill(self) -> None:
         if len(self._mem) >= 2 * self.spill_pairs:
-            if self._file is None:
-                self._file = tempfile.TemporaryFile(prefix="servesim-tbt-")
-            self._file.seek(16 * self._spilled)
-            self._mem.tofile(self._file)
-            self._spilled += len(self._mem) // 2
-            del self._mem[:]
+            self._spill()
 
     def add(self, gaps: dict) -> None:
         """``{value: count}``."""
@@ -222,12 +226,8 @@ class GapPool:
         if self._file is None:
             pairs = np.frombuffer(self._mem, dtype=np.complex128) if self._mem else np.empty(0, np.complex128)
             return _pairs_distribution(*_sort_pairs(pairs))
-        self._maybe_spill()
         if self._mem:                    # the rest, so that every pair is in the file
-            self._file.seek(16 * self._spilled)
-            self._mem.tofile(self._file)
-            self._spilled += len(self._mem) // 2
-            del self._mem[:]
+            self._spill()
         # pass 1: the number of samples, the extreme keys, the largest value and the sum of value x count
         n, kmin, kmax, top = 0, None, None, -math.inf
 

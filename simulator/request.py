@@ -111,9 +111,18 @@ class Request:
         return Request(self.request_id, self.arrival_s, self.prompt_tokens, self.output_tokens, self.block_hashes)
 
 
+def requests_from_columns(ids, arrivals, prompts, outputs, block_hashes=None) -> list[Request]:
+    """Fresh Requests from aligned sequences: ids, arrival times (seconds), prompt and output lengths (tokens) and,
+    if given, each request's prompt-block prefix-cache keys."""
+    rows = zip(ids, arrivals, prompts, outputs)
+    if block_hashes is None:
+        return [Request(int(i), float(a), int(p), int(o)) for i, a, p, o in rows]
+    return [Request(int(i), float(a), int(p), int(o), h) for (i, a, p, o), h in zip(rows, block_hashes)]
+
+
 class RequestStream:
     """The requests of a trace, made from its columns when they are needed: in order by iterating (``chunk`` at a
-    time), or one by position with ``at`` — so that a run holds Request objects only for the requests it is
+    time), or a range of positions with ``make`` — so that a run holds Request objects only for the requests it is
     serving, not for those still to arrive or waiting in a long queue (``Cluster``). Made twice, a request is two
     equal fresh objects.
 
@@ -130,38 +139,16 @@ class RequestStream:
         self.output_tokens = output_tokens
         self.block_hashes = block_hashes
         self.chunk = max(int(chunk), 1)
-        self._made: list = []
-        self._next = 0                    # position of _made[0]
-        self._i = 0                       # index in _made of the next one to yield
 
     def __len__(self) -> int:
         return len(self.arrival_s)
 
-    def at(self, i: int) -> Request:
-        """A fresh Request for position ``i`` (IndexError past the end)."""
-        h = self.block_hashes[i] if self.block_hashes is not None else ()
-        return Request(i, float(self.arrival_s.item(i)), int(self.prompt_tokens.item(i)),
-                       int(self.output_tokens.item(i)), h)
-
     def make(self, lo: int, hi: int) -> list[Request]:
         """Fresh Requests for positions ``lo`` to ``hi - 1`` (fewer past the end)."""
-        cols = zip(range(lo, hi), self.arrival_s[lo:hi].tolist(), self.prompt_tokens[lo:hi].tolist(),
-                   self.output_tokens[lo:hi].tolist())
-        if self.block_hashes is None:
-            return [Request(i, a, p, o) for i, a, p, o in cols]
-        return [Request(i, a, p, o, h) for (i, a, p, o), h in zip(cols, self.block_hashes[lo:hi])]
+        return requests_from_columns(range(lo, min(hi, len(self))), self.arrival_s[lo:hi].tolist(),
+                                     self.prompt_tokens[lo:hi].tolist(), self.output_tokens[lo:hi].tolist(),
+                                     None if self.block_hashes is None else self.block_hashes[lo:hi])
 
     def __iter__(self):
-        return self
-
-    def __next__(self) -> Request:
-        if self._i >= len(self._made):
-            lo = self._next + len(self._made)
-            hi = min(len(self), lo + self.chunk)
-            if lo >= hi:
-                raise StopIteration
-            self._made = self.make(lo, hi)
-            self._next, self._i = lo, 0
-        r = self._made[self._i]
-        self._i += 1
-        return r
+        for lo in range(0, len(self), self.chunk):
+            yield from self.make(lo, lo + self.chunk)

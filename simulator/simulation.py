@@ -26,7 +26,7 @@ from simulator.metrics import NULLABLE_INTS, iteration_table, request_columns, s
 from simulator.output import ChunkWriter, table_path, write_table
 from simulator.recorder import Recorder
 from simulator.replica import IterationLog, Replica
-from simulator.request import Request, RequestStream
+from simulator.request import Request, RequestStream, requests_from_columns
 from simulator.routers import ROUTERS
 from simulator.schedulers import SCHEDULERS, foreign_options
 from simulator.slo import DEFAULT_DECODE_DEADLINE_S, DEFAULT_TTFT_SLACK_S, predicted_prefill_s
@@ -186,17 +186,8 @@ def stream_requests(config: SimConfig, model=None, *, changes: dict | None = Non
 def requests_from_frame(df: pd.DataFrame, block_hashes=None) -> list[Request]:
     """Requests from a trace table with columns request_id, arrival_s, prompt_tokens, output_tokens (and the
     prefix-cache keys of each request's prompt blocks, if given)."""
-    return _requests(*(df[c].tolist() for c in ("request_id", "arrival_s", "prompt_tokens", "output_tokens")),
-                     block_hashes)
-
-
-def _requests(ids, arrivals, prompts, outputs, block_hashes=None) -> list[Request]:
-    """Requests from aligned sequences: ids, arrival times (s), prompt and output lengths (tokens) and, if
-    given, each request's prompt-block prefix-cache keys."""
-    rows = zip(ids, arrivals, prompts, outputs)
-    if block_hashes is None:
-        return [Request(int(i), float(a), int(p), int(o)) for i, a, p, o in rows]
-    return [Request(int(i), float(a), int(p), int(o), h) for (i, a, p, o), h in zip(rows, block_hashes)]
+    columns = (df[c].tolist() for c in ("request_id", "arrival_s", "prompt_tokens", "output_tokens"))
+    return requests_from_columns(*columns, block_hashes)
 
 
 def resolve_hardware(config: SimConfig):

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections import deque
 
+
 class WaitingQueue(deque):
     """A deque of the queued requests, followed by ``backlog`` requests not made yet; ``make_next(k)`` makes the
     first ``k`` of them and appends them (through the replica's ``add``). ``num_made``: the queued requests made."""
 
     #: queued requests beyond which arrivals wait as stream positions (a few hundred KiB of Request objects)
     backlog_after = 1024
+    #: backlog requests made at once when the queue reaches its backlog
+    batch = 64
 
     def __init__(self, items=(), make_next=None):
         super().__init__(items)
@@ -27,9 +30,6 @@ class WaitingQueue(deque):
     @property
     def num_made(self) -> int:
         return deque.__len__(self)
-
-    #: backlog requests made at once when the queue reaches its backlog
-    batch = 64
 
     def _make(self, n: int) -> None:
         """Make backlog requests until ``n`` are made (or the backlog is empty), ``batch`` at a time."""

@@ -131,10 +131,11 @@ def test_requests_streamed_at_arrival_give_the_same_run():
     config = SimConfig().with_(num_requests=300, qps=4.0)
     before = live()
     n, stream = stream_requests(config, chunk=64)
-    first = next(stream)
+    it = iter(stream)
+    first = next(it)
     assert n == 300 and live() - before <= 64
     fields = lambda rs: [(r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens) for r in rs]  # noqa: E731
-    assert fields([first, *stream]) == fields(load_requests(config))
+    assert fields([first, *it]) == fields(load_requests(config))
     kept, streamed = simulate(config), simulate(config, keep_requests=False)
     assert kept.summary == streamed.summary and streamed.requests is None
     assert kept.request_columns().keys() == streamed.request_columns().keys()
