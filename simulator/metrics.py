@@ -55,18 +55,19 @@ NULLABLE_INTS = ("replica_id", "decode_replica_id", "deadlines", "deadline_misse
 
 
 def request_columns(cols: dict, *, cluster: bool = False, disaggregated: bool = False,
-                    prefix_caching: bool = False, fluidity: bool = True) -> dict:
+                    prefix_caching: bool = False, fluidity: bool = True, first_id: int = 0) -> dict:
     """The requests table as ``{column: array}`` from a recorder's per-request columns (``recorder.REQUEST_FIELDS``,
     index = request id): REQUEST_COLUMNS, then ``num_cached_tokens`` (prefix caching), ``replica_id`` (a cluster;
     the prefill replica when disaggregated), ``decode_replica_id``, ``kv_transfer_s`` and ``decode_queue_s``
     (disaggregated), then Etalon's fluidity columns (``slo.FLUIDITY_COLUMNS``): the first-token deadline,
-    deadlines, misses, miss rate and fluidity index (NaN for a request without output tokens)."""
+    deadlines, misses, miss rate and fluidity index (NaN for a request without output tokens). ``first_id``: the
+    id of the first row (``cols`` a block of ``Recorder.blocks``)."""
     n = len(cols["arrival_s"])
     arrival, first, done, sched = cols["arrival_s"], cols["first_token_s"], cols["completion_s"], cols["scheduled_s"]
     out = cols["output_tokens"]
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(out > 1, (done - first) / (out - 1), np.nan)
-    table = {"request_id": np.arange(n, dtype=np.int64), "arrival_s": arrival,
+    table = {"request_id": np.arange(first_id, first_id + n, dtype=np.int64), "arrival_s": arrival,
              "prompt_tokens": cols["prompt_tokens"].astype(np.int64), "output_tokens": out.astype(np.int64),
              "scheduled_s": sched, "first_token_s": first, "completion_s": done, "ttft_s": first - arrival,
              "scheduling_delay_s": sched - arrival, "e2e_s": done - arrival, "tpot_s": tpot,
@@ -140,19 +141,31 @@ def load_report(arrival_s, completion_s, makespan: float) -> dict:
     arrivals = np.sort(np.asarray(arrival_s, dtype=float)[kept])
     n = len(arrivals)
     span = float(arrivals[-1] - arrivals[0]) if n > 1 else 0.0
-    offered = (n - 1) / span if span > 0 else None
     done = np.sort(completion_s[kept])
-    served = len(done) / makespan if makespan > 0 else None
     in_system = np.arange(1, n + 1) - np.searchsorted(done, arrivals, side="right")
     q = n // 4
     second = float(in_system[q:2 * q].mean()) if q else None
     last = float(in_system[3 * q:].mean()) if q else None
+    quartiles = (float(arrivals[q]), float(arrivals[3 * q]), float(done[q]), float(done[3 * q])) if q else None
+    return load_verdict(n, span, makespan, second, last, quartiles)
+
+
+def load_verdict(n: int, span: float, makespan: float, second: float | None, last: float | None,
+                 quartiles: tuple | None) -> dict:
+    """``load_report`` from its statistics: ``n`` completed requests whose arrivals span ``span`` seconds, the mean
+    requests in the system at the arrivals of the second and last quarters, and the arrival and completion times
+    of ranks ``n // 4`` and ``3 n // 4`` (``(arrival q, arrival 3q, completion q, completion 3q)``, None when
+    ``n < 4``)."""
+    offered = (n - 1) / span if span > 0 else None
+    served = n / makespan if makespan > 0 else None
+    q = n // 4
     reasons = []
     if second is not None and last - second > 3 * np.sqrt(second) + 5:
         reasons.append(f"requests in the system grew from {second:.1f} (second quarter of arrivals) to {last:.1f} "
                        f"(last quarter)")
-    if q and len(done) > 3 * q:
-        arrive_span, complete_span = float(arrivals[3 * q] - arrivals[q]), float(done[3 * q] - done[q])
+    if q and n > 3 * q:
+        a_q, a_3q, d_q, d_3q = quartiles
+        arrive_span, complete_span = a_3q - a_q, d_3q - d_q
         if 0 < arrive_span < 0.8 * complete_span:            # completion rate < 80% of the arrival rate
             reasons.append(f"the middle half of the requests completed at {2 * q / complete_span:.3g} requests/s, "
                            f"arriving at {2 * q / arrive_span:.3g}")
@@ -185,30 +198,33 @@ def summarize(recorder, log_stats: dict, *, cluster=None, deployment=None, num_r
     counts, throughput, KV-cache utilization, load and, for a deployment, its GPUs, per-replica stage busy
     fractions, prefix-cache hit rate and per-pool sections."""
     disagg = deployment is not None and deployment.config.disaggregated
-    t = request_columns(recorder.cols, disaggregated=disagg, fluidity=False)
-    done = ~np.isnan(t["completion_s"])
-    arrivals = t["arrival_s"]
-    makespan = float(t["completion_s"][done].max() - np.nanmin(arrivals)) if done.any() else 0.0
-    total_tokens = int(t["prompt_tokens"][done].sum() + t["output_tokens"][done].sum())
-    output_tokens = int(t["output_tokens"][done].sum())
+    rows = getattr(recorder, "rows", None)
+    if rows is not None and not rows.in_memory:      # a long run's rows, read back a block at a time
+        from simulator.out_of_core import request_summary
+
+        req = request_summary(recorder, disaggregated=disagg)
+    else:
+        req = _request_summary(recorder, disagg)
+    makespan = req["makespan_s"]
+    completed = req["requests_completed"]
     schedulers = [rep.scheduler for rep in cluster.replicas] if cluster is not None else []
     out = {
-        "ttft_s": distribution(t["ttft_s"][done]),
+        "ttft_s": req["ttft_s"],
         "tbt_s": recorder.tbt_distribution(),
-        "tpot_s": distribution(t["tpot_s"][done]),
-        "e2e_s": distribution(t["e2e_s"][done]),
-        "scheduling_delay_s": distribution(t["scheduling_delay_s"]),
-        "normalized_latency_s_per_token": distribution(t["e2e_s"][done] / t["output_tokens"][done]),
-        "requests_completed": int(done.sum()),
+        "tpot_s": req["tpot_s"],
+        "e2e_s": req["e2e_s"],
+        "scheduling_delay_s": req["scheduling_delay_s"],
+        "normalized_latency_s_per_token": req["normalized_latency_s_per_token"],
+        "requests_completed": completed,
         "requests_rejected": int(sum(len(s.rejected) for s in schedulers) if num_rejected is None else num_rejected),
-        "num_preemptions": int(t["num_preemptions"].sum()),
-        "throughput_tokens_per_s": total_tokens / makespan if makespan > 0 else 0.0,
-        "output_throughput_tokens_per_s": output_tokens / makespan if makespan > 0 else 0.0,
-        "throughput_requests_per_s": int(done.sum()) / makespan if makespan > 0 else 0.0,
+        "num_preemptions": req["num_preemptions"],
+        "throughput_tokens_per_s": req["total_tokens"] / makespan if makespan > 0 else 0.0,
+        "output_throughput_tokens_per_s": req["output_tokens"] / makespan if makespan > 0 else 0.0,
+        "throughput_requests_per_s": completed / makespan if makespan > 0 else 0.0,
         "makespan_s": makespan,
         "num_iterations": int(log_stats["num_iterations"]),
         "kv_cache_utilization": {"mean": log_stats["kv_util_mean"], "max": log_stats["kv_util_max"]},
-        "load": load_report(arrivals, t["completion_s"], makespan) if len(arrivals) else None,
+        "load": req["load"],
     }
     rejected = [r for s in schedulers for r in s.rejected]
     if rejected:
@@ -233,8 +249,27 @@ def summarize(recorder, log_stats: dict, *, cluster=None, deployment=None, num_r
             pools[name] = {"num_replicas": len(rows), "gpus": sum(r["tp"] * r["pp"] for r in rows),
                            "busy_fraction_mean": float(np.mean([np.mean(r["stage_busy_fraction"]) for r in rows]))
                            if rows else None}
-        pools["prefill"]["queueing_s"] = distribution(t["scheduling_delay_s"])
-        pools["decode"]["queueing_s"] = distribution(t["decode_queue_s"])
+        pools["prefill"]["queueing_s"] = req["scheduling_delay_s"]
+        pools["decode"]["queueing_s"] = req["decode_queue_s"]
         out["pools"] = pools
+        out["kv_transfer_s"] = req["kv_transfer_s"]
+    return out
+
+
+def _request_summary(recorder, disaggregated: bool) -> dict:
+    """``out_of_core.request_summary`` of a recorder whose rows are in memory, from whole columns."""
+    t = request_columns(recorder.cols, disaggregated=disaggregated, fluidity=False)
+    done = ~np.isnan(t["completion_s"])
+    arrivals = t["arrival_s"]
+    makespan = float(t["completion_s"][done].max() - np.nanmin(arrivals)) if done.any() else 0.0
+    out = {"ttft_s": distribution(t["ttft_s"][done]), "tpot_s": distribution(t["tpot_s"][done]),
+           "e2e_s": distribution(t["e2e_s"][done]), "scheduling_delay_s": distribution(t["scheduling_delay_s"]),
+           "normalized_latency_s_per_token": distribution(t["e2e_s"][done] / t["output_tokens"][done]),
+           "requests_completed": int(done.sum()), "num_preemptions": int(t["num_preemptions"].sum()),
+           "total_tokens": int(t["prompt_tokens"][done].sum() + t["output_tokens"][done].sum()),
+           "output_tokens": int(t["output_tokens"][done].sum()), "makespan_s": makespan,
+           "load": load_report(arrivals, t["completion_s"], makespan) if len(arrivals) else None}
+    if disaggregated:
+        out["decode_queue_s"] = distribution(t["decode_queue_s"])
         out["kv_transfer_s"] = distribution(t["kv_transfer_s"])
     return out

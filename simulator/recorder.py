@@ -2,8 +2,9 @@
 
 ``Recorder`` keeps, for a run of N requests (ids 0..N-1, as every trace has):
 
-- one row per request in compact numpy columns (``REQUEST_FIELDS``), filled when the request finishes (or at the
-  end, for requests that were rejected or left unfinished) — the request object, and its list of token times, can
+- one row per request (``REQUEST_FIELDS``), written when the request finishes (or at the end, for requests that
+  were rejected or left unfinished) into ``request_rows.RequestRows`` — numpy in memory, or a temporary file for a
+  long run, read back a block at a time (``blocks``) — so the request object, and its list of token times, can
   then be dropped (``keep_requests=False``);
 - the pooled time-between-tokens samples as ``(gap, count)`` pairs: the replica counts, per micro-batch, how many of
   its emitting requests had their previous token at the same time, so every gap of every request is kept exactly
@@ -25,6 +26,8 @@ from array import array
 from itertools import chain
 
 import numpy as np
+
+from simulator.request_rows import RequestRows
 
 #: per-request columns (float64 unless in INT_FIELDS); NaN where unknown
 REQUEST_FIELDS = ("arrival_s", "prompt_tokens", "output_tokens", "scheduled_s", "first_token_s", "completion_s",
@@ -282,6 +285,9 @@ class GapPool:
 # token times a Recorder holds for its batched deadline accounting before doing it (the batch's arrays, some 40
 # bytes a token, then stay in the caches: a larger batch is slower per token)
 _PENDING_TOKENS = 1 << 15
+_STAGED_ROWS = 1024         # recorded rows waiting for their accounting (or, without it, to be written)
+_TTFT_DEADLINE, _DEADLINES, _DEADLINE_MISSES = (REQUEST_FIELDS.index(f) for f in
+                                                ("ttft_deadline_s", "deadlines", "deadline_misses"))
 
 
 def deadline_misses_batch(ttft_s, ttft_deadline_s, times_s, lengths, decode_deadline_s: float
@@ -353,12 +359,17 @@ class Recorder:
         decode_deadline_s: Etalon's decode deadline D_d.
         keep_requests: keep the finished request objects (with their token times) for the caller.
         on_finish: called with each list of finished requests (after they are recorded).
+        in_memory: keep the rows in memory (default: up to ``request_rows.IN_MEMORY_ROWS`` requests; a longer run
+            keeps them in a temporary file, and ``blocks`` reads them back a block at a time).
     """
 
     def __init__(self, num_requests: int, *, ttft_deadline=None, decode_deadline_s: float = 0.03,
-                 keep_requests: bool = True, on_finish=None):
+                 keep_requests: bool = True, on_finish=None, in_memory: bool | None = None):
         self.n = int(num_requests)
-        self._cols = {f: np.full(self.n, np.nan) for f in REQUEST_FIELDS}
+        # the rows, by id (``RequestRows``: in memory, or in a temporary file for a long run); a recorded row waits
+        # in ``_stage`` (id -> list of REQUEST_FIELDS) until its deadline accounting is done
+        self.rows = RequestRows(self.n, len(REQUEST_FIELDS), in_memory=in_memory)
+        self._stage: dict = {}
         self.recorded = np.zeros(self.n, dtype=bool)
         self.ttft_deadline = ttft_deadline
         self.decode_deadline_s = decode_deadline_s
@@ -400,54 +411,69 @@ class Recorder:
         self.gaps.truncate(num_pairs)
 
     def record(self, r) -> None:
-        """Write request ``r``'s row (done once; later calls for the same id overwrite)."""
+        """Write request ``r``'s row (done once; a later call for the same id overwrites the fields it knows)."""
         i = r.request_id
-        c = self._cols
-        c["arrival_s"][i] = r.arrival_s
-        c["prompt_tokens"][i] = r.prompt_tokens
-        c["output_tokens"][i] = r.output_tokens
-        for f in ("scheduled_s", "first_token_s", "completion_s", "replica_id", "decode_replica_id", "kv_transfer_s",
-                  "decode_scheduled_s"):
-            v = getattr(r, f)
-            if v is not None:
-                c[f][i] = v
-        c["num_preemptions"][i] = r.num_preemptions
-        c["num_cached_tokens"][i] = r.num_cached_tokens
+        nan = math.nan
+        row = [r.arrival_s, r.prompt_tokens, r.output_tokens, r.scheduled_s, r.first_token_s, r.completion_s,
+               r.num_preemptions, r.num_cached_tokens, r.replica_id, r.decode_replica_id, r.kv_transfer_s,
+               r.decode_scheduled_s, None, None, None]
+        if self.recorded[i]:             # recorded before: the fields it does not know now stay
+            before = self._row(i)
+            row = [b if v is None else v for v, b in zip(row, before)]
+        else:
+            row = [nan if v is None else v for v in row]
         if self.ttft_deadline is not None:
             dl = self._deadline_cache.get(r.prompt_tokens)
             if dl is None:
                 dl = self._deadline_cache[r.prompt_tokens] = self.ttft_deadline(r.prompt_tokens)
-            c["ttft_deadline_s"][i] = dl
+            row[_TTFT_DEADLINE] = dl       # (set after the merge above: always this record's)
             times = r.token_times_s
             if times:
                 k = len(times)
                 self._pending.append((i, times[0] - r.arrival_s, dl, k))
                 self._pending_times += struct.pack(f"{k}d", *times)
-                if len(self._pending_times) >= 8 * _PENDING_TOKENS:
-                    self._account_deadlines()
+        self._stage[i] = row
         self.recorded[i] = True
+        if len(self._pending_times) >= 8 * _PENDING_TOKENS or len(self._stage) >= _STAGED_ROWS:
+            self._account_deadlines()
+
+    def _row(self, i: int) -> list:
+        """Request ``i``'s row as recorded so far (staged, or written)."""
+        row = self._stage.get(i)
+        return row if row is not None else self.rows.read(i, i + 1)[0].tolist()
 
     def _account_deadlines(self) -> None:
         """Do the pending deadline accounting (in the order requests were recorded: a later row of an id
-        overwrites an earlier one, as recording it again does)."""
-        if not self._pending:
-            return
-        ids, ttft, dl, lengths = zip(*self._pending)
-        missed, total = deadline_misses_batch(ttft, dl, np.frombuffer(self._pending_times, dtype=float), lengths,
-                                              self.decode_deadline_s)
-        last = dict(zip(ids, range(len(ids))))          # id -> its last row
-        rows = list(last.values())
-        self._cols["deadlines"][list(last)] = total[rows]
-        self._cols["deadline_misses"][list(last)] = missed[rows]
-        self._pending = []
-        self._pending_times = bytearray()
+        overwrites an earlier one, as recording it again does), then write the staged rows."""
+        stage = self._stage
+        if self._pending:
+            ids, ttft, dl, lengths = zip(*self._pending)
+            missed, total = deadline_misses_batch(ttft, dl, np.frombuffer(self._pending_times, dtype=float),
+                                                  lengths, self.decode_deadline_s)
+            for i, m, t in zip(ids, missed.tolist(), total.tolist()):     # (a later one of an id last)
+                row = stage[i]
+                row[_DEADLINES], row[_DEADLINE_MISSES] = t, m
+            self._pending = []
+            self._pending_times = bytearray()
+        if stage:
+            self.rows.put(list(stage), list(stage.values()))
+            stage.clear()
 
     @property
     def cols(self) -> dict:
         """The per-request columns (``REQUEST_FIELDS``: name -> (N,) float64, NaN where unknown), with every
-        recorded request's deadline accounting done."""
+        recorded request's deadline accounting done. A long run's rows are read from their file into memory:
+        ``blocks`` reads them a block at a time."""
         self._account_deadlines()
-        return self._cols
+        table = self.rows.read(0, self.n)
+        return {f: table[:, k] for k, f in enumerate(REQUEST_FIELDS)}
+
+    def blocks(self, size: int | None = None):
+        """``(first id, columns)`` of consecutive requests, ``size`` at a time (default ``RequestRows.block``), in
+        id order: ``cols`` a block at a time."""
+        self._account_deadlines()
+        for lo, table in self.rows.blocks(size):
+            yield lo, {f: table[:, k] for k, f in enumerate(REQUEST_FIELDS)}
 
     def finish(self, done: list) -> None:
         """Requests finished (completed, or handed on and completed later): record them, then drop their token

@@ -74,12 +74,23 @@ class SimResult:
     def _cluster(self) -> bool:
         return self.deployment is not None and self.deployment.num_replicas > 1
 
-    def request_columns(self) -> dict:
+    def request_columns(self, cols: dict | None = None, first_id: int = 0) -> dict:
+        """The requests table's columns (``metrics.request_columns``) of ``cols`` (default: every request's)."""
         dep = self.deployment
-        return request_columns(self.recorder.cols, cluster=self._cluster,
+        return request_columns(self.recorder.cols if cols is None else cols, cluster=self._cluster,
                                disaggregated=dep is not None and dep.config.disaggregated,
                                prefix_caching=dep is not None and dep.prefix_caching,
-                               fluidity=self.recorder.ttft_deadline is not None)
+                               fluidity=self.recorder.ttft_deadline is not None, first_id=first_id)
+
+    def _write_requests(self, path: Path, fmt: str) -> None:
+        """The requests table, in one piece, or (a long run's rows, kept in a file) a block at a time."""
+        if self.recorder.rows.in_memory:
+            write_table(self.request_columns(), path, fmt, NULLABLE_INTS)
+            return
+        writer = ChunkWriter(path, fmt, NULLABLE_INTS)
+        for lo, cols in self.recorder.blocks():
+            writer.write(self.request_columns(cols, lo))
+        writer.close()
 
     def requests_table(self):
         """One row per request (pandas DataFrame): ``metrics.REQUEST_COLUMNS`` (plus the cluster columns, see
@@ -102,7 +113,7 @@ class SimResult:
         out = Path(out_dir) if out_dir is not None else streamed.out_dir
         fmt = fmt or (streamed.fmt if streamed else "csv")
         out.mkdir(parents=True, exist_ok=True)
-        write_table(self.request_columns(), table_path(out, "requests", fmt), fmt, NULLABLE_INTS)
+        self._write_requests(table_path(out, "requests", fmt), fmt)
         if self.log.sink is None:
             write_table(self.log.columns(replica_ids=self._cluster), table_path(out, "iterations", fmt), fmt)
         if tokens and not (streamed and streamed.tokens):

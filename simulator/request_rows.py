@@ -1,0 +1,84 @@
+"""Per-request rows of a run, by request id, in memory or — for a long run — in a temporary file, so that what a
+run holds does not grow with its requests.
+
+A row is ``width`` float64 fields (``recorder.REQUEST_FIELDS``). ``put`` writes rows by id (a later row of an id
+replaces the earlier one); ``read(lo, hi)`` returns the rows of ids ``lo..hi - 1`` as an ``(hi - lo, width)``
+array, NaN for ids never written. Up to ``IN_MEMORY_ROWS`` requests the rows are one numpy array; beyond, an
+anonymous temporary file (``tempfile.TemporaryFile``, deleted with the object) of ``8 x width`` bytes a request,
+written with ``os.pwrite`` (rows of consecutive ids in one call) and read back in blocks.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+#: requests whose rows are kept in memory (2 MiB of 15 fields); a longer run keeps them in a temporary file
+IN_MEMORY_ROWS = 1 << 14
+
+
+class RequestRows:
+    """Rows of ``n`` requests (ids ``0..n-1``) of ``width`` float64 fields each (see the module docstring).
+
+    Args:
+        n: requests.
+        width: fields a row.
+        in_memory: keep the rows in memory (default: when ``n <= IN_MEMORY_ROWS``).
+    """
+
+    def __init__(self, n: int, width: int, *, in_memory: bool | None = None):
+        self.n, self.width = int(n), int(width)
+        self.block = IN_MEMORY_ROWS      # rows ``blocks`` reads at once
+        if in_memory is None:
+            in_memory = self.n <= IN_MEMORY_ROWS
+        self._table = np.full((self.n, self.width), np.nan) if in_memory else None
+        self._written = None if in_memory else np.zeros(self.n, dtype=bool)
+        self._file = None if in_memory else tempfile.TemporaryFile(prefix="servesim-requests-")
+
+    @property
+    def in_memory(self) -> bool:
+        return self._table is not None
+
+    def put(self, ids, rows) -> None:
+        """Write ``rows`` (``(m, width)``, or a list of m rows) at the distinct request ``ids`` (m,)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = np.asarray(rows, dtype=float).reshape(len(ids), self.width)
+        if self._table is not None:
+            self._table[ids] = rows
+            return
+        order = np.argsort(ids, kind="stable")
+        ids, rows = ids[order], np.ascontiguousarray(rows[order])
+        self._written[ids] = True
+        breaks = np.flatnonzero(np.diff(ids) != 1) + 1          # runs of consecutive ids: one write each
+        fd, size = self._file.fileno(), 8 * self.width
+        for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(ids)]):
+            data = rows[lo:hi].tobytes()
+            at = int(ids[lo]) * size
+            while data:                                          # (a write may be partial)
+                done = os.pwrite(fd, data, at)
+                data, at = data[done:], at + done
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """The rows of ids ``lo..hi - 1``: a new ``(hi - lo, width)`` float64 array."""
+        lo, hi = max(0, lo), min(self.n, hi)
+        if self._table is not None:
+            return self._table[lo:hi].copy()
+        size = 8 * self.width
+        data = os.pread(self._file.fileno(), (hi - lo) * size, lo * size)
+        out = np.full((hi - lo, self.width), np.nan)
+        got = len(data) // size                                  # (a file shorter than the last row written)
+        if got:
+            out[:got] = np.frombuffer(data[:got * size], dtype=float).reshape(got, self.width)
+        out[~self._written[lo:hi]] = np.nan
+        return out
+
+    def blocks(self, size: int | None = None):
+        """``(lo, rows)`` of consecutive ids, ``size`` requests at a time (default ``block``), in id order."""
+        size = size or self.block
+        for lo in range(0, self.n, size):
+            yield lo, self.read(lo, lo + size)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
