@@ -258,6 +258,13 @@ class RooflineCostModel:
         hit = self._linear_cache.get(T)
         if hit is not None:
             return hit
+        ops = self._token_ops(T)
+        if len(self._linear_cache) < 65536:
+            self._linear_cache[T] = ops
+        return ops
+
+    def _token_ops(self, T: int) -> dict[str, float]:
+        """``_per_token_ops(T)``, computed (not cached)."""
         h, q, kv, f, c = self.h, self.q, self.kv, self.f, self.c
         mm, ew = c.matmul_compute_eff, c.norm_bandwidth_eff
         norm = self._op(4 * T * h, 2 * T * h + h, 1.0, ew)
@@ -277,8 +284,6 @@ class RooflineCostModel:
         }
         if self.model.layer_norms == 1:
             del ops["post_attention_layernorm"]
-        if len(self._linear_cache) < 65536:
-            self._linear_cache[T] = ops
         return ops
 
     def _all_gather(self, nbytes: float, stage: int) -> float:
@@ -291,7 +296,8 @@ class RooflineCostModel:
         """Sum of ``_per_token_ops(T)`` (cached): the hot path of ``iteration_time``."""
         total = self._linear_total.get(T)
         if total is None:
-            total = sum(self._per_token_ops(T).values())
+            ops = self._linear_cache.get(T)      # (the operators' dict is cached only where it is read)
+            total = sum((ops if ops is not None else self._token_ops(T)).values())
             if len(self._linear_total) < 65536:
                 self._linear_total[T] = total
         return total
