@@ -47,17 +47,28 @@ class RequestRows:
         if self._table is not None:
             self._table[ids] = rows
             return
+        if not len(ids):
+            return
+        first, last = int(ids.min()), int(ids.max())
+        if last - first < 4 * len(ids):  # ids close together (requests finish roughly in order): one read, one write
+            span = self.read(first, last + 1)
+            span[ids - first] = rows
+            self._written[ids] = True
+            self._write(first, span)
+            return
         order = np.argsort(ids, kind="stable")
-        ids, rows = ids[order], np.ascontiguousarray(rows[order])
+        ids, rows = ids[order], rows[order]
         self._written[ids] = True
         breaks = np.flatnonzero(np.diff(ids) != 1) + 1          # runs of consecutive ids: one write each
-        fd, size = self._file.fileno(), 8 * self.width
         for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(ids)]):
-            data = rows[lo:hi].tobytes()
-            at = int(ids[lo]) * size
-            while data:                                          # (a write may be partial)
-                done = os.pwrite(fd, data, at)
-                data, at = data[done:], at + done
+            self._write(int(ids[lo]), rows[lo:hi])
+
+    def _write(self, first: int, rows: np.ndarray) -> None:
+        """Write ``rows`` at ids ``first, first + 1, ...`` of the file."""
+        data, at = np.ascontiguousarray(rows).tobytes(), first * 8 * self.width
+        while data:                                              # (a write may be partial)
+            done = os.pwrite(self._file.fileno(), data, at)
+            data, at = data[done:], at + done
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         """The rows of ids ``lo..hi - 1``: a new ``(hi - lo, width)`` float64 array."""

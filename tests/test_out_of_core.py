@@ -37,6 +37,16 @@ def test_rows_read_back_as_written_by_id(in_memory):
     assert np.array_equal(np.concatenate([b for _, b in rows.blocks(4)]), got, equal_nan=True)
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_rows_far_apart_are_written_each_in_place(in_memory):
+    rows = RequestRows(5000, 2, in_memory=in_memory)
+    rows.put([4999, 0, 1, 2500], [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])     # (no read of the span)
+    rows.put([1, 2], [[-5.0, -6.0], [9.0, 10.0]])
+    got = rows.read(0, 5000)
+    assert got[[0, 1, 2, 2500, 4999]].tolist() == [[3.0, 4.0], [-5.0, -6.0], [9.0, 10.0], [7.0, 8.0], [1.0, 2.0]]
+    assert np.isnan(np.delete(got, [0, 1, 2, 2500, 4999], axis=0)).all()
+
+
 def timeline(rid, arrival, prompt, output, times=(), **fields):
     r = Request(request_id=rid, arrival_s=arrival, prompt_tokens=prompt, output_tokens=output)
     r.token_times_s = list(times)
