@@ -140,6 +140,56 @@ SPILL_PAIRS = 1 << 18
 _BUCKETS = 1 << 16          # value buckets of the out-of-core selection (``GapPool.distribution``)
 
 
+class ExactSum:
+    """The exact sum of float64 values added in arrays, read as the correctly rounded float (what ``math.fsum``
+    returns for the same values, in any order), without a Python float per value: each value is ``M x 2**E`` with
+    an integer mantissa ``|M| < 2**53`` (``np.frexp``); the mantissas are summed exactly per exponent in int64 (as
+    26-bit halves, so 2**36 values cannot overflow) and the per-exponent sums combined as one Python integer.
+    Values must be finite."""
+
+    def __init__(self):
+        self._int, self._exp = 0, 0       # the sum so far: _int x 2**_exp
+
+    def add(self, values) -> None:
+        v = np.asarray(values, dtype=float)
+        if not len(v):
+            return
+        m, e = np.frexp(v)
+        mant = (m * 2.0 ** 53).astype(np.int64)               # exact: m has 53 significant bits
+        exp = e.astype(np.int64) - 53
+        order = np.argsort(exp, kind="stable")
+        exp, mant = exp[order], mant[order]
+        starts = np.flatnonzero(np.r_[True, exp[1:] != exp[:-1]])
+        hi = np.add.reduceat(mant >> 26, starts)              # (floor halves: mant = hi x 2**26 + lo)
+        lo = np.add.reduceat(mant & ((1 << 26) - 1), starts)
+        base = int(exp[0])
+        total = 0
+        for h, l_, x in zip(hi.tolist(), lo.tolist(), exp[starts].tolist()):
+            total += ((h << 26) + l_) << (x - base)
+        self._combine(total, base)
+
+    def _combine(self, total: int, base: int) -> None:
+        if self._int == 0:
+            self._int, self._exp = total, base
+        elif base >= self._exp:
+            self._int += total << (base - self._exp)
+        else:
+            self._int = (self._int << (self._exp - base)) + total
+            self._exp = base
+
+    def value(self) -> float:
+        """The correctly rounded sum (an int's conversion to float rounds to nearest even; the power of two then
+        scales it exactly)."""
+        if self._int == 0:
+            return 0.0
+        n, e = abs(self._int), self._exp
+        extra = max(0, n.bit_length() - 60)                   # keep 60 bits, folding the rest into a sticky bit
+        if extra:
+            n = (n >> extra) | (1 if n & ((1 << extra) - 1) else 0)
+            e += extra
+        return math.copysign(math.ldexp(float(n), e), self._int)
+
+
 def _order_keys(values: np.ndarray) -> np.ndarray:
     """int64 keys ordered as the float64 ``values`` are (IEEE bits, negative numbers' flipped; -0.0 below 0.0)."""
     k = np.ascontiguousarray(values).view(np.int64)
@@ -156,7 +206,7 @@ class GapPool:
     passes over the file, ``CHUNK`` pairs at a time (so its summary, like the pool, takes a few MiB): the count,
     extremes and mean; a histogram of the counts over ``_BUCKETS`` buckets of the values' order keys, which names the
     bucket of each rank; the pairs of those few buckets, sorted. The mean of a spilled pool is the correctly rounded
-    sum of ``value x count`` over the pairs (``math.fsum``) over the count, so it does not depend on the order pairs
+    sum of ``value x count`` over the pairs (``ExactSum``, as ``math.fsum``) over the count, so it does not depend on the order pairs
     came in either.
     """
 
@@ -246,9 +296,12 @@ class GapPool:
                 kmin = lo if kmin is None else min(kmin, lo)
                 kmax = hi if kmax is None else max(kmax, hi)
                 top = max(top, float(c.real.max()))
-                yield from (c.real * c.imag).tolist()
+                yield c.real * c.imag
 
-        total = math.fsum(products())             # correctly rounded: the same for any order of the pairs
+        exact = ExactSum()
+        for p in products():
+            exact.add(p)
+        total = exact.value()                     # correctly rounded: the same for any order of the pairs
         if n == 0:
             return {"mean": None, **{k: None for k in PERCENTILES}, "max": None}
         ranks = {k: _ranks(n, q) for k, q in PERCENTILES.items()}

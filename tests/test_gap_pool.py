@@ -85,3 +85,20 @@ def test_truncate_across_the_spill(keep):
     expected = weighted_distribution(v, c)
     got = pool.distribution()
     assert got["p50"] == expected["p50"] and got["p99"] == expected["p99"] and got["max"] == expected["max"]
+
+
+@pytest.mark.parametrize("scale", [0, 3, 12, 40])
+def test_the_exact_sum_is_fsums(scale):
+    # a spilled pool's mean: the correctly rounded sum of value x count, as math.fsum gives it, from arrays
+    from simulator.recorder import ExactSum
+
+    rng = np.random.default_rng(scale)
+    for _ in range(200):
+        n = int(rng.integers(1, 400))
+        v = rng.normal(size=n) * 10.0 ** rng.integers(-scale, scale + 1, n)
+        if rng.random() < 0.3:
+            v = np.r_[1e16, v, -1e16, 1.0]                      # cancellation: naive sums lose the small ones
+        exact = ExactSum()
+        for lo in range(0, len(v), 37):
+            exact.add(v[lo:lo + 37])
+        assert exact.value() == math.fsum(v.tolist())
