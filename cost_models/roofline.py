@@ -178,6 +178,11 @@ def describe_calibration(device) -> str:
 CPU_OVERHEAD_FIRST_STAGE = 0.15
 
 
+#: (token count, sequences) shapes whose first-stage seconds a roofline model keeps (some 180 bytes each); the
+#: cache starts afresh when full
+FIRST_CACHE_SHAPES = 1 << 14
+
+
 class RooflineCostModel:
     """Prices a ``BatchPlan`` analytically. Units: seconds, FLOPs, bytes.
 
@@ -513,8 +518,9 @@ class RooflineCostModel:
         first = self._first_cache.get((T, B))
         if first is None:
             first = sum(self._first_stage_ops(T, B).values())
-            if len(self._first_cache) < 65536:
-                self._first_cache[(T, B)] = first
+            if len(self._first_cache) >= FIRST_CACHE_SHAPES:     # (a working set of shapes: memory stays small)
+                self._first_cache.clear()
+            self._first_cache[(T, B)] = first
         last = self._last_cache.get(B)
         if last is None:
             last = self._last_cache[B] = sum(self._last_stage_ops(B).values())
