@@ -59,14 +59,17 @@ class IterationLog:
     stage_duration_s: list = field(default_factory=list)   # per stage: list of durations
     plans: list | None = None
     plan_times: list = field(default_factory=list)   # with plans: (start_s, duration_s, replica_id) per plan, kept
-    sink: object = None             # an output.ChunkWriter: rows are flushed to it in chunks of CHUNK
+    sink: object = None             # an output.ChunkWriter: rows are flushed to it in chunks of FLUSH
     replica_ids: bool = False       # write replica_id (a cluster)
     multi: bool = False             # several replicas append: rows are ordered (``order_rows``) when the run ends
-    _done: int = 0                  # rows folded into the statistics (and flushed, with a sink)
+    _done: int = 0                  # rows folded into the statistics
+    _flushed: int = 0               # rows flushed to the sink (no longer in the lists)
+    _utils: list = field(default_factory=list)     # KV utilizations of flushed rows not yet folded (arrays)
     _util_sum: float = 0.0
     _util_max: float | None = None
 
-    CHUNK = 65536
+    CHUNK = 65536                   # rows the statistics fold at once (their sums are these chunks' sums)
+    FLUSH = 16384                   # rows written to the sink at once (what the lists hold, at most, beyond)
     BASE = ("start_s", "duration_s", "batch_size", "num_prefill_tokens", "num_decode_tokens", "kv_blocks_used",
             "kv_blocks_total")
 
@@ -85,26 +88,40 @@ class IterationLog:
         return cols
 
     def __len__(self) -> int:
-        return self._done + len(self.start_s) - (0 if self.sink is not None else self._done)
+        return self._flushed + len(self.start_s)
 
-    def _fold(self, upto: int) -> None:
-        """Fold rows ``[_done, upto)`` (of the lists as they are) into the statistics; flush them to the sink."""
-        lo = 0 if self.sink is not None else self._done
-        hi = upto - (self._done if self.sink is not None else 0)
-        used = np.asarray(self.kv_blocks_used[lo:hi], dtype=float)
-        if used.size:
-            util = used / np.asarray(self.kv_blocks_total[lo:hi], dtype=float)
+    def _list_utils(self, lo: int, hi: int) -> np.ndarray:
+        """KV-cache utilization of the rows at list positions ``lo .. hi - 1``."""
+        return np.asarray(self.kv_blocks_used[lo:hi], dtype=float) / \
+            np.asarray(self.kv_blocks_total[lo:hi], dtype=float)
+
+    def _flush(self, n: int) -> None:
+        """Write the first ``n`` rows of the lists to the sink and drop them (their utilizations are kept for the
+        statistics)."""
+        cols = self.columns(replica_ids=self.replica_ids)
+        self.sink.write({k: np.asarray(v[:n]) for k, v in cols.items()})
+        self._utils.append(self._list_utils(0, n))
+        for name in (*self.BASE, "replica_id", "scheduled_s"):     # rows past ``n`` stay (a stretch may append
+            del getattr(self, name)[:n]                             # past a chunk's end)
+        for lst in self.stage_start_s + self.stage_duration_s:
+            del lst[:n]
+        self._flushed += n
+
+    def _fold(self, count: int) -> None:
+        """Fold the ``count`` rows after ``_done`` into the statistics (flushed rows, with a sink)."""
+        if count <= 0:
+            return
+        if self.sink is not None:
+            util = np.concatenate(self._utils) if len(self._utils) > 1 else self._utils[0]
+            util, rest = util[:count], util[count:]
+            self._utils = [rest] if len(rest) else []
+        else:
+            util = self._list_utils(self._done, self._done + count)
+        if util.size:
             self._util_sum += float(util.sum())
             m = float(util.max())
             self._util_max = m if self._util_max is None else max(self._util_max, m)
-        if self.sink is not None and hi > lo:
-            cols = self.columns(replica_ids=self.replica_ids)
-            self.sink.write({k: np.asarray(v[lo:hi]) for k, v in cols.items()})
-            for name in (*self.BASE, "replica_id", "scheduled_s"):     # rows past ``upto`` stay (a stretch
-                del getattr(self, name)[:hi]                            # may append past a chunk's end)
-            for lst in self.stage_start_s + self.stage_duration_s:
-                del lst[:hi]
-        self._done = upto
+        self._done += count
 
     def order_rows(self) -> None:
         """Put the rows of several replicas in time order: by ``scheduled_s``, then ``replica_id`` (stable, so each
@@ -119,15 +136,24 @@ class IterationLog:
             self.plans[:] = [self.plans[i] for i in order]
             self.plan_times[:] = [self.plan_times[i] for i in order]
 
-    def maybe_flush(self) -> None:
-        """Fold (and flush) every complete chunk of CHUNK rows: statistics are chunked the same way with or
-        without a sink, so a streamed run and a kept one give identical numbers. Rows of several replicas wait
-        for the end of the run (``order_rows``)."""
+    def maybe_flush(self, *, everything: bool = False) -> None:
+        """Flush every complete piece of FLUSH rows to the sink (``everything``: all rows) and fold every complete
+        chunk of CHUNK rows into the statistics: statistics are chunked the same way with or without a sink, so a
+        streamed run and a kept one give identical numbers. Rows of several replicas wait for the end of the run
+        (``order_rows``)."""
         if self.multi:
             return
-        total = len(self)
-        while total - self._done >= self.CHUNK:
-            self._fold(self._done + self.CHUNK)
+        if self.sink is not None:
+            piece = min(self.FLUSH, self.CHUNK)
+            while len(self.start_s) >= piece:
+                self._flush(piece)
+            if everything and self.start_s:
+                self._flush(len(self.start_s))
+            ready = self._flushed
+        else:
+            ready = len(self.start_s)
+        while ready - self._done >= self.CHUNK:
+            self._fold(self.CHUNK)
 
     def stats(self) -> dict:
         """``num_iterations`` and the KV-cache utilization (blocks used / total after each micro-batch's
@@ -135,8 +161,8 @@ class IterationLog:
         if self.multi:
             self.order_rows()
             self.multi = False
-        self.maybe_flush()
-        self._fold(len(self))
+        self.maybe_flush(everything=True)
+        self._fold(len(self) - self._done)
         n = self._done
         return {"num_iterations": n, "kv_util_mean": self._util_sum / n if n else None,
                 "kv_util_max": self._util_max}
@@ -230,7 +256,7 @@ class Replica:
         if tracker is not None:                 # a fitted model counts the shapes beyond its profile
             tracker.add(self.cost_model.outside(plan))
         self.num_iterations += 1
-        if len(log.start_s) >= log.CHUNK:
+        if len(log.start_s) >= log.FLUSH:
             log.maybe_flush()
         if self.on_iteration is not None:
             self.on_iteration(plan, start, duration)
