@@ -206,8 +206,8 @@ class GapPool:
     passes over the file, ``CHUNK`` pairs at a time (so its summary, like the pool, takes a few MiB): the count,
     extremes and mean; a histogram of the counts over ``_BUCKETS`` buckets of the values' order keys, which names the
     bucket of each rank; the pairs of those few buckets, sorted. The mean of a spilled pool is the correctly rounded
-    sum of ``value x count`` over the pairs (``ExactSum``, as ``math.fsum``) over the count, so it does not depend on the order pairs
-    came in either.
+    sum of ``value x count`` over the pairs (``ExactSum``, as ``math.fsum`` gives it) over the count, so it does not
+    depend on the order pairs came in either.
     """
 
     CHUNK = 1 << 16             # pairs read at once from the file (1 MiB; with its temporaries some 5 MiB)
