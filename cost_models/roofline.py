@@ -458,15 +458,7 @@ class RooflineCostModel:
             raise ValueError("step_time prices one stage (pp = 1)")
         layers, linear = self.stage_layers[0], self._per_token_total(d)
         first, last = self._fixed_terms(d, d)
-        # (_decode_attentions inlined: the same operations, one loop and one list for the hot path of long runs)
-        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
-        q4, dq = 4 * q, d * 2 * q
-        out = []
-        append = out.append
-        for ctx in range(ctx_sum + d, ctx_sum + d + n * d, d):
-            flops_s, bytes_s = q4 * ctx / compute, (ctx * 2 * kv + dq) * dt / bandwidth
-            append(layers * (linear + ((flops_s if flops_s > bytes_s else bytes_s) + launch + call)) + first + last)
-        return out
+        return [layers * (linear + attn) + first + last for attn in self._decode_attentions(d, ctx_sum, n)]
 
     def _decode_attentions(self, d: int, ctx_sum: int, n: int) -> list[float]:
         """``_decode_attention`` of ``n`` steps of ``d`` sequences (> 0) whose contexts sum to ``ctx_sum``, then
