@@ -198,8 +198,7 @@ def summarize(recorder, log_stats: dict, *, cluster=None, deployment=None, num_r
     counts, throughput, KV-cache utilization, load and, for a deployment, its GPUs, per-replica stage busy
     fractions, prefix-cache hit rate and per-pool sections."""
     disagg = deployment is not None and deployment.config.disaggregated
-    rows = getattr(recorder, "rows", None)
-    if rows is not None and not rows.in_memory:      # a long run's rows, read back a block at a time
+    if not recorder.rows.in_memory:                  # a long run's rows, read back a block at a time
         from simulator.out_of_core import request_summary
 
         req = request_summary(recorder, disaggregated=disagg)
@@ -256,20 +255,31 @@ def summarize(recorder, log_stats: dict, *, cluster=None, deployment=None, num_r
     return out
 
 
+def request_samples(t: dict, disaggregated: bool = False) -> tuple[dict, dict]:
+    """What the summary reads from requests-table columns ``t`` (``request_columns``, all rows or a block): the
+    latency samples ``{name: (m,) seconds}`` its distributions are of (completed requests' TTFT, TPOT, E2E latency
+    and E2E per output token; every request's scheduling delay; when disaggregated, decode queueing and KV
+    transfer) and the counts it sums (``requests_completed``, ``num_preemptions``, ``total_tokens``,
+    ``output_tokens``)."""
+    done = ~np.isnan(t["completion_s"])
+    out = t["output_tokens"][done]
+    e2e = t["e2e_s"][done]
+    samples = {"ttft_s": t["ttft_s"][done], "tpot_s": t["tpot_s"][done], "e2e_s": e2e,
+               "scheduling_delay_s": t["scheduling_delay_s"], "normalized_latency_s_per_token": e2e / out}
+    if disaggregated:
+        samples["decode_queue_s"] = t["decode_queue_s"]
+        samples["kv_transfer_s"] = t["kv_transfer_s"]
+    counts = {"requests_completed": int(done.sum()), "num_preemptions": int(t["num_preemptions"].sum()),
+              "total_tokens": int(t["prompt_tokens"][done].sum() + out.sum()), "output_tokens": int(out.sum())}
+    return samples, counts
+
+
 def _request_summary(recorder, disaggregated: bool) -> dict:
     """``out_of_core.request_summary`` of a recorder whose rows are in memory, from whole columns."""
     t = request_columns(recorder.cols, disaggregated=disaggregated, fluidity=False)
+    samples, counts = request_samples(t, disaggregated)
     done = ~np.isnan(t["completion_s"])
     arrivals = t["arrival_s"]
     makespan = float(t["completion_s"][done].max() - np.nanmin(arrivals)) if done.any() else 0.0
-    out = {"ttft_s": distribution(t["ttft_s"][done]), "tpot_s": distribution(t["tpot_s"][done]),
-           "e2e_s": distribution(t["e2e_s"][done]), "scheduling_delay_s": distribution(t["scheduling_delay_s"]),
-           "normalized_latency_s_per_token": distribution(t["e2e_s"][done] / t["output_tokens"][done]),
-           "requests_completed": int(done.sum()), "num_preemptions": int(t["num_preemptions"].sum()),
-           "total_tokens": int(t["prompt_tokens"][done].sum() + t["output_tokens"][done].sum()),
-           "output_tokens": int(t["output_tokens"][done].sum()), "makespan_s": makespan,
-           "load": load_report(arrivals, t["completion_s"], makespan) if len(arrivals) else None}
-    if disaggregated:
-        out["decode_queue_s"] = distribution(t["decode_queue_s"])
-        out["kv_transfer_s"] = distribution(t["kv_transfer_s"])
-    return out
+    return {**{k: distribution(v) for k, v in samples.items()}, **counts, "makespan_s": makespan,
+            "load": load_report(arrivals, t["completion_s"], makespan) if len(arrivals) else None}

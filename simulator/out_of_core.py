@@ -11,7 +11,7 @@ import tempfile
 
 import numpy as np
 
-from simulator.metrics import load_verdict, request_columns
+from simulator.metrics import load_verdict, request_columns, request_samples
 from simulator.recorder import GapPool
 
 _SPILL_VALUES = 1 << 16     # latencies a pool holds in memory (1 MiB) before it spills them to its file
@@ -98,34 +98,22 @@ def _pool_values(pool: GapPool, values: np.ndarray) -> None:
 
 
 def request_summary(recorder, *, disaggregated: bool = False) -> dict:
-    """What ``metrics.summarize`` reports from the per-request rows, a block of rows at a time: the latency
-    distributions (``ttft_s``, ``tpot_s``, ``e2e_s``, ``scheduling_delay_s``, ``normalized_latency_s_per_token``,
-    and when disaggregated ``decode_queue_s`` and ``kv_transfer_s``), ``requests_completed``, ``num_preemptions``,
-    ``total_tokens``, ``output_tokens``, ``makespan_s`` and ``load`` (``metrics.load_report``'s). Percentiles and
-    maxima are exact (``GapPool``); a mean is that of the pooled sample (``GapPool.distribution``)."""
-    names = ["ttft_s", "tpot_s", "e2e_s", "scheduling_delay_s", "normalized_latency_s_per_token"]
-    if disaggregated:
-        names += ["decode_queue_s", "kv_transfer_s"]
-    pools = {k: GapPool(spill_pairs=_SPILL_VALUES) for k in names}
+    """What ``metrics.summarize`` reports from the per-request rows, a block of rows at a time: the distributions
+    of ``metrics.request_samples`` (seconds) and its counts summed, ``makespan_s`` and ``load``
+    (``metrics.load_report``'s). Percentiles and maxima are exact (``GapPool``); a mean is that of the pooled
+    sample (``GapPool.distribution``)."""
+    pools: dict = {}
     arrivals, completions = SortedSpill(), SortedSpill()
-    completed = preemptions = total_tokens = output_tokens = 0
+    totals: dict = {}
     last_done, first_arrival, any_arrival = -math.inf, math.inf, False
     for lo, cols in recorder.blocks():
         t = request_columns(cols, disaggregated=disaggregated, fluidity=False, first_id=lo)
+        samples, counts = request_samples(t, disaggregated)
+        for name, values in samples.items():
+            _pool_values(pools.setdefault(name, GapPool(spill_pairs=_SPILL_VALUES)), values)
+        for name, count in counts.items():
+            totals[name] = totals.get(name, 0) + count
         done = ~np.isnan(t["completion_s"])
-        out = t["output_tokens"][done]
-        e2e = t["e2e_s"][done]
-        for name, values in (("ttft_s", t["ttft_s"][done]), ("tpot_s", t["tpot_s"][done]), ("e2e_s", e2e),
-                             ("scheduling_delay_s", t["scheduling_delay_s"]),
-                             ("normalized_latency_s_per_token", e2e / out)):
-            _pool_values(pools[name], values)
-        if disaggregated:
-            _pool_values(pools["decode_queue_s"], t["decode_queue_s"])
-            _pool_values(pools["kv_transfer_s"], t["kv_transfer_s"])
-        completed += int(done.sum())
-        preemptions += int(t["num_preemptions"].sum())
-        total_tokens += int(t["prompt_tokens"][done].sum() + out.sum())
-        output_tokens += int(out.sum())
         finish = t["completion_s"][done]
         if len(finish):
             last_done = max(last_done, float(finish.max()))
@@ -135,12 +123,9 @@ def request_summary(recorder, *, disaggregated: bool = False) -> dict:
             first_arrival = min(first_arrival, float(seen.min()))
         arrivals.add(t["arrival_s"][done])
         completions.add(finish)
-    makespan = last_done - first_arrival if completed else 0.0
-    out = {k: pool.distribution() for k, pool in pools.items()}
-    out.update({"requests_completed": completed, "num_preemptions": preemptions, "total_tokens": total_tokens,
-                "output_tokens": output_tokens, "makespan_s": makespan,
-                "load": load_report_sorted(arrivals, completions, makespan) if any_arrival else None})
-    return out
+    makespan = last_done - first_arrival if totals.get("requests_completed") else 0.0
+    return {**{k: pool.distribution() for k, pool in pools.items()}, **totals, "makespan_s": makespan,
+            "load": load_report_sorted(arrivals, completions, makespan) if any_arrival else None}
 
 
 def load_report_sorted(arrivals: SortedSpill, completions: SortedSpill, makespan: float) -> dict:
