@@ -31,6 +31,7 @@ import simpy
 from cost_models.plan import BatchPlan
 from simulator.fast_forward import apply_stretch, exact_delay, plan_stretch, rollback_stretch, step_plan
 from simulator.fast_forward_admissions import apply_admitting, plan_admitting, rollback_admitting
+from simulator.output import unboxed
 
 
 class StalledError(RuntimeError):
@@ -98,9 +99,10 @@ class IterationLog:
     def _flush(self, n: int) -> None:
         """Write the first ``n`` rows of the lists to the sink and drop them (their utilizations are kept for the
         statistics)."""
-        cols = self.columns(replica_ids=self.replica_ids)
-        self.sink.write({k: np.asarray(v[:n]) for k, v in cols.items()})
-        self._utils.append(self._list_utils(0, n))
+        cols = {k: unboxed(v[:n], np.float64 if k.endswith("_s") else np.int64)
+                for k, v in self.columns(replica_ids=self.replica_ids).items()}
+        self.sink.write(cols)
+        self._utils.append(cols["kv_blocks_used"] / cols["kv_blocks_total"])
         for name in (*self.BASE, "replica_id", "scheduled_s"):     # rows past ``n`` stay (a stretch may append
             del getattr(self, name)[:n]                             # past a chunk's end)
         for lst in self.stage_start_s + self.stage_duration_s:

@@ -1,9 +1,11 @@
 """Tables written chunk by chunk (``simulator.output.ChunkWriter``): a background thread encodes the chunks, in the
 order they came, into the same bytes one write of the whole table gives; its errors reach the caller."""
+import struct
+
 import numpy as np
 import pytest
 
-from simulator.output import ChunkWriter, write_table
+from simulator.output import ChunkWriter, unboxed, write_table
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
@@ -48,3 +50,16 @@ def test_an_error_in_the_writer_thread_reaches_the_caller(tmp_path, monkeypatch)
 def test_an_empty_writer_leaves_the_header(tmp_path):
     path = ChunkWriter(tmp_path / "e.csv").close(empty_columns={"x": [], "y": []})
     assert path.read_text() == "x,y\n"
+
+
+def test_unboxed_lists_are_numpys_arrays():
+    # the iteration log's lists reach the writer through struct.pack: the values numpy's own conversion gives
+    rng = np.random.default_rng(3)
+    floats = [*rng.random(1000).tolist(), 0, 7, 2 ** 53 + 1, -0.0, float("nan"), float("inf"), np.float64(0.1)]
+    got, want = unboxed(floats), np.array(floats, dtype=float)
+    assert got.dtype == np.float64 and got.tobytes() == want.tobytes()
+    ints = [0, -5, 2 ** 62, *rng.integers(0, 10 ** 6, 100).tolist(), np.int64(9)]
+    assert unboxed(ints, np.int64).tolist() == ints
+    assert unboxed([], np.int64).shape == (0,)
+    with pytest.raises(struct.error):              # a float where an integer column is expected is an error
+        unboxed([1, 2.5], np.int64)
