@@ -41,6 +41,7 @@ given time.
 from __future__ import annotations
 
 import math
+from array import array
 from bisect import bisect_right
 from collections import Counter
 from itertools import accumulate
@@ -255,15 +256,16 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
     done_at: dict[int, list] = {}
     s["first_set"] = first_set = []          # members whose first token the stretch emitted
     allocate = kv.allocate
+    ends_array = array("d", ends)        # (token times are slices of it: copied, not unboxed)
     for r, rem, c, f in zip(regular, s["rem"], s["ctx0"], s["first_new"]):
         if rem > K:                          # it decodes through the stretch
-            r.token_times_s.extend(ends)
+            r.token_times_s.extend(ends_array)
             r.num_generated += K
             r.num_computed_tokens = c + K
             if f < K:                        # its growth needed blocks (its first new one at step f)
                 allocate(r, c + K)
         else:
-            r.token_times_s.extend(ends[:rem])
+            r.token_times_s.extend(ends_array[:rem])
             r.num_generated += rem
             r.num_computed_tokens = c + rem
             r.completion_s = ends[rem - 1]
@@ -282,7 +284,7 @@ def apply_stretch(replica, plan: BatchPlan, s: dict) -> list:
             kv.allocate(q, q.num_computed_tokens)
         else:
             n = 1 + min(pre["ndec"], K - 1 - end)
-            q.token_times_s.extend(ends[end:end + n])
+            q.token_times_s.extend(ends_array[end:end + n])
             q.num_generated += n
             q.num_computed_tokens = q.prompt_tokens + n - 1
             if q.first_token_s is None:

@@ -43,6 +43,7 @@ range tracker records every step, in step order, as the step-by-step engine does
 from __future__ import annotations
 
 import heapq
+from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from itertools import accumulate
@@ -545,6 +546,7 @@ def _requests_to(s: dict, tokens_upto: int, scheduled_upto: int) -> None:
     """Set the stretch's requests as the steps up to ``tokens_upto`` left them (their tokens, first-token and
     completion times), with the admissions up to ``scheduled_upto`` scheduled."""
     ends, starts = s["ends"], s["starts"]
+    ends_array = array("d", ends)        # (a request's token times are slices of it: copied, not unboxed)
     for r, a in s["admitted"]:
         if a <= scheduled_upto and r.scheduled_s is None:     # (a request preempted in its prefill keeps its first)
             r.scheduled_s = starts[a]
@@ -564,7 +566,7 @@ def _requests_to(s: dict, tokens_upto: int, scheduled_upto: int) -> None:
         top = last if last < tokens_upto else tokens_upto
         if top < first:
             continue
-        r.token_times_s.extend(ends[first:top + 1])
+        r.token_times_s.extend(ends_array[first:top + 1])
         r.num_generated += top - first + 1
         r.num_computed_tokens = base + top + 1
         if last <= tokens_upto:

@@ -435,7 +435,8 @@ class Recorder:
         self._deadline_cache: dict = {}
         # deadline accounting waiting to be done in one batch (deadline_misses_batch): per recorded request its
         # id, TTFT, first-token deadline and token count, and its token times copied at the time it was recorded
-        # (as native float64 bytes: struct.pack is exact, and unboxes a list of floats faster than array.fromlist)
+        # (as native float64 bytes: the engine's ``array("d")`` is copied as it is; a list a caller set is packed
+        # by struct.pack, which is exact and unboxes a list of floats faster than array.fromlist)
         self._pending: list = []
         self._pending_times = bytearray()
         self.token_sink = None            # callable(request) writing its tokens (tokens.csv), or None
@@ -484,7 +485,10 @@ class Recorder:
             if times:
                 k = len(times)
                 self._pending.append((i, times[0] - r.arrival_s, dl, k))
-                self._pending_times += struct.pack(f"{k}d", *times)
+                if type(times) is array:
+                    self._pending_times += times
+                else:
+                    self._pending_times += struct.pack(f"{k}d", *times)
         self._stage[i] = row
         self.recorded[i] = True
         if len(self._pending_times) >= 8 * _PENDING_TOKENS or len(self._stage) >= _STAGED_ROWS:
@@ -541,7 +545,7 @@ class Recorder:
             if self.keep_requests:
                 self.requests.append(r)
             else:
-                r.token_times_s = []
+                r.token_times_s = array("d")
 
     def close(self, leftovers) -> None:
         """The run ended: record the requests that never finished (rejected, or still running at ``until_s``)."""

@@ -17,6 +17,7 @@ pipeline parallelism), so a request is in at most one micro-batch at a time.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 
@@ -26,7 +27,10 @@ class Request:
 
     ``block_hashes``: prefix-cache keys of the prompt's full KV blocks at the simulator's block size (empty
     without prefix caching; ``traces.prefix.block_hashes_for``). ``prefill_only``: this replica hands the request
-    on after its first token (the prefill pool of a disaggregated cluster).
+    on after its first token (the prefill pool of a disaggregated cluster). ``token_times_s``: when each output
+    token was emitted, an ``array.array("d")`` (a sequence of float64 seconds, 8 bytes a token: a long run copies
+    a fast-forwarded stretch's step ends into it and reads it back as numpy without unboxing a Python float per
+    token); compare it with a list as ``list(r.token_times_s)``.
     """
 
     request_id: int
@@ -41,7 +45,7 @@ class Request:
     scheduled_s: float | None = None      # first time any of its tokens was scheduled
     first_token_s: float | None = None
     completion_s: float | None = None
-    token_times_s: list = field(default_factory=list)
+    token_times_s: array = field(default_factory=lambda: array("d"))
     num_preemptions: int = 0
     num_cached_tokens: int = 0            # prompt tokens served by the prefix cache at first admission
     rejected: str | None = None           # why it can never run, if so

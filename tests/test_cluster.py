@@ -46,7 +46,7 @@ def test_disaggregated_two_requests_by_hand():
         (1, (0, 1), (1, 1), (101, 50), 3.25),
     ]
     r0, r1 = res.requests
-    assert r0.token_times_s == [1.0, 3.25, 4.25] and r1.token_times_s == [2.0, 4.25]
+    assert list(r0.token_times_s) == [1.0, 3.25, 4.25] and list(r1.token_times_s) == [2.0, 4.25]
     assert (r0.kv_transfer_s, r1.kv_transfer_s) == (pytest.approx(1.25), pytest.approx(0.75))
     assert (r0.replica_id, r0.decode_replica_id) == (0, 1)
     for r in res.requests:      # the first decode never starts before the prefill's end + the KV transfer
@@ -69,7 +69,7 @@ def test_concurrent_kv_transfers_share_the_link():
     assert r0.first_token_s == r1.first_token_s == 1.0
     assert r1.kv_transfer_s == pytest.approx(1.25) and r0.kv_transfer_s == pytest.approx(1.75)
     # decode replica: r1 in [2.25, 3.25]; r0's KV arrives at 2.75 and waits for it: [3.25, 4.25]
-    assert r1.token_times_s == pytest.approx([1.0, 3.25]) and r0.token_times_s == pytest.approx([1.0, 4.25])
+    assert list(r1.token_times_s) == pytest.approx([1.0, 3.25]) and list(r0.token_times_s) == pytest.approx([1.0, 4.25])
 
 
 def test_a_disaggregated_run_completes_every_request():

@@ -112,7 +112,7 @@ def test_request_progress_is_advanced_when_scheduled_and_tokens_emitted_when_the
     assert r.num_computed_tokens == 0 and r.remaining_tokens == 12 and r.num_preemptions == 1
     r.schedule(12, 5.0)
     assert r.complete(7.0) and r.is_finished
-    assert r.token_times_s == [2.0, 3.0, 7.0] and r.completion_s == 7.0
+    assert list(r.token_times_s) == [2.0, 3.0, 7.0] and r.completion_s == 7.0
     assert r.max_kv_tokens == 12
 
 

@@ -39,7 +39,7 @@ def test_two_stages_three_requests_by_hand():
     assert log.stage_start_s == [[0, 2, 4.5, 6.5], [2.5, 4.5, 6.5, 9]]
     assert log.stage_duration_s == [[2, 2, 0.5, 2], [2, 2, 0.5, 2]]
     assert [s + d for s, d in zip(log.start_s, log.duration_s)] == [4.5, 6.5, 7, 11]
-    assert [r.token_times_s for r in reqs] == [[4.5, 7], [6.5], [11]]
+    assert [list(r.token_times_s) for r in reqs] == [[4.5, 7], [6.5], [11]]
     cols = log.columns()
     assert {"stage0_start_s", "stage0_duration_s", "stage1_start_s", "stage1_duration_s", "scheduled_s"} <= set(cols)
 

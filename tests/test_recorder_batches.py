@@ -3,6 +3,7 @@ its buffer of token times fills or its columns are read): per request the same i
 that request alone, token by token, and as Etalon's loop (``slo.deadline_misses``) wherever the arithmetic is exact
 (times that are multiples of 1/8 s), ties included."""
 import math
+from array import array
 
 import numpy as np
 import pytest
@@ -139,9 +140,9 @@ def test_complex_maximum_is_lexicographic():
                                                     8 - 1e300j]
 
 
-def make_request(rid, arrival, times, rng):
+def make_request(rid, arrival, times, rng, container=list):
     r = Request(rid, arrival, int(rng.integers(1, 2000)), max(1, len(times)))
-    r.token_times_s = list(times)
+    r.token_times_s = container(times)
     r.num_generated = len(times)
     r.scheduled_s = arrival + 0.01 if times or rng.random() < 0.5 else None
     r.first_token_s = times[0] if times else None
@@ -159,15 +160,17 @@ def check_rows(cols, expected):
             assert (np.isnan(got) if want is None else got == want), (i, f, got, want)
 
 
+@pytest.mark.parametrize("container", [list, lambda times: array("d", times)], ids=["list", "array"])
 @pytest.mark.parametrize("pending_tokens", [1, 50, 700, 1 << 15])
-def test_recorder_batches_as_recorded(monkeypatch, pending_tokens):
+def test_recorder_batches_as_recorded(monkeypatch, pending_tokens, container):
     # a run's recording: batches done when the buffer fills (at any size) or the columns are read; requests recorded
     # twice (again with more tokens: the later row counts; again with none: the earlier accounting stays) within a
-    # batch and across batches; columns read in the middle of the run; token times changed after a record ignored
+    # batch and across batches; columns read in the middle of the run; token times changed after a record ignored.
+    # Token times as the engine keeps them (an array, copied as bytes) or as a list a user sets (packed)
     monkeypatch.setattr(rec, "_PENDING_TOKENS", pending_tokens)
     d, n = 0.03, 300
     rng = np.random.default_rng(pending_tokens)
-    reqs = [make_request(i, times[0] - ttft, times if rng.random() < 0.95 else [], rng)
+    reqs = [make_request(i, times[0] - ttft, times if rng.random() < 0.95 else [], rng, container)
             for i, (ttft, _, times) in enumerate(random_requests(rng, n, d, max_len=300))]
     deadline_of = {r.prompt_tokens: 0.1 + r.prompt_tokens * 1e-4 for r in reqs}
     recorder = Recorder(n, ttft_deadline=deadline_of.__getitem__, decode_deadline_s=d)

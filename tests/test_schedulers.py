@@ -367,6 +367,6 @@ def test_simulate_with_given_requests_and_cost_model_leaves_inputs_untouched():
                    cost_model=ConstantCostModel(fixed_s=1.0), record_plans=True)
     # the same schedule as test_vllm_head_of_line_token_limit_then_prefill_only_and_decode_only
     assert [p.request_ids for p in res.log.plans] == [(0,), (1, 2), (0, 1, 2), (0,)]
-    assert [r.token_times_s for r in res.requests] == [[1, 3, 4], [2, 3], [2, 3]]
-    assert all(r.token_times_s == [] and r.scheduled_s is None for r in reqs)
+    assert [list(r.token_times_s) for r in res.requests] == [[1, 3, 4], [2, 3], [2, 3]]
+    assert all(len(r.token_times_s) == 0 and r.scheduled_s is None for r in reqs)
     assert res.summary["requests_completed"] == 3 and res.summary["makespan_s"] == 4
