@@ -6,11 +6,14 @@ status 2, never a traceback.
 """
 from __future__ import annotations
 
+import gc
 import sys
 
 import click
 
 from simulator.cli_options import config_from_options, simulate_options, user_errors
+
+GC_THRESHOLD = 20_000   # the cyclic collector's generation-0 threshold during a command (see OneLineErrors.main)
 
 
 def _fmt(seconds):
@@ -95,6 +98,11 @@ class OneLineErrors(click.Group):
 
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs.pop("standalone_mode", None)
+        # A run allocates and frees millions of small containers (plans, rows, token arrays) and makes almost no
+        # reference cycles: at the default threshold (700) the cyclic collector ran some 1,600 times for 300,000
+        # requests and found nothing to free, 2-3% of the run. Collect after 20,000 more containers instead.
+        thresholds = gc.get_threshold()
+        gc.set_threshold(GC_THRESHOLD, *thresholds[1:])
         try:
             return super().main(args, prog_name, standalone_mode=False, **kwargs)
         except click.exceptions.ClickException as exc:
@@ -103,6 +111,8 @@ class OneLineErrors(click.Group):
         except click.exceptions.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(1)
+        finally:
+            gc.set_threshold(*thresholds)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
