@@ -244,6 +244,7 @@ class RooflineCostModel:
         c = self.c
         self._decode_consts = (self.q, self.kv, self.flops * c.attn_compute_eff, self.dt,
                                self.bw * c.attn_decode_bandwidth_eff, c.launch_overhead_s, c.attn_call_overhead_s)
+        self._prefill_compute, self._prefill_bandwidth = self.flops * c.attn_compute_eff, self.bw * c.bandwidth_eff
 
     # --- roofline helpers ---------------------------------------------------------------------------------
     def _op(self, flops: float, elements: float, compute_eff: float, bw_eff: float) -> float:
@@ -445,11 +446,22 @@ class RooflineCostModel:
         without building a plan, so ``simulator.fast_forward`` gives the step-by-step engine's times exactly."""
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
-        if chunk:
-            return self.chunks_step_time(d, ctx_sum, ctx_max, (chunk,), (chunk_ctx,))
-        attn = self._decode_attention(d, ctx_sum) if d else 0
-        first, last = self._fixed_terms(d, d)
-        return self.stage_layers[0] * (self._per_token_total(d) + attn) + first + last
+        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
+        if d:                            # (_decode_attention, inlined)
+            ctx = ctx_sum + d
+            flops_s, bytes_s = 4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth
+            attn = (flops_s if flops_s > bytes_s else bytes_s) + launch + call
+        else:
+            attn = 0
+        if not chunk:
+            first, last = self._fixed_terms(d, d)
+            return self.stage_layers[0] * (self._per_token_total(d) + attn) + first + last
+        # one chunk (_prefill_attention of one chunk and its _op, inlined: 0.0 + x is x for these x > 0)
+        a = 4 * q * chunk * (chunk_ctx + (chunk + 1) / 2) / self._prefill_compute
+        b = (2 * chunk * q + (chunk_ctx + chunk) * 2 * kv) * dt / self._prefill_bandwidth
+        attn += (a if a > b else b) + launch + call
+        first, last = self._fixed_terms(d + chunk, d + 1)
+        return self.stage_layers[0] * (self._per_token_total(d + chunk) + attn) + first + last
 
     def decode_step_times(self, d: int, ctx_sum: int, n: int) -> list[float]:
         """``step_time`` of ``n`` decode-only steps of the same ``d`` sequences, the first with contexts summing to
@@ -458,19 +470,13 @@ class RooflineCostModel:
             raise ValueError("step_time prices one stage (pp = 1)")
         layers, linear = self.stage_layers[0], self._per_token_total(d)
         first, last = self._fixed_terms(d, d)
-        return [layers * (linear + attn) + first + last for attn in self._decode_attentions(d, ctx_sum, n)]
-
-    def _decode_attentions(self, d: int, ctx_sum: int, n: int) -> list[float]:
-        """``_decode_attention`` of ``n`` steps of ``d`` sequences (> 0) whose contexts sum to ``ctx_sum``, then
-        ``d`` tokens more each step: per-layer seconds, the same operations with the constant products formed once
-        (this loop prices whole runs of steps)."""
         q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
-        q4, dq = 4 * q, d * 2 * q            # (the products Python forms first in _decode_attention)
+        q4, dq = 4 * q, d * 2 * q            # (_decode_attention's products, formed once; its loop inlined)
         out = []
         append = out.append
         for ctx in range(ctx_sum + d, ctx_sum + d + n * d, d):
             flops_s, bytes_s = q4 * ctx / compute, (ctx * 2 * kv + dq) * dt / bandwidth
-            append((flops_s if flops_s > bytes_s else bytes_s) + launch + call)
+            append(layers * (linear + ((flops_s if flops_s > bytes_s else bytes_s) + launch + call)) + first + last)
         return out
 
     def chunk_step_times(self, d: int, ctx_sum: int, n: int, chunk: int, chunk_ctx: int) -> list[float]:
@@ -480,24 +486,27 @@ class RooflineCostModel:
         ``chunks_step_time``, a prompt's chunks that fill the token budget priced in one call)."""
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
-        q, kv, dt, c = self.q, self.kv, self.dt, self.c
-        p_compute, p_bandwidth = self.flops * c.attn_compute_eff, self.bw * c.bandwidth_eff
-        launch, p_call = c.launch_overhead_s, c.attn_call_overhead_s
+        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
+        p_compute, p_bandwidth = self._prefill_compute, self._prefill_bandwidth
         layers, linear = self.stage_layers[0], self._per_token_total(d + chunk)
         first, last = self._fixed_terms(d + chunk, d + 1)
         n_half = (chunk + 1) / 2
-        q4c, cq = 4 * q * chunk, 2 * chunk * q     # (the products Python forms first in _prefill_attention)
-        decode = self._decode_attentions(d, ctx_sum, n) if d else [0] * n    # (as sum() of the attention dict)
+        q4, dq = 4 * q, d * 2 * q                  # (the products Python forms first in _decode_attention
+        q4c, cq = q4 * chunk, 2 * chunk * q        # and _prefill_attention)
         out = []
+        append = out.append
         k = chunk_ctx
-        for attn in decode:     # (_prefill_attention of one chunk, inlined)
-            flops = 0.0
-            flops += q4c * (k + n_half)
-            elems = 0.0
-            elems += cq + (k + chunk) * 2 * kv
-            a, b = flops / p_compute, elems * dt / p_bandwidth
-            attn += (a if a > b else b) + launch + p_call
-            out.append(layers * (linear + attn) + first + last)
+        ctx = ctx_sum + d
+        for _ in range(n):               # (_decode_attention and one chunk's _prefill_attention, inlined)
+            if d:
+                flops_s, bytes_s = q4 * ctx / compute, (ctx * 2 * kv + dq) * dt / bandwidth
+                attn = (flops_s if flops_s > bytes_s else bytes_s) + launch + call
+                ctx += d
+            else:
+                attn = 0
+            a, b = q4c * (k + n_half) / p_compute, (cq + (k + chunk) * 2 * kv) * dt / p_bandwidth
+            attn += (a if a > b else b) + launch + call
+            append(layers * (linear + attn) + first + last)
             k += chunk
         return out
 
