@@ -28,6 +28,7 @@ The cluster owns nothing global: ``Cluster.run`` builds one environment per call
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,8 @@ from simulator.waiting import WaitingQueue
 
 #: requests of the stream made at once when one is needed before its arrival or at it (``Cluster._made_at``)
 READ_AHEAD = 32
+#: arrival times held as Python floats for ``Cluster._next_arrival_from`` (a window, read again past its end)
+ARRIVAL_WINDOW = 1024
 
 
 class SharedLink:
@@ -251,8 +254,14 @@ class Cluster:
         (arrivals are sorted)."""
         if self.next_arrival_s >= t:
             return self.next_arrival_s
+        window, k = self._window, self._pos - self._window_lo
+        if 0 <= k < len(window) and window[-1] >= t:     # (a stretch asks in increasing t: mostly a hit)
+            return window[bisect_left(window, t, k)]
         i = max(int(self._arrival_s.searchsorted(t)), self._pos)
-        return float(self._arrival_s[i]) if i < self._num else math.inf
+        if i >= self._num:
+            return math.inf
+        self._window_lo, self._window = i, self._arrival_s[i:i + ARRIVAL_WINDOW].tolist()
+        return self._window[0]
 
     def _make_backlog(self, k: int) -> None:
         """Queue the first ``k`` requests of the entry replica's backlog (``WaitingQueue``), admitted as at their
@@ -306,6 +315,7 @@ class Cluster:
         self._make_range = requests.make if stream else (lambda lo, hi: requests[lo:hi])
         self._arrival_s = np.asarray(requests.arrival_s if stream else [r.arrival_s for r in requests], dtype=float)
         self._num, self._pos, self._made = len(requests), 0, {}
+        self._window, self._window_lo = [], 0        # arrivals from _window_lo on, as floats (_next_arrival_from)
         # a lone entry replica fed from a stream keeps a long queue's tail as positions (WaitingQueue)
         self._lone = entry.replicas[0] if len(entry.replicas) == 1 else None
         self._backlog = None

@@ -123,7 +123,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
 
     prefill_done: dict[int, list] = {}   # step -> requests finished by the token their prefill emits, plan order
     first_token: dict[int, int] = {}     # request_id -> step whose end its prefill emits a token at
-    chunk_log: dict[int, list] = {}      # request_id -> [(step, tokens)] of its prefill chunks
+    chunk_log: dict[int, list] = {}      # request_id -> [(step, steps, tokens a step)] of its prefill chunks
     # [request, computed, held blocks, tokens to compute (prompt + outputs so far: a request preempted by
     # recompute prefills its outputs too)] still prefilling, in running order
     partials: list = []
@@ -139,7 +139,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         r = requests[rid]
         if r.num_generated and rule["insort"]:   # re-admitted into the middle of the running order
             return None
-        chunk_log[rid] = [(0, n)]
+        chunk_log[rid] = [(0, 1, n)]
         total = r.prompt_tokens + r.num_generated
         if r.num_computed_tokens == total:
             first_token[rid] = 0
@@ -224,7 +224,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         t = run_ends[taken - 1]
         ends.extend(run_ends[:taken])
         durations.extend(durs[:taken])
-        used.extend([num_blocks - free + g for g in grown[:taken]])
+        used.extend(map((num_blocks - free).__add__, grown[:taken]))
         free -= grown[taken - 1]
         batch.extend([d + 1 if chunk else d] * taken)
         n_decode.extend([d] * taken)
@@ -246,7 +246,9 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     def _growth(lo, hi, starts):
         """KV blocks the decodes need at each step ``lo .. hi - 1`` of a run: ``growing`` by residue, plus the
         members whose growth starts (``starts``) from their start step on, every ``bs`` steps."""
-        g = [growing[k % bs] for k in range(lo, hi)]
+        r = lo % bs                      # ``growing`` from residue ``lo``, repeated (slices: no loop per step)
+        g = growing[r:] + growing[:r]
+        g = (g * ((hi - lo) // bs + 1))[:hi - lo]
         for f, count in starts:
             if f >= hi:
                 break
@@ -301,7 +303,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             if tracked:
                 for i in range(taken):
                     step_chunks[j + i] = ((c,), (k0 + i * c,))
-            chunk_log[p[0].request_id].extend([(k, c) for k in range(j, j + taken)])
+            chunk_log[p[0].request_id].append((j, taken, c))
             p[1] += taken * c
             if chunked:
                 p[2] = -(-p[1] // bs)
@@ -479,7 +481,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             if n is None:
                 still.append(p)
                 continue
-            chunk_log[r.request_id].append((j, n))
+            chunk_log[r.request_id].append((j, 1, n))
             p[1] += n
             if chunked:
                 p[2] = -(-p[1] // bs)
@@ -551,9 +553,15 @@ def _requests_to(s: dict, tokens_upto: int, scheduled_upto: int) -> None:
         if a <= scheduled_upto and r.scheduled_s is None:     # (a request preempted in its prefill keeps its first)
             r.scheduled_s = starts[a]
     first_token = s["first_token"]
+    computed0 = s["computed0"]
     for rid, log in s["chunk_log"].items():
         r = s["by_id"][rid]
-        r.num_computed_tokens = s["computed0"][rid] + sum([n for j, n in log if 0 < j <= tokens_upto])
+        computed = computed0[rid]
+        for j, k, n in log:              # (steps 1 .. tokens_upto of each run of chunks)
+            lo, hi = (j if j > 0 else 1), (j + k - 1 if j + k - 1 < tokens_upto else tokens_upto)
+            if hi >= lo:
+                computed += (hi - lo + 1) * n
+        r.num_computed_tokens = computed
         e = first_token.get(rid)
         if e is not None and e <= tokens_upto:
             r.num_generated += 1
