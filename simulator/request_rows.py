@@ -5,7 +5,9 @@ A row is ``width`` float64 fields (``recorder.REQUEST_FIELDS``). ``put`` writes 
 replaces the earlier one); ``read(lo, hi)`` returns the rows of ids ``lo..hi - 1`` as an ``(hi - lo, width)``
 array, NaN for ids never written. Up to ``IN_MEMORY_ROWS`` requests the rows are one numpy array; beyond, an
 anonymous temporary file (``tempfile.TemporaryFile``, deleted with the object) of ``8 x width`` bytes a request,
-written with ``os.pwrite`` (rows of consecutive ids in one call) and read back in blocks.
+read back in blocks. Requests finish roughly in id order, so the rows go to the file through a few blocks of
+``CACHE_ROWS`` consecutive ids held in memory (``CACHED_BLOCKS`` at most, the lowest written out first, with
+``os.pwrite``); a row of a block already written out goes to the file at once (rows of consecutive ids in one call).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import numpy as np
 
 #: requests whose rows are kept in memory (2 MiB of 15 fields); a longer run keeps them in a temporary file
 IN_MEMORY_ROWS = 1 << 14
+CACHE_ROWS = 1 << 12        # rows of a block held in memory before the file (480 KiB of 15 fields)
+CACHED_BLOCKS = 8           # blocks held at most
 
 
 class RequestRows:
@@ -35,6 +39,8 @@ class RequestRows:
         self._table = np.full((self.n, self.width), np.nan) if in_memory else None
         self._written = None if in_memory else np.zeros(self.n, dtype=bool)
         self._file = None if in_memory else tempfile.TemporaryFile(prefix="servesim-requests-")
+        self._cache: dict = {}           # block -> its (CACHE_ROWS, width) rows, NaN where not written
+        self._flushed: set = set()       # blocks written out to the file (their later rows go there at once)
 
     @property
     def in_memory(self) -> bool:
@@ -49,16 +55,40 @@ class RequestRows:
             return
         if not len(ids):
             return
-        first, last = int(ids.min()), int(ids.max())
-        if last - first < 4 * len(ids):  # ids close together (requests finish roughly in order): one read, one write
-            span = self.read(first, last + 1)
-            span[ids - first] = rows
-            self._written[ids] = True
-            self._write(first, span)
+        self._written[ids] = True
+        blocks = ids // CACHE_ROWS
+        first, last = int(blocks.min()), int(blocks.max())
+        if first == last:
+            self._put_block(first, ids, rows)
             return
+        order = np.argsort(blocks, kind="stable")              # (a later row of an id stays after an earlier one)
+        ids, rows, blocks = ids[order], rows[order], blocks[order]
+        bounds = np.flatnonzero(np.diff(blocks)) + 1
+        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(ids)]):
+            self._put_block(int(blocks[lo]), ids[lo:hi], rows[lo:hi])
+
+    def _put_block(self, block: int, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Rows of ids in ``block``: into its cached rows, or (written out already) into the file."""
+        cached = self._cache.get(block)
+        if cached is None:
+            if block in self._flushed:
+                self._write_rows(ids, rows)
+                return
+            cached = self._cache[block] = np.full((CACHE_ROWS, self.width), np.nan)
+            if len(self._cache) > CACHED_BLOCKS:
+                self._flush(min(self._cache))
+        cached[ids - block * CACHE_ROWS] = rows
+
+    def _flush(self, block: int) -> None:
+        """Write a cached block out to the file (its rows past the last id cut)."""
+        lo = block * CACHE_ROWS
+        self._write(lo, self._cache.pop(block)[:self.n - lo])
+        self._flushed.add(block)
+
+    def _write_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Write rows at ``ids`` to the file, one call per run of consecutive ids (a later row of an id last)."""
         order = np.argsort(ids, kind="stable")
         ids, rows = ids[order], rows[order]
-        self._written[ids] = True
         breaks = np.flatnonzero(np.diff(ids) != 1) + 1          # runs of consecutive ids: one write each
         for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(ids)]):
             self._write(int(ids[lo]), rows[lo:hi])
@@ -75,6 +105,8 @@ class RequestRows:
         lo, hi = max(0, lo), min(self.n, hi)
         if self._table is not None:
             return self._table[lo:hi].copy()
+        for block in sorted(self._cache):                        # (the file holds every row then)
+            self._flush(block)
         size = 8 * self.width
         data = os.pread(self._file.fileno(), (hi - lo) * size, lo * size)
         out = np.full((hi - lo, self.width), np.nan)

@@ -47,6 +47,28 @@ def test_rows_far_apart_are_written_each_in_place(in_memory):
     assert np.isnan(np.delete(got, [0, 1, 2, 2500, 4999], axis=0)).all()
 
 
+def test_rows_through_the_block_cache_read_back_as_in_memory(monkeypatch):
+    # rows put roughly in id order with stragglers (into cached blocks, blocks written out when too many are held,
+    # rows of blocks already written out straight to the file), a later row of an id replacing it, and reads in
+    # the middle (which write every cached block out): the same table as in memory
+    monkeypatch.setattr(request_rows, "CACHE_ROWS", 16)
+    monkeypatch.setattr(request_rows, "CACHED_BLOCKS", 3)
+    n, rng = 1000, np.random.default_rng(11)
+    disk, mem = RequestRows(n, 2, in_memory=False), RequestRows(n, 2, in_memory=True)
+    order = np.argsort(np.arange(n) + rng.normal(0, 40, n))    # finishing roughly in id order
+    order = np.concatenate([order, rng.choice(n, 150)])         # and some recorded again
+    for k, lo in enumerate(range(0, len(order), 37)):
+        ids = list(dict.fromkeys(order[lo:lo + 37].tolist()))   # (distinct ids a put)
+        rows = rng.normal(size=(len(ids), 2))
+        for table in (disk, mem):
+            table.put(ids, rows)
+        if k % 9 == 4:
+            i = int(rng.integers(0, n))
+            assert np.array_equal(disk.read(i, i + 50), mem.read(i, i + 50), equal_nan=True)
+    assert np.array_equal(disk.read(0, n), mem.read(0, n), equal_nan=True)
+    assert np.isnan(mem.read(0, n)).all(axis=1).sum() < n // 4     # (most ids were written)
+
+
 def timeline(rid, arrival, prompt, output, times=(), **fields):
     r = Request(request_id=rid, arrival_s=arrival, prompt_tokens=prompt, output_tokens=output)
     r.token_times_s = list(times)
