@@ -75,8 +75,10 @@ class RequestRows:
                 self._write_rows(ids, rows)
                 return
             cached = self._cache[block] = np.full((CACHE_ROWS, self.width), np.nan)
-            if len(self._cache) > CACHED_BLOCKS:
+            cached[ids - block * CACHE_ROWS] = rows
+            if len(self._cache) > CACHED_BLOCKS:    # (the lowest: perhaps this one)
                 self._flush(min(self._cache))
+            return
         cached[ids - block * CACHE_ROWS] = rows
 
     def _flush(self, block: int) -> None:
