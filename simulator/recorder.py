@@ -12,7 +12,8 @@
   per micro-batch instead of 8 bytes per token, and past ``SPILL_PAIRS`` pairs in a temporary file (``GapPool``);
 - Etalon's deadline accounting per request (``slo.deadline_misses``) from its token times when it finishes, done
   for many requests at once (``deadline_misses_batch``; the token times wait in a bounded buffer,
-  ``_PENDING_TOKENS``).
+  ``_PENDING_TOKENS``), for a long run (``OFFLOAD_REQUESTS``) by a helper process on another core while the run
+  goes on (``simulator.deadline_worker``: the same numbers, its rows written when its answer is taken).
 
 Iteration rows stay in ``replica.IterationLog`` (columnar lists); with ``stream_to`` they are flushed to the output
 table in chunks (``tables.TableWriter``), so they too stay bounded.
@@ -338,7 +339,10 @@ class GapPool:
 # token times a Recorder holds for its batched deadline accounting before doing it (the batch's arrays, some 40
 # bytes a token, then stay in the caches: a larger batch is slower per token)
 _PENDING_TOKENS = 1 << 15
+_OFFLOAD_TOKENS = 1 << 17   # (a batch for the helper process: fewer, larger messages; its memory is its own)
 _STAGED_ROWS = 1024         # recorded rows waiting for their accounting (or, without it, to be written)
+#: requests from which a run's deadline accounting goes to a helper process by default (``Recorder(offload=)``)
+OFFLOAD_REQUESTS = 1 << 16
 _TTFT_DEADLINE, _DEADLINES, _DEADLINE_MISSES = (REQUEST_FIELDS.index(f) for f in
                                                 ("ttft_deadline_s", "deadlines", "deadline_misses"))
 
@@ -414,10 +418,13 @@ class Recorder:
         on_finish: called with each list of finished requests (after they are recorded).
         in_memory: keep the rows in memory (default: up to ``request_rows.IN_MEMORY_ROWS`` requests; a longer run
             keeps them in a temporary file, and ``blocks`` reads them back a block at a time).
+        offload: do the deadline accounting in a helper process (``simulator.deadline_worker``; the same numbers)
+            while the run goes on (default: for runs of ``OFFLOAD_REQUESTS`` requests or more).
     """
 
     def __init__(self, num_requests: int, *, ttft_deadline=None, decode_deadline_s: float = 0.03,
-                 keep_requests: bool = True, on_finish=None, in_memory: bool | None = None):
+                 keep_requests: bool = True, on_finish=None, in_memory: bool | None = None,
+                 offload: bool | None = None):
         self.n = int(num_requests)
         # the rows, by id (``RequestRows``: in memory, or in a temporary file for a long run); a recorded row waits
         # in ``_stage`` (id -> list of REQUEST_FIELDS) until its deadline accounting is done
@@ -439,6 +446,14 @@ class Recorder:
         # by struct.pack, which is exact and unboxes a list of floats faster than array.fromlist)
         self._pending: list = []
         self._pending_times = bytearray()
+        # with ``offload``: the helper process and, per batch sent to it and not yet collected, oldest first, its
+        # ``(ids, staged rows)``
+        self.offload = self.n >= OFFLOAD_REQUESTS if offload is None else bool(offload)
+        self._batch_bytes = 8 * (_OFFLOAD_TOKENS if self.offload else _PENDING_TOKENS)
+        self._worker = None
+        self._in_flight: list = []
+        if self.offload and ttft_deadline is not None:
+            self._start_worker()         # (it starts while the run is set up)
         self.token_sink = None            # callable(request) writing its tokens (tokens.csv), or None
 
     # --- during the run -------------------------------------------------------------------------------------
@@ -491,30 +506,74 @@ class Recorder:
                     self._pending_times += struct.pack(f"{k}d", *times)
         self._stage[i] = row
         self.recorded[i] = True
-        if len(self._pending_times) >= 8 * _PENDING_TOKENS or len(self._stage) >= _STAGED_ROWS:
-            self._account_deadlines()
+        if len(self._pending_times) >= self._batch_bytes or len(self._stage) >= _STAGED_ROWS:
+            self._account_deadlines(wait=False)
 
     def _row(self, i: int) -> list:
         """Request ``i``'s row as recorded so far (staged, or written)."""
         row = self._stage.get(i)
-        return row if row is not None else self.rows.read(i, i + 1)[0].tolist()
+        if row is not None:
+            return row
+        if any(i in stage for _, stage in self._in_flight):
+            self._collect()              # (its accounting first: it belongs to the row recorded last)
+        return self.rows.read(i, i + 1)[0].tolist()
 
-    def _account_deadlines(self) -> None:
+    def _account_deadlines(self, wait: bool = True) -> None:
         """Do the pending deadline accounting (in the order requests were recorded: a later row of an id
-        overwrites an earlier one, as recording it again does), then write the staged rows."""
+        overwrites an earlier one, as recording it again does), then write the staged rows. With ``offload`` and
+        not ``wait``, the batch goes to the helper process instead, and its rows are written when its result is
+        collected (in order, before any later rows)."""
         stage = self._stage
         if self._pending:
             ids, ttft, dl, lengths = zip(*self._pending)
+            if self.offload and not wait:
+                if self._worker is None:
+                    self._start_worker()
+                if self._worker is not None:
+                    if self._worker.full:
+                        self._collect_one()
+                    self._worker.submit(ttft, dl, lengths, self._pending_times)
+                    self._in_flight.append((ids, stage))
+                    self._stage = {}
+                    self._pending = []
+                    self._pending_times = bytearray()
+                    return
+            self._collect()
             missed, total = deadline_misses_batch(ttft, dl, np.frombuffer(self._pending_times, dtype=float),
                                                   lengths, self.decode_deadline_s)
-            for i, m, t in zip(ids, missed.tolist(), total.tolist()):     # (a later one of an id last)
-                row = stage[i]
-                row[_DEADLINES], row[_DEADLINE_MISSES] = t, m
+            self._fill(stage, ids, missed, total)
             self._pending = []
             self._pending_times = bytearray()
+        else:
+            self._collect()
         if stage:
             self.rows.put(list(stage), list(stage.values()))
             stage.clear()
+
+    def _start_worker(self) -> None:
+        from simulator.deadline_worker import DeadlineWorker
+
+        try:
+            self._worker = DeadlineWorker(self.decode_deadline_s)
+        except OSError:                  # no process can be started here: the accounting stays on this one
+            self.offload = False
+            self._batch_bytes = 8 * _PENDING_TOKENS
+
+    @staticmethod
+    def _fill(stage: dict, ids, missed: np.ndarray, total: np.ndarray) -> None:
+        for i, m, t in zip(ids, missed.tolist(), total.tolist()):     # (a later one of an id last)
+            row = stage[i]
+            row[_DEADLINES], row[_DEADLINE_MISSES] = t, m
+
+    def _collect_one(self) -> None:
+        """Take the oldest batch's result from the helper and write its rows."""
+        ids, stage = self._in_flight.pop(0)
+        self._fill(stage, ids, *self._worker.result())
+        self.rows.put(list(stage), list(stage.values()))
+
+    def _collect(self) -> None:
+        while self._in_flight:
+            self._collect_one()
 
     @property
     def cols(self) -> dict:
@@ -548,7 +607,8 @@ class Recorder:
                 r.token_times_s = array("d")
 
     def close(self, leftovers) -> None:
-        """The run ended: record the requests that never finished (rejected, or still running at ``until_s``)."""
+        """The run ended: record the requests that never finished (rejected, or still running at ``until_s``),
+        finish the deadline accounting and end the helper process."""
         for r in leftovers:
             if not self.recorded[r.request_id]:
                 self.record(r)
@@ -556,6 +616,10 @@ class Recorder:
                     self.token_sink(r)
             if self.keep_requests:
                 self.requests.append(r)
+        self._account_deadlines()
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     # --- after the run --------------------------------------------------------------------------------------
     def tbt_distribution(self) -> dict:

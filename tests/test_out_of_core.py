@@ -67,6 +67,11 @@ def test_rows_through_the_block_cache_read_back_as_in_memory(monkeypatch):
             assert np.array_equal(disk.read(i, i + 50), mem.read(i, i + 50), equal_nan=True)
     assert np.array_equal(disk.read(0, n), mem.read(0, n), equal_nan=True)
     assert np.isnan(mem.read(0, n)).all(axis=1).sum() < n // 4     # (most ids were written)
+    # a first row of a block below every cached one, the cache full: that block is the one written out
+    rows = RequestRows(200, 2, in_memory=False)
+    for block in (5, 6, 7, 1):
+        rows.put([16 * block + 3], [[float(block), 0.5]])
+    assert rows.read(0, 200)[[19, 83, 99, 115]].tolist() == [[1.0, 0.5], [5.0, 0.5], [6.0, 0.5], [7.0, 0.5]]
 
 
 def timeline(rid, arrival, prompt, output, times=(), **fields):
@@ -214,3 +219,25 @@ def test_rows_in_a_file_change_no_output_byte_but_the_means(tmp_path, monkeypatc
     assert ma.keys() == mb.keys() and len(ma) >= 5
     for k in ma:
         assert math.isclose(ma[k], mb[k], rel_tol=1e-12), k
+
+
+@pytest.mark.parametrize("args", [["--scheduler", "sarathi", "--qps", "8"],
+                                  ["--scheduler", "sarathi", "--qps", "6", "--prefill-replicas", "1",
+                                   "--decode-replicas", "1"]], ids=["sarathi", "disaggregated"])
+def test_the_helper_process_and_the_row_cache_change_no_output_byte(tmp_path, monkeypatch, args):
+    # a long run's ways (deadline accounting in a helper process, in batches; rows through a few cached blocks),
+    # forced on a short run: every file the same as without them
+    from simulator import recorder
+
+    monkeypatch.setattr(request_rows, "IN_MEMORY_ROWS", 64)
+    runs = {}
+    for name, offload_from, cache_rows in (("plain", 1 << 30, 1 << 20), ("helper", 0, 16)):
+        monkeypatch.setattr(recorder, "OFFLOAD_REQUESTS", offload_from)
+        monkeypatch.setattr(recorder, "_OFFLOAD_TOKENS", 2000)
+        monkeypatch.setattr(request_rows, "CACHE_ROWS", cache_rows)
+        monkeypatch.setattr(request_rows, "CACHED_BLOCKS", 2)
+        out = tmp_path / name
+        done = CliRunner().invoke(main, ["simulate", *args, "--num-requests", "300", "--out", str(out)])
+        assert done.exit_code == 0, done.output
+        runs[name] = _files(out)
+    assert runs["plain"] == runs["helper"]

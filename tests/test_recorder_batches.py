@@ -161,19 +161,22 @@ def check_rows(cols, expected):
 
 
 @pytest.mark.parametrize("container", [list, lambda times: array("d", times)], ids=["list", "array"])
-@pytest.mark.parametrize("pending_tokens", [1, 50, 700, 1 << 15])
-def test_recorder_batches_as_recorded(monkeypatch, pending_tokens, container):
+@pytest.mark.parametrize("pending_tokens,offload", [(1, False), (50, False), (700, False), (1 << 15, False),
+                                                    (50, True), (700, True)])
+def test_recorder_batches_as_recorded(monkeypatch, pending_tokens, offload, container):
     # a run's recording: batches done when the buffer fills (at any size) or the columns are read; requests recorded
     # twice (again with more tokens: the later row counts; again with none: the earlier accounting stays) within a
     # batch and across batches; columns read in the middle of the run; token times changed after a record ignored.
-    # Token times as the engine keeps them (an array, copied as bytes) or as a list a user sets (packed)
+    # Token times as the engine keeps them (an array, copied as bytes) or as a list a user sets (packed); the
+    # accounting done here or by the helper process (batches in flight when a request is recorded again)
     monkeypatch.setattr(rec, "_PENDING_TOKENS", pending_tokens)
+    monkeypatch.setattr(rec, "_OFFLOAD_TOKENS", pending_tokens)
     d, n = 0.03, 300
     rng = np.random.default_rng(pending_tokens)
     reqs = [make_request(i, times[0] - ttft, times if rng.random() < 0.95 else [], rng, container)
             for i, (ttft, _, times) in enumerate(random_requests(rng, n, d, max_len=300))]
     deadline_of = {r.prompt_tokens: 0.1 + r.prompt_tokens * 1e-4 for r in reqs}
-    recorder = Recorder(n, ttft_deadline=deadline_of.__getitem__, decode_deadline_s=d)
+    recorder = Recorder(n, ttft_deadline=deadline_of.__getitem__, decode_deadline_s=d, offload=offload)
     expected = {}
 
     def record(r):
@@ -202,8 +205,12 @@ def test_recorder_batches_as_recorded(monkeypatch, pending_tokens, container):
             check_rows(recorder.cols, expected)
             assert not recorder._pending
     check_rows(recorder.cols, expected)
-    assert recorder.recorded.all() and not recorder._pending
+    assert recorder.recorded.all() and not recorder._pending and not recorder._in_flight
     assert np.nansum(recorder.cols["deadline_misses"]) > 0
+    assert (recorder._worker is not None) is offload     # (the helper was used, and ends with the run)
+    recorder.close([])
+    assert recorder._worker is None
+    check_rows(recorder.cols, expected)
 
 
 def test_recorder_columns_do_not_depend_on_the_batch_size(monkeypatch):
@@ -211,10 +218,77 @@ def test_recorder_columns_do_not_depend_on_the_batch_size(monkeypatch):
     rng = np.random.default_rng(1)
     requests = random_requests(rng, 400, d, max_len=600)
     out = []
-    for pending_tokens in (1, 333, 1 << 15, 1 << 30):
+    for pending_tokens, offload in ((1, False), (333, False), (1 << 15, False), (1 << 30, False), (333, True),
+                                    (1 << 15, True)):
         monkeypatch.setattr(rec, "_PENDING_TOKENS", pending_tokens)
-        recorder = Recorder(len(requests), ttft_deadline=lambda p: 0.25, decode_deadline_s=d)
+        monkeypatch.setattr(rec, "_OFFLOAD_TOKENS", pending_tokens)
+        recorder = Recorder(len(requests), ttft_deadline=lambda p: 0.25, decode_deadline_s=d, offload=offload)
         for i, (ttft, _, times) in enumerate(requests):
             recorder.record(make_request(i, times[0] - ttft, times, np.random.default_rng(i)))
+        recorder.close([])
         out.append({f: c.tobytes() for f, c in recorder.cols.items()})
     assert all(o == out[0] for o in out[1:])
+
+
+def test_a_failed_helper_process_is_an_error_not_a_hang(monkeypatch):
+    monkeypatch.setattr(rec, "_OFFLOAD_TOKENS", 100)
+    d = 0.03
+    requests = random_requests(np.random.default_rng(3), 200, d, max_len=300)
+    recorder = Recorder(len(requests), ttft_deadline=lambda p: 0.25, decode_deadline_s=d, offload=True)
+    with pytest.raises(RuntimeError, match="deadline accounting helper .*(ended|could not send)"):
+        for i, (ttft, _, times) in enumerate(requests):
+            recorder.record(make_request(i, times[0] - ttft, times, np.random.default_rng(i)))
+            if i == 20:
+                recorder._worker._process.kill()
+        recorder.close([])
+
+
+@pytest.mark.parametrize("slot_bytes", [1 << 21, 16], ids=["shared", "piped"])
+def test_the_helper_answers_in_order(monkeypatch, slot_bytes):
+    # batches whose token times go through shared memory (slots used again) or, larger than a slot, the pipe
+    from simulator import deadline_worker
+
+    monkeypatch.setattr(deadline_worker, "SLOT_BYTES", slot_bytes)
+    d = 0.03
+    rng = np.random.default_rng(5)
+    worker = deadline_worker.DeadlineWorker(d)
+    batches = [random_requests(rng, int(rng.integers(1, 30)), d) for _ in range(12)]
+    got = []
+    for requests in batches:
+        if worker.full:
+            got.append(worker.result())
+        ttft, dl, times = zip(*requests)
+        worker.submit(ttft, dl, [len(t) for t in times], np.array([t for ts in times for t in ts]).tobytes())
+    while worker.in_flight:
+        got.append(worker.result())
+    worker.close()
+    assert [list(zip(m.tolist(), t.tolist())) for m, t in got] == [batch(b, d) for b in batches]
+
+
+def test_the_helper_reports_its_error(monkeypatch):
+    from simulator.deadline_worker import DeadlineWorker
+
+    worker = DeadlineWorker(0.03)
+    worker.submit([0.1, 0.2], [0.5, 0.5], [2, 2], np.arange(3.0).tobytes())     # 4 times said, 3 sent
+    worker.submit([0.1], [0.5], [2], np.arange(2.0).tobytes())
+    with pytest.raises(RuntimeError, match="deadline accounting helper .*Traceback"):
+        worker.result()
+    worker.close()
+
+
+def test_without_a_helper_process_the_accounting_stays_here(monkeypatch):
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    d = 0.03
+    requests = random_requests(np.random.default_rng(6), 50, d)
+    recorder = Recorder(len(requests), ttft_deadline=lambda p: 0.25, decode_deadline_s=d, offload=True)
+    assert recorder._worker is None and not recorder.offload
+    for i, (ttft, _, times) in enumerate(requests):
+        recorder.record(make_request(i, times[0] - ttft, times, np.random.default_rng(i)))
+    recorder.close([])
+    assert list(zip(recorder.cols["deadline_misses"].tolist(), recorder.cols["deadlines"].tolist())) == \
+        [formula(ttft, 0.25, times, d) for ttft, _, times in requests]

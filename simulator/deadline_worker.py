@@ -1,0 +1,205 @@
+"""Etalon's deadline accounting of a long run on another core: a helper process that runs
+``recorder.deadline_misses_batch`` on the batches a ``Recorder`` sends it, in order, while the run goes on.
+
+The accounting is a dozen numpy passes over every token time of the run (0.6 s of a 100k-request run, a tenth of
+it). A thread cannot take it off the simulation's core: each numpy call gives the GIL back and takes it again, and
+the hand-overs cost more than the work. So the batches go to ``python -m simulator.deadline_worker``, started with
+``subprocess`` (not ``multiprocessing``, which would import the caller's main script again in the helper):
+
+- the token times: copied into one of ``MAX_IN_FLIGHT + 1`` slots of ``SLOT_BYTES`` of memory the two processes
+  share (``os.memfd_create``, Linux; a slot is used again once its batch is answered), or, on another system or
+  for a batch larger than a slot, written after the header;
+- through the helper's standard input, per batch: a header ``(m, T, offset, D)`` (three int64, one float64: the
+  times' offset in the shared memory, or -1: they follow), its ``m`` requests' TTFT and first-token deadline (float64) and token count (int64); an
+  ``m`` of -1 ends it;
+- back through its standard output: ``m`` (int64), then ``missed`` and ``total`` (``m`` int64 each), or ``-n`` and
+  the ``n`` bytes of the helper's traceback.
+
+The results are the same numbers, computed by the same function on the same float64 values (native byte order:
+the helper runs on the same machine). The recorder collects them in the order it sent the batches, at most
+``MAX_IN_FLIGHT`` batches behind, so the answers wait in the pipe back, which never fills, and the rows the
+recorder keeps stay bounded.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+#: batches sent and not yet answered before the recorder waits for the oldest answer
+MAX_IN_FLIGHT = 3
+SLOT_BYTES = 1 << 21         # token times of a batch in shared memory (262,144 tokens; a batch is some 32k)
+_HEAD = struct.Struct("=qqqd")
+
+
+def _read(stream, n: int) -> bytes:
+    """Exactly ``n`` bytes of ``stream`` (a pipe may give fewer at a time); EOFError if it ends first."""
+    parts, left = [], n
+    while left:
+        part = stream.read(left)
+        if not part:
+            raise EOFError(f"{n - left} of {n} bytes")
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def _write(stream, data) -> None:
+    """All of ``data`` to ``stream`` (a pipe may take less at a time)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[stream.write(view):]
+
+
+def serve(inbox, outbox, shared=None) -> None:
+    """The helper's loop over binary streams (``shared``: the slots' memory): answer each batch until the end
+    header (or the end of ``inbox``)."""
+    import traceback
+
+    from simulator.recorder import deadline_misses_batch
+
+    while True:
+        head = inbox.read(_HEAD.size)
+        if len(head) < _HEAD.size:
+            return
+        m, T, offset, d = _HEAD.unpack(head)
+        if m < 0:
+            return
+        try:
+            cols = np.frombuffer(_read(inbox, 24 * m), dtype=np.float64)
+            if offset < 0:
+                times = np.frombuffer(_read(inbox, 8 * T), dtype=np.float64)
+            else:
+                times = np.frombuffer(shared, dtype=np.float64, count=T, offset=offset)
+            missed, total = deadline_misses_batch(cols[:m], cols[m:2 * m], times, cols[2 * m:].view(np.int64), d)
+            del times
+            outbox.write(struct.pack("=q", m) + missed.astype(np.int64).tobytes() + total.astype(np.int64).tobytes())
+            outbox.flush()
+        except Exception:                                   # noqa: BLE001 (reported to the recorder)
+            why = traceback.format_exc().encode()
+            outbox.write(struct.pack("=q", -len(why)) + why)
+            outbox.flush()
+            return
+
+
+def _stop(process, shared) -> None:
+    """End the helper (also a weakref finalizer: when the recorder is dropped without ``close``)."""
+    try:
+        _write(process.stdin, _HEAD.pack(-1, 0, 0, 0.0))
+        process.stdin.close()
+    except (OSError, ValueError):
+        pass
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    process.stdout.close()
+    if shared is not None:
+        shared.close()
+
+
+class DeadlineWorker:
+    """A helper process doing ``deadline_misses_batch`` for one recorder (see the module docstring).
+
+    ``submit(ttft_s, ttft_deadline_s, lengths, times)`` sends a batch of ``m`` requests (``times``: their ``T``
+    token times as float64 bytes, copied); ``result()`` returns the oldest batch's ``(missed, total)`` ((m,) int64
+    each) not yet returned, waiting for it; ``in_flight`` counts those, and ``submit`` raises RuntimeError when it
+    is ``full``. ``close()`` ends the helper. Raises RuntimeError when the helper fails or ends early.
+    """
+
+    def __init__(self, decode_deadline_s: float):
+        self.decode_deadline_s = float(decode_deadline_s)
+        root = str(Path(__file__).resolve().parents[1])          # (where this ``simulator`` package is)
+        # (glibc: the helper keeps freed arrays instead of giving each batch's temporaries back to the system and
+        # faulting them in again, which doubles its time)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]),
+                   MALLOC_MMAP_THRESHOLD_="16777216", MALLOC_TRIM_THRESHOLD_="67108864")
+        slots = MAX_IN_FLIGHT + 1
+        self._shared, fds, args = None, (), []
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("servesim-deadlines")
+            try:
+                os.ftruncate(fd, slots * SLOT_BYTES)
+                self._shared = mmap.mmap(fd, slots * SLOT_BYTES)
+            except OSError:
+                os.close(fd)
+            else:
+                fds, args = (fd,), [str(fd), str(slots * SLOT_BYTES)]
+        try:
+            self._process = subprocess.Popen([sys.executable, "-m", "simulator.deadline_worker", *args],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0,
+                                             pass_fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)             # (the mapping and the helper keep the memory)
+        self._sizes: list = []           # m of each batch in flight, oldest first
+        self._sent = 0                   # batches sent (batch k uses slot k mod MAX_IN_FLIGHT + 1)
+        self._stop = weakref.finalize(self, _stop, self._process, self._shared)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._sizes)
+
+    @property
+    def full(self) -> bool:
+        """``MAX_IN_FLIGHT`` batches wait: take a result before sending another."""
+        return len(self._sizes) >= MAX_IN_FLIGHT
+
+    def submit(self, ttft_s, ttft_deadline_s, lengths, times) -> None:
+        if self.full:
+            raise RuntimeError(f"deadline accounting helper: {MAX_IN_FLIGHT} batches in flight; take a result first")
+        m, n = len(lengths), len(times)
+        offset = -1
+        if self._shared is not None and n <= SLOT_BYTES:
+            offset = self._sent % (MAX_IN_FLIGHT + 1) * SLOT_BYTES    # (a slot whose last batch was answered)
+            self._shared[offset:offset + n] = times
+        head = struct.pack(f"=qqqd{2 * m}d{m}q", m, n // 8, offset, self.decode_deadline_s, *ttft_s,
+                           *ttft_deadline_s, *lengths)
+        try:
+            _write(self._process.stdin, head)
+            if offset < 0:
+                _write(self._process.stdin, times)
+        except OSError as e:
+            raise self._failed(f"could not send a batch ({e})") from None
+        self._sizes.append(m)
+        self._sent += 1
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        m = self._sizes.pop(0)
+        out = self._process.stdout
+        try:
+            k = struct.unpack("=q", _read(out, 8))[0]
+            if k < 0:
+                raise self._failed(_read(out, -k).decode(errors="replace"))
+            if k != m:
+                raise self._failed(f"an answer for {k} requests, expected {m}")
+            values = np.frombuffer(_read(out, 16 * m), dtype=np.int64)
+        except EOFError as e:
+            raise self._failed(f"it ended without answering ({e})") from None
+        return values[:m], values[m:]
+
+    def _failed(self, why: str) -> RuntimeError:
+        self._stop()
+        return RuntimeError(f"deadline accounting helper (pid {self._process.pid}, exit code "
+                            f"{self._process.returncode}): {why}")
+
+    def close(self) -> None:
+        self._stop()
+
+
+def main(argv) -> None:
+    """``python -m simulator.deadline_worker [FD SIZE]``: serve on standard input and output, the token times in
+    the ``SIZE`` bytes of shared memory at file descriptor ``FD`` (or in the input)."""
+    shared = mmap.mmap(int(argv[0]), int(argv[1]), access=mmap.ACCESS_READ) if argv else None
+    serve(sys.stdin.buffer, sys.stdout.buffer, shared)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
