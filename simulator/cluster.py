@@ -254,13 +254,16 @@ class Cluster:
         (arrivals are sorted)."""
         if self.next_arrival_s >= t:
             return self.next_arrival_s
+        # the window starts at the answer to an earlier t: for a t as late, none before it comes after t (a stretch
+        # asks in increasing t, and the position only moves on: mostly a hit)
         window, k = self._window, self._pos - self._window_lo
-        if 0 <= k < len(window) and window[-1] >= t:     # (a stretch asks in increasing t: mostly a hit)
-            return window[bisect_left(window, t, k)]
+        if t >= self._window_t and k < len(window) and window[-1] >= t:
+            return window[bisect_left(window, t, k if k > 0 else 0)]
         i = max(int(self._arrival_s.searchsorted(t)), self._pos)
         if i >= self._num:
             return math.inf
-        self._window_lo, self._window = i, self._arrival_s[i:i + ARRIVAL_WINDOW].tolist()
+        self._window_lo, self._window_t = i, t
+        self._window = self._arrival_s[i:i + ARRIVAL_WINDOW].tolist()
         return self._window[0]
 
     def _make_backlog(self, k: int) -> None:
@@ -315,7 +318,8 @@ class Cluster:
         self._make_range = requests.make if stream else (lambda lo, hi: requests[lo:hi])
         self._arrival_s = np.asarray(requests.arrival_s if stream else [r.arrival_s for r in requests], dtype=float)
         self._num, self._pos, self._made = len(requests), 0, {}
-        self._window, self._window_lo = [], 0        # arrivals from _window_lo on, as floats (_next_arrival_from)
+        # arrivals from _window_lo on as floats, read for a time _window_t (_next_arrival_from)
+        self._window, self._window_lo, self._window_t = [], 0, math.inf
         # a lone entry replica fed from a stream keeps a long queue's tail as positions (WaitingQueue)
         self._lone = entry.replicas[0] if len(entry.replicas) == 1 else None
         self._backlog = None

@@ -201,12 +201,16 @@ def test_next_arrival_is_the_first_at_or_after_t_of_those_not_arrived(monkeypatc
     monkeypatch.setattr(cluster, "ARRIVAL_WINDOW", 7)
     rng = np.random.default_rng(4)
     arrivals = np.sort(np.round(rng.uniform(0, 100, 300), 1))          # (repeated times)
-    c = SimpleNamespace(next_arrival_s=-1.0, _window=[], _window_lo=0, _pos=0, _arrival_s=arrivals,
-                        _num=len(arrivals))
-    for _ in range(2000):
+    c = SimpleNamespace(next_arrival_s=-1.0, _window=[], _window_lo=0, _window_t=math.inf, _pos=0,
+                        _arrival_s=arrivals, _num=len(arrivals))
+    t = 0.0
+    for _ in range(3000):
         c._pos = min(len(arrivals), c._pos + int(rng.integers(0, 2)))
         c.next_arrival_s = float(arrivals[c._pos]) if c._pos < len(arrivals) and rng.random() < 0.3 else -1.0
-        t = float(rng.choice(arrivals)) if rng.random() < 0.3 else float(rng.uniform(0, 105))
+        if rng.random() < 0.05:                                         # mostly later, sometimes anywhere
+            t = float(rng.choice(arrivals)) if rng.random() < 0.3 else float(rng.uniform(0, 105))
+        else:
+            t = min(105.0, t + float(rng.exponential(0.2)))
         later = arrivals[c._pos:][arrivals[c._pos:] >= t]
         want = c.next_arrival_s if c.next_arrival_s >= t else (float(later[0]) if len(later) else math.inf)
         assert cluster.Cluster._next_arrival_from(c, t) == want
