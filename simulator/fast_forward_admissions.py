@@ -460,7 +460,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         used.append(num_blocks - free)
         batch.append(d + len(entries))
         n_decode.append(d)
-        n_prefill.append(sum([e[1] for e in entries]))
+        n_prefill.append(budget_total - d - budget)     # (the tokens its prefills took from the budget)
         if tracked:
             ctx_sums.append(S + j * d)
             if entries:
@@ -473,14 +473,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             position[r.request_id] = next_position
             next_position += 1
         wi += len(new)
-        got = {e[0].request_id: e[1] for e in entries}
         still = []
-        for p in partials:
-            r = p[0]
-            n = got.get(r.request_id)
-            if n is None:
-                still.append(p)
-                continue
+        for p, (r, n, _) in zip(partials, entries):     # (the step's prefills are the first partials, in order)
             chunk_log[r.request_id].append((j, 1, n))
             p[1] += n
             if chunked:
@@ -498,6 +492,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 held_of[r.request_id] = p[2]
             else:
                 join(r, total - j - 1, j + 1, j + r.output_tokens - g - 1, p[2])
+        if len(partials) > len(entries):
+            still += partials[len(entries):]
         partials = still
         release(j)
         K = j + 1
