@@ -52,6 +52,7 @@ import numpy as np
 
 from cost_models.plan import BatchPlan
 from simulator.fast_forward import MAX_STEPS
+from simulator.output import unboxed
 
 
 def _key(r):
@@ -217,15 +218,20 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 return k, True
             at = k + 1
 
-    def _append_run(j0, taken, run_ends, durs, grown, d, chunk):
+    def _append_run(j0, taken, run_ends, durs, run_used, d, chunk):
         """Take a run's first ``taken`` steps from step ``j0``: ``d`` decodes and a prefill chunk of ``chunk``
-        tokens each (0: none), ending at ``run_ends``, their KV growth summed in ``grown``."""
+        tokens each (0: none), ending at ``run_ends``, the KV blocks used before them and after each in
+        ``run_used``."""
         nonlocal t, free, K
         t = run_ends[taken - 1]
-        ends.extend(run_ends[:taken])
-        durations.extend(durs[:taken])
-        used.extend(map((num_blocks - free).__add__, grown[:taken]))
-        free -= grown[taken - 1]
+        if taken == len(run_ends):
+            ends.extend(run_ends)
+            durations.extend(durs)
+        else:
+            ends.extend(run_ends[:taken])
+            durations.extend(durs[:taken])
+        used.extend(run_used[1:taken + 1])
+        free = num_blocks - run_used[taken]
         batch.extend([d + 1 if chunk else d] * taken)
         n_decode.extend([d] * taken)
         n_prefill.extend([chunk] * taken)
@@ -285,7 +291,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         else:
             top = j - heap_top(heap, alive) if d and longest else -1
             durs = [price(d, S + (j + i) * d, top + i if d and longest else -1, c, k0 + i * c) for i in range(n)]
-        run_ends = list(accumulate(durs, initial=t))[1:]
+        run_ends = list(accumulate(durs, initial=t))
+        del run_ends[0]
         grow = _growth(j, j + n, starts)
         if chunked:                      # its slots are allocated chunk by chunk
             held = p[2]
@@ -293,13 +300,13 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 after = -(-(k0 + (i + 1) * c) // bs)
                 grow[i] += after - held
                 held = after
-        grown = list(accumulate(grow))
-        taken = bisect_right(grown, free)      # steps whose KV growth fits (no preemption)
+        run_used = list(accumulate(grow, initial=num_blocks - free))
+        taken = bisect_right(run_used, num_blocks, 1) - 1    # steps whose KV growth fits (no preemption)
         stopped = taken < n
         taken, at_arrival = _arrival_cut(run_ends, taken)
         stopped = stopped or at_arrival
         if taken:
-            _append_run(j, taken, run_ends, durs, grown, d, c)
+            _append_run(j, taken, run_ends, durs, run_used, d, c)
             if tracked:
                 for i in range(taken):
                     step_chunks[j + i] = ((c,), (k0 + i * c,))
@@ -359,18 +366,19 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                     durs = decode_times(d, S + j0 * d, n)
                 else:
                     durs = [price(d, S + k * d, top + k - j, 0, 0) for k in range(j0, e0)]
-                run_ends = list(accumulate(durs, initial=t))[1:]   # (t + d, sequentially: as the clock adds)
-                grown = list(accumulate(_growth(j0, e0, starts)))
+                run_ends = list(accumulate(durs, initial=t))   # (t + d, sequentially: as the clock adds)
+                del run_ends[0]
+                run_used = list(accumulate(_growth(j0, e0, starts), initial=num_blocks - free))
                 taken = n
                 if until is not None:    # step k is admitted at if the request arrived before it starts
                     taken = min(n, bisect_right(run_ends, until) + 1)
                 cut = taken < n
-                fits = bisect_right(grown, free)       # steps whose KV growth fits (no preemption)
+                fits = bisect_right(run_used, num_blocks, 1) - 1   # steps whose KV growth fits (no preemption)
                 stopped = fits < taken
                 taken, at_arrival = _arrival_cut(run_ends, min(taken, fits))
                 stopped = stopped or at_arrival
                 if taken:
-                    _append_run(j0, taken, run_ends, durs, grown, d, 0)
+                    _append_run(j0, taken, run_ends, durs, run_used, d, 0)
                 j0 += taken
             _commit_starts(starts, j0 - 1)
             if stopped:
@@ -543,8 +551,7 @@ def heap_top(heap: list, alive: list) -> int:
 def _requests_to(s: dict, tokens_upto: int, scheduled_upto: int) -> None:
     """Set the stretch's requests as the steps up to ``tokens_upto`` left them (their tokens, first-token and
     completion times), with the admissions up to ``scheduled_upto`` scheduled."""
-    ends, starts = s["ends"], s["starts"]
-    ends_array = array("d", ends)        # (a request's token times are slices of it: copied, not unboxed)
+    ends, starts, ends_array = s["ends"], s["starts"], s["ends_array"]
     for r, a in s["admitted"]:
         if a <= scheduled_upto and r.scheduled_s is None:     # (a request preempted in its prefill keeps its first)
             r.scheduled_s = starts[a]
@@ -589,6 +596,7 @@ def apply_admitting(replica, s: dict) -> list:
     for r, _ in s["admitted"]:
         by_id[r.request_id] = r
     s["by_id"] = by_id
+    s["ends_array"] = array("d", ends)   # (requests' token times are slices of it: copied, not unboxed)
     recorder = replica.recorder
     if replica.on_iteration is not None or (recorder is not None and recorder.on_finish is not None):
         # a hook or a completion callback may stop the run inside the stretch, and the run is then measured
@@ -629,9 +637,9 @@ def apply_admitting(replica, s: dict) -> list:
                     per_step.append(1)
             recorder.add_gap_arrays(values, counts)
         else:                            # the same pairs, one per step with decodes, from arrays
-            decodes = np.array(n_decode[1:])
+            decodes = unboxed(n_decode, np.int64)[1:]
             pair_steps = np.flatnonzero(decodes) + 1
-            times = np.array(ends)
+            times = np.frombuffer(s["ends_array"])
             pairs = np.empty((len(pair_steps), 2))
             np.subtract(times[pair_steps], times[pair_steps - 1], out=pairs[:, 0])
             pairs[:, 1] = decodes[pair_steps - 1]
