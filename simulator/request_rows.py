@@ -12,7 +12,9 @@ read back in blocks. Requests finish roughly in id order, so the rows go to the 
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
+from itertools import chain
 
 import numpy as np
 
@@ -49,6 +51,8 @@ class RequestRows:
     def put(self, ids, rows) -> None:
         """Write ``rows`` (``(m, width)``, or a list of m rows) at the distinct request ``ids`` (m,)."""
         ids = np.asarray(ids, dtype=np.int64)
+        if isinstance(rows, list):       # (Python numbers: unboxed by struct, 3x faster than numpy's conversion)
+            rows = np.frombuffer(struct.pack(f"{len(ids) * self.width}d", *chain.from_iterable(rows)))
         rows = np.asarray(rows, dtype=float).reshape(len(ids), self.width)
         if self._table is not None:
             self._table[ids] = rows
