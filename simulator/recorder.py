@@ -224,7 +224,7 @@ class GapPool:
         if self._file is None:
             self._file = tempfile.TemporaryFile(prefix="servesim-tbt-")
         self._file.seek(16 * self._spilled)
-        self._mem.tofile(self._file)
+        self._file.write(self._mem)      # (one write of the buffer; array.tofile copies it 64 KiB at a time)
         self._spilled += len(self._mem) // 2
         del self._mem[:]
 
