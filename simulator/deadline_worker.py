@@ -88,19 +88,29 @@ def serve(inbox, outbox, shared=None) -> None:
             return
 
 
-def _stop(process, shared) -> None:
-    """End the helper (also a weakref finalizer: when the recorder is dropped without ``close``)."""
-    try:
-        _write(process.stdin, _HEAD.pack(-1, 0, 0, 0.0))
-        process.stdin.close()
-    except (OSError, ValueError):
-        pass
+def _end(process) -> None:
+    """End the helper: the end header, then its exit (killed if it does not)."""
+    if process.returncode is None:
+        try:
+            _write(process.stdin, _HEAD.pack(-1, 0, 0, 0.0))
+        except (OSError, ValueError):
+            pass
+    for stream in (process.stdin, process.stdout):
+        try:
+            stream.close()
+        except OSError:
+            pass
     try:
         process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-    process.stdout.close()
+
+
+def _stop(process, shared) -> None:
+    """End the helper and unmap the shared memory (also a weakref finalizer: when the recorder is dropped without
+    ``close``)."""
+    _end(process)
     if shared is not None:
         shared.close()
 
@@ -109,13 +119,19 @@ class DeadlineWorker:
     """A helper process doing ``deadline_misses_batch`` for one recorder (see the module docstring).
 
     ``submit(ttft_s, ttft_deadline_s, lengths, times)`` sends a batch of ``m`` requests (``times``: their ``T``
-    token times as float64 bytes, copied); ``result()`` returns the oldest batch's ``(missed, total)`` ((m,) int64
-    each) not yet returned, waiting for it; ``in_flight`` counts those, and ``submit`` raises RuntimeError when it
-    is ``full``. ``close()`` ends the helper. Raises RuntimeError when the helper fails or ends early.
+    token times as float64 bytes, copied or kept); ``result()`` returns the oldest batch's ``(missed, total)``
+    ((m,) int64 each) not yet returned, waiting for it; ``in_flight`` counts those, and ``submit`` raises
+    RuntimeError when it is ``full``. ``close()`` ends the helper.
+
+    The helper only saves time: if it cannot be reached or ends without answering (killed, or no Python able to
+    run it), the batches it holds and all later ones are computed here, from the inputs kept until they are
+    answered, with a ``RuntimeWarning`` (``failed`` says why). An error the helper meets in the accounting itself
+    is raised here as it would be without it (the batch is computed again here).
     """
 
     def __init__(self, decode_deadline_s: float):
         self.decode_deadline_s = float(decode_deadline_s)
+        self.failed: str | None = None
         root = str(Path(__file__).resolve().parents[1])          # (where this ``simulator`` package is)
         # (glibc: the helper keeps freed arrays instead of giving each batch's temporaries back to the system and
         # faulting them in again, which doubles its time)
@@ -139,18 +155,20 @@ class DeadlineWorker:
         finally:
             for fd in fds:
                 os.close(fd)             # (the mapping and the helper keep the memory)
-        self._sizes: list = []           # m of each batch in flight, oldest first
+        # per batch in flight, oldest first: its inputs (the times as their offset in the shared memory, or the
+        # bytes given), to compute it here if the helper fails
+        self._batches: list = []
         self._sent = 0                   # batches sent (batch k uses slot k mod MAX_IN_FLIGHT + 1)
         self._stop = weakref.finalize(self, _stop, self._process, self._shared)
 
     @property
     def in_flight(self) -> int:
-        return len(self._sizes)
+        return len(self._batches)
 
     @property
     def full(self) -> bool:
         """``MAX_IN_FLIGHT`` batches wait: take a result before sending another."""
-        return len(self._sizes) >= MAX_IN_FLIGHT
+        return len(self._batches) >= MAX_IN_FLIGHT
 
     def submit(self, ttft_s, ttft_deadline_s, lengths, times) -> None:
         if self.full:
@@ -160,6 +178,10 @@ class DeadlineWorker:
         if self._shared is not None and n <= SLOT_BYTES:
             offset = self._sent % (MAX_IN_FLIGHT + 1) * SLOT_BYTES    # (a slot whose last batch was answered)
             self._shared[offset:offset + n] = times
+        self._batches.append((ttft_s, ttft_deadline_s, lengths, n, offset, times if offset < 0 else None))
+        self._sent += 1
+        if self.failed is not None:
+            return
         head = struct.pack(f"=qqqd{2 * m}d{m}q", m, n // 8, offset, self.decode_deadline_s, *ttft_s,
                            *ttft_deadline_s, *lengths)
         try:
@@ -167,28 +189,45 @@ class DeadlineWorker:
             if offset < 0:
                 _write(self._process.stdin, times)
         except OSError as e:
-            raise self._failed(f"could not send a batch ({e})") from None
-        self._sizes.append(m)
-        self._sent += 1
+            self._fail(f"could not send a batch ({e})")
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        m = self._sizes.pop(0)
-        out = self._process.stdout
-        try:
-            k = struct.unpack("=q", _read(out, 8))[0]
-            if k < 0:
-                raise self._failed(_read(out, -k).decode(errors="replace"))
-            if k != m:
-                raise self._failed(f"an answer for {k} requests, expected {m}")
-            values = np.frombuffer(_read(out, 16 * m), dtype=np.int64)
-        except EOFError as e:
-            raise self._failed(f"it ended without answering ({e})") from None
-        return values[:m], values[m:]
+        batch = self._batches[0]
+        m = len(batch[2])
+        if self.failed is None:
+            out = self._process.stdout
+            try:
+                k = struct.unpack("=q", _read(out, 8))[0]
+                if k == m:
+                    values = np.frombuffer(_read(out, 16 * m), dtype=np.int64)
+                    self._batches.pop(0)
+                    return values[:m], values[m:]
+                self._fail(_read(out, -k).decode(errors="replace") if k < 0 else
+                           f"an answer for {k} requests, expected {m}")
+            except (EOFError, OSError) as e:
+                self._fail(f"it ended without answering ({e})")
+        self._batches.pop(0)
+        return self._here(batch)
 
-    def _failed(self, why: str) -> RuntimeError:
-        self._stop()
-        return RuntimeError(f"deadline accounting helper (pid {self._process.pid}, exit code "
-                            f"{self._process.returncode}): {why}")
+    def _here(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """A batch computed in this process."""
+        from simulator.recorder import deadline_misses_batch
+
+        ttft, dl, lengths, n, offset, times = batch
+        if times is None:
+            times = self._shared[offset:offset + n]
+        return deadline_misses_batch(ttft, dl, np.frombuffer(times, dtype=np.float64), lengths,
+                                     self.decode_deadline_s)
+
+    def _fail(self, why: str) -> None:
+        import warnings
+
+        self.failed = why
+        code = self._process.poll()
+        warnings.warn(f"deadline accounting helper process (pid {self._process.pid}, exit code {code}) failed; "
+                      f"the accounting goes on in this process (the same numbers): {why.strip()}", RuntimeWarning,
+                      stacklevel=3)
+        _end(self._process)              # (the shared memory stays: the batches in it are computed here)
 
     def close(self) -> None:
         self._stop()
@@ -196,7 +235,11 @@ class DeadlineWorker:
 
 def main(argv) -> None:
     """``python -m simulator.deadline_worker [FD SIZE]``: serve on standard input and output, the token times in
-    the ``SIZE`` bytes of shared memory at file descriptor ``FD`` (or in the input)."""
+    the ``SIZE`` bytes of shared memory at file descriptor ``FD`` (or in the input). Ctrl-C is the recorder's to
+    handle: the helper ends when its input does."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     shared = mmap.mmap(int(argv[0]), int(argv[1]), access=mmap.ACCESS_READ) if argv else None
     serve(sys.stdin.buffer, sys.stdout.buffer, shared)
 
