@@ -7,7 +7,8 @@ array, NaN for ids never written. Up to ``IN_MEMORY_ROWS`` requests the rows are
 anonymous temporary file (``tempfile.TemporaryFile``, deleted with the object) of ``8 x width`` bytes a request,
 read back in blocks. Requests finish roughly in id order, so the rows go to the file through a few blocks of
 ``CACHE_ROWS`` consecutive ids held in memory (``CACHED_BLOCKS`` at most, the lowest written out first, with
-``os.pwrite``); a row of a block already written out goes to the file at once (rows of consecutive ids in one call).
+``os.pwrite``; a read takes a cached block's rows from memory); a row of a block already written out goes to the
+file at once (rows of consecutive ids in one call).
 """
 from __future__ import annotations
 
@@ -111,8 +112,6 @@ class RequestRows:
         lo, hi = max(0, lo), min(self.n, hi)
         if self._table is not None:
             return self._table[lo:hi].copy()
-        for block in sorted(self._cache):                        # (the file holds every row then)
-            self._flush(block)
         size = 8 * self.width
         data = os.pread(self._file.fileno(), (hi - lo) * size, lo * size)
         out = np.full((hi - lo, self.width), np.nan)
@@ -120,6 +119,10 @@ class RequestRows:
         if got:
             out[:got] = np.frombuffer(data[:got * size], dtype=float).reshape(got, self.width)
         out[~self._written[lo:hi]] = np.nan
+        for block, cached in self._cache.items():                # (a cached block has nothing in the file)
+            first, last = max(lo, block * CACHE_ROWS), min(hi, (block + 1) * CACHE_ROWS)
+            if first < last:
+                out[first - lo:last - lo] = cached[first - block * CACHE_ROWS:last - block * CACHE_ROWS]
         return out
 
     def blocks(self, size: int | None = None):

@@ -50,7 +50,7 @@ def test_rows_far_apart_are_written_each_in_place(in_memory):
 def test_rows_through_the_block_cache_read_back_as_in_memory(monkeypatch):
     # rows put roughly in id order with stragglers (into cached blocks, blocks written out when too many are held,
     # rows of blocks already written out straight to the file), a later row of an id replacing it, and reads in
-    # the middle (which write every cached block out): the same table as in memory
+    # the middle (of the file and the cached blocks): the same table as in memory
     monkeypatch.setattr(request_rows, "CACHE_ROWS", 16)
     monkeypatch.setattr(request_rows, "CACHED_BLOCKS", 3)
     n, rng = 1000, np.random.default_rng(11)
