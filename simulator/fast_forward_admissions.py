@@ -340,8 +340,9 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             break
         queued = n_wait + len(arrived)
         head = (waiting[wi] if wi < n_wait else arrived[wi - n_wait]) if wi < queued else None
-        if d and not partials and _admits_none(head, running_count, max_seqs, budget_total - d,
-                                               free - growing[j % bs], rule, bs, watermark, pending is not None):
+        if d and not partials and (head is None and pending is not None or   # (nothing waits: _admits_none)
+                                   _admits_none(head, running_count, max_seqs, budget_total - d,
+                                                free - growing[j % bs], rule, bs, watermark, pending is not None)):
             # decode-only steps until the next member's last token: the same decodes each step
             while end_heap[0] < j:
                 heapq.heappop(end_heap)
@@ -375,8 +376,11 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 cut = taken < n
                 fits = bisect_right(run_used, num_blocks, 1) - 1   # steps whose KV growth fits (no preemption)
                 stopped = fits < taken
-                taken, at_arrival = _arrival_cut(run_ends, min(taken, fits))
-                stopped = stopped or at_arrival
+                if fits < taken:
+                    taken = fits
+                if taken and bisect_left(run_ends, na, 0, taken) < taken:   # (an arrival within: _arrival_cut)
+                    taken, at_arrival = _arrival_cut(run_ends, taken)
+                    stopped = stopped or at_arrival
                 if taken:
                     _append_run(j0, taken, run_ends, durs, run_used, d, 0)
                 j0 += taken
@@ -503,7 +507,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         if len(partials) > len(entries):
             still += partials[len(entries):]
         partials = still
-        release(j)
+        if j in ending or j in prefill_done:
+            release(j)
         K = j + 1
     if K < 2:
         return False

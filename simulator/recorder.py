@@ -430,7 +430,8 @@ class Recorder:
         # in ``_stage`` (id -> list of REQUEST_FIELDS) until its deadline accounting is done
         self.rows = RequestRows(self.n, len(REQUEST_FIELDS), in_memory=in_memory)
         self._stage: dict = {}
-        self.recorded = np.zeros(self.n, dtype=bool)
+        self._recorded = bytearray(self.n)   # (indexed per request: a bytearray's item is 5x cheaper than numpy's)
+        self.recorded = np.frombuffer(self._recorded, dtype=bool)   # (the same flags, as an array)
         self.ttft_deadline = ttft_deadline
         self.decode_deadline_s = decode_deadline_s
         self.keep_requests = keep_requests
@@ -486,7 +487,7 @@ class Recorder:
         row = [r.arrival_s, r.prompt_tokens, r.output_tokens, r.scheduled_s, r.first_token_s, r.completion_s,
                r.num_preemptions, r.num_cached_tokens, r.replica_id, r.decode_replica_id, r.kv_transfer_s,
                r.decode_scheduled_s, None, None, None]
-        if self.recorded[i]:             # recorded before: the fields it does not know now stay
+        if self._recorded[i]:            # recorded before: the fields it does not know now stay
             before = self._row(i)
             row = [b if v is None else v for v, b in zip(row, before)]
         else:
@@ -505,7 +506,7 @@ class Recorder:
                 else:
                     self._pending_times += struct.pack(f"{k}d", *times)
         self._stage[i] = row
-        self.recorded[i] = True
+        self._recorded[i] = 1
         if len(self._pending_times) >= self._batch_bytes or len(self._stage) >= _STAGED_ROWS:
             self._account_deadlines(wait=False)
 
@@ -610,7 +611,7 @@ class Recorder:
         """The run ended: record the requests that never finished (rejected, or still running at ``until_s``),
         finish the deadline accounting and end the helper process."""
         for r in leftovers:
-            if not self.recorded[r.request_id]:
+            if not self._recorded[r.request_id]:
                 self.record(r)
                 if self.token_sink is not None:
                     self.token_sink(r)
