@@ -252,9 +252,12 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     def _growth(lo, hi, starts):
         """KV blocks the decodes need at each step ``lo .. hi - 1`` of a run: ``growing`` by residue, plus the
         members whose growth starts (``starts``) from their start step on, every ``bs`` steps."""
-        r = lo % bs                      # ``growing`` from residue ``lo``, repeated (slices: no loop per step)
-        g = growing[r:] + growing[:r]
-        g = (g * ((hi - lo) // bs + 1))[:hi - lo]
+        r, n = lo % bs, hi - lo          # ``growing`` from residue ``lo``, repeated (slices: no loop per step)
+        if r + n <= bs:
+            g = growing[r:r + n]
+        else:
+            g = growing[r:] + growing[:r]
+            g = (g * (n // bs + 1))[:n]
         for f, count in starts:
             if f >= hi:
                 break
@@ -284,7 +287,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         n = min((p[3] - p[1] - 1) // c, (end_heap[0] + 1 if end_heap else MAX_STEPS) - j, MAX_STEPS - j)
         if n < 2:
             return 0, False
-        starts = _starts_before(j, j + n)
+        starts = _starts_before(j, j + n) if grow_heap and grow_heap[0] < j + n else ()
         d, k0 = B, p[1]
         if chunk_times is not None:
             durs = chunk_times(d, S + j * d, n, c, k0)
@@ -303,8 +306,9 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         run_used = list(accumulate(grow, initial=num_blocks - free))
         taken = bisect_right(run_used, num_blocks, 1) - 1    # steps whose KV growth fits (no preemption)
         stopped = taken < n
-        taken, at_arrival = _arrival_cut(run_ends, taken)
-        stopped = stopped or at_arrival
+        if taken and bisect_left(run_ends, na, 0, taken) < taken:     # (an arrival within: _arrival_cut)
+            taken, at_arrival = _arrival_cut(run_ends, taken)
+            stopped = stopped or at_arrival
         if taken:
             _append_run(j, taken, run_ends, durs, run_used, d, c)
             if tracked:
@@ -314,8 +318,11 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             p[1] += taken * c
             if chunked:
                 p[2] = -(-p[1] // bs)
-            release(j + taken - 1)       # (nothing ends before the run's last step)
-        _commit_starts(starts, j + taken - 1)
+            j_last = j + taken - 1       # (nothing ends before the run's last step)
+            if j_last in ending or j_last in prefill_done:
+                release(j_last)
+        if starts:
+            _commit_starts(starts, j + taken - 1)
         return taken, stopped
     na = next_arrival(end0) if spans else horizon     # the next arrival at or after t (lone replica)
     j = 0
@@ -347,7 +354,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             while end_heap[0] < j:
                 heapq.heappop(end_heap)
             e = min(end_heap[0] + 1, MAX_STEPS)
-            starts = _starts_before(j, e)
+            starts = _starts_before(j, e) if grow_heap and grow_heap[0] < e else ()
             top = j - heap_top(heap, alive) if longest else -1
             until = nxt.arrival_s if head is None and nxt is not None else None   # a slot waits for it
             stopped = cut = False
@@ -384,7 +391,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 if taken:
                     _append_run(j0, taken, run_ends, durs, run_used, d, 0)
                 j0 += taken
-            _commit_starts(starts, j0 - 1)
+            if starts:
+                _commit_starts(starts, j0 - 1)
             if stopped:
                 break
             if cut:                      # the general step admits the arrival
