@@ -552,11 +552,15 @@ class Recorder:
             stage.clear()
 
     def _start_worker(self) -> None:
+        """Start the helper process; where none can be started (or no Python runs it: an embedded interpreter's
+        ``sys.executable`` is empty), the accounting stays in this process."""
+        import subprocess
+
         from simulator.deadline_worker import DeadlineWorker
 
         try:
             self._worker = DeadlineWorker(self.decode_deadline_s)
-        except OSError:                  # no process can be started here: the accounting stays on this one
+        except (OSError, ValueError, TypeError, subprocess.SubprocessError):
             self.offload = False
             self._batch_bytes = 8 * _PENDING_TOKENS
 

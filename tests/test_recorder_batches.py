@@ -286,11 +286,12 @@ def test_a_helper_process_killed_mid_run_leaves_the_accounting_here(monkeypatch,
         [formula(ttft, 0.25, times, d) for ttft, _, times in requests]
 
 
-def test_without_a_helper_process_the_accounting_stays_here(monkeypatch):
+@pytest.mark.parametrize("error", [OSError("no processes here"), TypeError("no executable")])
+def test_without_a_helper_process_the_accounting_stays_here(monkeypatch, error):
     import subprocess
 
     def refuse(*args, **kwargs):
-        raise OSError("no processes here")
+        raise error
 
     monkeypatch.setattr(subprocess, "Popen", refuse)
     d = 0.03
