@@ -553,14 +553,19 @@ class Recorder:
 
     def _start_worker(self) -> None:
         """Start the helper process; where none can be started (or no Python runs it: an embedded interpreter's
-        ``sys.executable`` is empty), the accounting stays in this process."""
+        ``sys.executable`` is empty), the accounting stays in this process, with a RuntimeWarning."""
         import subprocess
 
         from simulator.deadline_worker import DeadlineWorker
 
         try:
             self._worker = DeadlineWorker(self.decode_deadline_s)
-        except (OSError, ValueError, TypeError, subprocess.SubprocessError):
+        except (OSError, ValueError, TypeError, subprocess.SubprocessError) as e:
+            import warnings
+
+            warnings.warn(f"deadline accounting helper process could not start ({type(e).__name__}: {e}); the "
+                          f"accounting stays in this process (the same numbers, slower)", RuntimeWarning,
+                          stacklevel=2)
             self.offload = False
             self._batch_bytes = 8 * _PENDING_TOKENS
 

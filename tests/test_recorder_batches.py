@@ -296,7 +296,8 @@ def test_without_a_helper_process_the_accounting_stays_here(monkeypatch, error):
     monkeypatch.setattr(subprocess, "Popen", refuse)
     d = 0.03
     requests = random_requests(np.random.default_rng(6), 50, d)
-    recorder = Recorder(len(requests), ttft_deadline=lambda p: 0.25, decode_deadline_s=d, offload=True)
+    with pytest.warns(RuntimeWarning, match="helper process could not start .*stays in this process"):
+        recorder = Recorder(len(requests), ttft_deadline=lambda p: 0.25, decode_deadline_s=d, offload=True)
     assert recorder._worker is None and not recorder.offload
     for i, (ttft, _, times) in enumerate(requests):
         recorder.record(make_request(i, times[0] - ttft, times, np.random.default_rng(i)))
