@@ -207,16 +207,14 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         """``(steps, ended)``: how many of a run's first ``taken`` steps (ending at ``run_ends``) come before one
         that ends exactly at an arrival (on a routed replica: at or after the next one), which ends the stretch."""
         nonlocal na
-        at = 0
-        while True:
-            k = bisect_left(run_ends, na, at, taken)
-            if k >= taken:
-                return taken, False
+        k = bisect_left(run_ends, na, 0, taken)
+        while k < taken:
             if spans:
                 na = next_arrival(run_ends[k])
             if not spans or na == run_ends[k]:
                 return k, True
-            at = k + 1
+            k = bisect_left(run_ends, na, k + 1, taken)
+        return taken, False
 
     def _append_run(j0, taken, run_ends, durs, run_used, d, chunk):
         """Take a run's first ``taken`` steps from step ``j0``: ``d`` decodes and a prefill chunk of ``chunk``
@@ -224,12 +222,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         ``run_used``."""
         nonlocal t, free, K
         t = run_ends[taken - 1]
-        if taken == len(run_ends):
-            ends.extend(run_ends)
-            durations.extend(durs)
-        else:
-            ends.extend(run_ends[:taken])
-            durations.extend(durs[:taken])
+        ends.extend(run_ends[:taken])
+        durations.extend(durs[:taken])
         used.extend(run_used[1:taken + 1])
         free = num_blocks - run_used[taken]
         batch.extend([d + 1 if chunk else d] * taken)
@@ -252,12 +246,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     def _growth(lo, hi, starts):
         """KV blocks the decodes need at each step ``lo .. hi - 1`` of a run: ``growing`` by residue, plus the
         members whose growth starts (``starts``) from their start step on, every ``bs`` steps."""
-        r, n = lo % bs, hi - lo          # ``growing`` from residue ``lo``, repeated (slices: no loop per step)
-        if r + n <= bs:
-            g = growing[r:r + n]
-        else:
-            g = growing[r:] + growing[:r]
-            g = (g * (n // bs + 1))[:n]
+        r = lo % bs                      # ``growing`` from residue ``lo``, repeated (slices: no loop per step)
+        g = ((growing[r:] + growing[:r]) * ((hi - lo) // bs + 1))[:hi - lo]
         for f, count in starts:
             if f >= hi:
                 break
@@ -287,15 +277,14 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         n = min((p[3] - p[1] - 1) // c, (end_heap[0] + 1 if end_heap else MAX_STEPS) - j, MAX_STEPS - j)
         if n < 2:
             return 0, False
-        starts = _starts_before(j, j + n) if grow_heap and grow_heap[0] < j + n else ()
+        starts = _starts_before(j, j + n)
         d, k0 = B, p[1]
         if chunk_times is not None:
             durs = chunk_times(d, S + j * d, n, c, k0)
         else:
             top = j - heap_top(heap, alive) if d and longest else -1
             durs = [price(d, S + (j + i) * d, top + i if d and longest else -1, c, k0 + i * c) for i in range(n)]
-        run_ends = list(accumulate(durs, initial=t))
-        del run_ends[0]
+        run_ends = list(accumulate(durs, initial=t))[1:]
         grow = _growth(j, j + n, starts)
         if chunked:                      # its slots are allocated chunk by chunk
             held = p[2]
@@ -306,9 +295,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         run_used = list(accumulate(grow, initial=num_blocks - free))
         taken = bisect_right(run_used, num_blocks, 1) - 1    # steps whose KV growth fits (no preemption)
         stopped = taken < n
-        if taken and bisect_left(run_ends, na, 0, taken) < taken:     # (an arrival within: _arrival_cut)
-            taken, at_arrival = _arrival_cut(run_ends, taken)
-            stopped = stopped or at_arrival
+        taken, at_arrival = _arrival_cut(run_ends, taken)
+        stopped = stopped or at_arrival
         if taken:
             _append_run(j, taken, run_ends, durs, run_used, d, c)
             if tracked:
@@ -318,11 +306,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             p[1] += taken * c
             if chunked:
                 p[2] = -(-p[1] // bs)
-            j_last = j + taken - 1       # (nothing ends before the run's last step)
-            if j_last in ending or j_last in prefill_done:
-                release(j_last)
-        if starts:
-            _commit_starts(starts, j + taken - 1)
+            release(j + taken - 1)       # (nothing ends before the run's last step)
+        _commit_starts(starts, j + taken - 1)
         return taken, stopped
     na = next_arrival(end0) if spans else horizon     # the next arrival at or after t (lone replica)
     j = 0
@@ -347,14 +332,13 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             break
         queued = n_wait + len(arrived)
         head = (waiting[wi] if wi < n_wait else arrived[wi - n_wait]) if wi < queued else None
-        if d and not partials and (head is None and pending is not None or   # (nothing waits: _admits_none)
-                                   _admits_none(head, running_count, max_seqs, budget_total - d,
-                                                free - growing[j % bs], rule, bs, watermark, pending is not None)):
+        if d and not partials and _admits_none(head, running_count, max_seqs, budget_total - d,
+                                               free - growing[j % bs], rule, bs, watermark, pending is not None):
             # decode-only steps until the next member's last token: the same decodes each step
             while end_heap[0] < j:
                 heapq.heappop(end_heap)
             e = min(end_heap[0] + 1, MAX_STEPS)
-            starts = _starts_before(j, e) if grow_heap and grow_heap[0] < e else ()
+            starts = _starts_before(j, e)
             top = j - heap_top(heap, alive) if longest else -1
             until = nxt.arrival_s if head is None and nxt is not None else None   # a slot waits for it
             stopped = cut = False
@@ -374,8 +358,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                     durs = decode_times(d, S + j0 * d, n)
                 else:
                     durs = [price(d, S + k * d, top + k - j, 0, 0) for k in range(j0, e0)]
-                run_ends = list(accumulate(durs, initial=t))   # (t + d, sequentially: as the clock adds)
-                del run_ends[0]
+                run_ends = list(accumulate(durs, initial=t))[1:]   # (t + d, sequentially: as the clock adds)
                 run_used = list(accumulate(_growth(j0, e0, starts), initial=num_blocks - free))
                 taken = n
                 if until is not None:    # step k is admitted at if the request arrived before it starts
@@ -383,16 +366,12 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 cut = taken < n
                 fits = bisect_right(run_used, num_blocks, 1) - 1   # steps whose KV growth fits (no preemption)
                 stopped = fits < taken
-                if fits < taken:
-                    taken = fits
-                if taken and bisect_left(run_ends, na, 0, taken) < taken:   # (an arrival within: _arrival_cut)
-                    taken, at_arrival = _arrival_cut(run_ends, taken)
-                    stopped = stopped or at_arrival
+                taken, at_arrival = _arrival_cut(run_ends, min(taken, fits))
+                stopped = stopped or at_arrival
                 if taken:
                     _append_run(j0, taken, run_ends, durs, run_used, d, 0)
                 j0 += taken
-            if starts:
-                _commit_starts(starts, j0 - 1)
+            _commit_starts(starts, j0 - 1)
             if stopped:
                 break
             if cut:                      # the general step admits the arrival
@@ -512,11 +491,9 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 held_of[r.request_id] = p[2]
             else:
                 join(r, total - j - 1, j + 1, j + r.output_tokens - g - 1, p[2])
-        if len(partials) > len(entries):
-            still += partials[len(entries):]
+        still += partials[len(entries):]
         partials = still
-        if j in ending or j in prefill_done:
-            release(j)
+        release(j)
         K = j + 1
     if K < 2:
         return False
