@@ -78,7 +78,6 @@ def serve(inbox, outbox, shared=None) -> None:
             else:
                 times = np.frombuffer(shared, dtype=np.float64, count=T, offset=offset)
             missed, total = deadline_misses_batch(cols[:m], cols[m:2 * m], times, cols[2 * m:].view(np.int64), d)
-            del times
             outbox.write(struct.pack("=q", m) + missed.astype(np.int64).tobytes() + total.astype(np.int64).tobytes())
             outbox.flush()
         except Exception:                                   # noqa: BLE001 (reported to the recorder)

@@ -447,8 +447,8 @@ class Recorder:
         # by struct.pack, which is exact and unboxes a list of floats faster than array.fromlist)
         self._pending: list = []
         self._pending_times = bytearray()
-        # with ``offload``: the helper process and, per batch sent to it and not yet collected, oldest first, its
-        # ``(ids, staged rows)``
+        # with ``offload``: the helper process (started here, ended by ``close``) and, per batch sent to it and not
+        # yet collected, oldest first, its ``(ids, staged rows)``
         self.offload = self.n >= OFFLOAD_REQUESTS if offload is None else bool(offload)
         self._batch_bytes = 8 * (_OFFLOAD_TOKENS if self.offload else _PENDING_TOKENS)
         self._worker = None
@@ -521,30 +521,23 @@ class Recorder:
 
     def _account_deadlines(self, wait: bool = True) -> None:
         """Do the pending deadline accounting (in the order requests were recorded: a later row of an id
-        overwrites an earlier one, as recording it again does), then write the staged rows. With ``offload`` and
-        not ``wait``, the batch goes to the helper process instead, and its rows are written when its result is
+        overwrites an earlier one, as recording it again does), then write the staged rows. With the helper
+        process and not ``wait``, the batch goes to it instead, and its rows are written when its result is
         collected (in order, before any later rows)."""
         stage = self._stage
         if self._pending:
             ids, ttft, dl, lengths = zip(*self._pending)
-            if self.offload and not wait:
-                if self._worker is None:
-                    self._start_worker()
-                if self._worker is not None:
-                    if self._worker.full:
-                        self._collect_one()
-                    self._worker.submit(ttft, dl, lengths, self._pending_times)
-                    self._in_flight.append((ids, stage))
-                    self._stage = {}
-                    self._pending = []
-                    self._pending_times = bytearray()
-                    return
+            times, self._pending, self._pending_times = self._pending_times, [], bytearray()
+            if self._worker is not None and not wait:
+                if self._worker.full:
+                    self._collect_one()
+                self._worker.submit(ttft, dl, lengths, times)
+                self._in_flight.append((ids, stage))
+                self._stage = {}
+                return
             self._collect()
-            missed, total = deadline_misses_batch(ttft, dl, np.frombuffer(self._pending_times, dtype=float),
-                                                  lengths, self.decode_deadline_s)
-            self._fill(stage, ids, missed, total)
-            self._pending = []
-            self._pending_times = bytearray()
+            self._fill(stage, ids, *deadline_misses_batch(ttft, dl, np.frombuffer(times, dtype=float), lengths,
+                                                          self.decode_deadline_s))
         else:
             self._collect()
         if stage:
@@ -627,7 +620,7 @@ class Recorder:
             if self.keep_requests:
                 self.requests.append(r)
         self._account_deadlines()
-        if self._worker is not None:
+        if self._worker is not None:     # (a later record is accounted in this process)
             self._worker.close()
             self._worker = None
 
