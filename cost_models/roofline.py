@@ -244,6 +244,7 @@ class RooflineCostModel:
         c = self.c
         self._decode_consts = (self.q, self.kv, self.flops * c.attn_compute_eff, self.dt,
                                self.bw * c.attn_decode_bandwidth_eff, c.launch_overhead_s, c.attn_call_overhead_s)
+        self._prefill_compute, self._prefill_bandwidth = self.flops * c.attn_compute_eff, self.bw * c.bandwidth_eff
 
     # --- roofline helpers ---------------------------------------------------------------------------------
     def _op(self, flops: float, elements: float, compute_eff: float, bw_eff: float) -> float:
@@ -443,48 +444,70 @@ class RooflineCostModel:
         prefill chunk of ``chunk`` tokens after ``chunk_ctx`` cached ones; ``ctx_max`` (the longest decode context)
         is not needed by the roofline. The same floating-point operations in the same order as ``iteration_time``,
         without building a plan, so ``simulator.fast_forward`` gives the step-by-step engine's times exactly."""
-        return self._step_times(d, ctx_sum, 1, chunk, chunk_ctx)[0]
+        if self.pp != 1:
+            raise ValueError("step_time prices one stage (pp = 1)")
+        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
+        if d:                            # (_decode_attention, inlined)
+            ctx = ctx_sum + d
+            flops_s, bytes_s = 4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth
+            attn = (flops_s if flops_s > bytes_s else bytes_s) + launch + call
+        else:
+            attn = 0
+        if not chunk:
+            first, last = self._fixed_terms(d, d)
+            return self.stage_layers[0] * (self._per_token_total(d) + attn) + first + last
+        # one chunk (_prefill_attention of one chunk and its _op, inlined: 0.0 + x is x for these x > 0)
+        a = 4 * q * chunk * (chunk_ctx + (chunk + 1) / 2) / self._prefill_compute
+        b = (2 * chunk * q + (chunk_ctx + chunk) * 2 * kv) * dt / self._prefill_bandwidth
+        attn += (a if a > b else b) + launch + call
+        first, last = self._fixed_terms(d + chunk, d + 1)
+        return self.stage_layers[0] * (self._per_token_total(d + chunk) + attn) + first + last
 
     def decode_step_times(self, d: int, ctx_sum: int, n: int) -> list[float]:
         """``step_time`` of ``n`` decode-only steps of the same ``d`` sequences, the first with contexts summing to
         ``ctx_sum``, each next one ``d`` tokens longer (a list of seconds; the same floating-point operations)."""
-        return self._step_times(d, ctx_sum, n, 0, 0)
+        if self.pp != 1:
+            raise ValueError("step_time prices one stage (pp = 1)")
+        layers, linear = self.stage_layers[0], self._per_token_total(d)
+        first, last = self._fixed_terms(d, d)
+        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
+        q4, dq = 4 * q, d * 2 * q            # (_decode_attention's products, formed once; its loop inlined)
+        out = []
+        append = out.append
+        for ctx in range(ctx_sum + d, ctx_sum + d + n * d, d):
+            flops_s, bytes_s = q4 * ctx / compute, (ctx * 2 * kv + dq) * dt / bandwidth
+            append(layers * (linear + ((flops_s if flops_s > bytes_s else bytes_s) + launch + call)) + first + last)
+        return out
 
     def chunk_step_times(self, d: int, ctx_sum: int, n: int, chunk: int, chunk_ctx: int) -> list[float]:
         """``step_time`` of ``n`` steps of the same ``d`` decodes and one prefill chunk of ``chunk`` tokens, the first
         with decode contexts summing to ``ctx_sum`` and the chunk after ``chunk_ctx`` cached tokens, each next step
         ``d`` decode and ``chunk`` chunk tokens further (a list of seconds; the same floating-point operations as
         ``chunks_step_time``, a prompt's chunks that fill the token budget priced in one call)."""
-        return self._step_times(d, ctx_sum, n, chunk, chunk_ctx)
-
-    def _step_times(self, d: int, ctx_sum: int, n: int, chunk: int, chunk_ctx: int) -> list[float]:
-        """Seconds of ``n`` one-stage steps of ``d`` decodes (contexts summing to ``ctx_sum``, ``d`` more each step)
-        and, when ``chunk`` > 0, one prefill chunk of ``chunk`` tokens after ``chunk_ctx`` cached (``chunk`` more each
-        step): ``_decode_attention`` and one chunk's ``_prefill_attention`` inlined in one loop (fast-forward prices
-        every step here), the same floating-point operations as ``iteration_time`` (``0.0 + x`` is ``x``)."""
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
-        c = self.c
         q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
-        p_compute, p_bandwidth = self.flops * c.attn_compute_eff, self.bw * c.bandwidth_eff
+        p_compute, p_bandwidth = self._prefill_compute, self._prefill_bandwidth
         layers, linear = self.stage_layers[0], self._per_token_total(d + chunk)
-        first, last = self._fixed_terms(d + chunk, d + 1 if chunk else d)
+        first, last = self._fixed_terms(d + chunk, d + 1)
+        n_half = (chunk + 1) / 2
         q4, dq = 4 * q, d * 2 * q                  # (the products Python forms first in _decode_attention
-        q4c, cq, n_half = q4 * chunk, 2 * chunk * q, (chunk + 1) / 2     # and _prefill_attention)
+        q4c, cq = q4 * chunk, 2 * chunk * q        # and _prefill_attention)
         out = []
         append = out.append
-        ctx, k = ctx_sum + d, chunk_ctx
-        for _ in range(n):
-            attn = 0                     # (as sum() of the attention dict adds the terms)
+        k = chunk_ctx
+        ctx = ctx_sum + d
+        for _ in range(n):               # (_decode_attention and one chunk's _prefill_attention, inlined)
             if d:
                 flops_s, bytes_s = q4 * ctx / compute, (ctx * 2 * kv + dq) * dt / bandwidth
                 attn = (flops_s if flops_s > bytes_s else bytes_s) + launch + call
                 ctx += d
-            if chunk:
-                a, b = q4c * (k + n_half) / p_compute, (cq + (k + chunk) * 2 * kv) * dt / p_bandwidth
-                attn += (a if a > b else b) + launch + call
-                k += chunk
+            else:
+                attn = 0
+            a, b = q4c * (k + n_half) / p_compute, (cq + (k + chunk) * 2 * kv) * dt / p_bandwidth
+            attn += (a if a > b else b) + launch + call
             append(layers * (linear + attn) + first + last)
+            k += chunk
         return out
 
     def chunks_step_time(self, d: int, ctx_sum: int, ctx_max: int, chunks: tuple, chunk_ctxs: tuple) -> float:
