@@ -57,6 +57,7 @@ is ``calibration_status(device)`` / ``describe_calibration(device)`` and is part
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from cost_models.engine_overhead import EngineProfile, constants_profile, get_engine
@@ -245,6 +246,17 @@ class RooflineCostModel:
         self._decode_consts = (self.q, self.kv, self.flops * c.attn_compute_eff, self.dt,
                                self.bw * c.attn_decode_bandwidth_eff, c.launch_overhead_s, c.attn_call_overhead_s)
         self._prefill_compute, self._prefill_bandwidth = self.flops * c.attn_compute_eff, self.bw * c.bandwidth_eff
+        # Where one roofline term of the attention is the larger at every shape, the runs form only it: the decode
+        # attention's terms are ctx x (4q / compute) and (ctx x 2kv + d x 2q) x dt / bandwidth, so the memory term
+        # wins at every context when its slope does; a chunk of n tokens after k cached has 4qn(k + (n + 1)/2) /
+        # compute and (2nq + (k + n) x 2kv) x dt / bandwidth, affine in k, so the compute term wins at every k from
+        # the n where both its slope and its value at k = 0 do. A relative margin of 1e-6, far beyond the few
+        # roundings of the terms (2**-53 each), makes the computed comparison agree.
+        q, kv, dt = self.q, self.kv, self.dt
+        compute, bandwidth = self._decode_consts[2], self._decode_consts[4]
+        self._decode_memory_bound = 4 * q / compute * (1 + 1e-6) < 2 * kv * dt / bandwidth
+        ratio = self._prefill_compute / self._prefill_bandwidth * dt / (4 * q) * (1 + 1e-6)
+        self._chunk_compute_bound_from = math.ceil(max(2 * kv * ratio, 2 * (2 * q + 2 * kv) * ratio - 1)) + 1
 
     # --- roofline helpers ---------------------------------------------------------------------------------
     def _op(self, flops: float, elements: float, compute_eff: float, bw_eff: float) -> float:
@@ -471,11 +483,16 @@ class RooflineCostModel:
         layers, linear = self.stage_layers[0], self._per_token_total(d)
         first, last = self._fixed_terms(d, d)
         q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
-        q4, dq = 4 * q, d * 2 * q            # (_decode_attention's products, formed once; its loop inlined)
+        q4, dq, kv2 = 4 * q, d * 2 * q, 2 * kv    # (_decode_attention's products, formed once; ctx * kv2 is its
+        contexts = range(ctx_sum + d, ctx_sum + d + n * d, d)    # ctx * 2 * kv: integers)
         out = []
         append = out.append
-        for ctx in range(ctx_sum + d, ctx_sum + d + n * d, d):
-            flops_s, bytes_s = q4 * ctx / compute, (ctx * 2 * kv + dq) * dt / bandwidth
+        if self._decode_memory_bound:    # (the comparison picks the memory term at every shape: only it is formed)
+            for ctx in contexts:
+                append(layers * (linear + ((ctx * kv2 + dq) * dt / bandwidth + launch + call)) + first + last)
+            return out
+        for ctx in contexts:             # (_decode_attention, inlined)
+            flops_s, bytes_s = q4 * ctx / compute, (ctx * kv2 + dq) * dt / bandwidth
             append(layers * (linear + ((flops_s if flops_s > bytes_s else bytes_s) + launch + call)) + first + last)
         return out
 
@@ -491,20 +508,28 @@ class RooflineCostModel:
         layers, linear = self.stage_layers[0], self._per_token_total(d + chunk)
         first, last = self._fixed_terms(d + chunk, d + 1)
         n_half = (chunk + 1) / 2
-        q4, dq = 4 * q, d * 2 * q                  # (the products Python forms first in _decode_attention
-        q4c, cq = q4 * chunk, 2 * chunk * q        # and _prefill_attention)
+        q4, dq, kv2 = 4 * q, d * 2 * q, 2 * kv     # (the products Python forms first in _decode_attention
+        q4c, cq = q4 * chunk, 2 * chunk * q        # and _prefill_attention; ctx * kv2 is ctx * 2 * kv)
         out = []
         append = out.append
         k = chunk_ctx
         ctx = ctx_sum + d
+        if d and self._decode_memory_bound and chunk >= self._chunk_compute_bound_from:
+            # (the comparisons pick the decodes' memory term and the chunk's compute term: only those are formed)
+            for _ in range(n):
+                append(layers * (linear + ((ctx * kv2 + dq) * dt / bandwidth + launch + call +
+                                           (q4c * (k + n_half) / p_compute + launch + call))) + first + last)
+                ctx += d
+                k += chunk
+            return out
         for _ in range(n):               # (_decode_attention and one chunk's _prefill_attention, inlined)
             if d:
-                flops_s, bytes_s = q4 * ctx / compute, (ctx * 2 * kv + dq) * dt / bandwidth
+                flops_s, bytes_s = q4 * ctx / compute, (ctx * kv2 + dq) * dt / bandwidth
                 attn = (flops_s if flops_s > bytes_s else bytes_s) + launch + call
                 ctx += d
             else:
                 attn = 0
-            a, b = q4c * (k + n_half) / p_compute, (cq + (k + chunk) * 2 * kv) * dt / p_bandwidth
+            a, b = q4c * (k + n_half) / p_compute, (cq + (k + chunk) * kv2) * dt / p_bandwidth
             attn += (a if a > b else b) + launch + call
             append(layers * (linear + attn) + first + last)
             k += chunk

@@ -44,6 +44,33 @@ def test_several_chunks_and_runs_of_decodes_are_priced_as_their_plans(cm):
         assert got == [cm.iteration_time(p) for p in plans]
 
 
+def test_runs_priced_with_one_roofline_term_match_each_step_near_the_ridge():
+    """Where one attention term is the larger at every shape (``_decode_memory_bound``, chunks from
+    ``_chunk_compute_bound_from`` tokens) a run forms only it; runs of every shape near those bounds, and on a
+    compute-poor CPU roofline where neither holds, are still each step's price."""
+    cms = (RooflineCostModel(load_model("Mistral-7B"), load_device("A100-80GB-SXM")),
+           RooflineCostModel(load_model("Mistral-7B"), load_device("cpu")),
+           RooflineCostModel(load_model("Yi-34B"), load_device("A100-80GB-PCIe"), tp=2))
+    assert [cm._decode_memory_bound for cm in cms] == [True, False, True]
+    for cm in cms:
+        rng = np.random.default_rng(11)
+        edge = cm._chunk_compute_bound_from
+        for _ in range(200):
+            d = int(rng.integers(1, 300))
+            ctx_sum = int(rng.integers(0, 40 * d)) if rng.random() < 0.5 else int(rng.integers(0, 4000 * d))
+            n = int(rng.integers(1, 200))
+            assert cm.decode_step_times(d, ctx_sum, n) == [cm.step_time(d, ctx_sum + k * d, -1) for k in range(n)]
+            chunk = int(rng.integers(max(1, edge - 3), edge + 3)) if rng.random() < 0.5 else int(rng.integers(1, 600))
+            cached, d, n = int(rng.integers(0, 6000)), int(rng.integers(0, 60)), int(rng.integers(1, 60))
+            got = cm.chunk_step_times(d, ctx_sum, n, chunk, cached)
+            assert got == [cm.step_time(d, ctx_sum + k * d, -1, chunk, cached + k * chunk) for k in range(n)]
+        # at the bound itself the chunk's compute term is the larger from k = 0
+        q, kv, dt = cm.q, cm.kv, cm.dt
+        a = 4 * q * edge * (0 + (edge + 1) / 2) / cm._prefill_compute
+        b = (2 * edge * q + edge * 2 * kv) * dt / cm._prefill_bandwidth
+        assert a > b
+
+
 def _count(monkeypatch):
     import simulator.replica as replica
 
