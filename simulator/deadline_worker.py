@@ -169,20 +169,35 @@ class DeadlineWorker:
         """``MAX_IN_FLIGHT`` batches wait: take a result before sending another."""
         return len(self._batches) >= MAX_IN_FLIGHT
 
+    def slot(self) -> tuple | None:
+        """``(buffer, offset, size)``: the shared memory the next batch's token times go to (bytes ``offset`` to
+        ``offset + size`` of ``buffer``, free until that batch is answered), for a caller that writes them there
+        itself and then submits their size; None without shared memory."""
+        if self._shared is None:
+            return None
+        return self._shared, self._sent % (MAX_IN_FLIGHT + 1) * SLOT_BYTES, SLOT_BYTES
+
     def submit(self, ttft_s, ttft_deadline_s, lengths, times) -> None:
+        """Send a batch; ``times``: its token times as float64 bytes, or their size (an int) when they were
+        written into ``slot()``."""
         if self.full:
             raise RuntimeError(f"deadline accounting helper: {MAX_IN_FLIGHT} batches in flight; take a result first")
-        m, n = len(lengths), len(times)
+        m = len(lengths)
         offset = -1
-        if self._shared is not None and n <= SLOT_BYTES:
-            offset = self._sent % (MAX_IN_FLIGHT + 1) * SLOT_BYTES    # (a slot whose last batch was answered)
-            self._shared[offset:offset + n] = times
+        if type(times) is int:           # (already in the slot)
+            n, offset = times, self.slot()[1]
+        else:
+            n = len(times)
+            if self._shared is not None and n <= SLOT_BYTES:
+                offset = self._sent % (MAX_IN_FLIGHT + 1) * SLOT_BYTES    # (a slot whose last batch was answered)
+                self._shared[offset:offset + n] = times
         self._batches.append((ttft_s, ttft_deadline_s, lengths, n, offset, times if offset < 0 else None))
         self._sent += 1
         if self.failed is not None:
             return
-        head = struct.pack(f"=qqqd{2 * m}d{m}q", m, n // 8, offset, self.decode_deadline_s, *ttft_s,
-                           *ttft_deadline_s, *lengths)
+        head = _HEAD.pack(m, n // 8, offset, self.decode_deadline_s) + \
+            np.asarray(ttft_s, dtype=np.float64).tobytes() + np.asarray(ttft_deadline_s, dtype=np.float64).tobytes() \
+            + np.asarray(lengths, dtype=np.int64).tobytes()
         try:
             _write(self._process.stdin, head)
             if offset < 0:

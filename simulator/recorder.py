@@ -441,12 +441,17 @@ class Recorder:
         # million-request run pools some 16 million, which beyond SPILL_PAIRS wait in a temporary file
         self.gaps = GapPool()
         self._deadline_cache: dict = {}
-        # deadline accounting waiting to be done in one batch (deadline_misses_batch): per recorded request its
-        # id, TTFT, first-token deadline and token count, and its token times copied at the time it was recorded
-        # (as native float64 bytes: the engine's ``array("d")`` is copied as it is; a list a caller set is packed
-        # by struct.pack, which is exact and unboxes a list of floats faster than array.fromlist)
+        # deadline accounting waiting to be done in one batch (deadline_misses_batch): the recorded requests' ids,
+        # TTFTs, first-token deadlines and token counts, and their token times, copied when they are recorded
+        # straight into the batch's buffer (``_times`` from byte ``_times_off``, ``_times_pos`` bytes so far, at
+        # most ``_times_cap``): the helper's shared slot for the batch when there is one, else a buffer of this
+        # recorder's, each used again by the next batch (native float64 bytes: the engine's ``array("d")`` is
+        # copied as it is; a list a caller set is packed by struct.pack, exact and faster than array.fromlist)
         self._pending: list = []
-        self._pending_times = bytearray()
+        self._pending_ttft, self._pending_dl, self._pending_len = array("d"), array("d"), array("q")
+        self._times = self._own_times = None
+        self._times_off = self._times_pos = self._times_cap = 0
+        self._times_in_slot = False
         # with ``offload``: the helper process (started here, ended by ``close``) and, per batch sent to it and not
         # yet collected, oldest first, its ``(ids, staged rows)``
         self.offload = self.n >= OFFLOAD_REQUESTS if offload is None else bool(offload)
@@ -500,15 +505,48 @@ class Recorder:
             times = r.token_times_s
             if times:
                 k = len(times)
-                self._pending.append((i, times[0] - r.arrival_s, dl, k))
-                if type(times) is array:
-                    self._pending_times += times
-                else:
-                    self._pending_times += struct.pack(f"{k}d", *times)
+                pos = self._times_pos
+                if pos + 8 * k > self._times_cap:
+                    pos = self._room(8 * k)
+                at = self._times_off + pos
+                self._times[at:at + 8 * k] = times if type(times) is array else struct.pack(f"{k}d", *times)
+                self._times_pos = pos + 8 * k
+                self._pending.append(i)
+                self._pending_ttft.append(times[0] - r.arrival_s)
+                self._pending_dl.append(dl)
+                self._pending_len.append(k)
         self._stage[i] = row
         self._recorded[i] = 1
-        if len(self._pending_times) >= self._batch_bytes or len(self._stage) >= _STAGED_ROWS:
+        if self._times_pos >= self._batch_bytes or len(self._stage) >= _STAGED_ROWS:
             self._account_deadlines(wait=False)
+
+    def _room(self, nbytes: int) -> int:
+        """Make room for ``nbytes`` more token-time bytes in the batch's buffer: send (or do) the batch when it
+        has any, then take the next buffer (a fresh one just large enough for a request too long for any);
+        return where they go."""
+        if self._pending:
+            self._account_deadlines(wait=False)
+        self._next_buffer(nbytes)
+        return self._times_pos
+
+    def _next_buffer(self, nbytes: int = 0) -> None:
+        """Start the next batch's token-time buffer: the helper's shared slot for it, else this recorder's own
+        (``nbytes``: the first request's bytes, when larger than either)."""
+        slot = self._worker.slot() if self._worker is not None else None
+        if slot is not None and nbytes <= slot[2]:
+            self._times, self._times_off, self._times_cap = slot
+            self._times_in_slot = True
+        else:
+            cap = max(2 * self._batch_bytes, 1 << 12)
+            if nbytes > cap:
+                self._times = bytearray(nbytes)
+            else:
+                if self._own_times is None or len(self._own_times) != cap:
+                    self._own_times = bytearray(cap)
+                self._times = self._own_times
+            self._times_off, self._times_cap = 0, len(self._times)
+            self._times_in_slot = False
+        self._times_pos = 0
 
     def _row(self, i: int) -> list:
         """Request ``i``'s row as recorded so far (staged, or written)."""
@@ -526,18 +564,25 @@ class Recorder:
         collected (in order, before any later rows)."""
         stage = self._stage
         if self._pending:
-            ids, ttft, dl, lengths = zip(*self._pending)
-            times, self._pending, self._pending_times = self._pending_times, [], bytearray()
+            ids, ttft, dl, lengths = self._pending, self._pending_ttft, self._pending_dl, self._pending_len
+            self._pending = []
+            self._pending_ttft, self._pending_dl, self._pending_len = array("d"), array("d"), array("q")
+            buffer, off, nbytes = self._times, self._times_off, self._times_pos
             if self._worker is not None and not wait:
                 if self._worker.full:
                     self._collect_one()
-                self._worker.submit(ttft, dl, lengths, times)
+                # (times in its slot are said by their size; others are sent)
+                self._worker.submit(ttft, dl, lengths, nbytes if self._times_in_slot else
+                                    bytes(memoryview(buffer)[off:off + nbytes]))
                 self._in_flight.append((ids, stage))
                 self._stage = {}
+                self._next_buffer()
                 return
             self._collect()
-            self._fill(stage, ids, *deadline_misses_batch(ttft, dl, np.frombuffer(times, dtype=float), lengths,
-                                                          self.decode_deadline_s))
+            times = np.frombuffer(buffer, dtype=float, count=nbytes // 8, offset=off)
+            self._fill(stage, ids, *deadline_misses_batch(ttft, dl, times, lengths, self.decode_deadline_s))
+            del times                    # (a view of the buffer, used again by the next batch)
+            self._next_buffer()
         else:
             self._collect()
         if stage:
@@ -620,9 +665,10 @@ class Recorder:
             if self.keep_requests:
                 self.requests.append(r)
         self._account_deadlines()
-        if self._worker is not None:     # (a later record is accounted in this process)
+        if self._worker is not None:     # (a later record is accounted in this process, in a buffer of its own)
             self._worker.close()
             self._worker = None
+            self._times, self._times_cap = None, 0
 
     # --- after the run --------------------------------------------------------------------------------------
     def tbt_distribution(self) -> dict:
