@@ -222,8 +222,12 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         ``run_used``."""
         nonlocal t, free, K
         t = run_ends[taken - 1]
-        ends.extend(run_ends[:taken])
-        durations.extend(durs[:taken])
+        if taken == len(run_ends):       # (the whole run: no slices)
+            ends.extend(run_ends)
+            durations.extend(durs)
+        else:
+            ends.extend(run_ends[:taken])
+            durations.extend(durs[:taken])
         used.extend(run_used[1:taken + 1])
         free = num_blocks - run_used[taken]
         batch.extend([d + 1 if chunk else d] * taken)
@@ -563,11 +567,16 @@ def _requests_to(s: dict, tokens_upto: int, scheduled_upto: int) -> None:
                 r.first_token_s = ends[e]
             if r.num_generated >= r.output_tokens:
                 r.completion_s = ends[e]
+    step_bytes = memoryview(ends_array).cast("B")    # (an engine's array takes its slice's bytes: one copy)
     for r, base, first, last, _, _ in s["members"]:
         top = last if last < tokens_upto else tokens_upto
         if top < first:
             continue
-        r.token_times_s.extend(ends_array[first:top + 1])
+        times = r.token_times_s
+        if type(times) is array and times.typecode == "d":
+            times.frombytes(step_bytes[8 * first:8 * top + 8])
+        else:
+            times.extend(ends_array[first:top + 1])
         r.num_generated += top - first + 1
         r.num_computed_tokens = base + top + 1
         if last <= tokens_upto:

@@ -489,14 +489,17 @@ class Recorder:
         """Write request ``r``'s row (done once; a later call for the same id overwrites the fields it knows)."""
         i = r.request_id
         nan = math.nan
-        row = [r.arrival_s, r.prompt_tokens, r.output_tokens, r.scheduled_s, r.first_token_s, r.completion_s,
-               r.num_preemptions, r.num_cached_tokens, r.replica_id, r.decode_replica_id, r.kv_transfer_s,
-               r.decode_scheduled_s, None, None, None]
         if self._recorded[i]:            # recorded before: the fields it does not know now stay
-            before = self._row(i)
-            row = [b if v is None else v for v, b in zip(row, before)]
-        else:
-            row = [nan if v is None else v for v in row]
+            row = [r.arrival_s, r.prompt_tokens, r.output_tokens, r.scheduled_s, r.first_token_s, r.completion_s,
+                   r.num_preemptions, r.num_cached_tokens, r.replica_id, r.decode_replica_id, r.kv_transfer_s,
+                   r.decode_scheduled_s, None, None, None]
+            row = [b if v is None else v for v, b in zip(row, self._row(i))]
+        else:                            # (the fields that may be unknown, as NaN)
+            a, b, c, d, e, f, g = (r.scheduled_s, r.first_token_s, r.completion_s, r.replica_id, r.decode_replica_id,
+                                   r.kv_transfer_s, r.decode_scheduled_s)
+            row = [r.arrival_s, r.prompt_tokens, r.output_tokens, nan if a is None else a, nan if b is None else b,
+                   nan if c is None else c, r.num_preemptions, r.num_cached_tokens, nan if d is None else d,
+                   nan if e is None else e, nan if f is None else f, nan if g is None else g, nan, nan, nan]
         if self.ttft_deadline is not None:
             dl = self._deadline_cache.get(r.prompt_tokens)
             if dl is None:
