@@ -306,6 +306,10 @@ class Cluster:
             if ff and rep.spans_arrivals and not self.concurrency:
                 rep.next_arrival_from = self._next_arrival_from
                 rep.pending_arrival = self._pending_arrival
+                # completions only recorded (no callback of the caller's: it might read the clock or stop the run)
+                recorder = getattr(self, "recorder", None)
+                rep.completions_at_once = rep.on_done == self.on_done and recorder is not None and \
+                    self.on_finish == recorder.finish and recorder.on_finish is None
         if self.disaggregated:
             for rep in self.pools["prefill"].replicas:
                 rep.scheduler.hold_kv_after_prefill = True

@@ -117,6 +117,33 @@ def test_loaded_runs_are_fast_forwarded_with_admissions_and_identical(monkeypatc
         assert on.summary["num_preemptions"] > 50
 
 
+def test_completions_are_reported_at_once_only_where_nothing_else_can_see_them(monkeypatch):
+    """A lone open-loop replica whose completions only go to the recorder reports a stretch's completions as it is
+    applied and moves the clock once; a caller's callback (it may read the clock or stop the run) or a router
+    keeps the clock at each completion. The numbers are the same."""
+    from simulator.replica import Replica
+
+    flags = []
+    stretch = Replica._stretch
+
+    def spy(self, plan, first_s):
+        flags.append(self.completions_at_once)
+        return (yield from stretch(self, plan, first_s))
+
+    monkeypatch.setattr(Replica, "_stretch", spy)
+    at_once = simulate(qps=8.0, num_requests=300)
+    assert flags and all(flags)
+    flags.clear()
+    seen = []
+    stepwise = simulate(qps=8.0, num_requests=300, on_finish=seen.extend)
+    assert flags and not any(flags) and len(seen) == 300
+    assert at_once.summary == stepwise.summary
+    assert [r.token_times_s for r in at_once.requests] == [r.token_times_s for r in stepwise.requests]
+    flags.clear()
+    simulate(qps=8.0, num_requests=300, replicas=2)
+    assert flags and not any(flags)
+
+
 class _Stop(Exception):
     pass
 
