@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
+from simulator.fast_forward import exact_delay
 from simulator.replica import IterationLog, Replica
 from simulator.request import RequestStream
 from simulator.waiting import WaitingQueue
@@ -282,6 +283,26 @@ class Cluster:
         for q in positions:
             self._admit(made[q - lo])
 
+    def _take_admitted(self) -> None:
+        """Take now, as their arrivals would, the requests from the next position on that a stretch admitted ahead
+        of their arrival (``pre_admitted``); the arrivals process then skips them: one event for all. Only for a
+        lone replica whose run nothing can stop or observe in between (``Replica.take_arrivals``)."""
+        pre = self._lone.scheduler.pre_admitted
+        while self._pos < self._num:
+            p = self._pos
+            r = self._made.get(p)
+            if r is None or r.request_id not in pre:
+                return
+            self._pos = p + 1
+            del self._made[p]
+            backlog = self._backlog          # (an admitted request is never deferred: ``_defers``)
+            if backlog is not None:
+                if backlog.backlog:
+                    self._not_deferred.add(p)
+                else:
+                    self._backlog_pos = p + 1
+            self._admit(r)
+
     def _defers(self, r) -> bool:
         """Whether the arriving ``r`` joins the backlog instead of the queue: the queue is long or has a backlog,
         and ``r`` was not admitted ahead of its arrival and will not be rejected."""
@@ -310,6 +331,8 @@ class Cluster:
                 recorder = getattr(self, "recorder", None)
                 rep.completions_at_once = rep.on_done == self.on_done and recorder is not None and \
                     self.on_finish == recorder.finish and recorder.on_finish is None
+                if rep.completions_at_once and rep.on_iteration is None:     # (nothing can stop the run)
+                    rep.take_arrivals = self._take_admitted
         if self.disaggregated:
             for rep in self.pools["prefill"].replicas:
                 rep.scheduler.hold_kv_after_prefill = True
@@ -335,24 +358,50 @@ class Cluster:
 
         def arrivals():
             arrival_s = self._arrival_s
-            while self._pos < self._num:
-                p = self._pos
+            # Requests a stretch took ahead of their arrival (_take_admitted) get no event; the clock still moves as
+            # their events would have moved it (each timeout lands at now + (t - now)), so every later arrival
+            # lands where it always did: ``clock`` is that clock, ``skipped`` the times taken since the last event.
+            clock, skipped = env.now, []
+            p = 0
+            while p < self._num:
                 t = arrival_s.item(p)
+                if p < self._pos:            # taken ahead
+                    if t > clock:
+                        clock = clock + (t - clock)
+                        skipped.append(t)
+                    p += 1
+                    continue
                 self.next_arrival_s = t
-                if t > env.now:
-                    yield env.timeout(t - env.now)
-                self._pos = p + 1
-                r = self._made_at(p)
-                del self._made[p]
+                if t > clock or skipped:
+                    if not skipped:
+                        yield env.timeout(t - env.now)
+                    else:
+                        target = clock + (t - clock) if t > clock else clock
+                        d = exact_delay(env.now, target)
+                        if d is None:        # (no one delay lands there: the events the skipped ones had)
+                            for tq in skipped:
+                                yield env.timeout(tq - env.now)
+                            if t > env.now:
+                                yield env.timeout(t - env.now)
+                        else:
+                            yield env.timeout(d)
+                    clock, skipped = env.now, []
+                    if p < self._pos:        # taken while this waited for it: that was its event
+                        p += 1
+                        continue
+                q, p = p, p + 1
+                self._pos = p
+                r = self._made_at(q)
+                del self._made[q]
                 backlog = self._backlog
                 if backlog is not None:
                     if self._defers(r):
                         backlog.backlog += 1          # (r is dropped: made again when the queue reaches it)
                         continue
                     if backlog.backlog:
-                        self._not_deferred.add(p)
+                        self._not_deferred.add(q)
                     else:
-                        self._backlog_pos = p + 1
+                        self._backlog_pos = q + 1
                 self._admit(r)
             self.next_arrival_s = math.inf
             for rep in entry.replicas:

@@ -669,6 +669,8 @@ def apply_admitting(replica, s: dict) -> list:
     for r, _ in s["admitted"][s["from_waiting"]:]:     # admitted before they arrive (Replica.add, at their
         requests[r.request_id] = r                      # arrival, then only sets their replica)
         sched.pre_admitted.add(r.request_id)
+    if replica.take_arrivals is not None:
+        replica.take_arrivals()
     for rid in finished:
         kv.free(by_id[rid])
         del requests[rid]

@@ -217,6 +217,9 @@ class Replica:
         #: run, and no other replica's events can fall between (set by the cluster for a lone open-loop replica
         #: whose completions only go to the recorder)
         self.completions_at_once = False
+        #: with ``completions_at_once`` and no hook: ``take_arrivals()`` takes the arrivals a stretch admitted ahead
+        #: of them as it is applied (one event instead of one per request), or None
+        self.take_arrivals = None
         self.stage_free_s = [0.0] * self.pp
         self.stage_busy_s = [0.0] * self.pp
         self.num_in_flight = 0

@@ -144,6 +144,35 @@ def test_completions_are_reported_at_once_only_where_nothing_else_can_see_them(m
     assert flags and not any(flags)
 
 
+def test_arrivals_a_stretch_took_ahead_need_no_event_and_move_the_clock_as_theirs_would(monkeypatch):
+    """A lone replica's stretch takes the arrivals it admitted ahead as it is applied (``Cluster._take_admitted``);
+    the arrivals process runs no event for them but moves its clock as their events would (each lands at
+    ``now + (t - now)``), so a later arrival that wakes an idle replica lands on the same float: every number is
+    the step-by-step engine's, also where no single delay lands there and the skipped events are replayed."""
+    import simpy
+
+    import simulator.cluster as cluster
+
+    events = [0]
+    step = simpy.Environment.step
+
+    def counted(env):
+        events[0] += 1
+        return step(env)
+
+    kw = dict(qps=0.5, num_requests=300)         # idle gaps: arrivals wake the replica
+    off = simulate(fast_forward=False, **kw)
+    monkeypatch.setattr(simpy.Environment, "step", counted)
+    on = simulate(fast_forward=True, **kw)
+    assert events[0] < 300, events                # (not one event per arrival)
+    monkeypatch.setattr(cluster, "exact_delay", lambda now, end: None)
+    replayed = simulate(fast_forward=True, **kw)
+    for run in (on, replayed):
+        assert run.summary == off.summary
+        assert run.log.columns() == off.log.columns()
+        assert [r.token_times_s for r in run.requests] == [r.token_times_s for r in off.requests]
+
+
 class _Stop(Exception):
     pass
 
