@@ -179,11 +179,6 @@ def describe_calibration(device) -> str:
 CPU_OVERHEAD_FIRST_STAGE = 0.15
 
 
-#: (token count, sequences) shapes whose first-stage seconds a roofline model keeps (some 180 bytes each); the
-#: cache starts afresh when full
-FIRST_CACHE_SHAPES = 1 << 14
-
-
 class RooflineCostModel:
     """Prices a ``BatchPlan`` analytically. Units: seconds, FLOPs, bytes.
 
@@ -240,7 +235,7 @@ class RooflineCostModel:
         self.pp_links = [self.placement.pp_link(s) for s in range(pp - 1)]
         self._linear_cache: dict[int, dict[str, float]] = {}
         self._linear_total: dict[int, float] = {}
-        self._first_cache: dict[tuple, float] = {}
+        self._emb_cache: dict[int, float] = {}
         self._last_cache: dict[int, float] = {}
         c = self.c
         self._decode_consts = (self.q, self.kv, self.flops * c.attn_compute_eff, self.dt,
@@ -547,14 +542,15 @@ class RooflineCostModel:
         return self.stage_layers[0] * (self._per_token_total(T) + attn) + first + last
 
     def _fixed_terms(self, T: int, B: int) -> tuple[float, float]:
-        """The first stage's once-per-iteration seconds at ``(T, B)`` and the last stage's at ``B`` (cached), as
-        ``iteration_time`` adds them."""
-        first = self._first_cache.get((T, B))
-        if first is None:
-            first = sum(self._first_stage_ops(T, B).values())
-            if len(self._first_cache) >= FIRST_CACHE_SHAPES:     # (a working set of shapes: memory stays small)
-                self._first_cache.clear()
-            self._first_cache[(T, B)] = first
+        """The first stage's once-per-iteration seconds at ``(T, B)`` and the last stage's at ``B``, as
+        ``iteration_time`` adds them: ``sum`` of ``_first_stage_ops`` is its embedding (cached by ``T``) plus its
+        engine overhead (two products), and ``sum`` of ``_last_stage_ops`` is cached by ``B``."""
+        emb = self._emb_cache.get(T)
+        if emb is None:
+            emb = self._first_stage_ops(T, B)["emb"]
+            if len(self._emb_cache) < 65536:
+                self._emb_cache[T] = emb
+        first = emb + self.engine_overhead(T, B)     # (sum() of the two: 0 + emb is emb)
         last = self._last_cache.get(B)
         if last is None:
             last = self._last_cache[B] = sum(self._last_stage_ops(B).values())

@@ -64,6 +64,10 @@ def test_runs_priced_with_one_roofline_term_match_each_step_near_the_ridge():
             cached, d, n = int(rng.integers(0, 6000)), int(rng.integers(0, 60)), int(rng.integers(1, 60))
             got = cm.chunk_step_times(d, ctx_sum, n, chunk, cached)
             assert got == [cm.step_time(d, ctx_sum + k * d, -1, chunk, cached + k * chunk) for k in range(n)]
+        for T, B in zip(rng.integers(1, 9000, 50).tolist(), rng.integers(1, 300, 50).tolist()):
+            # (the once-per-iteration terms, cached by parts, are the sums of the operators' seconds)
+            assert cm._fixed_terms(T, B) == (sum(cm._first_stage_ops(T, B).values()),
+                                             sum(cm._last_stage_ops(B).values()))
         # at the bound itself the chunk's compute term is the larger from k = 0
         q, kv, dt = cm.q, cm.kv, cm.dt
         a = 4 * q * edge * (0 + (edge + 1) / 2) / cm._prefill_compute
