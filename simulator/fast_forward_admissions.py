@@ -709,15 +709,27 @@ def apply_admitting(replica, s: dict) -> list:
     assert kv.num_free == s["free"], "fast-forward with admissions: KV blocks out of step"
     # iteration rows, busy time
     starts = s["starts"]
-    log.start_s.extend(starts)
-    log.duration_s.extend(s["durations"])
-    log.batch_size.extend(s["batch"])
-    log.num_decode_tokens.extend(s["n_decode"])
-    log.num_prefill_tokens.extend(s["n_prefill"])
-    log.kv_blocks_used.extend(s["used"])
-    log.kv_blocks_total.extend([kv.num_blocks] * K)
-    log.replica_id.extend([replica.replica_id] * K)
-    log.scheduled_s.extend(starts)
+    if log.sink is not None and not log.multi:      # streamed: as arrays (the starts are the step ends' bytes)
+        start_s = np.empty(K)
+        start_s[0] = starts[0]
+        start_s[1:] = np.frombuffer(s["ends_array"])[:-1]
+        log.append_block({"start_s": start_s, "duration_s": unboxed(s["durations"]),
+                          "batch_size": unboxed(s["batch"], np.int64),
+                          "num_prefill_tokens": unboxed(s["n_prefill"], np.int64),
+                          "num_decode_tokens": unboxed(s["n_decode"], np.int64),
+                          "kv_blocks_used": unboxed(s["used"], np.int64),
+                          "kv_blocks_total": np.full(K, kv.num_blocks, dtype=np.int64),
+                          "replica_id": np.full(K, replica.replica_id, dtype=np.int64)})
+    else:
+        log.start_s.extend(starts)
+        log.duration_s.extend(s["durations"])
+        log.batch_size.extend(s["batch"])
+        log.num_decode_tokens.extend(s["n_decode"])
+        log.num_prefill_tokens.extend(s["n_prefill"])
+        log.kv_blocks_used.extend(s["used"])
+        log.kv_blocks_total.extend([kv.num_blocks] * K)
+        log.replica_id.extend([replica.replica_id] * K)
+        log.scheduled_s.extend(starts)
     busy = replica.stage_busy_s[0]
     for d in s["durations"]:
         busy += d

@@ -66,6 +66,9 @@ class IterationLog:
     _done: int = 0                  # rows folded into the statistics
     _flushed: int = 0               # rows flushed to the sink (no longer in the lists)
     _utils: list = field(default_factory=list)     # KV utilizations of flushed rows not yet folded (arrays)
+    # with a sink: rows given as arrays (``append_block``), older than the lists' rows, waiting to be flushed
+    _blocks: list = field(default_factory=list)
+    _block_rows: int = 0
     _util_sum: float = 0.0
     _util_max: float | None = None
 
@@ -89,7 +92,28 @@ class IterationLog:
         return cols
 
     def __len__(self) -> int:
-        return self._flushed + len(self.start_s)
+        return self._flushed + self._block_rows + len(self.start_s)
+
+    def append_block(self, cols: dict) -> None:
+        """Append rows given as arrays (one per column of ``columns()`` with ``replica_ids``, float64 for times,
+        int64 otherwise), to be flushed to the sink as they are: a fast-forwarded stretch's steps, without a
+        Python number per field. Only with a sink, one replica and one stage; rows in the lists come first."""
+        if self.start_s:
+            n = len(self.start_s)
+            self._blocks.append(self._take_lists(n))
+            self._block_rows += n
+        self._blocks.append(cols)
+        self._block_rows += len(cols["start_s"])
+
+    def _take_lists(self, n: int) -> dict:
+        """The first ``n`` rows of the lists as arrays (dropped from the lists)."""
+        cols = {k: unboxed(v[:n], np.float64 if k.endswith("_s") else np.int64)
+                for k, v in self.columns(replica_ids=True).items()}
+        for name in (*self.BASE, "replica_id", "scheduled_s"):     # rows past ``n`` stay (a stretch may append
+            del getattr(self, name)[:n]                             # past a chunk's end)
+        for lst in self.stage_start_s + self.stage_duration_s:
+            del lst[:n]
+        return cols
 
     def _list_utils(self, lo: int, hi: int) -> np.ndarray:
         """KV-cache utilization of the rows at list positions ``lo .. hi - 1``."""
@@ -99,14 +123,24 @@ class IterationLog:
     def _flush(self, n: int) -> None:
         """Write the first ``n`` rows of the lists to the sink and drop them (their utilizations are kept for the
         statistics)."""
-        cols = {k: unboxed(v[:n], np.float64 if k.endswith("_s") else np.int64)
-                for k, v in self.columns(replica_ids=self.replica_ids).items()}
+        names = list(self.columns(replica_ids=self.replica_ids))
+        parts, left = [], n
+        while left and self._blocks:     # the blocks first (older), then the lists
+            block = self._blocks[0]
+            m = len(block["start_s"])
+            if m > left:
+                parts.append({k: v[:left] for k, v in block.items()})
+                self._blocks[0] = {k: v[left:] for k, v in block.items()}
+                m = left
+            else:
+                parts.append(self._blocks.pop(0))
+            self._block_rows -= m
+            left -= m
+        if left:
+            parts.append(self._take_lists(left))
+        cols = {k: parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts]) for k in names}
         self.sink.write(cols)
         self._utils.append(cols["kv_blocks_used"] / cols["kv_blocks_total"])
-        for name in (*self.BASE, "replica_id", "scheduled_s"):     # rows past ``n`` stay (a stretch may append
-            del getattr(self, name)[:n]                             # past a chunk's end)
-        for lst in self.stage_start_s + self.stage_duration_s:
-            del lst[:n]
         self._flushed += n
 
     def _fold(self, count: int) -> None:
@@ -147,10 +181,10 @@ class IterationLog:
             return
         if self.sink is not None:
             piece = min(self.FLUSH, self.CHUNK)
-            while len(self.start_s) >= piece:
+            while self._block_rows + len(self.start_s) >= piece:
                 self._flush(piece)
-            if everything and self.start_s:
-                self._flush(len(self.start_s))
+            if everything and self._block_rows + len(self.start_s):
+                self._flush(self._block_rows + len(self.start_s))
             ready = self._flushed
         else:
             ready = len(self.start_s)

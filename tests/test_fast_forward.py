@@ -198,3 +198,49 @@ def test_a_stretch_crossing_a_chunk_of_streamed_rows_keeps_every_row(tmp_path, m
         rows = (tmp_path / scheduler / "on" / "iterations.csv").read_text().count("\n") - 1
         summary = (tmp_path / scheduler / "on" / "summary.json").read_text()
         assert f'"num_iterations": {rows},' in summary and rows > 300
+
+
+def test_rows_given_as_blocks_stream_in_order_with_the_listed_ones(monkeypatch):
+    """``IterationLog.append_block`` (a stretch's rows as arrays) and rows appended one by one stream to the sink
+    in the order they came, in pieces of exactly ``FLUSH`` rows (a piece may cut a block), with the same
+    statistics as the same rows listed."""
+    import numpy as np
+
+    from simulator.replica import IterationLog
+
+    monkeypatch.setattr(IterationLog, "FLUSH", 7)
+    monkeypatch.setattr(IterationLog, "CHUNK", 14)
+
+    class Sink:
+        def __init__(self):
+            self.pieces = []
+
+        def write(self, cols):
+            self.pieces.append({k: np.asarray(v).tolist() for k, v in cols.items()})
+
+    def rows(lo, hi):
+        return {"start_s": [0.5 * i for i in range(lo, hi)], "duration_s": [0.25 + i for i in range(lo, hi)],
+                "batch_size": list(range(lo, hi)), "num_prefill_tokens": [2 * i for i in range(lo, hi)],
+                "num_decode_tokens": [3 * i for i in range(lo, hi)], "kv_blocks_used": [i % 5 for i in range(lo, hi)],
+                "kv_blocks_total": [10] * (hi - lo), "replica_id": [0] * (hi - lo)}
+
+    def listed(log, lo, hi):
+        for k, v in rows(lo, hi).items():
+            getattr(log, k).extend(v)
+        log.scheduled_s.extend(rows(lo, hi)["start_s"])
+
+    def block(log, lo, hi):
+        log.append_block({k: np.asarray(v, dtype=float if k.endswith("_s") else np.int64)
+                          for k, v in rows(lo, hi).items()})
+
+    streamed, kept = IterationLog(sink=Sink()), IterationLog()
+    for add, lo, hi in [(listed, 0, 3), (block, 3, 12), (listed, 12, 13), (block, 13, 30), (listed, 30, 33)]:
+        add(streamed, lo, hi)
+        streamed.maybe_flush()
+        listed(kept, lo, hi)
+        assert len(streamed) == hi
+    stats = streamed.stats()
+    assert [len(p["start_s"]) for p in streamed.sink.pieces] == [7, 7, 7, 7, 5]
+    got = {k: sum((p[k] for p in streamed.sink.pieces), []) for k in streamed.sink.pieces[0]}
+    assert got == {k: v for k, v in rows(0, 33).items() if k != "replica_id"}
+    assert stats == kept.stats()
