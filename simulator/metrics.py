@@ -199,17 +199,25 @@ def summarize(recorder, log_stats: dict, *, cluster=None, deployment=None, num_r
     fractions, prefix-cache hit rate and per-pool sections."""
     disagg = deployment is not None and deployment.config.disaggregated
     if not recorder.rows.in_memory:                  # a long run's rows, read back a block at a time
+        from concurrent.futures import ThreadPoolExecutor
+
         from simulator.out_of_core import request_summary
 
-        req = request_summary(recorder, disaggregated=disagg)
+        # (its pooled TBT sample is summarised meanwhile by another thread: numpy passes over the spilled pairs,
+        # which give the GIL back, on the other core)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="servesim-tbt") as pool:
+            tbt = pool.submit(recorder.tbt_distribution)
+            req = request_summary(recorder, disaggregated=disagg)
+            tbt = tbt.result()
     else:
         req = _request_summary(recorder, disagg)
+        tbt = recorder.tbt_distribution()
     makespan = req["makespan_s"]
     completed = req["requests_completed"]
     schedulers = [rep.scheduler for rep in cluster.replicas] if cluster is not None else []
     out = {
         "ttft_s": req["ttft_s"],
-        "tbt_s": recorder.tbt_distribution(),
+        "tbt_s": tbt,
         "tpot_s": req["tpot_s"],
         "e2e_s": req["e2e_s"],
         "scheduling_delay_s": req["scheduling_delay_s"],

@@ -62,6 +62,7 @@ class SimResult:
     cost_model: object = None
     deployment: object = None
     outputs: Outputs | None = None
+    requests_written: Path | None = None    # where ``simulate`` already wrote the requests table (streamed runs)
 
     @property
     def iterations(self):
@@ -76,21 +77,15 @@ class SimResult:
 
     def request_columns(self, cols: dict | None = None, first_id: int = 0) -> dict:
         """The requests table's columns (``metrics.request_columns``) of ``cols`` (default: every request's)."""
-        dep = self.deployment
-        return request_columns(self.recorder.cols if cols is None else cols, cluster=self._cluster,
-                               disaggregated=dep is not None and dep.config.disaggregated,
-                               prefix_caching=dep is not None and dep.prefix_caching,
-                               fluidity=self.recorder.ttft_deadline is not None, first_id=first_id)
+        return _request_columns(self.deployment, self.recorder, self.recorder.cols if cols is None else cols,
+                                first_id)
 
     def _write_requests(self, path: Path, fmt: str) -> None:
         """The requests table, in one piece, or (a long run's rows, kept in a file) a block at a time."""
         if self.recorder.rows.in_memory:
             write_table(self.request_columns(), path, fmt, NULLABLE_INTS)
             return
-        writer = ChunkWriter(path, fmt, NULLABLE_INTS)
-        for lo, cols in self.recorder.blocks():
-            writer.write(self.request_columns(cols, lo))
-        writer.close()
+        _write_request_blocks(self.deployment, self.recorder, path, fmt)
 
     def requests_table(self):
         """One row per request (pandas DataFrame): ``metrics.REQUEST_COLUMNS`` (plus the cluster columns, see
@@ -113,7 +108,9 @@ class SimResult:
         out = Path(out_dir) if out_dir is not None else streamed.out_dir
         fmt = fmt or (streamed.fmt if streamed else "csv")
         out.mkdir(parents=True, exist_ok=True)
-        self._write_requests(table_path(out, "requests", fmt), fmt)
+        path = table_path(out, "requests", fmt)
+        if path != self.requests_written:
+            self._write_requests(path, fmt)
         if self.log.sink is None:
             write_table(self.log.columns(replica_ids=self._cluster), table_path(out, "iterations", fmt), fmt)
         if tokens and not (streamed and streamed.tokens):
@@ -126,6 +123,22 @@ class SimResult:
             write_atomic(out / "plans.jsonl", plans_jsonl(self.log))
         write_json_atomic(out / "summary.json", {**self.summary, "config": self.config.to_dict()})
         return out
+
+
+def _request_columns(dep, recorder, cols: dict, first_id: int = 0) -> dict:
+    """``metrics.request_columns`` of the recorded ``cols`` of a run of deployment ``dep`` (or None)."""
+    return request_columns(cols, cluster=dep is not None and dep.num_replicas > 1,
+                           disaggregated=dep is not None and dep.config.disaggregated,
+                           prefix_caching=dep is not None and dep.prefix_caching,
+                           fluidity=recorder.ttft_deadline is not None, first_id=first_id)
+
+
+def _write_request_blocks(dep, recorder, path: Path, fmt: str) -> None:
+    """A long run's requests table (its rows kept in a file), a block of rows at a time."""
+    writer = ChunkWriter(path, fmt, NULLABLE_INTS)
+    for lo, cols in recorder.blocks():
+        writer.write(_request_columns(dep, recorder, cols, lo))
+    writer.close()
 
 
 def plans_jsonl(log: IterationLog) -> str:
@@ -485,7 +498,25 @@ def simulate(config: SimConfig | None = None, *, requests: list[Request] | None 
     finally:
         if bar is not None:
             bar.close()
-    result = measure(dep, cluster, changes)
+    early = None
+    if outputs is not None and not recorder.rows.in_memory:
+        # a long run's requests table is written (its rows read back, formatted by the writer's thread) while the
+        # run is measured: the measuring and the formatting share the two cores
+        from concurrent.futures import ThreadPoolExecutor
+
+        path = table_path(outputs.out_dir, "requests", outputs.fmt)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="servesim-requests")
+        early = pool.submit(_write_request_blocks, dep, recorder, path, outputs.fmt)
+        pool.shutdown(wait=False)
+    try:
+        result = measure(dep, cluster, changes)
+    except BaseException:
+        if early is not None:
+            early.exception()            # (the writer done first; the measuring's error is the one raised)
+        raise
+    if early is not None:
+        early.result()                   # (written, or its error raised)
+        result.requests_written = path
     if extrapolation:
         result.summary["extrapolation"] = extrapolation
     if not keep_requests:

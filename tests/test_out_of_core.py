@@ -241,3 +241,22 @@ def test_the_helper_process_and_the_row_cache_change_no_output_byte(tmp_path, mo
         assert done.exit_code == 0, done.output
         runs[name] = _files(out)
     assert runs["plain"] == runs["helper"]
+
+
+def test_a_long_runs_requests_table_is_written_while_it_is_measured(tmp_path, monkeypatch):
+    # rows in a file and a streamed output folder: simulate writes the requests table (another thread, beside the
+    # summary), and write() leaves it; to another folder write() writes it again, the same bytes
+    from simulator.simulation import Outputs, SimResult, simulate
+
+    monkeypatch.setattr(request_rows, "IN_MEMORY_ROWS", 64)
+    result = simulate(num_requests=300, qps=8, keep_requests=False, outputs=Outputs(tmp_path / "run", "csv", False))
+    assert result.requests_written == tmp_path / "run" / "requests.csv" and result.requests_written.exists()
+    written = SimResult._write_requests
+    calls = []
+    monkeypatch.setattr(SimResult, "_write_requests", lambda self, path, fmt: calls.append(path) or
+                        written(self, path, fmt))
+    result.write()
+    assert calls == []
+    result.write(tmp_path / "again")
+    assert calls == [tmp_path / "again" / "requests.csv"]
+    assert (tmp_path / "again" / "requests.csv").read_bytes() == result.requests_written.read_bytes()
