@@ -246,10 +246,10 @@ class Replica:
         #: with ``next_arrival_from``: ``pending_arrival(i)``, the ``i``-th request not yet arrived (in arrival order),
         #: or None; a stretch may admit one that arrives before a step (``Scheduler.add_request`` then skips it)
         self.pending_arrival = None
-        #: a stretch's completions may be reported (``on_done``) as it is applied, before the clock reaches them,
-        #: and the clock then moved to its end at once: nothing ``on_done`` calls reads the clock or may stop the
-        #: run, and no other replica's events can fall between (set by the cluster for a lone open-loop replica
-        #: whose completions only go to the recorder)
+        #: a stretch's completions may be reported (one ``on_done``, in step order) as it is applied, before the
+        #: clock reaches them, and the clock then moved to its end at once: nothing ``on_done`` calls reads the
+        #: clock or may stop the run, and no other replica's events can fall between (set by the cluster for a lone
+        #: open-loop replica whose completions only go to the recorder)
         self.completions_at_once = False
         #: with ``completions_at_once`` and no hook: ``take_arrivals()`` takes the arrivals a stretch admitted ahead
         #: of them as it is applied (one event instead of one per request), or None
@@ -397,12 +397,13 @@ class Replica:
             completions = dict(apply_stretch(self, plan, s))
             undo = lambda upto, launched: rollback_stretch(self, s, upto)                # noqa: E731
         ends, durations, starts = s["ends"], s["durations"], s["starts"]
-        if hook is None and self.completions_at_once:    # reported at once, the clock moved once
-            for j in sorted(completions):
+        if hook is None and self.completions_at_once:    # reported at once, in step order, the clock moved once
+            if completions:
+                last = max(completions)
                 try:
-                    self.on_done(self, completions[j])
+                    self.on_done(self, [r for j in sorted(completions) for r in completions[j]])
                 except BaseException:
-                    undo(j, j)
+                    undo(last, last)
                     raise
             yield from self._advance(durations, ends, -1, len(ends) - 1)
             return True
