@@ -250,8 +250,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     def _growth(lo, hi, starts):
         """KV blocks the decodes need at each step ``lo .. hi - 1`` of a run: ``growing`` by residue, plus the
         members whose growth starts (``starts``) from their start step on, every ``bs`` steps."""
-        r = lo % bs                      # ``growing`` from residue ``lo``, repeated (slices: no loop per step)
-        g = ((growing[r:] + growing[:r]) * ((hi - lo) // bs + 1))[:hi - lo]
+        r, n = lo % bs, hi - lo          # ``growing`` from residue ``lo``, repeated (slices: no loop per step)
+        g = growing[r:r + n] if r + n <= bs else ((growing[r:] + growing[:r]) * (n // bs + 1))[:n]
         for f, count in starts:
             if f >= hi:
                 break
