@@ -6,9 +6,10 @@ it). A thread cannot take it off the simulation's core: each numpy call gives th
 the hand-overs cost more than the work. So the batches go to ``python -m simulator.deadline_worker``, started with
 ``subprocess`` (not ``multiprocessing``, which would import the caller's main script again in the helper):
 
-- the token times: copied into one of ``MAX_IN_FLIGHT + 1`` slots of ``SLOT_BYTES`` of memory the two processes
-  share (``os.memfd_create``, Linux; a slot is used again once its batch is answered), or, on another system or
-  for a batch larger than a slot, written after the header;
+- the token times: in one of ``MAX_IN_FLIGHT + 1`` slots of ``SLOT_BYTES`` of memory the two processes share
+  (``os.memfd_create``, Linux; a slot is used again once its batch is answered), written there by the recorder as
+  it records (``slot``) or copied by ``submit``, or, on another system or for a batch larger than a slot, written
+  after the header;
 - through the helper's standard input, per batch: a header ``(m, T, offset, D)`` (three int64, one float64: the
   times' offset in the shared memory, or -1: they follow), its ``m`` requests' TTFT and first-token deadline (float64) and token count (int64); an
   ``m`` of -1 ends it;

@@ -121,8 +121,8 @@ class IterationLog:
             np.asarray(self.kv_blocks_total[lo:hi], dtype=float)
 
     def _flush(self, n: int) -> None:
-        """Write the first ``n`` rows of the lists to the sink and drop them (their utilizations are kept for the
-        statistics)."""
+        """Write the first ``n`` rows (the blocks', then the lists') to the sink and drop them (their utilizations
+        are kept for the statistics)."""
         names = list(self.columns(replica_ids=self.replica_ids))
         parts, left = [], n
         while left and self._blocks:     # the blocks first (older), then the lists
