@@ -327,10 +327,12 @@ class Cluster:
             if ff and rep.spans_arrivals and not self.concurrency:
                 rep.next_arrival_from = self._next_arrival_from
                 rep.pending_arrival = self._pending_arrival
-                # completions only recorded (no callback of the caller's: it might read the clock or stop the run)
+                # completions only recorded (no callback of the caller's, which might read the clock or stop the
+                # run, unless it says it does neither: ``clock_free``, a progress bar's)
                 recorder = getattr(self, "recorder", None)
                 rep.completions_at_once = rep.on_done == self.on_done and recorder is not None and \
-                    self.on_finish == recorder.finish and recorder.on_finish is None
+                    self.on_finish == recorder.finish and \
+                    (recorder.on_finish is None or getattr(recorder.on_finish, "clock_free", False))
                 if rep.completions_at_once and rep.on_iteration is None:     # (nothing can stop the run)
                     rep.take_arrivals = self._take_admitted
         if self.disaggregated:

@@ -249,7 +249,7 @@ class Replica:
         #: a stretch's completions may be reported (one ``on_done``, in step order) as it is applied, before the
         #: clock reaches them, and the clock then moved to its end at once: nothing ``on_done`` calls reads the
         #: clock or may stop the run, and no other replica's events can fall between (set by the cluster for a lone
-        #: open-loop replica whose completions only go to the recorder)
+        #: open-loop replica whose completions only go to the recorder and, perhaps, a progress bar)
         self.completions_at_once = False
         #: with ``completions_at_once`` and no hook: ``take_arrivals()`` takes the arrivals a stretch admitted ahead
         #: of them as it is applied (one event instead of one per request), or None

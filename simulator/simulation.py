@@ -478,6 +478,8 @@ def simulate(config: SimConfig | None = None, *, requests: list[Request] | None 
             bar.update(len(done))
             if on_finish is not None:
                 on_finish(done)
+        # (the bar alone neither reads the clock nor stops the run: a stretch may report its completions at once)
+        finish.clock_free = on_finish is None
     first = dep.cost_model_for(dep.specs[0])
     recorder = Recorder(num_requests, on_finish=finish, keep_requests=keep_requests,
                         ttft_deadline=lambda p: predicted_prefill_s(first, p) + DEFAULT_TTFT_SLACK_S,

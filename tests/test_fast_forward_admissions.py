@@ -146,6 +146,12 @@ def test_completions_are_reported_at_once_only_where_nothing_else_can_see_them(m
     flags.clear()
     simulate(qps=8.0, num_requests=300, replicas=2)
     assert flags and not any(flags)
+    flags.clear()                        # a progress bar alone neither reads the clock nor stops the run
+    with_bar = simulate(qps=8.0, num_requests=300, progress=True)
+    assert flags and all(flags) and with_bar.summary == stepwise.summary
+    flags.clear()
+    simulate(qps=8.0, num_requests=300, progress=True, on_finish=seen.extend)
+    assert flags and not any(flags)
 
 
 def test_arrivals_a_stretch_took_ahead_need_no_event_and_move_the_clock_as_theirs_would(monkeypatch):
