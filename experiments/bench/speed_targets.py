@@ -16,7 +16,11 @@ Targets (issue 11):
 - ``capacity``: one capacity search (Mistral-7B, A100, sharegpt, strict SLO, Sarathi-Serve 512, 2048 requests).
   Target <= 3 s.
 
-    python experiments/bench/speed_targets.py [--only default,capacity] [--repeat 3]
+    python experiments/bench/speed_targets.py [--only default,capacity] [--repeat 3] [--baseline REV]
+
+This VM's speed drifts by tens of percent between spells, so a figure is only comparable with one measured beside
+it: ``--baseline REV`` (a git revision) also times each target with that revision's code (a temporary git worktree
+on ``PYTHONPATH``), right after the current code's runs, and prints both and the change.
 """
 from __future__ import annotations
 
@@ -47,16 +51,17 @@ def servesim() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "simulator"]
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one run of ``cmd`` under /usr/bin/time."""
-    done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True)
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one run of ``cmd`` under /usr/bin/time (``env``: its environment)."""
+    done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     wall, rss_kb = re.findall(r"([\d.]+) (\d+)\s*$", done.stderr.strip())[-1]
     return float(wall), int(rss_kb) / 1024
 
 
-def commands(tmp: Path) -> dict:
+def commands(tmp: Path, fitted: str = "vidur-model") -> dict:
+    """The targets' command lines, the vidur one with the cost model ``servesim fit`` wrote to ``tmp / fitted``."""
     out = lambda name: ["--out", str(tmp / name)]  # noqa: E731
     cmds = {
         "default": [*servesim(), "simulate", *out("default")],
@@ -75,44 +80,78 @@ def commands(tmp: Path) -> dict:
         # Vidur's A100 tables were measured on the PCIe card: simulate that device (no "fitted on" warning)
         cmds["vidur"] = [*servesim(), "simulate", "--model", str(model), "--device", "A100-80GB-PCIe", "--tp", "2",
                          "--cost-model",
-                         str(tmp / "vidur-model"), "--trace", str(ARXIV), "--retime", "--qps", "1",
+                         str(tmp / fitted), "--trace", str(ARXIV), "--retime", "--qps", "1",
                          "--num-requests", "2000", "--scheduler", "sarathi", "--token-budget", "512",
                          "--seed", "42", *out("vidur")]
     return cmds
+
+
+def baseline_tree(rev: str, tmp: Path) -> dict:
+    """A worktree of ``rev`` in ``tmp``: the environment that runs its code (its folder first on ``PYTHONPATH``)."""
+    tree = tmp / "baseline"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True,
+                   capture_output=True)
+    path = os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return dict(os.environ, PYTHONPATH=path)
+
+
+def best(runs: list) -> tuple[float, float]:
+    return min(r[0] for r in runs), min(r[1] for r in runs)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="comma-separated targets (default: all)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--baseline", metavar="REV", help="also time each target with this git revision's code")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        cmds = commands(tmp)
-        wanted = args.only.split(",") if args.only else list(TARGETS)
-        if "vidur" in wanted and "vidur" in cmds:
-            subprocess.run([*servesim(), "fit", "--from-vidur", str(VIDUR), "--model", str(tmp / "codellama-34b"),
-                            "--tp", "2", "--out", str(tmp / "vidur-model")], check=True, capture_output=True)
-        elif "vidur" in wanted:
-            print("vidur: skipped (../shared/data absent)")
-        print(f"{'target':<18} {'wall s':>8} {'peak MiB':>9}  {'target':<18} runs")
-        for name in wanted:
-            if name not in cmds:
-                continue
-            runs = [timed(cmds[name]) for _ in range(args.repeat if name != "million" else 1)]
-            wall = min(r[0] for r in runs)
-            rss = min(r[1] for r in runs)
-            t_wall, t_rss = TARGETS[name]
-            target = f"<= {t_wall:g} s" + (f", <= {t_rss} MiB" if t_rss else "")
-            print(f"{name:<18} {wall:>8.2f} {rss:>9.0f}  {target:<18} " +
-                  " ".join(f"{w:.2f}s/{m:.0f}M" for w, m in runs), flush=True)
-            if name.startswith("overload-"):
-                # memory independent of the request count: the same run at 20k requests, and the growth
-                small = [timed(cmds[f"{name}-20k"]) for _ in range(args.repeat)]
-                rss_small = min(r[1] for r in small)
-                print(f"{'  at 20k requests':<18} {min(r[0] for r in small):>8.2f} {rss_small:>9.0f}  "
-                      f"growth {(rss - rss_small) * 1024 * 1024 / 80000:.0f} bytes/request", flush=True)
+        base_env = baseline_tree(args.baseline, tmp) if args.baseline else None
+        try:
+            run_targets(args, tmp, base_env)
+        finally:
+            if base_env is not None:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "baseline")],
+                               capture_output=True)
     print(f"(load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)")
+
+
+def run_targets(args, tmp: Path, base_env: dict | None) -> None:
+    cmds = commands(tmp)
+    base_cmds = commands(tmp, "vidur-model-baseline") if base_env is not None else {}
+    wanted = args.only.split(",") if args.only else list(TARGETS)
+    if "vidur" in wanted and "vidur" in cmds:
+        for model, env in (("vidur-model", None), ("vidur-model-baseline", base_env)):
+            if model == "vidur-model" or env is not None:
+                subprocess.run([*servesim(), "fit", "--from-vidur", str(VIDUR), "--model",
+                                str(tmp / "codellama-34b"), "--tp", "2", "--out", str(tmp / model)], check=True,
+                               capture_output=True, env=env)
+    elif "vidur" in wanted:
+        print("vidur: skipped (../shared/data absent)")
+    header = f"{'target':<18} {'wall s':>8} {'peak MiB':>9}  {'target':<18} runs"
+    if base_env is not None:
+        header += f"    baseline {args.baseline}: wall s, peak MiB, change"
+    print(header)
+    for name in wanted:
+        if name not in cmds:
+            continue
+        repeat = args.repeat if name != "million" else 1
+        runs = [timed(cmds[name]) for _ in range(repeat)]
+        wall, rss = best(runs)
+        t_wall, t_rss = TARGETS[name]
+        target = f"<= {t_wall:g} s" + (f", <= {t_rss} MiB" if t_rss else "")
+        line = f"{name:<18} {wall:>8.2f} {rss:>9.0f}  {target:<18} " + " ".join(f"{w:.2f}s/{m:.0f}M" for w, m in runs)
+        if base_env is not None:
+            b_wall, b_rss = best([timed(base_cmds[name], base_env) for _ in range(repeat)])
+            line += f"    {b_wall:.2f} {b_rss:.0f} {100 * (wall / b_wall - 1):+.1f}%"
+        print(line, flush=True)
+        if name.startswith("overload-"):
+            # memory independent of the request count: the same run at 20k requests, and the growth
+            small = [timed(cmds[f"{name}-20k"]) for _ in range(args.repeat)]
+            rss_small = min(r[1] for r in small)
+            print(f"{'  at 20k requests':<18} {min(r[0] for r in small):>8.2f} {rss_small:>9.0f}  "
+                  f"growth {(rss - rss_small) * 1024 * 1024 / 80000:.0f} bytes/request", flush=True)
 
 
 if __name__ == "__main__":
