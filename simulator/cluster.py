@@ -294,14 +294,22 @@ class Cluster:
             if r is None or r.request_id not in pre:
                 return
             self._pos = p + 1
-            del self._made[p]
-            backlog = self._backlog          # (an admitted request is never deferred: ``_defers``)
-            if backlog is not None:
-                if backlog.backlog:
-                    self._not_deferred.add(p)
-                else:
-                    self._backlog_pos = p + 1
-            self._admit(r)
+            self._arrived(p, r)
+
+    def _arrived(self, p: int, r) -> None:
+        """The request ``r`` at stream position ``p`` (made, not yet dropped from ``_made``) arrives now: it joins
+        the backlog (``_defers``) or is routed into the entry pool."""
+        del self._made[p]
+        backlog = self._backlog
+        if backlog is not None:
+            if self._defers(r):
+                backlog.backlog += 1          # (r is dropped: made again when the queue reaches it)
+                return
+            if backlog.backlog:
+                self._not_deferred.add(p)
+            else:
+                self._backlog_pos = p + 1
+        self._admit(r)
 
     def _defers(self, r) -> bool:
         """Whether the arriving ``r`` joins the backlog instead of the queue: the queue is long or has a backlog,
@@ -391,20 +399,9 @@ class Cluster:
                     if p < self._pos:        # taken while this waited for it: that was its event
                         p += 1
                         continue
-                q, p = p, p + 1
-                self._pos = p
-                r = self._made_at(q)
-                del self._made[q]
-                backlog = self._backlog
-                if backlog is not None:
-                    if self._defers(r):
-                        backlog.backlog += 1          # (r is dropped: made again when the queue reaches it)
-                        continue
-                    if backlog.backlog:
-                        self._not_deferred.add(q)
-                    else:
-                        self._backlog_pos = q + 1
-                self._admit(r)
+                self._pos = p + 1
+                self._arrived(p, self._made_at(p))
+                p += 1
             self.next_arrival_s = math.inf
             for rep in entry.replicas:
                 rep.close()

@@ -183,14 +183,14 @@ class DeadlineWorker:
         written into ``slot()``."""
         if self.full:
             raise RuntimeError(f"deadline accounting helper: {MAX_IN_FLIGHT} batches in flight; take a result first")
-        m = len(lengths)
+        m, slot = len(lengths), self.slot()     # (a slot whose last batch was answered)
         offset = -1
         if type(times) is int:           # (already in the slot)
-            n, offset = times, self.slot()[1]
+            n, offset = times, slot[1]
         else:
             n = len(times)
-            if self._shared is not None and n <= SLOT_BYTES:
-                offset = self._sent % (MAX_IN_FLIGHT + 1) * SLOT_BYTES    # (a slot whose last batch was answered)
+            if slot is not None and n <= SLOT_BYTES:
+                offset = slot[1]
                 self._shared[offset:offset + n] = times
         self._batches.append((ttft_s, ttft_deadline_s, lengths, n, offset, times if offset < 0 else None))
         self._sent += 1

@@ -207,6 +207,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         """``(steps, ended)``: how many of a run's first ``taken`` steps (ending at ``run_ends``) come before one
         that ends exactly at an arrival (on a routed replica: at or after the next one), which ends the stretch."""
         nonlocal na
+        if not taken or run_ends[taken - 1] < na:    # (no step reaches the next arrival)
+            return taken, False
         k = bisect_left(run_ends, na, 0, taken)
         while k < taken:
             if spans:
@@ -281,7 +283,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         n = min((p[3] - p[1] - 1) // c, (end_heap[0] + 1 if end_heap else MAX_STEPS) - j, MAX_STEPS - j)
         if n < 2:
             return 0, False
-        starts = _starts_before(j, j + n) if grow_heap and grow_heap[0] < j + n else []
+        starts = _starts_before(j, j + n)
         d, k0 = B, p[1]
         if chunk_times is not None:
             durs = chunk_times(d, S + j * d, n, c, k0)
@@ -299,9 +301,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         run_used = list(accumulate(grow, initial=num_blocks - free))
         taken = bisect_right(run_used, num_blocks, 1) - 1    # steps whose KV growth fits (no preemption)
         stopped = taken < n
-        if not (taken and run_ends[taken - 1] < na):    # (a step may reach the next arrival)
-            taken, at_arrival = _arrival_cut(run_ends, taken)
-            stopped = stopped or at_arrival
+        taken, at_arrival = _arrival_cut(run_ends, taken)
+        stopped = stopped or at_arrival
         if taken:
             _append_run(j, taken, run_ends, durs, run_used, d, c)
             if tracked:
@@ -312,8 +313,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             if chunked:
                 p[2] = -(-p[1] // bs)
             release(j + taken - 1)       # (nothing ends before the run's last step)
-        if starts:
-            _commit_starts(starts, j + taken - 1)
+        _commit_starts(starts, j + taken - 1)
         return taken, stopped
     na = next_arrival(end0) if spans else horizon     # the next arrival at or after t (lone replica)
     j = 0
@@ -338,17 +338,15 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             break
         queued = n_wait + len(arrived)
         head = (waiting[wi] if wi < n_wait else arrived[wi - n_wait]) if wi < queued else None
-        if d and not partials and ((head is None and pending is not None) or    # (nothing waits: the run
-                                   _admits_none(head, running_count, max_seqs, budget_total - d,  # stops at
-                                                free - growing[j % bs], rule, bs, watermark,      # the next
-                                                pending is not None)):                            # arrival)
+        if d and not partials and _admits_none(head, running_count, max_seqs, budget_total - d,
+                                               free - growing[j % bs], rule, bs, watermark, pending is not None):
             # decode-only steps until the next member's last token: the same decodes each step
             while end_heap[0] < j:
                 heapq.heappop(end_heap)
             e = end_heap[0] + 1
             if e > MAX_STEPS:
                 e = MAX_STEPS
-            starts = _starts_before(j, e) if grow_heap and grow_heap[0] < e else []
+            starts = _starts_before(j, e)
             top = j - heap_top(heap, alive) if longest else -1
             until = nxt.arrival_s if head is None and nxt is not None else None   # a slot waits for it
             stopped = cut = False
@@ -378,18 +376,12 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
                 cut = taken < n
                 fits = bisect_right(run_used, num_blocks, 1) - 1   # steps whose KV growth fits (no preemption)
                 stopped = fits < taken
-                if fits < taken:
-                    taken = fits
-                if taken and run_ends[taken - 1] < na:   # (no step reaches the next arrival)
-                    at_arrival = False
-                else:
-                    taken, at_arrival = _arrival_cut(run_ends, taken)
+                taken, at_arrival = _arrival_cut(run_ends, fits if stopped else taken)
                 stopped = stopped or at_arrival
                 if taken:
                     _append_run(j0, taken, run_ends, durs, run_used, d, 0)
                 j0 += taken
-            if starts:
-                _commit_starts(starts, j0 - 1)
+            _commit_starts(starts, j0 - 1)
             if stopped:
                 break
             if cut:                      # the general step admits the arrival

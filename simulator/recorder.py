@@ -528,8 +528,9 @@ class Recorder:
         has any, then take the next buffer (a fresh one just large enough for a request too long for any);
         return where they go."""
         if self._pending:
-            self._account_deadlines(wait=False)
-        self._next_buffer(nbytes)
+            self._account_deadlines(wait=False)     # (which starts the next buffer)
+        if self._times_pos + nbytes > self._times_cap:
+            self._next_buffer(nbytes)
         return self._times_pos
 
     def _next_buffer(self, nbytes: int = 0) -> None:
