@@ -194,7 +194,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
 
     release(0)
     ends, durations, used = [end0], [first_s], [kv.num_used]
-    batch, n_decode, n_prefill = [len(ids)], [d0], [plan.num_prefill_tokens]
+    # the batch sizes, decode and prefill tokens of the steps, by runs of equal steps: run k is run_len[k] steps
+    run_len, batch, n_decode, n_prefill = [1], [len(ids)], [d0], [plan.num_prefill_tokens]
     tracked = getattr(cm, "tracker", None) is not None     # a fitted model counts shapes beyond its profile
     ctx_sums: list = [0]                 # (with a tracker) each step's decode context sum, and its chunks
     step_chunks: dict[int, tuple] = {}
@@ -232,9 +233,10 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
             durations.extend(durs[:taken])
         used.extend(run_used[1:taken + 1])
         free = num_blocks - run_used[taken]
-        batch.extend([d + 1 if chunk else d] * taken)
-        n_decode.extend([d] * taken)
-        n_prefill.extend([chunk] * taken)
+        run_len.append(taken)
+        batch.append(d + 1 if chunk else d)
+        n_decode.append(d)
+        n_prefill.append(chunk)
         if tracked:
             ctx_sums.extend([S + k * d for k in range(j0, j0 + taken)])
         K = j0 + taken
@@ -467,6 +469,7 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
         durations.append(dur)
         free = f_step
         used.append(num_blocks - free)
+        run_len.append(1)
         batch.append(d + len(entries))
         n_decode.append(d)
         n_prefill.append(budget_total - d - budget)     # (the tokens its prefills took from the budget)
@@ -508,7 +511,8 @@ def plan_admitting(replica, plan: BatchPlan, first_s: float, reads_plan: bool):
     if K < 2:
         return False
     return {"kind": "admitting", "K": K, "ends": ends, "durations": durations, "starts": [now] + ends[:-1],
-            "used": used, "batch": batch, "n_decode": n_decode, "n_prefill": n_prefill, "members": members,
+            "used": used, "run_len": run_len, "batch": batch, "n_decode": n_decode,
+            "n_prefill": n_prefill, "members": members,
             "first_token": first_token, "prefill_done": prefill_done, "chunk_log": chunk_log,
             "admitted": admitted, "from_waiting": min(len(admitted), n_wait), "plan": plan, "free": free,
             "partials": [(p[0], p[2]) for p in partials], "position": position, "recompute_gaps": recompute_gaps,
@@ -602,6 +606,8 @@ def apply_admitting(replica, s: dict) -> list:
         by_id[r.request_id] = r
     s["by_id"] = by_id
     s["ends_array"] = array("d", ends)   # (requests' token times are slices of it: copied, not unboxed)
+    runs = unboxed(s["run_len"], np.int64)   # the steps' batch sizes and tokens, from their runs
+    steps = {k: np.repeat(unboxed(s[k], np.int64), runs) for k in ("batch", "n_decode", "n_prefill")}
     recorder = replica.recorder
     if replica.on_iteration is not None or (recorder is not None and recorder.on_finish is not None):
         # a hook or a completion callback may stop the run inside the stretch, and the run is then measured
@@ -620,10 +626,11 @@ def apply_admitting(replica, s: dict) -> list:
             if r.token_times_s and r.num_computed_tokens == r.prompt_tokens + r.num_generated:
                 g = e0 - r.token_times_s[-1]
                 gaps[g] = gaps.get(g, 0) + 1
-        n_decode, extra = s["n_decode"], s["recompute_gaps"]
+        extra = s["recompute_gaps"]
         base = recorder.num_gap_pairs
         recorder.add_gaps(gaps)
         if extra or K < 32:
+            n_decode = steps["n_decode"].tolist()
             values, counts = [], []      # later steps: the decodes' one gap, then any recomputed prefill's
             pair_steps, per_step = [], []
             for j in range(1, K):
@@ -642,7 +649,7 @@ def apply_admitting(replica, s: dict) -> list:
                     per_step.append(1)
             recorder.add_gap_arrays(values, counts)
         else:                            # the same pairs, one per step with decodes, from arrays
-            decodes = unboxed(n_decode, np.int64)[1:]
+            decodes = steps["n_decode"][1:]
             pair_steps = np.flatnonzero(decodes) + 1
             times = np.frombuffer(s["ends_array"])
             pairs = np.empty((len(pair_steps), 2))
@@ -701,36 +708,36 @@ def apply_admitting(replica, s: dict) -> list:
     assert kv.num_free == s["free"], "fast-forward with admissions: KV blocks out of step"
     # iteration rows, busy time
     starts = s["starts"]
+    durations = unboxed(s["durations"])
     if log.sink is not None and not log.multi:      # streamed: as arrays (the starts are the step ends' bytes)
         start_s = np.empty(K)
         start_s[0] = starts[0]
         start_s[1:] = np.frombuffer(s["ends_array"])[:-1]
-        log.append_block({"start_s": start_s, "duration_s": unboxed(s["durations"]),
-                          "batch_size": unboxed(s["batch"], np.int64),
-                          "num_prefill_tokens": unboxed(s["n_prefill"], np.int64),
-                          "num_decode_tokens": unboxed(s["n_decode"], np.int64),
+        log.append_block({"start_s": start_s, "duration_s": durations,
+                          "batch_size": steps["batch"], "num_prefill_tokens": steps["n_prefill"],
+                          "num_decode_tokens": steps["n_decode"],
                           "kv_blocks_used": unboxed(s["used"], np.int64),
                           "kv_blocks_total": np.full(K, kv.num_blocks, dtype=np.int64),
                           "replica_id": np.full(K, replica.replica_id, dtype=np.int64)})
     else:
         log.start_s.extend(starts)
         log.duration_s.extend(s["durations"])
-        log.batch_size.extend(s["batch"])
-        log.num_decode_tokens.extend(s["n_decode"])
-        log.num_prefill_tokens.extend(s["n_prefill"])
+        log.batch_size.extend(steps["batch"].tolist())
+        log.num_decode_tokens.extend(steps["n_decode"].tolist())
+        log.num_prefill_tokens.extend(steps["n_prefill"].tolist())
         log.kv_blocks_used.extend(s["used"])
         log.kv_blocks_total.extend([kv.num_blocks] * K)
         log.replica_id.extend([replica.replica_id] * K)
         log.scheduled_s.extend(starts)
-    busy = replica.stage_busy_s[0]
-    for d in s["durations"]:
-        busy += d
-    replica.stage_busy_s[0] = busy
+    busy = np.empty(K + 1)               # the busy time plus each step's, in step order (as the clock adds them:
+    busy[0] = replica.stage_busy_s[0]    # a cumulative sum adds in order, unlike a sum's pairwise reduction)
+    busy[1:] = durations
+    replica.stage_busy_s[0] = float(np.cumsum(busy, out=busy)[-1])
     replica.num_iterations += K
     cm = replica.cost_model
     if getattr(cm, "tracker", None) is not None:     # in step order: step 0's plan, then chunks or decode runs
         cm.tracker.add(cm.outside(plan))
-        n_decode, ctx_sums, step_chunks = s["n_decode"], s["ctx_sums"], s["step_chunks"]
+        n_decode, ctx_sums, step_chunks = steps["n_decode"].tolist(), s["ctx_sums"], s["step_chunks"]
         j = 1
         while j < K:
             if j in step_chunks:
