@@ -177,6 +177,8 @@ def describe_calibration(device) -> str:
 #: schedule + prepare_inputs_e2e are 11-25% of schedule + sampler_e2e + prepare_inputs_e2e + process_model_outputs
 #: at batch 8-128 (0.18 of 1.15 ms at 8, 0.65 of 5.77 ms at 128).
 CPU_OVERHEAD_FIRST_STAGE = 0.15
+#: whole numbers below this are exact in a float64 (``RooflineCostModel._integral_terms``)
+_EXACT = 2 ** 53
 
 
 class RooflineCostModel:
@@ -252,6 +254,11 @@ class RooflineCostModel:
         self._decode_memory_bound = 4 * q / compute * (1 + 1e-6) < 2 * kv * dt / bandwidth
         ratio = self._prefill_compute / self._prefill_bandwidth * dt / (4 * q) * (1 + 1e-6)
         self._chunk_compute_bound_from = math.ceil(max(2 * kv * ratio, 2 * (2 * q + 2 * kv) * ratio - 1)) + 1
+        # The runs' memory terms, (ctx x 2kv + d x 2q) x dt, are integers when kv and dt are and q is a whole number:
+        # below 2**53 (_EXACT) a float64 holds each exactly, so a run steps them as float64s, adding the step's
+        # d x 2kv x dt, and Python's float operations give what its int-and-float ones give (an int operand is
+        # converted to the same float64 first), with the interpreter's faster float-only path.
+        self._integral_terms = type(kv) is int and type(dt) is int and float(q).is_integer()
 
     # --- roofline helpers ---------------------------------------------------------------------------------
     def _op(self, flops: float, elements: float, compute_eff: float, bw_eff: float) -> float:
@@ -483,6 +490,12 @@ class RooflineCostModel:
         out = []
         append = out.append
         if self._decode_memory_bound:    # (the comparison picks the memory term at every shape: only it is formed)
+            if self._integral_terms and ((ctx_sum + n * d) * kv2 + dq) * dt < _EXACT:
+                b, step, layers_f = ((ctx_sum + d) * kv2 + dq) * dt, float(d * kv2 * dt), float(layers)
+                for _ in contexts:       # (the same values, as float64s: see __init__)
+                    append(layers_f * (linear + (b / bandwidth + launch + call)) + first + last)
+                    b += step
+                return out
             for ctx in contexts:
                 append(layers * (linear + ((ctx * kv2 + dq) * dt / bandwidth + launch + call)) + first + last)
             return out
@@ -511,6 +524,15 @@ class RooflineCostModel:
         ctx = ctx_sum + d
         if d and self._decode_memory_bound and chunk >= self._chunk_compute_bound_from:
             # (the comparisons pick the decodes' memory term and the chunk's compute term: only those are formed)
+            if self._integral_terms and ((ctx_sum + n * d) * kv2 + dq) * dt < _EXACT:
+                b, step, layers_f = ((ctx_sum + d) * kv2 + dq) * dt, float(d * kv2 * dt), float(layers)
+                k, kstep = float(k), float(chunk)    # (whole numbers far below 2**53: exact as float64s)
+                for _ in range(n):       # (the same values, as float64s: see __init__)
+                    append(layers_f * (linear + (b / bandwidth + launch + call +
+                                                 (q4c * (k + n_half) / p_compute + launch + call))) + first + last)
+                    b += step
+                    k += kstep
+                return out
             for _ in range(n):
                 append(layers * (linear + ((ctx * kv2 + dq) * dt / bandwidth + launch + call +
                                            (q4c * (k + n_half) / p_compute + launch + call))) + first + last)

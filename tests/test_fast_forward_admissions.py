@@ -217,3 +217,26 @@ def test_a_run_stopped_inside_a_stretch_reports_what_the_steps_measured(schedule
     assert ta == tb and fa == fb and ga == gb
     for k, v in a.items():
         assert np.array_equal(v, b[k], equal_nan=True), k
+
+
+def test_runs_step_their_memory_terms_as_floats_only_where_those_are_exact():
+    """A run steps the decodes' memory term ``(ctx x 2kv + d x 2q) x dt`` as a float64 (``_integral_terms``) only
+    while it is a whole number below 2**53; runs that end just below, cross or start past that bound, and a model
+    whose terms are not whole numbers, are each step's price all the same."""
+    cm = RooflineCostModel(load_model("Mistral-7B"), load_device("A100-80GB-SXM"))
+    assert cm._integral_terms and cm._decode_memory_bound
+    for d, n in ((1, 5), (7, 40), (64, 3)):
+        # the largest context sum whose run's last term is below 2**53, then ones whose runs cross or pass it
+        below = int((2 ** 53 / cm.dt - d * 2 * cm.q) // (2 * cm.kv)) - n * d - 1
+        assert ((below + n * d) * 2 * cm.kv + d * 2 * cm.q) * cm.dt < 2 ** 53
+        for ctx_sum in (below, below + n * d // 2 + 1, below + 10 * n * d, 2 ** 60):
+            assert cm.decode_step_times(d, ctx_sum, n) == [cm.step_time(d, ctx_sum + k * d, -1) for k in range(n)]
+            chunk = cm._chunk_compute_bound_from + 10
+            assert cm.chunk_step_times(d, ctx_sum, n, chunk, 100) == \
+                [cm.step_time(d, ctx_sum + k * d, -1, chunk, 100 + k * chunk) for k in range(n)]
+    odd = RooflineCostModel(load_model("Mistral-7B"), load_device("A100-80GB-SXM"))
+    odd.q = odd.q + 0.5                          # (a hidden size that is not a whole number: the general path)
+    odd._decode_consts = (odd.q, *odd._decode_consts[1:])
+    odd._integral_terms = float(odd.q).is_integer()
+    assert not odd._integral_terms
+    assert odd.decode_step_times(9, 5000, 30) == [odd.step_time(9, 5000 + k * 9, -1) for k in range(30)]
