@@ -239,6 +239,7 @@ class RooflineCostModel:
         self._linear_total: dict[int, float] = {}
         self._emb_cache: dict[int, float] = {}
         self._last_cache: dict[int, float] = {}
+        self._step_terms: dict[tuple, tuple] = {}   # (T, B) -> _step_terms_at's
         c = self.c
         self._decode_consts = (self.q, self.kv, self.flops * c.attn_compute_eff, self.dt,
                                self.bw * c.attn_decode_bandwidth_eff, c.launch_overhead_s, c.attn_call_overhead_s)
@@ -468,22 +469,32 @@ class RooflineCostModel:
         else:
             attn = 0
         if not chunk:
-            first, last = self._fixed_terms(d, d)
-            return self.stage_layers[0] * (self._per_token_total(d) + attn) + first + last
+            layers, linear, first, last = self._step_terms.get((d, d)) or self._step_terms_at(d, d)
+            return layers * (linear + attn) + first + last
         # one chunk (_prefill_attention of one chunk and its _op, inlined: 0.0 + x is x for these x > 0)
         a = 4 * q * chunk * (chunk_ctx + (chunk + 1) / 2) / self._prefill_compute
         b = (2 * chunk * q + (chunk_ctx + chunk) * 2 * kv) * dt / self._prefill_bandwidth
         attn += (a if a > b else b) + launch + call
-        first, last = self._fixed_terms(d + chunk, d + 1)
-        return self.stage_layers[0] * (self._per_token_total(d + chunk) + attn) + first + last
+        T, B = d + chunk, d + 1
+        layers, linear, first, last = self._step_terms.get((T, B)) or self._step_terms_at(T, B)
+        return layers * (linear + attn) + first + last
+
+    def _step_terms_at(self, T: int, B: int) -> tuple:
+        """``(layers, per-token seconds, first stage's and last stage's once-per-iteration seconds)`` of a step of
+        ``T`` tokens over ``B`` sequences: ``_per_token_total`` and ``_fixed_terms`` of its shape, cached by
+        ``(T, B)`` (up to 65,536 shapes) for ``step_time``, ``chunks_step_time`` and the runs."""
+        first, last = self._fixed_terms(T, B)
+        terms = (self.stage_layers[0], self._per_token_total(T), first, last)
+        if len(self._step_terms) < 65536:
+            self._step_terms[(T, B)] = terms
+        return terms
 
     def decode_step_times(self, d: int, ctx_sum: int, n: int) -> list[float]:
         """``step_time`` of ``n`` decode-only steps of the same ``d`` sequences, the first with contexts summing to
         ``ctx_sum``, each next one ``d`` tokens longer (a list of seconds; the same floating-point operations)."""
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
-        layers, linear = self.stage_layers[0], self._per_token_total(d)
-        first, last = self._fixed_terms(d, d)
+        layers, linear, first, last = self._step_terms.get((d, d)) or self._step_terms_at(d, d)
         q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
         q4, dq, kv2 = 4 * q, d * 2 * q, 2 * kv    # (_decode_attention's products, formed once; ctx * kv2 is its
         contexts = range(ctx_sum + d, ctx_sum + d + n * d, d)    # ctx * 2 * kv: integers)
@@ -513,8 +524,8 @@ class RooflineCostModel:
             raise ValueError("step_time prices one stage (pp = 1)")
         q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
         p_compute, p_bandwidth = self._prefill_compute, self._prefill_bandwidth
-        layers, linear = self.stage_layers[0], self._per_token_total(d + chunk)
-        first, last = self._fixed_terms(d + chunk, d + 1)
+        T, B = d + chunk, d + 1
+        layers, linear, first, last = self._step_terms.get((T, B)) or self._step_terms_at(T, B)
         n_half = (chunk + 1) / 2
         q4, dq, kv2 = 4 * q, d * 2 * q, 2 * kv     # (the products Python forms first in _decode_attention
         q4c, cq = q4 * chunk, 2 * chunk * q        # and _prefill_attention; ctx * kv2 is ctx * 2 * kv)
@@ -557,11 +568,22 @@ class RooflineCostModel:
         the plan's order (after the ``d`` decodes); the same floating-point operations as ``iteration_time``."""
         if self.pp != 1:
             raise ValueError("step_time prices one stage (pp = 1)")
+        q, kv, compute, dt, bandwidth, launch, call = self._decode_consts
+        if d:                            # (_decode_attention, inlined; added first as sum() of the attention dict does)
+            ctx = ctx_sum + d
+            flops_s, bytes_s = 4 * q * ctx / compute, (ctx * 2 * kv + d * 2 * q) * dt / bandwidth
+            attn = (flops_s if flops_s > bytes_s else bytes_s) + launch + call
+        else:
+            attn = 0
+        flops = elems = 0.0              # (_prefill_attention and its _op, inlined)
+        for n, k in zip(chunks, chunk_ctxs):
+            flops += 4 * q * n * (k + (n + 1) / 2)
+            elems += 2 * n * q + (k + n) * 2 * kv
+        a, b = flops / self._prefill_compute, elems * dt / self._prefill_bandwidth
+        attn += (a if a > b else b) + launch + call
         T, B = d + sum(chunks), d + len(chunks)
-        attn = self._decode_attention(d, ctx_sum) if d else 0     # as sum() of the attention dict adds them
-        attn += self._prefill_attention(chunks, chunk_ctxs)
-        first, last = self._fixed_terms(T, B)
-        return self.stage_layers[0] * (self._per_token_total(T) + attn) + first + last
+        layers, linear, first, last = self._step_terms.get((T, B)) or self._step_terms_at(T, B)
+        return layers * (linear + attn) + first + last
 
     def _fixed_terms(self, T: int, B: int) -> tuple[float, float]:
         """The first stage's once-per-iteration seconds at ``(T, B)`` and the last stage's at ``B``, as
