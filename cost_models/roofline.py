@@ -482,7 +482,9 @@ class RooflineCostModel:
     def _step_terms_at(self, T: int, B: int) -> tuple:
         """``(layers, per-token seconds, first stage's and last stage's once-per-iteration seconds)`` of a step of
         ``T`` tokens over ``B`` sequences: ``_per_token_total`` and ``_fixed_terms`` of its shape, cached by
-        ``(T, B)`` (up to 65,536 shapes) for ``step_time``, ``chunks_step_time`` and the runs."""
+        ``(T, B)`` (up to 65,536 shapes) for ``step_time``, ``chunks_step_time`` and the runs. (The layer count
+        rides along to spare each price an attribute lookup; the parts stay cached apart because a new shape
+        mostly repeats a known ``T`` or ``B``: without them, 2% more instructions a request.)"""
         first, last = self._fixed_terms(T, B)
         terms = (self.stage_layers[0], self._per_token_total(T), first, last)
         if len(self._step_terms) < 65536:
